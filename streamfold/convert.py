@@ -1,0 +1,187 @@
+"""convert(): read -> plan -> fold -> write, into a temporary folder renamed into place at the end."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .engine import Engine
+from .errors import StreamfoldError
+from .plan import Plan, make_plan
+from .reader import INDEX_NAME, Checkpoint, read_config
+from .rules import load_rules_file
+
+FLASHNORM_VERSION = 1
+# Weight files that are never carried over: other formats of the same weights would load unfolded.
+_SKIP_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".safetensors", ".gguf", ".onnx")
+_SKIP_DIRS = {".git", ".cache", ".huggingface"}
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did: the plan summary, tensor counts, sizes and timings."""
+
+    src: str
+    dst: str
+    mode: str
+    merged_dtype: str
+    family: str
+    model_type: str
+    norms_folded: int
+    norms_kept: int
+    tensors_folded: int
+    tensors_identity: int
+    tensors_dropped: int
+    tensors_copied: int
+    biases_updated: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    workers: int
+    groups: list[dict] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)
+    copied_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        gbps = self.bytes_in / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        lines = [f"streamfold: {self.src} -> {self.dst} ({self.model_type}, {self.mode}, merged dtype "
+                 f"{self.merged_dtype})",
+                 f"  norms folded: {self.norms_folded}, kept: {self.norms_kept}; tensors folded: "
+                 f"{self.tensors_folded}, set to identity: {self.tensors_identity}, removed: "
+                 f"{self.tensors_dropped}, copied: {self.tensors_copied}"
+                 + (f", biases updated: {self.biases_updated}" if self.biases_updated else "")]
+        for g in self.groups:
+            if g["status"] == "keep":
+                lines.append(f"  kept {g['norm']} x{g['count']}: {g['reason']}")
+        if self.skipped_files:
+            lines.append(f"  not copied (other weight formats): {', '.join(self.skipped_files)}")
+        lines.append(f"  {self.bytes_in / 1e9:.3f} GB in, {self.bytes_out / 1e9:.3f} GB out, "
+                     f"{self.seconds:.2f} s ({gbps:.2f} GB/s, {self.workers} workers)")
+        return "\n".join(lines)
+
+
+def check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse destinations that would clobber the source or existing work."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents:
+        raise StreamfoldError(f"{dst}: destination is the source or inside it; choose another folder")
+    if d.exists():
+        if not d.is_dir():
+            raise StreamfoldError(f"{dst}: exists and is not a folder; choose another destination")
+        if any(d.iterdir()):
+            if not overwrite:
+                raise StreamfoldError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
+            if d in s.parents:
+                raise StreamfoldError(f"{dst}: contains the source; refusing to overwrite it")
+
+
+def _other_files(src: Path, shard_names: set[str]) -> tuple[list[Path], list[str]]:
+    keep, skipped = [], []
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+        for f in sorted(files):
+            rel = (Path(root) / f).relative_to(src)
+            if rel.as_posix() in shard_names or rel.as_posix() in (INDEX_NAME, "config.json"):
+                continue
+            if f.endswith(_SKIP_SUFFIXES) or f.startswith("consolidated."):
+                skipped.append(rel.as_posix())
+            else:
+                keep.append(rel)
+    return keep, skipped
+
+
+def flashnorm_config(cfg: dict, mode: str) -> dict:
+    out = dict(cfg)
+    out.update({"flashnorm": True, "flashnorm_mode": mode, "flashnorm_version": FLASHNORM_VERSION})
+    return out
+
+
+def load_plan(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str = "source",
+              rules: str | os.PathLike | dict | None = None) -> tuple[Checkpoint, dict, Plan]:
+    """Open and validate a local checkpoint and plan its conversion (headers and norms only)."""
+    src = Path(src)
+    ckpt = Checkpoint(src)
+    cfg = read_config(src)
+    extra = load_rules_file(rules) if isinstance(rules, (str, os.PathLike)) else rules
+
+    def read(name: str):
+        return ckpt.array(name).copy()
+    plan = make_plan(cfg, ckpt.tensors, read, mode=mode, merged_dtype=merged_dtype, rules=extra)
+    return ckpt, cfg, plan
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "compat",
+            merged_dtype: str = "source", overwrite: bool = False, workers: int | None = None,
+            memory_budget: int | None = None, rules: str | os.PathLike | dict | None = None,
+            progress: Callable[[int, int], Callable[[int], None]] | None = None) -> ConversionReport:
+    """Convert checkpoint ``src`` into a FlashNorm checkpoint at ``dst``.
+
+    ``mode``: ``"compat"`` (folded norms set to identity) or ``"strict"`` (removed).
+    ``merged_dtype``: ``"source"`` or ``"float32"`` for folded weights. ``workers`` threads and a
+    ``memory_budget`` in bytes bound speed and memory. ``rules``: a rules file or dict of families for
+    architectures streamfold does not know. ``progress(total_bytes)`` may return a callback that is
+    given byte counts as work completes. Raises :class:`StreamfoldError` on bad input, leaving
+    ``dst`` untouched.
+    """
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise StreamfoldError(f"{src}: not a folder (give a local checkpoint folder or a Hub repo id)")
+    check_paths(src, dst, overwrite)
+    ckpt, cfg, plan = load_plan(src, mode=mode, merged_dtype=merged_dtype, rules=rules)
+    engine = Engine(ckpt, plan, workers=workers, memory_budget=memory_budget)
+    files, skipped = _other_files(src, set(ckpt.shards))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.streamfold-", dir=dst.parent))
+    try:
+        tick = progress(ckpt.total_bytes) if progress else None
+        try:
+            engine.run(tmp, tick)
+        except OSError as e:
+            raise StreamfoldError(f"{e.filename or dst}: write failed ({e.strerror or e})") from None
+        if ckpt.sharded:
+            index = {"metadata": {"total_size": engine.output_bytes},
+                     "weight_map": {n: s for s, f in ckpt.shards.items() for n in f.tensors
+                                    if plan.actions[n].kind != "drop"}}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(flashnorm_config(cfg, mode), indent=2) + "\n",
+                                         encoding="utf-8")
+        for rel in files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, tmp / rel)
+        _replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        ckpt.close()
+    return ConversionReport(
+        src=str(src), dst=str(dst), mode=mode, merged_dtype=merged_dtype, family=plan.family,
+        model_type=plan.model_type, norms_folded=len(plan.folded), norms_kept=len(plan.kept),
+        tensors_folded=plan.count("scale"), tensors_identity=plan.count("fill"),
+        tensors_dropped=plan.count("drop"), tensors_copied=plan.count("copy"),
+        biases_updated=plan.count("bias"), bytes_in=ckpt.total_bytes, bytes_out=engine.output_bytes,
+        seconds=time.perf_counter() - t0, workers=engine.workers, groups=plan.groups(),
+        skipped_files=skipped, copied_files=[r.as_posix() for r in files])
+
+
+def _replace(tmp: Path, dst: Path) -> None:
+    """Move the finished folder into place; an old ``dst`` is removed only after that succeeds."""
+    if dst.exists():
+        if not any(dst.iterdir()):
+            dst.rmdir()
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.rename(dst, old / "d")
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+    os.rename(tmp, dst)

@@ -1,0 +1,331 @@
+"""Plan a conversion from headers alone: every norm, its consumers, and what happens to each tensor.
+
+The plan reads ``config.json``, the index and shard headers, plus the (tiny) norm vectors; it never
+touches weight data, so ``inspect`` is instant and every shape or naming problem surfaces before any
+output exists.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .dtypes import DTYPES, FOLDABLE, QUANTIZED
+from .errors import StreamfoldError
+from .fold import merged_out_dtype
+from .reader import TensorInfo
+from .rules import family_for
+
+MODES = ("compat", "strict")
+MERGED_DTYPES = ("source", "float32")
+_QUANT_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".scales", "weight_scale", "weight_scale_inv",
+                   "input_scale", "_blocks", "_scales")
+
+
+@dataclass
+class Consumer:
+    """A linear that reads a norm's output: its weight is scaled along ``axis``."""
+
+    weight: str
+    axis: int
+    bias: str | None = None
+
+
+@dataclass
+class NormPlan:
+    """One norm instance and its fate: ``fold`` or ``keep`` (with the reason)."""
+
+    rule: str
+    name: str
+    weight: str
+    bias: str | None
+    status: str
+    reason: str = ""
+    consumers: list[Consumer] = field(default_factory=list)
+    scale: np.ndarray | None = None  # float32 ``offset + w``
+    shift: np.ndarray | None = None  # LayerNorm bias to fold into consumer biases, if non-zero
+
+
+@dataclass
+class Action:
+    """What the writer does with one source tensor.
+
+    kind: ``copy`` bytes; ``scale`` by ``norm.scale`` along ``axis``; ``fill`` with ``value``;
+    ``bias`` = source bias + W @ shift (W = ``norm``'s consumer weight ``source``); ``drop``.
+    """
+
+    kind: str
+    out_dtype: str
+    norm: NormPlan | None = None
+    axis: int = -1
+    value: float = 0.0
+    source: str | None = None
+
+
+@dataclass
+class Plan:
+    """A whole conversion, printable (``describe``) and serialisable (``to_dict``)."""
+
+    family: str
+    model_type: str
+    offset: int
+    tied: bool
+    mode: str
+    merged_dtype: str
+    norms: list[NormPlan]
+    actions: dict[str, Action]
+    unknown_norms: list[str]
+
+    @property
+    def folded(self) -> list[NormPlan]:
+        return [n for n in self.norms if n.status == "fold"]
+
+    @property
+    def kept(self) -> list[NormPlan]:
+        return [n for n in self.norms if n.status == "keep"]
+
+    def count(self, kind: str) -> int:
+        return sum(1 for a in self.actions.values() if a.kind == kind)
+
+    def groups(self) -> list[dict]:
+        """Norms grouped by rule and outcome, with consumer patterns: the readable summary."""
+        out: dict[tuple, dict] = {}
+        for n in self.norms:
+            key = (n.rule, n.status, n.reason)
+            g = out.setdefault(key, {"norm": n.rule, "status": n.status, "reason": n.reason,
+                                     "count": 0, "consumers": []})
+            g["count"] += 1
+            for c in n.consumers:
+                pat = _generalize(c.weight)
+                if pat not in g["consumers"]:
+                    g["consumers"].append(pat)
+        return list(out.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "family": self.family, "model_type": self.model_type, "mode": self.mode,
+            "merged_dtype": self.merged_dtype, "tied_embeddings": self.tied,
+            "norm_convention": "1 + w" if self.offset else "w",
+            "norms": self.groups(),
+            "unknown_norms": self.unknown_norms,
+            "tensors": {k: self.count(k) for k in ("scale", "bias", "fill", "drop", "copy")},
+        }
+
+    def describe(self) -> str:
+        lines = [f"model_type {self.model_type} (family {self.family}), norm multiplies by "
+                 f"{'1 + w' if self.offset else 'w'}, tied embeddings: {'yes' if self.tied else 'no'}",
+                 f"mode {self.mode}, merged dtype {self.merged_dtype}"]
+        for g in self.groups():
+            head = f"  {g['status'].upper():4}  {g['norm']}  x{g['count']}"
+            if g["status"] == "fold":
+                lines.append(f"{head}  -> {', '.join(g['consumers'])}")
+            else:
+                lines.append(f"{head}  ({g['reason']})")
+        for name in self.unknown_norms:
+            lines.append(f"  NOTE  {name}: looks like a norm but no rule covers it; copied unchanged")
+        t = self.to_dict()["tensors"]
+        lines.append(f"tensors: {t['scale']} folded, {t['bias']} biases updated, {t['fill']} set to "
+                     f"identity, {t['drop']} removed, {t['copy']} copied unchanged")
+        return "\n".join(lines)
+
+
+def _generalize(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", re.sub(r"\.\d+\.", ".*.", name))
+
+
+def _regex(pattern: str) -> re.Pattern:
+    seen: set[str] = set()
+
+    def sub(m: re.Match) -> str:
+        key = m.group(1)
+        if key in seen:
+            return f"(?P={key})"
+        seen.add(key)
+        return f"(?P<{key}>\\d+)"
+    return re.compile(re.sub(r"\\\{([a-z]+)\\\}", sub, re.escape(pattern)) + r"\Z")
+
+
+def _config_get(cfg: dict, key: str, default=None):
+    if key in cfg:
+        return cfg[key]
+    text = cfg.get("text_config")
+    if isinstance(text, dict) and key in text:
+        return text[key]
+    return default
+
+
+def check_not_quantized(cfg: dict, tensors: dict[str, TensorInfo]) -> None:
+    """Refuse checkpoints whose stored values are not the weights (a multiply would be wrong)."""
+    q = _config_get(cfg, "quantization_config")
+    if q:
+        method = q.get("quant_method", "unknown") if isinstance(q, dict) else "unknown"
+        raise StreamfoldError(f"config.json: quantized checkpoint (quantization_config, method {method!r}); "
+                              "folding needs the unquantized (bf16/fp16/fp32) checkpoint")
+    for t in tensors.values():
+        if t.dtype in QUANTIZED or t.name.endswith(_QUANT_SUFFIXES):
+            raise StreamfoldError(f"{t.path.name}: tensor {t.name!r} ({t.dtype}) is quantized; "
+                                  "folding needs the unquantized (bf16/fp16/fp32) checkpoint")
+
+
+def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.ndarray], *,
+              mode: str = "compat", merged_dtype: str = "source",
+              rules: dict[str, dict] | None = None) -> Plan:
+    """Resolve every norm's consumers and each tensor's action. ``read(name)`` returns a small
+    tensor's values (used for norm vectors only)."""
+    if mode not in MODES:
+        raise StreamfoldError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if merged_dtype not in MERGED_DTYPES:
+        raise StreamfoldError(f"merged dtype must be one of {', '.join(MERGED_DTYPES)}, not {merged_dtype!r}")
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str):
+        raise StreamfoldError("config.json: no \"model_type\"; is this a transformers checkpoint?")
+    family, fam = family_for(model_type, rules)
+    check_not_quantized(cfg, tensors)
+    offset = fam.get("offset", 0)
+    tied = bool(_config_get(cfg, "tie_word_embeddings", fam.get("tie_default", False)))
+
+    norms: list[NormPlan] = []
+    claimed: dict[str, str] = {}
+    for rule in fam["folds"]:
+        rx = _regex(rule["norm"] + ".weight")
+        for tname in sorted(tensors, key=_natural):
+            m = rx.match(tname)
+            if m:
+                norms.append(_resolve(rule, m.groupdict(), tname, tensors, tied, claimed))
+    for k in fam.get("keep", []):
+        rx = _regex(k["norm"] + ".weight")
+        for tname in sorted(tensors, key=_natural):
+            if rx.match(tname) and tname not in claimed:
+                name = tname[: -len(".weight")]
+                claimed[tname] = name
+                norms.append(NormPlan(k["norm"], name, tname, _opt(name + ".bias", tensors), "keep", k["why"]))
+
+    actions: dict[str, Action] = {}
+    for n in norms:
+        if n.status == "fold":
+            _fold_norm(n, tensors, read, offset, mode, merged_dtype, actions)
+    for name, t in tensors.items():
+        actions.setdefault(name, Action("copy", t.dtype))
+    unknown = sorted((t for t in tensors if _looks_like_norm(t) and t not in claimed
+                      and actions[t].kind == "copy"), key=_natural)
+    return Plan(family, model_type, offset, tied, mode, merged_dtype, norms, actions, unknown)
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _opt(name: str, tensors: dict) -> str | None:
+    return name if name in tensors else None
+
+
+def _looks_like_norm(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 2 and ("norm" in parts[-2] or parts[-2].startswith("ln")) \
+        and parts[-1] in ("weight", "bias")
+
+
+def _expand(consumer, groups: dict, tensors: dict[str, TensorInfo]) -> list[Consumer] | None:
+    """Concrete consumers for one pattern, or None when absent from the checkpoint."""
+    if isinstance(consumer, str):
+        weight, axis, bias, auto_bias = consumer + ".weight", -1, consumer + ".bias", True
+    else:
+        weight, axis = consumer["weight"], consumer.get("axis", -1)
+        bias, auto_bias = consumer.get("bias"), False
+    for key, val in groups.items():
+        if val is not None:
+            weight = weight.replace("{" + key + "}", val)
+            bias = bias.replace("{" + key + "}", val) if bias else bias
+    if "{e}" not in weight:
+        return [Consumer(weight, axis, bias if bias in tensors else None)] if weight in tensors else None
+    rx = _regex(weight)
+    found = []
+    for t in sorted(tensors, key=_natural):
+        m = rx.match(t)
+        if m:
+            b = bias.replace("{e}", m.group("e")) if bias else None
+            found.append(Consumer(t, axis, b if b in tensors else None))
+    return found or None
+
+
+def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, tied: bool, claimed: dict) -> NormPlan:
+    name = tname[: -len(".weight")]
+    bias = _opt(name + ".bias", tensors)
+    claimed[tname] = name
+    if rule.get("untied_head") and (tied or "lm_head.weight" not in tensors):
+        return NormPlan(rule["norm"], name, tname, bias, "keep",
+                        "tied embeddings: lm_head is the input embedding matrix")
+    variants = rule.get("variants", [rule.get("into")])
+    first_missing = None
+    for v in variants:
+        consumers: list[Consumer] = []
+        for c in v:
+            got = _expand(c, groups, tensors)
+            if got is None:
+                if first_missing is None:
+                    first_missing = c if isinstance(c, str) else c["weight"]
+                    for key, val in groups.items():
+                        first_missing = first_missing.replace("{" + key + "}", val or "")
+                consumers = []
+                break
+            consumers.extend(got)
+        if consumers:
+            for c in consumers:
+                if c.weight in claimed:
+                    raise StreamfoldError(f"rules: tensor {c.weight!r} is claimed by both {claimed[c.weight]!r} "
+                                          f"and {name!r}")
+                claimed[c.weight] = name
+            return NormPlan(rule["norm"], name, tname, bias, "fold", consumers=consumers)
+    raise StreamfoldError(f"tensor {tname!r}: its consumer {first_missing!r} is not in the checkpoint; "
+                          "the checkpoint does not match the architecture in config.json")
+
+
+def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, mode: str,
+               merged_dtype: str, actions: dict[str, Action]) -> None:
+    t = tensors[n.weight]
+    if len(t.shape) != 1 or t.dtype not in FOLDABLE:
+        raise StreamfoldError(f"{t.path.name}: norm {n.weight!r} has shape {list(t.shape)} {t.dtype}; "
+                              "expected a 1-D float vector")
+    width = t.shape[0]
+    for c in n.consumers:
+        ct = tensors[c.weight]
+        if ct.dtype not in FOLDABLE:
+            raise StreamfoldError(f"{ct.path.name}: tensor {c.weight!r} is {ct.dtype}, not a float weight; "
+                                  "folding needs the unquantized checkpoint")
+        if not ct.shape or not -len(ct.shape) <= c.axis < len(ct.shape) or ct.shape[c.axis] != width:
+            got = ct.shape[c.axis] if ct.shape and -len(ct.shape) <= c.axis < len(ct.shape) else None
+            raise StreamfoldError(f"{ct.path.name}: tensor {c.weight!r} shape {list(ct.shape)} has {got} inputs "
+                                  f"on axis {c.axis} but norm {n.weight!r} has {width} channels")
+    w = read(n.weight).astype(np.float32)
+    n.scale = (w + np.float32(offset)).astype(np.float32)
+    if n.bias is not None:
+        bt = tensors[n.bias]
+        if bt.shape != (width,):
+            raise StreamfoldError(f"{bt.path.name}: norm bias {n.bias!r} has shape {list(bt.shape)}, "
+                                  f"expected [{width}]")
+        beta = read(n.bias).astype(np.float32)
+        if np.any(beta != 0):
+            lacking = [c.weight for c in n.consumers if c.bias is None]
+            if lacking:
+                n.status, n.consumers = "keep", []
+                n.reason = f"LayerNorm bias cannot fold: consumer {lacking[0]!r} has no bias"
+                n.scale = None
+                return
+            n.shift = beta
+    for c in n.consumers:
+        ct = tensors[c.weight]
+        axis = c.axis % len(ct.shape)
+        actions[c.weight] = Action("scale", merged_out_dtype(ct.dtype, merged_dtype), n, axis=axis)
+        if n.shift is not None and c.bias is not None:
+            actions[c.bias] = Action("bias", tensors[c.bias].dtype, n, axis=axis, source=c.weight)
+    identity = 1.0 - offset
+    for tname, value in ((n.weight, identity), (n.bias, 0.0)):
+        if tname is not None:
+            actions[tname] = (Action("drop", tensors[tname].dtype) if mode == "strict"
+                              else Action("fill", tensors[tname].dtype, n, value=value))
+
+
+def dtype_size(dtype: str) -> int:
+    return DTYPES[dtype].itemsize

@@ -1,0 +1,215 @@
+"""Read safetensors checkpoints without torch: a parsed, validated header plus numpy views.
+
+A safetensors file is ``u64 header_len | JSON header | data``; the header maps tensor names to
+``{"dtype", "shape", "data_offsets": [begin, end]}`` relative to the data section. Everything is
+validated before any output is written, so a bad shard fails the whole job up front.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .dtypes import DTYPES
+from .errors import StreamfoldError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: absolute byte range ``[begin, end)`` in ``path``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class SafetensorsFile:
+    """One validated safetensors file: tensors in file order, and zero-copy memmap views."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.metadata: dict[str, str] | None = None
+        self.tensors: dict[str, TensorInfo] = {}
+        self._mmap: np.memmap | None = None
+        self._parse()
+
+    def _fail(self, what: str) -> StreamfoldError:
+        return StreamfoldError(f"{self.path}: {what}")
+
+    def _parse(self) -> None:
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise self._fail("not a safetensors file (shorter than 8 bytes); re-download it")
+                (n,) = struct.unpack("<Q", head)
+                if n > MAX_HEADER or 8 + n > size:
+                    raise self._fail(
+                        f"header length {n} does not fit in the {size}-byte file; the file is "
+                        "truncated or not safetensors, re-download it")
+                raw = f.read(n)
+        except OSError as e:
+            raise self._fail(f"cannot read ({e.strerror or e})") from None
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._fail(f"corrupt header (invalid JSON: {e}); re-download the file") from None
+        if not isinstance(header, dict):
+            raise self._fail("corrupt header (not a JSON object); re-download the file")
+        meta = header.pop("__metadata__", None)
+        if meta is not None:
+            if not isinstance(meta, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+                raise self._fail("corrupt header (__metadata__ must map strings to strings)")
+            self.metadata = meta
+        self.header_size = 8 + n
+        data_len = size - self.header_size
+        entries = []
+        for name, e in header.items():
+            if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+                raise self._fail(f"corrupt header entry for tensor {name!r}")
+            dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+            if dtype not in DTYPES:
+                raise self._fail(f"tensor {name!r} has unknown dtype {dtype!r}")
+            if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                    or not isinstance(offs, list) or len(offs) != 2
+                    or not all(isinstance(o, int) for o in offs)):
+                raise self._fail(f"corrupt shape or data_offsets for tensor {name!r}")
+            entries.append((offs[0], offs[1], name, dtype, tuple(shape)))
+        entries.sort(key=lambda t: (t[0], t[1]))
+        pos = 0
+        for begin, end, name, dtype, shape in entries:
+            if begin != pos:
+                what = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
+                raise self._fail(f"tensor {name!r} data_offsets [{begin}, {end}] {what}; "
+                                 "the header is corrupt, re-download the file")
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * DTYPES[dtype].itemsize:
+                raise self._fail(f"tensor {name!r} spans {end - begin} bytes but shape {list(shape)} "
+                                 f"x {dtype} needs {numel * DTYPES[dtype].itemsize}")
+            pos = end
+        if pos != data_len:
+            if pos > data_len:
+                raise self._fail(f"truncated: tensors need {pos} data bytes but only {data_len} are "
+                                 "present; re-download the file")
+            raise self._fail(f"{data_len - pos} unexpected trailing bytes after the last tensor")
+        for begin, end, name, dtype, shape in entries:
+            self.tensors[name] = TensorInfo(name, dtype, shape, self.path,
+                                            self.header_size + begin, self.header_size + end)
+
+    def array(self, name: str) -> np.ndarray:
+        """A read-only zero-copy memmap view of tensor ``name``."""
+        t = self.tensors[name]
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        raw = self._mmap[t.begin:t.end]
+        return raw.view(DTYPES[t.dtype]).reshape(t.shape)
+
+    def close(self) -> None:
+        self._mmap = None
+
+
+def read_config(src: Path) -> dict:
+    """``config.json`` of a checkpoint directory, as a dict."""
+    path = src / "config.json"
+    if not path.is_file():
+        raise StreamfoldError(f"{path}: missing; a Hugging Face checkpoint needs its config.json")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StreamfoldError(f"{path}: invalid JSON ({e}); fix or re-download it") from None
+    if not isinstance(cfg, dict):
+        raise StreamfoldError(f"{path}: not a JSON object; fix or re-download it")
+    return cfg
+
+
+class Checkpoint:
+    """A sharded (index + shards) or single-file safetensors checkpoint directory."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise StreamfoldError(f"{self.root}: not a directory (give a checkpoint folder or a Hub repo id)")
+        index_path = self.root / INDEX_NAME
+        self.index_metadata: dict = {}
+        if index_path.is_file():
+            try:
+                index = json.loads(index_path.read_text(encoding="utf-8"))
+                weight_map = index["weight_map"]
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                    raise TypeError
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                raise StreamfoldError(f"{index_path}: not a valid index (needs a \"weight_map\" of "
+                                      "tensor name -> shard file); re-download it") from None
+            self.index_metadata = index.get("metadata") or {}
+            shard_names = list(dict.fromkeys(weight_map.values()))
+            self.sharded = True
+        elif (self.root / SINGLE_NAME).is_file():
+            weight_map = None
+            shard_names = [SINGLE_NAME]
+            self.sharded = False
+        else:
+            raise StreamfoldError(f"{self.root}: no {SINGLE_NAME} or {INDEX_NAME}; "
+                                  "streamfold converts safetensors checkpoints")
+        for s in shard_names:
+            if "/" in s or "\\" in s or s in (".", ".."):
+                raise StreamfoldError(f"{index_path}: shard name {s!r} must be a plain file name")
+            if not (self.root / s).is_file():
+                raise StreamfoldError(f"{self.root / s}: shard named in {INDEX_NAME} is missing; "
+                                      "re-download the checkpoint")
+        self.shards: dict[str, SafetensorsFile] = {s: SafetensorsFile(self.root / s) for s in shard_names}
+        self.tensors: dict[str, TensorInfo] = {}
+        self.shard_of: dict[str, str] = {}
+        for s, f in self.shards.items():
+            for name, t in f.tensors.items():
+                if name in self.tensors:
+                    raise StreamfoldError(f"{self.root / s}: tensor {name!r} also in {self.shard_of[name]}")
+                self.tensors[name] = t
+                self.shard_of[name] = s
+        if weight_map is not None:
+            for name, s in weight_map.items():
+                if self.shard_of.get(name) != s:
+                    raise StreamfoldError(f"{self.root / s}: lacks tensor {name!r} that {INDEX_NAME} "
+                                          "places there; the index and shards disagree, re-download")
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self.tensors.values())
+
+    def array(self, name: str) -> np.ndarray:
+        """A read-only zero-copy view of a tensor (memmap; pages count toward RSS once touched)."""
+        return self.shards[self.shard_of[name]].array(name)
+
+    def close(self) -> None:
+        for f in self.shards.values():
+            f.close()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())

@@ -1,0 +1,115 @@
+"""Load and validate architecture rules: the built-in families and user ``--rules`` files."""
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+from .architectures import FAMILIES
+from .errors import StreamfoldError
+
+_FAMILY_KEYS = {"model_types", "offset", "folds", "keep", "tie_default", "description"}
+_FOLD_KEYS = {"norm", "into", "variants", "untied_head"}
+_CONSUMER_KEYS = {"weight", "axis", "bias"}
+_PLACEHOLDER = re.compile(r"\{([a-z]+)\}")
+
+
+def _check_pattern(p: object, where: str) -> str:
+    if not isinstance(p, str) or not p:
+        raise StreamfoldError(f"{where}: expected a tensor name pattern string, got {p!r}")
+    bad = set(_PLACEHOLDER.findall(p)) - {"n", "e"}
+    if bad:
+        raise StreamfoldError(f"{where}: unknown placeholder {{{sorted(bad)[0]}}} in {p!r} "
+                              "(use {n} for the layer index, {e} for the expert index)")
+    return p
+
+
+def _check_consumer(c: object, where: str) -> None:
+    if isinstance(c, str):
+        _check_pattern(c, where)
+        return
+    if not isinstance(c, dict) or "weight" not in c or set(c) - _CONSUMER_KEYS:
+        raise StreamfoldError(f"{where}: a consumer is a module pattern or "
+                              "{\"weight\": ..., \"axis\": ..., \"bias\": ...}, got {c!r}")
+    _check_pattern(c["weight"], where)
+    if "bias" in c and c["bias"] is not None:
+        _check_pattern(c["bias"], where)
+    if not isinstance(c.get("axis", -1), int):
+        raise StreamfoldError(f"{where}: consumer axis must be an integer, got {c['axis']!r}")
+
+
+def validate_family(name: str, fam: object, source: str) -> dict:
+    """Check one family's schema; raises StreamfoldError naming ``source`` and the bad entry."""
+    where = f"{source}: family {name!r}"
+    if not isinstance(fam, dict):
+        raise StreamfoldError(f"{where}: must be an object")
+    unknown = set(fam) - _FAMILY_KEYS
+    if unknown:
+        raise StreamfoldError(f"{where}: unknown key {sorted(unknown)[0]!r} "
+                              f"(allowed: {', '.join(sorted(_FAMILY_KEYS))})")
+    mts = fam.get("model_types")
+    if not isinstance(mts, list) or not mts or not all(isinstance(m, str) for m in mts):
+        raise StreamfoldError(f"{where}: \"model_types\" must be a non-empty list of strings")
+    if fam.get("offset", 0) not in (0, 1):
+        raise StreamfoldError(f"{where}: \"offset\" must be 0 (norm scales by w) or 1 (by 1 + w)")
+    folds = fam.get("folds")
+    if not isinstance(folds, list) or not folds:
+        raise StreamfoldError(f"{where}: \"folds\" must be a non-empty list")
+    for i, f in enumerate(folds):
+        w = f"{where} fold #{i + 1}"
+        if not isinstance(f, dict) or set(f) - _FOLD_KEYS or "norm" not in f:
+            raise StreamfoldError(f"{w}: needs \"norm\" and \"into\" (or \"variants\"), got {f!r}")
+        _check_pattern(f["norm"], w)
+        variants = f.get("variants", [f.get("into")])
+        if ("into" in f) == ("variants" in f) or not isinstance(variants, list) or not variants:
+            raise StreamfoldError(f"{w}: give exactly one of \"into\" or \"variants\"")
+        for v in variants:
+            if not isinstance(v, list) or not v:
+                raise StreamfoldError(f"{w}: a consumer list must be a non-empty list")
+            for c in v:
+                _check_consumer(c, w)
+    for i, k in enumerate(fam.get("keep", [])):
+        if not isinstance(k, dict) or set(k) != {"norm", "why"}:
+            raise StreamfoldError(f"{where} keep #{i + 1}: needs exactly \"norm\" and \"why\"")
+        _check_pattern(k["norm"], f"{where} keep #{i + 1}")
+    return fam
+
+
+def load_rules_file(path: str | Path) -> dict[str, dict]:
+    """Families from a JSON or TOML rules file: ``{"families": {name: family}}`` or one family."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise StreamfoldError(f"{path}: cannot read rules file ({e.strerror or e})") from None
+    try:
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise StreamfoldError(f"{path}: invalid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'} "
+                              f"({e})") from None
+    if not isinstance(data, dict):
+        raise StreamfoldError(f"{path}: a rules file is an object")
+    fams = data["families"] if "families" in data else {path.stem: data}
+    if not isinstance(fams, dict) or not fams:
+        raise StreamfoldError(f"{path}: \"families\" must map names to families")
+    return {name: validate_family(name, fam, str(path)) for name, fam in fams.items()}
+
+
+def supported_model_types() -> list[str]:
+    return sorted({m for fam in FAMILIES.values() for m in fam["model_types"]})
+
+
+def family_for(model_type: str, extra: dict[str, dict] | None = None) -> tuple[str, dict]:
+    """The family covering ``model_type``: user rules first, then the built-ins."""
+    for fams in (extra or {}, FAMILIES):
+        for name, fam in fams.items():
+            if model_type in fam["model_types"]:
+                return name, fam
+    raise StreamfoldError(
+        f"config.json: unsupported model_type {model_type!r}; supported: "
+        f"{', '.join(supported_model_types())} (or describe it with --rules FILE)")
+
+
+for _name, _fam in FAMILIES.items():
+    validate_family(_name, _fam, "streamfold/architectures.py")
