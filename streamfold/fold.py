@@ -31,6 +31,7 @@ class Scratch:
         return buf[:nbytes]
 
 
+@np.errstate(over="ignore", invalid="ignore")
 def scale_chunk(src: np.ndarray, mult: np.ndarray, src_dtype: str, out_dtype: str,
                 out: np.ndarray, scratch: Scratch) -> None:
     """``out = round(src * mult)``: ``src`` is ``[rows, cols]`` raw bytes viewed as ``src_dtype``,

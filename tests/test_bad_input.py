@@ -1,0 +1,166 @@
+"""Bad input: one-line error naming the file or tensor, non-zero exit, source untouched, no output."""
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SAMPLE = Path(__file__).resolve().parents[1] / "streamfold" / "sample"
+SHARD1, SHARD2, SHARD3 = (f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "streamfold", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(SAMPLE.parents[1])})
+
+
+def tree_hash(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def src(tmp_path):
+    d = tmp_path / "src"
+    shutil.copytree(SAMPLE, d)
+    return d
+
+
+def header(path: Path) -> tuple[dict, int]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), n
+
+
+def rewrite_header(path: Path, hdr: dict) -> None:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    data = raw[8 + n:]
+    new = json.dumps(hdr).encode()
+    new += b" " * (-(8 + len(new)) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + data)
+
+
+def truncate(src):
+    p = src / SHARD2
+    p.write_bytes(p.read_bytes()[:-100])
+    return SHARD2
+
+
+def corrupt_header(src):
+    p = src / SHARD2
+    raw = bytearray(p.read_bytes())
+    raw[10:14] = b"}}{{"
+    p.write_bytes(bytes(raw))
+    return SHARD2
+
+
+def bad_offsets(src):
+    p = src / SHARD2
+    hdr, _ = header(p)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    b, e = hdr[name]["data_offsets"]
+    hdr[name]["data_offsets"] = [b + 2, e + 2]
+    rewrite_header(p, hdr)
+    return name
+
+
+def missing_shard(src):
+    (src / SHARD3).unlink()
+    return SHARD3
+
+
+def index_names_absent_tensor(src):
+    idx = json.loads((src / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["model.layers.0.mlp.extra_proj.weight"] = SHARD3
+    (src / "model.safetensors.index.json").write_text(json.dumps(idx))
+    return "model.layers.0.mlp.extra_proj.weight"
+
+
+def missing_config(src):
+    (src / "config.json").unlink()
+    return "config.json"
+
+
+def corrupt_config(src):
+    (src / "config.json").write_text('{"model_type": "llama",')
+    return "config.json"
+
+
+def unknown_arch(src):
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "frobnicator"
+    (src / "config.json").write_text(json.dumps(cfg))
+    return "frobnicator"
+
+
+def quantized(src):
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(cfg))
+    return "quantization_config"
+
+
+def shape_mismatch(src):
+    # same bytes, but the consumer now claims 32 input columns where its norm has 64 channels
+    p = src / SHARD2
+    hdr, _ = header(p)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    hdr[name]["shape"] = [128, 32]
+    rewrite_header(p, hdr)
+    return name
+
+
+FAULTS = [truncate, corrupt_header, bad_offsets, missing_shard, index_names_absent_tensor,
+          missing_config, corrupt_config, unknown_arch, quantized, shape_mismatch]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.__name__ for f in FAULTS])
+def test_bad_input_is_refused_cleanly(src, tmp_path, fault):
+    needle = fault(src)
+    before = tree_hash(src)
+    dst = tmp_path / "out" / "dst"
+    r = run_cli(src, dst)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("streamfold: error: ")
+    assert needle in lines[0]
+    assert "Traceback" not in r.stderr
+    assert tree_hash(src) == before
+    assert not dst.exists()
+    assert not (dst.parent.exists() and any(dst.parent.iterdir()))  # no temp folder left behind
+
+
+def test_existing_destination_is_refused(src, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    r = run_cli(src, dst)
+    assert r.returncode == 2 and "--overwrite" in r.stderr and str(dst) in r.stderr
+    assert (dst / "keep.txt").read_text() == "mine" and len(list(dst.iterdir())) == 1
+    r = run_cli(src, dst, "--overwrite", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_destination_in_source_is_refused(src, where):
+    dst = src if where == "same" else src / "out"
+    before = tree_hash(src)
+    r = run_cli(src, dst)
+    assert r.returncode == 2 and "inside" in r.stderr
+    assert tree_hash(src) == before
+
+
+def test_library_raises_streamfold_error(src, tmp_path):
+    import streamfold
+    truncate(src)
+    with pytest.raises(streamfold.StreamfoldError, match=SHARD2):
+        streamfold.convert(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()

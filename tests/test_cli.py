@@ -1,0 +1,82 @@
+"""The CLI as a user and a pipeline run it: exit codes, --json, --quiet, plan, no torch at run time."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SAMPLE = Path(__file__).resolve().parents[1] / "streamfold" / "sample"
+ROOT = SAMPLE.parents[1]
+
+# Make `import torch` / `import transformers` fail inside the child, as on a machine without them.
+NO_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"{name} is blocked in this test")
+sys.meta_path.insert(0, Block())
+from streamfold.cli import main
+code = main(sys.argv[1:])
+assert "torch" not in sys.modules and "transformers" not in sys.modules
+sys.exit(code)
+"""
+
+
+def run(args, code=None):
+    cmd = [sys.executable, "-c", code, *map(str, args)] if code else \
+        [sys.executable, "-m", "streamfold", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_converts_with_torch_unimportable(tmp_path):
+    r = run([SAMPLE, tmp_path / "out", "--quiet"], code=NO_TORCH)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["flashnorm"] is True and cfg["flashnorm_mode"] == "compat" and cfg["flashnorm_version"] == 1
+
+
+def test_json_report_and_quiet(tmp_path):
+    r = run([SAMPLE, tmp_path / "a", "--json"])
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["norms_folded"] == 5 and rep["tensors_folded"] == 11 and rep["tensors_identity"] == 5
+    assert rep["bytes_in"] == rep["bytes_out"] > 0
+    r = run([SAMPLE, tmp_path / "b", "--quiet"])
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+
+
+def test_summary_names_what_happened(tmp_path):
+    r = run([SAMPLE, tmp_path / "a", "--mode", "strict"])
+    assert r.returncode == 0, r.stderr
+    assert "norms folded: 5" in r.stdout and "removed: 5" in r.stdout and "GB/s" in r.stdout
+
+
+def test_plan_reads_headers_only(tmp_path):
+    r = run(["inspect", SAMPLE])
+    assert r.returncode == 0, r.stderr
+    assert "FOLD  model.layers.{n}.input_layernorm  x2" in r.stdout
+    assert "lm_head.weight" in r.stdout
+    r = run([SAMPLE, "--plan", "--json"])
+    plan = json.loads(r.stdout)
+    assert plan["tensors"] == {"scale": 11, "bias": 0, "fill": 5, "drop": 0, "copy": 5}
+
+
+def test_usage_errors_exit_nonzero():
+    r = run([])
+    assert r.returncode == 2
+    r = run([SAMPLE])
+    assert r.returncode == 2 and "destination" in r.stderr
+    r = run([SAMPLE, "/tmp/x", "--workers", "0"])
+    assert r.returncode == 2 and "--workers" in r.stderr
+
+
+def test_workers_and_budget_give_identical_bytes(tmp_path):
+    outs = []
+    for i, extra in enumerate((["--workers", "1"], ["--workers", "4", "--memory-budget", "1M"])):
+        d = tmp_path / f"o{i}"
+        r = run([SAMPLE, d, "--quiet", *extra])
+        assert r.returncode == 0, r.stderr
+        outs.append({p.name: p.read_bytes() for p in sorted(d.iterdir())})
+    assert outs[0] == outs[1]
