@@ -22,9 +22,12 @@ page cache (default, "warm") or, with ``--cold``, the page cache is dropped
 (``echo 3 > /proc/sys/vm/drop_caches``, needs root; the script reports whether it
 worked).  By default a ``sync`` after the child exits is inside the timed span, so
 every operation is charged for getting its output to disk (``--no-sync`` to leave it
-out).  Peak RSS is the child's ``ru_maxrss`` from ``os.wait4``.
+out).  Peak RSS of the child: measured by GNU ``/usr/bin/time -f %M`` when present
+(the child is forked from ``time``, ~1 MB), else ``ru_maxrss`` from ``os.wait4``,
+which on Linux never reads below this script's own RSS at spawn time (reported as
+``rss_floor_kb``).
 
-Reported per operation: median wall time over the runs, GB/s (source bytes / median
+Reported per operation: median (and min) wall time over the runs, GB/s (source bytes / median
 time, GB = 1e9 bytes), ratio to the ``copyfile`` median, median and max peak RSS;
 and streamfold vs reference ratios when both ran.  A markdown table goes to stdout
 followed by one JSON document; ``--json-out`` also writes the JSON to a file.
@@ -91,7 +94,7 @@ def cached_kb() -> int:
 
 def prewarm(path: str) -> None:
     """Read every file once so it is in the page cache (64 MiB buffer, reused)."""
-    buf = bytearray(64 << 20)
+    buf = bytearray(4 << 20)
     mv = memoryview(buf)
     for root, _dirs, files in os.walk(path):
         for f in files:
@@ -100,17 +103,65 @@ def prewarm(path: str) -> None:
                     pass
 
 
-def run_child(argv: list[str], cwd: str | None, env: dict | None, sync: bool) -> dict:
-    """Spawn argv, wait with wait4 -> wall time and the child's peak RSS."""
+GNU_TIME = "/usr/bin/time"
+
+
+def reset_own_hiwater() -> int:
+    """Reset this process's peak RSS to its current RSS; return current RSS in KB.
+
+    A child's ru_maxrss starts at its parent's peak RSS (fork copies the mm, and on
+    exec Linux folds the old mm's high-water mark into the child's maxrss), so
+    the parent's own peak is a floor under every reading taken with wait4.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5\n")
+    except OSError:
+        pass
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def use_gnu_time() -> bool:
+    try:
+        r = subprocess.run([GNU_TIME, "-f", "%M", "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and r.stderr.strip().isdigit()
+
+
+def run_child(argv: list[str], cwd: str | None, env: dict | None, sync: bool,
+              rss_file: str | None) -> dict:
+    """Spawn argv and wait -> wall time, exit code, the child's peak RSS (KB).
+
+    With rss_file, argv runs under GNU time (-f %M -o rss_file): the measured process
+    is forked from `time` (~1 MB), so its peak RSS has no floor from this script.
+    Otherwise the child's ru_maxrss comes from os.wait4 (floor: this script's RSS).
+    """
+    floor_kb = 0
+    if rss_file:
+        argv = [GNU_TIME, "-f", "%M", "-o", rss_file, *argv]
+    else:
+        floor_kb = reset_own_hiwater()
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    # Drain pipes without wait() so we can collect rusage with wait4 ourselves.
     out, err = _communicate_then_wait4(proc)
     if sync:
         os.sync()
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "rc": proc.returncode, "maxrss_kb": proc._bench_maxrss_kb,
+    maxrss = proc._bench_maxrss_kb
+    if rss_file:
+        try:
+            with open(rss_file) as f:
+                maxrss = int(f.read().split()[-1])
+        except (OSError, ValueError, IndexError):
+            maxrss = -1
+    return {"wall_s": wall, "rc": proc.returncode, "maxrss_kb": maxrss,
+            "rss_floor_kb": floor_kb,
             "stdout_tail": out[-2000:].decode(errors="replace"),
             "stderr_tail": err[-2000:].decode(errors="replace")}
 
@@ -224,6 +275,10 @@ def main(argv=None) -> int:
             cold_status = f"works (Cached {before // 1024} MiB -> {after // 1024} MiB)"
         notes.append("cold: " + cold_status)
 
+    load_before = os.getloadavg()
+    rss_file = os.path.join(work, ".maxrss") if use_gnu_time() else None
+    rss_method = ("GNU time -f %M (child forked from `time`)" if rss_file else
+                  "os.wait4 ru_maxrss (floor: this script's RSS, see rss_floor_kb)")
     results: dict[str, list[dict]] = {name: [] for name, _ in ops}
     for run in range(args.runs):
         order = ops if run % 2 == 0 else list(reversed(ops))
@@ -237,7 +292,7 @@ def main(argv=None) -> int:
             else:
                 os.sync()
                 prewarm(src)
-            r = run_child(cmd, cwd, env, sync)
+            r = run_child(cmd, cwd, env, sync, rss_file)
             r["out_bytes"] = dir_bytes(dst) if os.path.isdir(dst) else 0
             r["out_safetensors_bytes"] = dir_bytes(dst, ".safetensors") if os.path.isdir(dst) else 0
             r["run"] = run
@@ -250,6 +305,8 @@ def main(argv=None) -> int:
             if os.path.exists(dst):
                 shutil.rmtree(dst)
             os.sync()
+    if rss_file and os.path.exists(rss_file):
+        os.remove(rss_file)
     try:
         os.rmdir(work)
     except OSError:
@@ -263,6 +320,7 @@ def main(argv=None) -> int:
             "runs_ok": len(good), "runs": len(rs),
             "wall_s": [round(r["wall_s"], 3) for r in rs],
             "median_s": round(t, 3) if t else None,
+            "min_s": round(min(r["wall_s"] for r in good), 3) if good else None,
             "gb_per_s": round(src_bytes / 1e9 / t, 3) if t else None,
             "peak_rss_mib_median": round(median([r["maxrss_kb"] for r in good]) / 1024, 1) if good else None,
             "peak_rss_mib_max": round(max(r["maxrss_kb"] for r in good) / 1024, 1) if good else None,
@@ -285,10 +343,13 @@ def main(argv=None) -> int:
     doc = {
         "label": label, "src": src, "src_bytes": src_bytes, "runs": args.runs,
         "cache": "cold" if args.cold else "warm", "sync_in_timing": sync,
+        "peak_rss_method": rss_method,
         "streamfold_args": passthrough,
         "command": "python benchmarks/bench.py " + " ".join(shlex.quote(a) for a in original_argv),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
+        "loadavg_1_5_15": {"start": [round(x, 2) for x in load_before],
+                           "end": [round(x, 2) for x in os.getloadavg()]},
         "notes": notes, "summary": summary, "streamfold_vs_reference": ratios,
         "per_run": {n: [{k: v for k, v in r.items() if k not in ("stdout_tail", "stderr_tail")}
                         for r in rs] for n, rs in results.items()},
@@ -296,13 +357,13 @@ def main(argv=None) -> int:
 
     cache = doc["cache"]
     extra = " ".join(passthrough) or "-"
-    print("| checkpoint | cache | operation | args | runs ok | median s | GB/s | x copyfile | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| checkpoint | cache | operation | args | runs ok | median s | min s | GB/s | x copyfile | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, s in summary.items():
         argcol = extra if name == "streamfold" else "-"
         fmt = lambda v, f: (f % v) if v is not None else "n/a"
         print(f"| {label} ({src_bytes / 1e9:.2f} GB) | {cache} | {name} | {argcol} | "
-              f"{s['runs_ok']}/{s['runs']} | {fmt(s['median_s'], '%.2f')} | "
+              f"{s['runs_ok']}/{s['runs']} | {fmt(s['median_s'], '%.2f')} | {fmt(s['min_s'], '%.2f')} | "
               f"{fmt(s['gb_per_s'], '%.2f')} | {fmt(s['ratio_to_copyfile'], '%.2f')} | "
               f"{fmt(s['peak_rss_mib_max'], '%.0f')} |")
     for n in notes:

@@ -1,6 +1,7 @@
-"""Command line: ``python -m streamfold SRC DST`` and the ``inspect`` / ``demo`` subcommands.
+"""Command line: ``python -m streamfold SRC DST`` and the ``inspect`` / ``verify`` / ``demo`` subcommands.
 
 Exit status: 0 success, 2 bad input or a failed check (one line on stderr, no traceback),
+3 verification found problems (``verify``, or ``convert --verify``; one line per problem),
 1 an internal error, 130 interrupted.
 """
 from __future__ import annotations
@@ -22,9 +23,25 @@ examples:
   python -m streamfold inspect ./model            # the fold plan, from headers only
   python -m streamfold ./model --plan --json      # the same, machine-readable
   python -m streamfold demo                       # convert and check the bundled sample
+  python -m streamfold verify ./model ./out       # prove ./out is ./model folded (exit 3 if not)
+  python -m streamfold verify ./model ./out --forward --json   # + numpy logits comparison, for CI
+  python -m streamfold ./model ./out --verify     # convert, then verify
+
+Hugging Face Hub (SRC may be a repo id org/name; a local path of that name wins):
+  python -m streamfold HuggingFaceTB/SmolLM2-135M ./SmolLM2-135M-FlashNorm
+  python -m streamfold Qwen/Qwen3-8B ./Qwen3-8B-FlashNorm --revision main --merged-dtype float32
+  python -m streamfold inspect meta-llama/Llama-3.2-1B   # plan + sizes from remote headers, no download
+  python -m streamfold HuggingFaceTB/SmolLM2-135M ./out --push-to-hub me/SmolLM2-135M-FlashNorm --private
+  HF_HUB_OFFLINE=1 python -m streamfold HuggingFaceTB/SmolLM2-135M ./out   # from the local cache only
+
+  Only the safetensors shards, the index, config.json, tokenizer and other small files are downloaded
+  (never *.bin / *.pth / consolidated.* / original/ duplicates), into huggingface_hub's cache.
+  Environment: HF_HOME or HF_HUB_CACHE (cache location), HF_HUB_OFFLINE=1 (cache only, no network),
+  HF_TOKEN (private or gated repos, and --push-to-hub; or run `hf auth login`).
+  DST always gets a model card, README.md (base_model, license, tags, what changed, how to load it).
 """
 
-SUBCOMMANDS = ("convert", "inspect", "demo")
+SUBCOMMANDS = ("convert", "inspect", "verify", "demo")
 
 
 def parse_size(text: str) -> int:
@@ -51,6 +68,8 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rules", metavar="FILE",
                    help="JSON or TOML rules (norm -> consumers) for an architecture streamfold does not know")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--revision", metavar="REV",
+                   help="branch, tag or commit of a Hub repo id SRC (default: main)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,11 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "streaming a safetensors checkpoint with flat memory and no torch.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"streamfold {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{convert,inspect,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{convert,inspect,verify,demo}")
 
     c = sub.add_parser("convert", help="convert SRC into a FlashNorm checkpoint at DST (the default)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("src", metavar="SRC", help="checkpoint folder (index + shards, or model.safetensors)")
+    c.add_argument("src", metavar="SRC", help="checkpoint folder (index + shards, or model.safetensors), "
+                                              "or a Hub repo id org/name")
     c.add_argument("dst", metavar="DST", nargs="?", help="output folder (created; must not exist or be empty)")
     _plan_options(c)
     c.add_argument("--plan", action="store_true", help="print the fold plan and exit (reads headers only)")
@@ -74,10 +94,50 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
                    help="buffer memory for all workers, e.g. 64M or 1G (default 96M)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    c.add_argument("--verify", action="store_true",
+                   help="verify the output tensor by tensor right after converting (exit 3 on problems; "
+                        "nothing is pushed then)")
+    c.add_argument("--no-manifest", action="store_true",
+                   help="do not write SHA256SUMS (saves re-reading the output to hash it)")
+    hub = c.add_argument_group("model card and Hub upload")
+    hub.add_argument("--base-model", metavar="REPO",
+                     help="base_model for the model card (default: the source repo id, when known)")
+    hub.add_argument("--push-to-hub", metavar="REPO",
+                     help="after converting, upload DST to this model repo in one commit (created if "
+                          "needed) and print its URL; needs HF_TOKEN or `hf auth login`")
+    hub.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    hub.add_argument("--commit-message", metavar="MSG", help="with --push-to-hub: the commit message")
 
-    i = sub.add_parser("inspect", help="print the fold plan for SRC from headers only")
-    i.add_argument("src", metavar="SRC")
+    i = sub.add_parser("inspect", help="print the fold plan and output sizes for SRC from headers only "
+                                       "(a Hub repo id: remote headers, no weights downloaded)",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("src", metavar="SRC", help="checkpoint folder or Hub repo id org/name")
     _plan_options(i)
+
+    v = sub.add_parser("verify", help="check that DST is a correct FlashNorm conversion of SRC (no torch); "
+                                      "exit 0 if so, 3 if not",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("src", metavar="SRC", help="the source checkpoint folder (or Hub repo id)")
+    v.add_argument("dst", metavar="DST", help="the converted checkpoint folder")
+    v.add_argument("--forward", action="store_true",
+                   help="also run a float32 numpy forward pass of both on a short token sequence and "
+                        "compare the logits (max/relative error, cosine, argmax agreement)")
+    v.add_argument("--tokens", metavar="IDS",
+                   help="with --forward: comma-separated token ids, or a count of fixed pseudo-random ids "
+                        "(default 16)")
+    v.add_argument("--mode", choices=("compat", "strict"), default=None,
+                   help="expected mode (default: what DST's config.json declares)")
+    v.add_argument("--merged-dtype", choices=("source", "float32"), default=None,
+                   help="expected merged dtype (default: read from DST's folded tensors)")
+    v.add_argument("--rules", metavar="FILE", help="the rules file the conversion used, if any")
+    v.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub repo id SRC")
+    v.add_argument("--workers", type=_positive, default=None,
+                   help="worker threads (default: CPU count, at most 8)")
+    v.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
+                   help="buffer memory for all workers, e.g. 64M or 1G (default 96M)")
+    v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    v.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar; print only the problems (nothing when all is well)")
 
     d = sub.add_parser("demo", help="convert the bundled sample checkpoint and check the result is exact")
     d.add_argument("dst", metavar="DST", nargs="?", help="where to write it (default: a temporary folder)")
@@ -85,23 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress(quiet: bool) -> Callable[[int], Callable[[int], None]] | None:
+def _progress(quiet: bool, desc: str = "folding") -> Callable[[int], Callable[[int], None]] | None:
     if quiet:
         return None
     from tqdm import tqdm
 
     def start(total: int) -> Callable[[int], None]:
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="folding",
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                    file=sys.stderr, leave=False, dynamic_ncols=True)
         return bar.update
     return start
 
 
 def _print_plan(args) -> int:
-    from .convert import load_plan
-    ckpt, _, plan = load_plan(args.src, mode=args.mode, merged_dtype=args.merged_dtype, rules=args.rules)
-    ckpt.close()
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.describe())
+    from .hub import inspect
+    found = inspect(args.src, mode=args.mode, merged_dtype=args.merged_dtype, rules=args.rules,
+                    revision=args.revision)
+    print(json.dumps(found.to_dict(), indent=2) if args.json else found.describe())
     return 0
 
 
@@ -110,15 +170,63 @@ def _convert(args) -> int:
         return _print_plan(args)
     if args.dst is None:
         raise StreamfoldError("convert needs a destination: python -m streamfold SRC DST (or --plan)")
+    if (args.private or args.commit_message) and not args.push_to_hub:
+        raise StreamfoldError("--private and --commit-message apply to --push-to-hub REPO")
     from .convert import convert
     report = convert(args.src, args.dst, mode=args.mode, merged_dtype=args.merged_dtype,
                      overwrite=args.overwrite, workers=args.workers, memory_budget=args.memory_budget,
-                     rules=args.rules, progress=_progress(args.quiet or args.json))
+                     rules=args.rules, progress=_progress(args.quiet or args.json), revision=args.revision,
+                     base_model=args.base_model, push_to_hub=args.push_to_hub, private=args.private,
+                     commit_message=args.commit_message, manifest=not args.no_manifest, verify=args.verify)
+    v = report.verification
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif not args.quiet:
         print(report.summary())
+        if v is not None:
+            print(v.summary())
+    elif report.hub_url:
+        print(report.hub_url)
+    if v is not None and not v.ok:
+        if args.quiet and not args.json:
+            _print_problems(v)
+        if args.push_to_hub:
+            print("streamfold: verification failed; not pushed", file=sys.stderr)
+        return 3
     return 0
+
+
+def _print_problems(report) -> None:
+    for p in report.problems:
+        print(f"streamfold: verify: {p}", file=sys.stderr)
+
+
+def _tokens(text: str | None):
+    if text is None:
+        return None
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if len(parts) == 1 and parts[0].isdigit() and "," not in text:
+        return int(parts[0])
+    if not parts or not all(p.isdigit() for p in parts):
+        raise StreamfoldError(f"--tokens takes comma-separated token ids or a count, not {text!r}")
+    return [int(p) for p in parts]
+
+
+def _verify(args) -> int:
+    from .hub import resolve_source
+    from .verify import verify
+    tokens = _tokens(args.tokens)
+    src = resolve_source(args.src, revision=args.revision, quiet=args.quiet or args.json).path
+    report = verify(src, args.dst, mode=args.mode, merged_dtype=args.merged_dtype, rules=args.rules,
+                    workers=args.workers, memory_budget=args.memory_budget, forward=args.forward,
+                    forward_tokens=tokens, progress=_progress(args.quiet or args.json, "verifying"))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif args.quiet:
+        _print_problems(report)
+    else:
+        print(report.summary())
+    return 0 if report.ok else 3
 
 
 def _demo(args) -> int:
@@ -136,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        handler = {"convert": _convert, "inspect": _print_plan, "demo": _demo}[args.command]
+        handler = {"convert": _convert, "inspect": _print_plan, "verify": _verify, "demo": _demo}[args.command]
         return handler(args)
     except StreamfoldError as e:
         print(f"streamfold: error: {e}", file=sys.stderr)

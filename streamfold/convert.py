@@ -8,13 +8,17 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .engine import Engine
 from .errors import StreamfoldError
+from .manifest import write_manifest
 from .plan import Plan, make_plan
 from .reader import INDEX_NAME, Checkpoint, read_config
 from .rules import load_rules_file
+
+if TYPE_CHECKING:
+    from .verify import VerifyReport
 
 FLASHNORM_VERSION = 1
 # Weight files that are never carried over: other formats of the same weights would load unfolded.
@@ -46,9 +50,17 @@ class ConversionReport:
     groups: list[dict] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)
     copied_files: list[str] = field(default_factory=list)
+    source_commit: str | None = None  # Hub sources: the commit converted
+    hub_url: str | None = None  # set when the output was pushed (push_to_hub)
+    manifest: bool = False  # SHA256SUMS written
+    manifest_seconds: float = 0.0
+    verification: "VerifyReport | None" = None  # convert(verify=True): the tensor-level verification
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.verification is not None:
+            d["verification"] = self.verification.to_dict()
+        return d
 
     def summary(self) -> str:
         gbps = self.bytes_in / self.seconds / 1e9 if self.seconds > 0 else 0.0
@@ -65,6 +77,8 @@ class ConversionReport:
             lines.append(f"  not copied (other weight formats): {', '.join(self.skipped_files)}")
         lines.append(f"  {self.bytes_in / 1e9:.3f} GB in, {self.bytes_out / 1e9:.3f} GB out, "
                      f"{self.seconds:.2f} s ({gbps:.2f} GB/s, {self.workers} workers)")
+        if self.hub_url:
+            lines.append(f"  pushed to {self.hub_url}")
         return "\n".join(lines)
 
 
@@ -121,7 +135,11 @@ def load_plan(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "compat",
             merged_dtype: str = "source", overwrite: bool = False, workers: int | None = None,
             memory_budget: int | None = None, rules: str | os.PathLike | dict | None = None,
-            progress: Callable[[int, int], Callable[[int], None]] | None = None) -> ConversionReport:
+            progress: Callable[[int, int], Callable[[int], None]] | None = None,
+            revision: str | None = None, token: str | bool | None = None, base_model: str | None = None,
+            push_to_hub: str | None = None, private: bool = False,
+            commit_message: str | None = None, manifest: bool = True,
+            verify: bool = False) -> ConversionReport:
     """Convert checkpoint ``src`` into a FlashNorm checkpoint at ``dst``.
 
     ``mode``: ``"compat"`` (folded norms set to identity) or ``"strict"`` (removed).
@@ -130,15 +148,34 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
     architectures streamfold does not know. ``progress(total_bytes)`` may return a callback that is
     given byte counts as work completes. Raises :class:`StreamfoldError` on bad input, leaving
     ``dst`` untouched.
+
+    ``src`` may be a Hub repo id (``org/name``, at ``revision``): only the files the output needs are
+    downloaded, through huggingface_hub's cache (``HF_HOME``, ``HF_HUB_OFFLINE``, ``HF_TOKEN`` or
+    ``token``). ``dst`` gets a model card (``README.md``; ``base_model`` overrides its base model).
+    ``push_to_hub="org/name"`` then uploads ``dst`` in one commit (creating the repo, ``private`` if
+    new); ``report.hub_url`` is its URL.
+
+    ``manifest`` (default on) writes ``SHA256SUMS`` (``sha256sum -c`` format) covering every output
+    file. ``verify=True`` runs :func:`streamfold.verify` on the result (before any push) and stores it
+    in ``report.verification``; when it finds problems nothing is pushed.
     """
     t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
+    from . import __version__
+    from .card import CARD_NAME, write_card
+    from .hub import preflight, push_folder, resolve_source  # huggingface_hub only for repo ids / pushes
+    preflight(push_to_hub=push_to_hub, base_model=base_model, token=token)
+    check_paths(Path(src), Path(dst), overwrite)  # before any download
+    source = resolve_source(src, revision=revision, token=token, quiet=progress is None)
+    src, dst = source.path, Path(dst)
     if not src.is_dir():
         raise StreamfoldError(f"{src}: not a folder (give a local checkpoint folder or a Hub repo id)")
     check_paths(src, dst, overwrite)
     ckpt, cfg, plan = load_plan(src, mode=mode, merged_dtype=merged_dtype, rules=rules)
     engine = Engine(ckpt, plan, workers=workers, memory_budget=memory_budget)
     files, skipped = _other_files(src, set(ckpt.shards))
+    if source.files is not None:  # a Hub snapshot: only the files selected for download
+        files, skipped = [f for f in files if f.as_posix() in source.files], source.skipped
+    files = [f for f in files if f.as_posix() != CARD_NAME]  # the model card replaces the source's
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.streamfold-", dir=dst.parent))
     try:
@@ -157,20 +194,39 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
         for rel in files:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / rel, tmp / rel)
+        write_card(tmp, plan=plan, tensors=ckpt.tensors, cfg=cfg, source=source, dst=dst, version=__version__,
+                   bytes_in=ckpt.total_bytes, bytes_out=engine.output_bytes, push_to_hub=push_to_hub,
+                   base_model=base_model, rules=rules, private=private)
+        t_manifest = time.perf_counter()
+        if manifest:
+            write_manifest(tmp, workers=engine.workers)
+        t_manifest = time.perf_counter() - t_manifest
         _replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         ckpt.close()
-    return ConversionReport(
-        src=str(src), dst=str(dst), mode=mode, merged_dtype=merged_dtype, family=plan.family,
+    report = ConversionReport(
+        src=source.display, dst=str(dst), mode=mode, merged_dtype=merged_dtype, family=plan.family,
         model_type=plan.model_type, norms_folded=len(plan.folded), norms_kept=len(plan.kept),
         tensors_folded=plan.count("scale"), tensors_identity=plan.count("fill"),
         tensors_dropped=plan.count("drop"), tensors_copied=plan.count("copy"),
         biases_updated=plan.count("bias"), bytes_in=ckpt.total_bytes, bytes_out=engine.output_bytes,
         seconds=time.perf_counter() - t0, workers=engine.workers, groups=plan.groups(),
-        skipped_files=skipped, copied_files=[r.as_posix() for r in files])
+        skipped_files=skipped, copied_files=[r.as_posix() for r in files], source_commit=source.commit,
+        manifest=manifest, manifest_seconds=round(t_manifest, 3))
+    if verify:
+        from .verify import verify as run_verify
+        report.verification = run_verify(src, dst, mode=mode, merged_dtype=merged_dtype, rules=rules,
+                                         workers=workers, memory_budget=memory_budget)
+        if not report.verification.ok:
+            return report  # not pushed: the caller sees report.verification.problems
+    if push_to_hub:
+        report.hub_url = push_folder(
+            dst, push_to_hub, private=private, token=token, commit_message=commit_message
+            or f"FlashNorm ({mode}) conversion of {source.label} with streamfold {__version__}").url
+    return report
 
 
 def _replace(tmp: Path, dst: Path) -> None:

@@ -120,7 +120,8 @@ class Plan:
         for g in self.groups():
             head = f"  {g['status'].upper():4}  {g['norm']}  x{g['count']}"
             if g["status"] == "fold":
-                lines.append(f"{head}  -> {', '.join(g['consumers'])}")
+                note = f"  ({g['reason']})" if g["reason"] else ""
+                lines.append(f"{head}  -> {', '.join(g['consumers'])}{note}")
             else:
                 lines.append(f"{head}  ({g['reason']})")
         for name in self.unknown_norms:
@@ -169,11 +170,12 @@ def check_not_quantized(cfg: dict, tensors: dict[str, TensorInfo]) -> None:
                                   "folding needs the unquantized (bf16/fp16/fp32) checkpoint")
 
 
-def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.ndarray], *,
+def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.ndarray] | None, *,
               mode: str = "compat", merged_dtype: str = "source",
               rules: dict[str, dict] | None = None) -> Plan:
     """Resolve every norm's consumers and each tensor's action. ``read(name)`` returns a small
-    tensor's values (used for norm vectors only)."""
+    tensor's values (used for norm vectors only); ``read=None`` plans from headers alone (remote
+    ``inspect``): no scales, and whether a LayerNorm bias folds is left to the conversion."""
     if mode not in MODES:
         raise StreamfoldError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if merged_dtype not in MERGED_DTYPES:
@@ -298,15 +300,17 @@ def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, m
             got = ct.shape[c.axis] if ct.shape and -len(ct.shape) <= c.axis < len(ct.shape) else None
             raise StreamfoldError(f"{ct.path.name}: tensor {c.weight!r} shape {list(ct.shape)} has {got} inputs "
                                   f"on axis {c.axis} but norm {n.weight!r} has {width} channels")
-    w = read(n.weight).astype(np.float32)
-    n.scale = (w + np.float32(offset)).astype(np.float32)
+    if read is not None:
+        n.scale = (read(n.weight).astype(np.float32) + np.float32(offset)).astype(np.float32)
     if n.bias is not None:
         bt = tensors[n.bias]
         if bt.shape != (width,):
             raise StreamfoldError(f"{bt.path.name}: norm bias {n.bias!r} has shape {list(bt.shape)}, "
                                   f"expected [{width}]")
-        beta = read(n.bias).astype(np.float32)
-        if np.any(beta != 0):
+        beta = read(n.bias).astype(np.float32) if read is not None else None
+        if beta is None:
+            n.reason = "bias fold decided at conversion (needs the bias values)"
+        elif np.any(beta != 0):
             lacking = [c.weight for c in n.consumers if c.bias is None]
             if lacking:
                 n.status, n.consumers = "keep", []

@@ -110,6 +110,13 @@ class ArchSpec:
     strict_exact: bool
     notes: str = ""
     vision: bool = False  # multimodal: test_inputs() adds pixel_values and image tokens
+    # (regex, replacement) applied in order to turn a checkpoint tensor name into the in-memory parameter name
+    # that from_pretrained's loading info (missing_keys, ...) reports.  Expert tensors that transformers fuses
+    # on load (Mixtral/Qwen-MoE/DeepSeek experts.N.*) have no 1:1 parameter; norms always map 1:1.
+    load_renames: tuple[tuple[str, str], ...] = ()
+    # (regex, replacement) applied to save_pretrained's tensor names before sharding, to reproduce a layout that
+    # transformers loads but a fresh save_pretrained does not write (e.g. the hub's Gemma3 vision tower names).
+    save_renames: tuple[tuple[str, str], ...] = ()
 
     @property
     def text_config(self) -> dict[str, Any]:
@@ -134,8 +141,8 @@ def _rule(module, kind, convention, has_bias, consumers=(), *, structural=True, 
     has a bias to absorb ``W @ beta`` (FLASHNORM.md: "bias folds only into consumers that have a bias").
     """
     alts = tuple(tuple(a) for a in consumers)
-    if alts and not isinstance(alts[0], tuple):  # pragma: no cover - defensive
-        raise TypeError("consumers must be a sequence of alternatives")
+    if any(isinstance(c, Consumer) for c in alts):
+        raise TypeError("consumers must be a sequence of alternatives (each a sequence of Consumer)")
     foldable = structural and bool(alts)
     reason = why
     if not structural:
@@ -166,8 +173,14 @@ def _mlp_linears(L, bias=False, names=("gate_proj", "up_proj"), mlp="mlp"):
     return [lin(f"{L}{mlp}.{p}", bias) for p in names]
 
 
-def _final_norm(module, lm_head, tied, kind="rms", conv="w", has_bias=False, lm_bias=False):
-    return _rule(module, kind, conv, has_bias, [[lin(lm_head, lm_bias)]], tied=tied)
+def _final_norm(module, lm_head, tied, kind="rms", conv="w", has_bias=False, lm_bias=False, embed=None):
+    """The final norm feeds lm_head; when tied, no lm_head tensor is saved and the consumer recorded is the
+    embedding matrix that lm_head reuses (``embed``), so tests can check it is left alone."""
+    if tied:
+        if embed is None:
+            embed = module.rsplit(".", 1)[0] + ".embed_tokens"
+        return _rule(module, kind, conv, has_bias, [[lin(embed)]], tied=True)
+    return _rule(module, kind, conv, has_bias, [[lin(lm_head, lm_bias)]], why="final norm: read only by the untied lm_head")
 
 
 def _llama_like(cfg, *, conv="w", q_k_norm=False, prefix="model."):
@@ -200,9 +213,10 @@ def _make_archs() -> dict[str, ArchSpec]:
     A: dict[str, ArchSpec] = {}
 
     def add(name, model_type, cfg, rules, *, model_class, auto="AutoModelForCausalLM", strict_exact=True,
-            notes="", vision=False):
+            notes="", vision=False, load_renames=(), save_renames=()):
         tied = bool(cfg.get("tie_word_embeddings", False))
-        A[name] = ArchSpec(name, model_type, cfg, auto, model_class, tied, tuple(rules), strict_exact, notes, vision)
+        A[name] = ArchSpec(name, model_type, cfg, auto, model_class, tied, tuple(rules), strict_exact, notes, vision,
+                           tuple(load_renames), tuple(save_renames))
 
     # -- Llama family -----------------------------------------------------------------------------------
     c = _base()
@@ -259,32 +273,40 @@ def _make_archs() -> dict[str, ArchSpec]:
                layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
     add("gemma3_text", "gemma3_text", g3, gemma2_rules(g3, q_k_norm=True), model_class="Gemma3ForCausalLM")
 
-    # Gemma3 multimodal: language model under model.language_model.*, SigLIP tower under
-    # model.vision_tower.vision_model.*, projector under model.multi_modal_projector.*.
+    # Gemma3 multimodal.  In memory: model.language_model.*, model.vision_tower.*, model.multi_modal_projector.*;
+    # save_pretrained (5.24) writes the legacy layout language_model.model.*, vision_tower.* (no
+    # ".vision_model." level), multi_modal_projector.*, and no lm_head (tied).
     g3_text = dict(g3)
     vis = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False, layer_norm_eps=1e-6)
     c = dict(text_config=g3_text, vision_config=vis, mm_tokens_per_image=4, boi_token_index=253,
              eoi_token_index=254, image_token_index=255, tie_word_embeddings=True, initializer_range=0.05)
-    V = "model.vision_tower.vision_model."
-    VL = V + "encoder.layers.{n}."
     vision_scope = "vision side: outside FlashNorm's language-model scope (FLASHNORM.md folds the text decoder)"
-    rules = gemma2_rules(g3_text, prefix="model.language_model.", q_k_norm=True)
-    rules[-1] = _final_norm("model.language_model.norm", "lm_head", True, conv="1+w")
-    rules += [
+
+    def gemma3_rules(V):
+        VL = V + "encoder.layers.{n}."
+        return gemma2_rules(g3_text, prefix="language_model.model.", q_k_norm=True) + [
         _rule(VL + "layer_norm1", "layernorm", "w", True,
               [[lin(VL + f"self_attn.{p}_proj", True) for p in "qkv"]], scope=False, why_not=vision_scope),
         _rule(VL + "layer_norm2", "layernorm", "w", True, [[lin(VL + "mlp.fc1", True)]], scope=False,
               why_not=vision_scope),
         _rule(V + "post_layernorm", "layernorm", "w", True, structural=False,
               why_not="output is average-pooled into mm_soft_emb_norm (another norm), not a linear"),
-        _rule("model.multi_modal_projector.mm_soft_emb_norm", "rms", "1+w", False,
-              [[Consumer("model.multi_modal_projector.mm_input_projection_weight", 0, None)]], scope=False,
+        _rule("multi_modal_projector.mm_soft_emb_norm", "rms", "1+w", False,
+              [[Consumer("multi_modal_projector.mm_input_projection_weight", 0, None)]], scope=False,
               why_not=vision_scope + "; consumer is a raw [in, out] matmul weight (input axis 0)"),
-    ]
-    add("gemma3", "gemma3", c, rules, model_class="Gemma3ForConditionalGeneration",
-        auto="AutoModelForImageTextToText", vision=True,
-        notes="tied lm_head -> model.language_model.embed_tokens.weight")
+        ]
+
+    g3_load = ((r"^language_model\.model\.", "model.language_model."), (r"^vision_tower\.(vision_model\.)?", "model.vision_tower."),
+               (r"^multi_modal_projector\.", "model.multi_modal_projector."))
+    add("gemma3", "gemma3", c, gemma3_rules("vision_tower."), model_class="Gemma3ForConditionalGeneration",
+        auto="AutoModelForImageTextToText", vision=True, load_renames=g3_load,
+        notes="tied lm_head -> language_model.model.embed_tokens.weight (not saved)")
+    add("gemma3_hub", "gemma3", c, gemma3_rules("vision_tower.vision_model."),
+        model_class="Gemma3ForConditionalGeneration", auto="AutoModelForImageTextToText", vision=True,
+        load_renames=g3_load, save_renames=((r"^vision_tower\.", "vision_tower.vision_model."),),
+        notes="extra variant: the published google/gemma-3-*-it layout (vision_tower.vision_model.*), which 5.24 "
+              "loads and re-saves as is, but a freshly built model saves without '.vision_model.'")
 
     # -- MoE ------------------------------------------------------------------------------------------------
     c = _base(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
@@ -296,7 +318,7 @@ def _make_archs() -> dict[str, ArchSpec]:
             lin(L + "block_sparse_moe.experts.{e}.w1"), lin(L + "block_sparse_moe.experts.{e}.w3"),
         ]]),
         _final_norm("model.norm", "lm_head", False),
-    ], model_class="MixtralForCausalLM",
+    ], model_class="MixtralForCausalLM", load_renames=((r"\.block_sparse_moe\.", ".mlp."),),
         notes="saved with legacy names block_sparse_moe.gate / experts.N.w1,w2,w3 (fused in memory)")
 
     c = _base(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
@@ -312,8 +334,8 @@ def _make_archs() -> dict[str, ArchSpec]:
         _final_norm("model.norm", "lm_head", False),
     ], model_class="Qwen2MoeForCausalLM", notes="layer 0 dense (mlp_only_layers=[0]), layer 1 MoE")
 
-    c = _base(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
-              mlp_only_layers=[0], norm_topk_prob=True)
+    c = _base(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+              mlp_only_layers=[0], norm_topk_prob=True)  # head_dim = hidden/heads = 16 (not a config field)
     add("qwen3_moe", "qwen3_moe", c, [
         _rule(L + "input_layernorm", "rms", "w", False, [_attn_linears(L, False)]),
         *[_rule(L + f"self_attn.{x}_norm", "rms", "w", False, structural=False, why_not=_QK_NORM) for x in "qk"],
@@ -409,8 +431,9 @@ def _make_archs() -> dict[str, ArchSpec]:
     add("gpt_neox", "gpt_neox", c, [
         _rule(G + "input_layernorm", "layernorm", "w", True, [[lin(G + "attention.query_key_value", True)]]),
         _rule(G + "post_attention_layernorm", "layernorm", "w", True, [[lin(G + "mlp.dense_h_to_4h", True)]]),
-        _final_norm("gpt_neox.final_layer_norm", "embed_out", False, kind="layernorm", has_bias=True),
-    ], model_class="GPTNeoXForCausalLM",
+        _final_norm("gpt_neox.final_layer_norm", "embed_out", False, kind="layernorm", has_bias=True,
+                    embed="gpt_neox.embed_in"),
+    ], model_class="GPTNeoXForCausalLM", load_renames=((r"^embed_out\.", "lm_head."),),
         notes="use_parallel_residual=True; lm_head saved as embed_out.weight; query_key_value is per-head interleaved")
 
     c = _base(num_key_value_heads=4, partial_rotary_factor=0.5, hidden_act="gelu_new", layer_norm_eps=1e-5)
@@ -467,7 +490,7 @@ def _make_archs() -> dict[str, ArchSpec]:
 
 ARCHS: dict[str, ArchSpec] = _make_archs()
 # The architectures named in the brief (ARCHS also holds a few extra variants).
-PRIMARY_ARCHS = tuple(n for n in ARCHS if n not in ("stablelm_parallel", "nemotron_nobias"))
+PRIMARY_ARCHS = tuple(n for n in ARCHS if n not in ("stablelm_parallel", "nemotron_nobias", "gemma3_hub"))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -479,25 +502,40 @@ def _transformers():
     return transformers
 
 
+class _quiet_progress:
+    """Silence transformers' tqdm bars (shard writing/loading) for the duration of a block."""
+
+    def __enter__(self):
+        lu = _transformers().utils.logging
+        self._was = lu.is_progress_bar_enabled()
+        lu.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        if self._was:
+            _transformers().utils.logging.enable_progress_bar()
+
+
 def make_config(name: str):
     """The transformers config of ``name``; every key given must be a declared field of the config class."""
     tf = _transformers()
     spec = ARCHS[name]
     kw = copy.deepcopy(spec.config)
-    cls = tf.AutoConfig.for_model(spec.model_type).__class__
-    _check_config_keys(cls, kw, spec.name)
+    classes = tf.CONFIG_MAPPING
+    _check_config_keys(classes[spec.model_type], kw, spec.name)
     if "text_config" in kw:
-        text_cls = type(tf.AutoConfig.for_model(ARCHS["gemma3_text"].model_type))
-        _check_config_keys(text_cls, kw["text_config"], spec.name + ".text_config")
+        _check_config_keys(classes["gemma3_text"], kw["text_config"], spec.name + ".text_config")
         vc = dict(kw["vision_config"])
-        vis_cls = type(tf.AutoConfig.for_model(vc.pop("model_type")))
-        _check_config_keys(vis_cls, vc, spec.name + ".vision_config")
+        _check_config_keys(classes[vc.pop("model_type")], vc, spec.name + ".vision_config")
     return tf.AutoConfig.for_model(spec.model_type, **kw)
+
+
+# Keys some configs accept through **kwargs for backward compatibility (moved into rope_parameters).
+_BC_ROPE_KEYS = {"partial_rotary_factor"}
 
 
 def _check_config_keys(cls, kw, where):
     known = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "attribute_map", {}) or {})
-    known |= {"model_type"}
+    known |= {"model_type"} | _BC_ROPE_KEYS
     bad = sorted(k for k in kw if k not in known)
     if bad:
         raise ValueError(f"{where}: config keys not declared by {cls.__name__}: {bad}")
@@ -610,7 +648,7 @@ def build_checkpoint(name: str, out_dir, dtype: str = "bfloat16", seed: int = 0,
     model = build_model(name, dtype, seed)
     norm_modules = model._factory_norm_modules
 
-    with tempfile.TemporaryDirectory(prefix="sf_factory_") as td:
+    with tempfile.TemporaryDirectory(prefix="sf_factory_") as td, _quiet_progress():
         model.save_pretrained(td, max_shard_size="10GB")
         files = sorted(p.name for p in Path(td).iterdir())
         if "model.safetensors" not in files:
@@ -624,13 +662,12 @@ def build_checkpoint(name: str, out_dir, dtype: str = "bfloat16", seed: int = 0,
             if (Path(td) / aux).exists():
                 shutil.copyfile(Path(td) / aux, out / aux)
 
-    norm_names = set()
-    for m in norm_modules:
-        for suffix in (".weight", ".bias"):
-            if m + suffix in tensors:
-                norm_names.add(m + suffix)
-        if m + ".weight" not in tensors:
-            raise AssertionError(f"{name}: norm {m}.weight not among the saved tensors")
+    saved_of = _saved_names_of(model, norm_modules, tensors, name)
+    for rx, rep in ARCHS[name].save_renames:
+        tensors = {re.sub(rx, rep, k): v for k, v in tensors.items()}
+        saved_of = {mp: re.sub(rx, rep, k) for mp, k in saved_of.items()}
+    _check_rules_match_modules(name, model, saved_of)
+    norm_names = set(saved_of.values())
     assigned: dict[str, str] = {}
     shards: dict[str, dict[str, torch.Tensor]] = {s: {} for s in SHARD_NAMES}
     i = 0
@@ -650,6 +687,47 @@ def build_checkpoint(name: str, out_dir, dtype: str = "bfloat16", seed: int = 0,
              "weight_map": dict(sorted(assigned.items()))}
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return (out, model) if return_model else out
+
+
+def _check_rules_match_modules(name, model, saved_of) -> None:
+    """Every norm module must be matched by exactly one NormRule whose kind/convention/bias agree with the
+    module's class (so the spec data cannot drift from the modeling code)."""
+    mods = dict(model.named_modules())
+    for (mname, pn), saved in saved_of.items():
+        if pn != "weight":
+            continue
+        mod = mods[mname]
+        rules = [r for r in ARCHS[name].norms if _pattern_regex(r.module + ".weight").match(saved)]
+        if len(rules) != 1:
+            raise AssertionError(f"{name}: {saved} matched by {len(rules)} norm rules")
+        r = rules[0]
+        kind = "rms" if "RMSNorm" in type(mod).__name__ else "layernorm"
+        has_bias = isinstance(getattr(mod, "bias", None), torch.nn.Parameter)
+        got = (kind, _norm_convention(mod), has_bias)
+        if (r.kind, r.convention, r.has_bias) != got:
+            raise AssertionError(f"{name}: rule {r.module} says {(r.kind, r.convention, r.has_bias)}, "
+                                 f"{type(mod).__name__} at {mname} is {got}")
+
+
+def _saved_names_of(model, modules, tensors, name) -> dict[tuple[str, str], str]:
+    """(module, "weight"|"bias") -> saved tensor name.  save_pretrained may rename keys (legacy layouts), so
+    each in-memory tensor is matched to the unique saved tensor with identical dtype, shape and values
+    (norm values are random, so a match is unambiguous; ambiguity is an error)."""
+    by_shape: dict[tuple, list[str]] = {}
+    for k, t in tensors.items():
+        by_shape.setdefault((t.dtype, tuple(t.shape)), []).append(k)
+    mods = dict(model.named_modules())
+    out: dict[tuple[str, str], str] = {}
+    for m in modules:
+        for pn in ("weight", "bias"):
+            p = getattr(mods[m], pn, None)
+            if not isinstance(p, torch.nn.Parameter):
+                continue
+            hits = [k for k in by_shape.get((p.dtype, tuple(p.shape)), []) if torch.equal(tensors[k], p.detach())]
+            if len(hits) != 1:
+                raise AssertionError(f"{name}: {m}.{pn} matches {len(hits)} saved tensors: {hits[:4]}")
+            out[(m, pn)] = hits[0]
+    return out
 
 
 def checkpoint_tensor_names(path) -> dict[str, str]:
@@ -794,6 +872,13 @@ def norm_tensor_names(name: str, path) -> list[NormTensors]:
     return result
 
 
+def model_param_name(name: str, ckpt_key: str) -> str:
+    """In-memory parameter name (as in from_pretrained's loading info) of checkpoint tensor ``ckpt_key``."""
+    for rx, rep in ARCHS[name].load_renames:
+        ckpt_key = re.sub(rx, rep, ckpt_key)
+    return ckpt_key
+
+
 def folded_norms(name: str, path) -> list[NormTensors]:
     return [n for n in norm_tensor_names(name, path) if n.fold]
 
@@ -835,8 +920,9 @@ def load_model(path, dtype=torch.float32, with_info: bool = False):
     lg = logging.getLogger("transformers")
     lg.addHandler(cap)
     try:
-        model, info = auto.from_pretrained(str(path), dtype=dtype, attn_implementation="eager",
-                                           output_loading_info=True)
+        with _quiet_progress():
+            model, info = auto.from_pretrained(str(path), dtype=dtype, attn_implementation="eager",
+                                               output_loading_info=True)
     finally:
         lg.removeHandler(cap)
     info = {k: (sorted(v) if isinstance(v, (set, list)) else v) for k, v in dict(info).items()}

@@ -241,15 +241,16 @@ def smollm2_checkpoint() -> Path:
         for old in root.glob(f".{CACHE_NAME}.tmp-*"):
             shutil.rmtree(old, ignore_errors=True)
 
+        # Only ever replace a directory this module created (a stale one, from an older recipe).
+        if final.exists() and not (final / STAMP_NAME).is_file():
+            raise RuntimeError(f"{final} exists and was not made by this fixture; not replacing it")
+
         tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.tmp-", dir=root))
         try:
             _build(tmp, gguf)
             (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n")
             os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
             if final.exists():
-                # Stale (older recipe). Only ever replace a directory this module created.
-                if not (final / STAMP_NAME).is_file():
-                    raise RuntimeError(f"{final} exists and was not made by this fixture; not replacing it")
                 trash = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.tmp-", dir=root))
                 os.rename(final, trash / "old")
                 os.rename(tmp, final)

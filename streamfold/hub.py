@@ -1,0 +1,513 @@
+"""Hugging Face Hub: repo ids as sources, header-only remote plans, and pushing the output.
+
+Everything that talks to the Hub goes through one ``huggingface_hub.HfApi`` instance, imported
+lazily: converting a local folder never imports huggingface_hub. Downloads go through
+huggingface_hub's cache, so ``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` behave as
+they do everywhere else in the Hugging Face stack.
+
+Only the files a converted checkpoint needs are fetched: the safetensors shards the index names (or
+``model.safetensors``), the index, ``config.json``, tokenizer files and other small files. Other formats
+of the same weights (``*.bin``, ``*.pth``, ``consolidated.*``, ``original/``, ONNX, ...) are never
+downloaded: they would double the download and, copied beside the folded weights, load unfolded.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .errors import StreamfoldError
+from .reader import INDEX_NAME, SINGLE_NAME, TensorInfo
+
+CARD_NAME = "README.md"
+# Files that hold the same weights in another format, or belong to another framework's export.
+_WEIGHT_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".safetensors", ".gguf", ".onnx",
+                    ".onnx_data", ".ot", ".tflite", ".mlmodel", ".npz", ".nemo", ".pb", ".llamafile")
+_SKIP_TOP_DIRS = {"original", "onnx", "openvino", "coreml", "tflite", "gguf", "mlx", "tensorrt"}
+_REPO_ID = re.compile(r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?/[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?",
+                      re.ASCII)
+
+
+def is_repo_id(text: str) -> bool:
+    """``org/name`` in the Hub's repo id syntax (letters, digits, ``-``, ``_``, ``.``; no ``--`` or ``..``)."""
+    return bool(_REPO_ID.fullmatch(text)) and "--" not in text and ".." not in text
+
+
+def wanted_file(path: str) -> bool:
+    """Whether a non-shard repo file belongs in a converted checkpoint (small, not another weight format)."""
+    parts = path.split("/")
+    name = parts[-1]
+    if parts[0] in _SKIP_TOP_DIRS or any(p.startswith(".") for p in parts):
+        return False
+    return not (name.endswith(_WEIGHT_SUFFIXES) or name.startswith("consolidated."))
+
+
+def select_files(listing: list[str], shards: list[str]) -> tuple[list[str], list[str]]:
+    """Split a repo's files into (to download, not downloaded): the shards, the index and wanted files."""
+    shard_set = set(shards)
+    take = [p for p in listing if p in shard_set or p == INDEX_NAME or wanted_file(p)]
+    taken = set(take)
+    return sorted(take), sorted(p for p in listing if p not in taken)
+
+
+def _exact_pattern(path: str) -> str:
+    """An fnmatch pattern matching exactly ``path`` (for snapshot_download's allow_patterns)."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
+
+
+@dataclass
+class Source:
+    """A resolved SRC: the local folder to read, and where it came from."""
+
+    path: Path
+    display: str
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    files: set[str] | None = None  # Hub: the files selected (relative posix paths); None = all
+    skipped: list[str] = field(default_factory=list)  # Hub: repo files not downloaded
+    offline: bool = False
+
+    @property
+    def label(self) -> str:
+        """The repo id, or the local folder's name (never a full local path, for public texts)."""
+        return self.repo_id or self.path.resolve().name
+
+    @property
+    def card_text(self) -> str | None:
+        p = self.path / CARD_NAME
+        if (self.files is None or CARD_NAME in self.files) and p.is_file():
+            try:
+                return p.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                return None
+        return None
+
+    def to_dict(self) -> dict:
+        return {"src": self.display, "repo_id": self.repo_id, "revision": self.revision,
+                "commit": self.commit, "path": str(self.path), "offline": self.offline}
+
+
+# --- huggingface_hub plumbing ---------------------------------------------------------------------
+
+def _hf():
+    try:
+        import huggingface_hub
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise StreamfoldError("Hub repo ids need huggingface_hub: pip install huggingface_hub") from None
+    return huggingface_hub
+
+
+def _constants():
+    _hf()
+    from huggingface_hub import constants  # read at call time: tests and callers may patch it
+    return constants
+
+
+def _offline() -> bool:
+    return bool(_constants().HF_HUB_OFFLINE)
+
+
+def _cache_dir() -> str:
+    return str(_constants().HF_HUB_CACHE)
+
+
+@contextlib.contextmanager
+def _quiet_bars(quiet: bool) -> Iterator[None]:
+    """Silence huggingface_hub's progress bars for the block (restoring the previous state)."""
+    if not quiet:
+        yield
+        return
+    from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
+                                       enable_progress_bars)
+    was = are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not was:
+            disable_progress_bars()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if not was:
+                enable_progress_bars()
+
+
+def _is_network_error(e: BaseException) -> bool:
+    mod = type(e).__module__.split(".")[0]
+    return (isinstance(e, (ConnectionError, TimeoutError))
+            or mod in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+            or type(e).__name__ in ("OfflineModeIsEnabled", "ConnectError", "ConnectTimeout",
+                                    "ReadTimeout", "TimeoutException"))
+
+
+def _hub_error(e: BaseException, repo_id: str, revision: str | None, what: str) -> StreamfoldError:
+    """One line for a failed Hub call on ``repo_id``."""
+    name = type(e).__name__
+    rev = f" at revision {revision!r}" if revision else ""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else name
+    if name == "GatedRepoError":
+        return StreamfoldError(f"{repo_id}: gated repo; accept its terms on https://huggingface.co/{repo_id} "
+                               "and set HF_TOKEN (or run `hf auth login`)")
+    if name == "RepositoryNotFoundError":
+        return StreamfoldError(f"{repo_id}: no such local folder and no such Hub repo (or it is private: set "
+                               "HF_TOKEN or run `hf auth login`)")
+    if name == "RevisionNotFoundError":
+        return StreamfoldError(f"{repo_id}: revision {revision!r} not found on the Hub (give a branch, tag or "
+                               "commit of the repo)")
+    if name == "DisabledRepoError":
+        return StreamfoldError(f"{repo_id}: the repo is disabled on the Hub")
+    if name in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
+        return StreamfoldError(f"{repo_id}{rev}: {what}: file not found in the repo")
+    if name in ("NotASafetensorsRepoError",):
+        return StreamfoldError(f"{repo_id}{rev}: no {SINGLE_NAME} or {INDEX_NAME} in the repo; streamfold "
+                               "converts safetensors checkpoints")
+    if name == "SafetensorsParsingError":
+        return StreamfoldError(f"{repo_id}{rev}: cannot parse a safetensors header ({first})")
+    if name == "HFValidationError":
+        return StreamfoldError(f"{repo_id}: not a valid Hub repo id ({first})")
+    if name in ("IncompleteSnapshotError", "LocalEntryNotFoundError"):
+        state = "only partly in" if name == "IncompleteSnapshotError" else "not in"
+        if _offline():
+            return StreamfoldError(f"{repo_id}{rev}: {state} the local Hugging Face cache ({_cache_dir()}) and "
+                                   "HF_HUB_OFFLINE is set; download it once online or unset HF_HUB_OFFLINE")
+        return StreamfoldError(f"{repo_id}{rev}: cannot reach the Hub and the repo is not in the local cache "
+                               f"({_cache_dir()}); check the network connection ({first})")
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status in (401, 403):
+        return StreamfoldError(f"{repo_id}: {what}: not authorized (HTTP {status}); set HF_TOKEN to a token "
+                               "with access (or run `hf auth login`)")
+    if _is_network_error(e) or status is not None:
+        return StreamfoldError(f"{repo_id}: {what}: Hub request failed ({name}: {first})")
+    return StreamfoldError(f"{repo_id}: {what} failed ({name}: {first})")
+
+
+def _api(token):
+    return _hf().HfApi(token=token)
+
+
+def _guard(repo_id: str, revision: str | None, what: str):
+    """Context manager turning any huggingface_hub / network failure into a one-line StreamfoldError."""
+    @contextlib.contextmanager
+    def cm():
+        try:
+            yield
+        except StreamfoldError:
+            raise
+        except (ValueError, OSError, ConnectionError, TimeoutError) as e:
+            raise _hub_error(e, repo_id, revision, what) from None
+        except Exception as e:
+            if type(e).__module__.startswith(("huggingface_hub", "httpx", "httpx2", "httpcore",
+                                              "requests", "urllib3")):
+                raise _hub_error(e, repo_id, revision, what) from None
+            raise
+    return cm()
+
+
+# --- resolving SRC ----------------------------------------------------------------------------------
+
+def resolve_source(src: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
+                   quiet: bool = True) -> Source:
+    """The local folder to read for ``src``: an existing path as is (a local path always wins), or a Hub
+    repo id ``org/name`` downloaded (only the needed files) into huggingface_hub's cache."""
+    text = os.fspath(src)
+    path = Path(text)
+    if path.exists():
+        if revision is not None:
+            raise StreamfoldError(f"{text}: --revision applies to Hub repo ids, but this is a local folder")
+        return Source(path=path, display=str(path))
+    if not is_repo_id(text):
+        raise StreamfoldError(f"{text}: no such folder, and not a Hub repo id (org/name); give a local "
+                              "checkpoint folder or a repo id")
+    if _offline():
+        return _from_cache(text, revision)
+    with _quiet_bars(quiet):
+        return _download(text, revision, token)
+
+
+def _shards_from_index(index_path: Path, repo_id: str) -> list[str]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        shards = list(dict.fromkeys(weight_map.values()))
+        if not all(isinstance(s, str) for s in shards):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise StreamfoldError(f"{repo_id}: {INDEX_NAME} is not a valid index (needs a \"weight_map\" of "
+                              "tensor name -> shard file)") from None
+    return shards
+
+
+def _listing(folder: Path) -> list[str]:
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            out.append((Path(root) / f).relative_to(folder).as_posix())
+    return out
+
+
+def _from_cache(repo_id: str, revision: str | None) -> Source:
+    """Offline: the cached snapshot of ``repo_id`` at ``revision`` (a branch, tag or commit)."""
+    api = _api(None)
+    with _guard(repo_id, revision, "reading the local cache"):
+        folder = Path(api.snapshot_download(repo_id, revision=revision, local_files_only=True,
+                                            allow_patterns=["config.json"]))
+    listing = _listing(folder)
+    if INDEX_NAME in listing:
+        shards = _shards_from_index(folder / INDEX_NAME, repo_id)
+    elif SINGLE_NAME in listing:
+        shards = [SINGLE_NAME]
+    else:
+        raise StreamfoldError(f"{repo_id}: the cached snapshot ({folder}) has no {SINGLE_NAME} or {INDEX_NAME} "
+                              "and HF_HUB_OFFLINE is set; download it once online")
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise StreamfoldError(f"{repo_id}: the cached snapshot lacks shard {missing[0]} and HF_HUB_OFFLINE is "
+                              "set; download it once online or unset HF_HUB_OFFLINE")
+    take, skipped = select_files(listing, shards)
+    return Source(path=folder, display=repo_id, repo_id=repo_id, revision=revision, commit=folder.name,
+                  files=set(take), skipped=skipped, offline=True)
+
+
+def _download(repo_id: str, revision: str | None, token) -> Source:
+    """Online: resolve the revision to a commit, pick the files, download them into the cache."""
+    api = _api(token)
+    with _guard(repo_id, revision, "fetching repo info"):
+        try:
+            info = api.model_info(repo_id, revision=revision, token=token)
+        except Exception as e:
+            if _is_network_error(e):  # the Hub is unreachable: fall back to the cache, as huggingface_hub does
+                try:
+                    return _from_cache(repo_id, revision)
+                except StreamfoldError:
+                    first = (str(e).strip().splitlines() or [""])[0]
+                    raise StreamfoldError(f"{repo_id}: cannot reach the Hub ({type(e).__name__}: {first}) and the "
+                                          f"repo is not (completely) in the local cache ({_cache_dir()}); check "
+                                          "the network connection") from None
+            raise
+    commit = info.sha
+    listing = sorted(s.rfilename for s in (info.siblings or []))
+    if INDEX_NAME in listing:
+        with _guard(repo_id, revision, f"downloading {INDEX_NAME}"):
+            index = api.hf_hub_download(repo_id, INDEX_NAME, revision=commit, token=token)
+        shards = _shards_from_index(Path(index), repo_id)
+        absent = [s for s in shards if s not in listing]
+        if absent:
+            raise StreamfoldError(f"{repo_id}: {INDEX_NAME} names shard {absent[0]} that the repo does not have")
+    elif SINGLE_NAME in listing:
+        shards = [SINGLE_NAME]
+    else:
+        other = [p for p in listing if p.endswith((".bin", ".pth", ".pt", ".gguf"))]
+        hint = f" (it has {other[0]}; streamfold converts safetensors checkpoints)" if other else ""
+        raise StreamfoldError(f"{repo_id}: no {SINGLE_NAME} or {INDEX_NAME} in the repo{hint}")
+    if "config.json" not in listing:
+        raise StreamfoldError(f"{repo_id}: no config.json in the repo; a Hugging Face checkpoint needs one")
+    take, skipped = select_files(listing, shards)
+    with _guard(repo_id, revision, "downloading"):
+        folder = Path(api.snapshot_download(repo_id, revision=commit, token=token,
+                                            allow_patterns=[_exact_pattern(p) for p in take]))
+    return Source(path=folder, display=repo_id, repo_id=repo_id, revision=revision, commit=commit,
+                  files=set(take), skipped=skipped)
+
+
+# --- planning without downloading -----------------------------------------------------------------
+
+def output_bytes(plan, tensors: dict[str, TensorInfo]) -> int:
+    """Tensor data bytes of the converted checkpoint (what ``ConversionReport.bytes_out`` counts)."""
+    from .dtypes import DTYPES
+    total = 0
+    for name, t in tensors.items():
+        a = plan.actions[name]
+        if a.kind != "drop":
+            total += t.numel * DTYPES[a.out_dtype].itemsize
+    return total
+
+
+@dataclass
+class Inspection:
+    """The fold plan for a SRC, with sizes; from local headers, cached files, or remote headers."""
+
+    plan: object
+    source: Source | None
+    src: str
+    how: str  # "local", "cache" or "remote"
+    shards: int
+    tensors: int
+    bytes_in: int
+    bytes_out: int
+    download_files: list[str] | None = None
+    download_bytes: int | None = None
+    skipped_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = self.plan.to_dict()
+        d["source"] = {"src": self.src, "how": self.how,
+                       "repo_id": self.source.repo_id if self.source else None,
+                       "commit": self.source.commit if self.source else None}
+        d["sizes"] = {"shards": self.shards, "tensors": self.tensors, "bytes_in": self.bytes_in,
+                      "bytes_out": self.bytes_out}
+        if self.download_files is not None:
+            d["download"] = {"files": self.download_files, "bytes": self.download_bytes,
+                             "not_downloaded": self.skipped_files}
+        return d
+
+    def describe(self) -> str:
+        where = {"local": "local headers",
+                 "cache": "the local Hugging Face cache",
+                 "remote": "remote safetensors headers; no weights downloaded"}[self.how]
+        commit = f" @ {self.source.commit[:12]}" if self.source and self.source.commit else ""
+        lines = [f"source: {self.src}{commit} ({where})", self.plan.describe(),
+                 f"sizes: {self.tensors} tensors in {self.shards} shard(s), {_gb(self.bytes_in)} in -> "
+                 f"{_gb(self.bytes_out)} out ({self.plan.mode}, merged dtype {self.plan.merged_dtype})"]
+        if self.download_files is not None:
+            size = f", {_gb(self.download_bytes)}" if self.download_bytes is not None else ""
+            lines.append(f"converting downloads {len(self.download_files)} files{size}")
+            if self.skipped_files:
+                lines.append(f"  not downloaded (other weight formats / exports): "
+                             f"{', '.join(self.skipped_files)}")
+        return "\n".join(lines)
+
+
+def human_size(n: int | None) -> str:
+    """``2.47 GB``, ``233.41 kB``, ``12 B`` (decimal units, as the Hub shows sizes)."""
+    if n is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+_gb = human_size
+
+
+def inspect(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str = "source",
+            rules=None, revision: str | None = None, token: str | bool | None = None) -> Inspection:
+    """The fold plan and output sizes for ``src``, reading headers only.
+
+    A local folder (or, with ``HF_HUB_OFFLINE`` set, a cached Hub repo) is planned from its files. A Hub
+    repo id is planned from its safetensors headers fetched remotely (plus ``config.json`` and the index):
+    nothing the size of the weights is downloaded, and LayerNorm bias folds, which depend on the bias
+    values, are decided at conversion.
+    """
+    from .convert import load_plan
+    text = os.fspath(src)
+    if Path(text).exists() or not is_repo_id(text) or _offline():
+        source = resolve_source(text, revision=revision, token=token)
+        ckpt, _, plan = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules)
+        try:
+            tensors = dict(ckpt.tensors)
+            shards = len(ckpt.shards)
+        finally:
+            ckpt.close()
+        hub = source.repo_id is not None
+        return Inspection(plan=plan, source=source if hub else None, src=text, how="cache" if hub else "local",
+                          shards=shards, tensors=len(tensors), bytes_in=sum(t.nbytes for t in tensors.values()),
+                          bytes_out=output_bytes(plan, tensors),
+                          download_files=sorted(source.files) if hub else None,
+                          skipped_files=source.skipped)
+    with _quiet_bars(True):
+        return _inspect_remote(text, mode=mode, merged_dtype=merged_dtype, rules=rules, revision=revision,
+                               token=token)
+
+
+def _inspect_remote(repo_id: str, *, mode, merged_dtype, rules, revision, token) -> Inspection:
+    from .dtypes import DTYPES
+    from .plan import make_plan
+    from .reader import read_config
+    from .rules import load_rules_file
+    api = _api(token)
+    with _guard(repo_id, revision, "fetching repo info"):
+        info = api.model_info(repo_id, revision=revision, files_metadata=True, token=token)
+    commit = info.sha
+    sizes = {s.rfilename: s.size for s in (info.siblings or [])}
+    if "config.json" not in sizes:
+        raise StreamfoldError(f"{repo_id}: no config.json in the repo; a Hugging Face checkpoint needs one")
+    with _guard(repo_id, revision, "downloading config.json"):
+        cfg = read_config(Path(api.hf_hub_download(repo_id, "config.json", revision=commit, token=token)).parent)
+    with _guard(repo_id, revision, "reading safetensors headers"):
+        meta = api.get_safetensors_metadata(repo_id, revision=commit, token=token)
+    tensors: dict[str, TensorInfo] = {}
+    for fname, fmeta in meta.files_metadata.items():
+        for name, t in fmeta.tensors.items():
+            if t.dtype not in DTYPES:
+                raise StreamfoldError(f"{repo_id}: {fname}: tensor {name!r} has unknown dtype {t.dtype!r}")
+            if name in tensors:
+                raise StreamfoldError(f"{repo_id}: {fname}: tensor {name!r} also in {tensors[name].path.name}")
+            begin, end = t.data_offsets
+            tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), Path(fname), begin, end)
+    for name, fname in meta.weight_map.items():
+        if name not in tensors or tensors[name].path.name != fname:
+            raise StreamfoldError(f"{repo_id}: {fname} lacks tensor {name!r} that {INDEX_NAME} places there; "
+                                  "the index and shards disagree")
+    extra = load_rules_file(rules) if isinstance(rules, (str, os.PathLike)) else rules
+    plan = make_plan(cfg, tensors, None, mode=mode, merged_dtype=merged_dtype, rules=extra)
+    shards = list(meta.files_metadata)
+    take, skipped = select_files(sorted(sizes), shards)
+    known = [sizes.get(p) for p in take]
+    return Inspection(plan=plan, source=Source(path=Path(), display=repo_id, repo_id=repo_id, revision=revision,
+                                               commit=commit),
+                      src=repo_id, how="remote", shards=len(shards), tensors=len(tensors),
+                      bytes_in=sum(t.nbytes for t in tensors.values()), bytes_out=output_bytes(plan, tensors),
+                      download_files=take,
+                      download_bytes=sum(known) if all(k is not None for k in known) else None,
+                      skipped_files=skipped)
+
+
+# --- pushing --------------------------------------------------------------------------------------
+
+def preflight(*, push_to_hub: str | None = None, base_model: str | None = None, token=None) -> None:
+    """Fail fast, before any download or conversion, on options that cannot work."""
+    if base_model is not None and not is_repo_id(base_model):
+        raise StreamfoldError(f"--base-model {base_model}: not a Hub repo id (org/name)")
+    if push_to_hub is not None:
+        check_push_target(push_to_hub, token)
+
+
+def check_push_target(repo_id: str, token=None) -> None:
+    """A push to ``repo_id`` can work: valid id, not offline, a token available."""
+    if not is_repo_id(repo_id):
+        raise StreamfoldError(f"--push-to-hub {repo_id}: not a Hub repo id (give org/name or user/name)")
+    if _offline():
+        raise StreamfoldError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set; pushing needs the network")
+    if token is None or token is True:
+        from huggingface_hub import get_token
+        if get_token() is None:
+            raise StreamfoldError(f"--push-to-hub {repo_id}: no Hugging Face token; set HF_TOKEN or run "
+                                  "`hf auth login`")
+
+
+@dataclass
+class PushResult:
+    url: str
+    commit_url: str | None
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
+                commit_message: str | None = None, token: str | bool | None = None) -> PushResult:
+    """Create ``repo_id`` (a model repo) if needed and upload ``folder`` in one commit.
+
+    ``private`` applies only when the repo is created. Large files are uploaded in chunks by
+    huggingface_hub (LFS / Xet).
+    """
+    folder = Path(folder)
+    api = _api(token)
+    msg = commit_message or "Upload FlashNorm checkpoint (streamfold)"
+    try:
+        with _guard(repo_id, None, "creating the repo"):
+            repo_url = api.create_repo(repo_id, repo_type="model", private=True if private else None,
+                                       exist_ok=True, token=token)
+        with _guard(repo_id, None, "uploading"):
+            info = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
+                                     commit_message=msg, token=token)
+    except StreamfoldError as e:
+        raise StreamfoldError(f"{e} (pushing {folder}; the converted checkpoint is complete there, retry with: "
+                              f"hf upload {repo_id} {folder} .)") from None
+    url = getattr(repo_url, "url", None) or str(repo_url)
+    return PushResult(url=url, commit_url=getattr(info, "commit_url", None))

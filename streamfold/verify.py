@@ -1,0 +1,890 @@
+"""verify(): prove a converted checkpoint is its source with the norms folded, without torch.
+
+The source is re-planned (the same planner convert uses, in the mode and merged dtype the output
+declares) and every output tensor is compared with what the plan says it must be:
+
+- unchanged tensors (including norms that cannot fold) are byte-identical to the source, compared
+  chunk by chunk (a direct byte comparison: stronger than comparing hashes, and cheaper);
+- folded weights equal ``source x norm`` to within one rounding to their stored dtype, checked for
+  every element: the product is formed in float32 (float64 for float64 weights), exactly as FlashNorm
+  defines it, and the stored value must lie within half a unit in the last place of it (float32-merged
+  and float32/float64 outputs must equal it exactly). Elements outside that bound are re-checked against
+  the round-to-nearest-even result, so only genuine errors are reported, each with its size in ulps;
+- folded norms are the identity (compat) or absent (strict); LayerNorm biases folded into consumer
+  biases equal ``b + W @ beta`` to within one rounding;
+- ``config.json`` carries the FlashNorm flags and is otherwise the source's; every tensor sits in the
+  shard the source has it in with the planned dtype and shape; the index matches the shard headers;
+  the other files are the source's; no other weight format of the unfolded model was left behind;
+- ``SHA256SUMS`` (written by convert) matches every file and lists all of them, when present.
+
+Output shards are read exactly once, sequentially per file (each chunk feeds both the manifest hash
+and the tensor check), source tensors once, all through bounded reused buffers (never memory-mapped),
+so peak memory is the conversion's buffer budget whatever the model size.
+
+``forward=True`` also runs :mod:`streamfold.forward` (float32 numpy) on both checkpoints and compares
+the logits.
+"""
+from __future__ import annotations
+
+import filecmp
+import json
+import math
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .dtypes import DTYPES
+from .engine import DEFAULT_BUDGET, default_workers, pread_into
+from .convert import FLASHNORM_VERSION
+from .errors import StreamfoldError
+from .fold import Scratch
+from .manifest import MANIFEST_NAME, OrderedHasher, hash_file, list_files, parse_manifest
+from .plan import MERGED_DTYPES, MODES, Action, Plan, make_plan
+from .reader import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, read_config
+from .rules import load_rules_file
+
+EXIT_FAILED = 3  # CLI exit status when verification finds problems
+BLOCK_ELEMS = 1 << 15  # elements per compute block (float32 scratch stays in cache)
+MIN_COSINE = 0.999  # --forward: every position's logits must be at least this close to the source's
+
+
+@dataclass
+class Problem:
+    """One failed check: ``subject`` (a tensor or file name) and what is wrong with it."""
+
+    check: str  # config | layout | index | tensor | files | manifest | forward
+    subject: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.subject}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    """Everything verify checked and every problem it found; ``ok`` when there are none."""
+
+    src: str
+    dst: str
+    mode: str | None
+    merged_dtype: str | None
+    family: str
+    model_type: str
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    max_fold_error_ulp: float = 0.0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    workers: int = 1
+    manifest: str = "absent"  # ok | failed | absent
+    forward: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    def summary(self, max_lines: int = 200) -> str:
+        c = self.counts
+        lines = [f"streamfold verify: {self.src} -> {self.dst} ({self.model_type}, mode {self.mode or '?'}, "
+                 f"merged dtype {self.merged_dtype or '?'})"]
+        shown = self.problems[:max_lines]
+        for p in shown:
+            lines.append(f"  FAIL  {p}")
+        if len(self.problems) > len(shown):
+            lines.append(f"  ... and {len(self.problems) - len(shown)} more problems (use --json for all)")
+        lines.append(f"  checked: {c.get('unchanged', 0)} tensors byte-identical (of them "
+                     f"{c.get('kept_norms', 0)} norms that cannot fold), {c.get('folded', 0)} folded "
+                     f"(max error {self.max_fold_error_ulp:.2f} ulp; one rounding is <= 0.5), "
+                     f"{c.get('identity', 0)} norms identity, {c.get('absent', 0)} absent, "
+                     f"{c.get('biases', 0)} biases, {c.get('files', 0)} other files; "
+                     f"manifest {self.manifest}")
+        for n in self.notes:
+            lines.append(f"  note: {n}")
+        if self.forward is not None:
+            f = self.forward
+            lines.append(f"  forward ({f['tokens']} tokens, float32 numpy): max |logit error| "
+                         f"{f['max_abs_error']:.3g} (relative {f['max_rel_error']:.3g}), min cosine "
+                         f"{f['min_cosine']:.6f}, argmax agreement {f['argmax_agreement'] * 100:.1f}%")
+        verdict = "PASS" if self.ok else f"FAIL ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''})"
+        lines.append(f"{verdict}  ({self.bytes_read / 1e9:.3f} GB read in {self.seconds:.2f} s, "
+                     f"{self.workers} workers)")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Element checks
+# --------------------------------------------------------------------------------------------------------
+def _to_f32(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """``raw`` (any float dtype view) into the float32 buffer ``out`` (same shape)."""
+    if dtype == "BF16":
+        np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        out[...] = raw
+    return out
+
+
+def _half_ulp(d: np.ndarray, out_dtype: str, work: np.ndarray) -> np.ndarray:
+    """Half a unit in the last place of each stored value ``d`` (float32 copies of ``out_dtype`` values).
+
+    For bf16 this comes straight from the exponent bits (exact for normal numbers; tiny and subnormal
+    values get 2^-134, which is stricter and then settled by the exact re-check). Infinity gets a
+    finite bound, so an infinity where the product is finite is caught."""
+    if out_dtype == "BF16":
+        h = work.view(np.int32)
+        np.bitwise_and(d.view(np.int32), 0x7F800000, out=h)
+        np.subtract(h, 8 << 23, out=h)
+        np.maximum(h, 1 << 15, out=h)
+        return work
+    if out_dtype == "F16":
+        work[...] = np.abs(np.spacing(d.astype(np.float16))).astype(np.float32) * np.float32(0.5)
+        return work
+    raise AssertionError(out_dtype)
+
+
+@dataclass
+class _FoldTally:
+    """Per folded tensor accumulation across chunks (merged under a lock)."""
+
+    bad: int = 0
+    max_ratio: float = 0.0  # max |stored - product| / half ulp over good elements
+    worst_ulp: float = 0.0  # max error in ulps over bad elements
+    first: tuple | None = None  # (flat index, stored, expected)
+    bad_equal_source: int = 0
+
+
+def check_scaled(src: np.ndarray, dst: np.ndarray, mult: np.ndarray, src_dtype: str, out_dtype: str,
+                 scratch: Scratch, base_index: int = 0) -> _FoldTally:
+    """Check ``dst == round(src * mult)`` element-wise for a ``[rows, cols]`` chunk.
+
+    ``src``/``dst`` are raw views in their dtypes, ``mult`` float32 ``[1, cols]`` or ``[rows, 1]``.
+    Returns the chunk's tally; ``first`` indexes are flat over the chunk plus ``base_index``."""
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, NaN: settled by the exact re-check
+        return _check_scaled(src, dst, mult, src_dtype, out_dtype, scratch, base_index)
+
+
+def _check_scaled(src, dst, mult, src_dtype, out_dtype, scratch, base_index) -> _FoldTally:
+    rows, cols = src.shape
+    tally = _FoldTally()
+    step = max(1, BLOCK_ELEMS // max(cols, 1))
+    exact = out_dtype in ("F32", "F64")
+    compute = np.float64 if "F64" in (src_dtype, out_dtype) else np.float32
+    for r in range(0, rows, step):
+        e = min(rows, r + step)
+        n = (e - r) * cols
+        m = mult if mult.shape[0] == 1 else mult[r:e]
+        if compute is np.float64:
+            p = src[r:e].astype(np.float64) * m.astype(np.float64)
+            d = dst[r:e].astype(np.float64)
+        else:
+            p = _to_f32(src[r:e], src_dtype, scratch.get("p", n * 4).view(np.float32).reshape(e - r, cols))
+            np.multiply(p, m, out=p)
+            d = _to_f32(dst[r:e], out_dtype, scratch.get("d", n * 4).view(np.float32).reshape(e - r, cols))
+        if exact:
+            if np.array_equal(p.view(np.uint64 if compute is np.float64 else np.uint32),
+                              d.view(np.uint64 if compute is np.float64 else np.uint32)):
+                continue
+            flagged = np.flatnonzero(p.view(np.uint32 if compute is np.float32 else np.uint64).ravel()
+                                     != d.view(np.uint32 if compute is np.float32 else np.uint64).ravel())
+        else:
+            h = _half_ulp(d, out_dtype, scratch.get("h", n * 4).view(np.float32).reshape(e - r, cols))
+            rbuf = scratch.get("r", n * 4).view(np.float32).reshape(e - r, cols)
+            np.subtract(d, p, out=rbuf)
+            np.abs(rbuf, out=rbuf)
+            np.divide(rbuf, h, out=rbuf)
+            mx = float(rbuf.max())
+            if mx <= 1.0:
+                tally.max_ratio = max(tally.max_ratio, mx)
+                continue
+            flat_ratio = rbuf.ravel()
+            flagged = np.flatnonzero(~(flat_ratio <= 1.0))
+            ok_part = np.delete(flat_ratio, flagged)
+            if ok_part.size:
+                tally.max_ratio = max(tally.max_ratio, float(ok_part.max()))
+        # exact re-check of the flagged elements: the stored value must be the rounded product
+        pv = p.ravel()[flagged]
+        dv = d.ravel()[flagged]
+        raw_d = dst[r:e].reshape(-1)[flagged]
+        if exact:
+            good = (pv == dv) | (np.isnan(pv) & np.isnan(dv))
+        else:
+            ref = pv.astype(DTYPES[out_dtype])  # round to nearest even (ml_dtypes / numpy casts)
+            good = (ref.view(np.uint16) == raw_d.view(np.uint16)) | (np.isnan(pv) & np.isnan(dv))
+        bad = np.flatnonzero(~good)
+        if not bad.size:
+            continue
+        idx = flagged[bad]
+        pb, db = pv[bad].astype(np.float64), dv[bad].astype(np.float64)
+        if exact:
+            ulp = np.abs(np.spacing(pv[bad])).astype(np.float64)
+        else:
+            ulp = 2.0 * h.ravel()[idx].astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            err = np.abs(db - pb) / ulp
+        err = np.where(np.isnan(err), np.inf, err)
+        tally.bad += int(bad.size)
+        tally.worst_ulp = max(tally.worst_ulp, float(err.max()))
+        if src_dtype == out_dtype:  # diagnosis: wrong elements that are simply the source's
+            u = _uint(src_dtype)
+            tally.bad_equal_source += int(np.sum(src[r:e].reshape(-1)[idx].view(u) == raw_d[bad].view(u)))
+        if tally.first is None:
+            tally.first = (base_index + r * cols + int(idx[0]), float(db[0]), float(pb[0]))
+    return tally
+
+
+def _uint(dtype: str):
+    return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[DTYPES[dtype].itemsize]
+
+
+def _merge(into: _FoldTally, t: _FoldTally) -> None:
+    into.bad += t.bad
+    into.max_ratio = max(into.max_ratio, t.max_ratio)
+    into.worst_ulp = max(into.worst_ulp, t.worst_ulp)
+    into.bad_equal_source += t.bad_equal_source
+    if t.first is not None and (into.first is None or t.first[0] < into.first[0]):
+        into.first = t.first
+
+
+def _fmt_index(flat: int, shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(int(i)) for i in np.unravel_index(flat, shape)) + "]" if shape else "[]"
+
+
+# --------------------------------------------------------------------------------------------------------
+# The verifier
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    nbytes: int
+    run: Callable[[Scratch], None]
+
+
+class _Verifier:
+    def __init__(self, src: Path, dst: Path, rules, mode, merged_dtype, workers, memory_budget) -> None:
+        self.src, self.dst = src, dst
+        self.rules = load_rules_file(rules) if isinstance(rules, (str, os.PathLike)) else rules
+        self.want_mode, self.want_merged = mode, merged_dtype
+        self.workers = max(1, workers or default_workers())
+        budget = memory_budget or DEFAULT_BUDGET
+        self.chunk_bytes = max(1 << 12, budget // (self.workers * 4))
+        self.problems: list[Problem] = []
+        self.notes: list[str] = []
+        self.lock = threading.Lock()
+        self.bytes_read = 0
+        self.counts = {"unchanged": 0, "kept_norms": 0, "folded": 0, "identity": 0, "absent": 0, "biases": 0,
+                       "files": 0}
+        self.kept: set[str] = set()
+        self.max_ratio = 0.0
+        self.fds: dict[str, int] = {}
+
+    # -- bookkeeping --------------------------------------------------------------------------------------
+    def fail(self, check: str, subject: str, message: str) -> None:
+        with self.lock:
+            self.problems.append(Problem(check, subject, message))
+
+    def _fd(self, path: Path) -> int:
+        key = str(path)
+        with self.lock:
+            fd = self.fds.get(key)
+            if fd is None:
+                fd = self.fds[key] = os.open(path, os.O_RDONLY)
+            return fd
+
+    def _read(self, path: Path, offset: int, buf: np.ndarray) -> None:
+        pread_into(self._fd(path), buf, offset, path)
+        with self.lock:
+            self.bytes_read += buf.nbytes
+
+    # -- metadata -----------------------------------------------------------------------------------------
+    def _dst_config(self, src_cfg: dict) -> dict | None:
+        path = self.dst / "config.json"
+        try:
+            cfg = read_config(self.dst)
+        except StreamfoldError as e:
+            self.fail("config", "config.json", str(e).replace(f"{path}: ", ""))
+            return None
+        if cfg.get("flashnorm") is not True:
+            self.fail("config", "config.json", f"\"flashnorm\" is {cfg.get('flashnorm')!r}, expected true")
+        if cfg.get("flashnorm_version") != FLASHNORM_VERSION:
+            self.fail("config", "config.json", f"\"flashnorm_version\" is {cfg.get('flashnorm_version')!r}, "
+                                               f"expected {FLASHNORM_VERSION}")
+        if cfg.get("flashnorm_mode") not in MODES:
+            self.fail("config", "config.json", f"\"flashnorm_mode\" is {cfg.get('flashnorm_mode')!r}, expected "
+                                               f"one of {', '.join(MODES)}")
+        for key in sorted(set(src_cfg) | set(cfg)):
+            if key.startswith("flashnorm"):  # the flags convert adds
+                continue
+            if key not in cfg:
+                self.fail("config", "config.json", f"key {key!r} of the source config is missing")
+            elif key not in src_cfg:
+                self.fail("config", "config.json", f"key {key!r} is not in the source config")
+            elif cfg[key] != src_cfg[key]:
+                self.fail("config", "config.json", f"key {key!r} is {json.dumps(cfg[key])[:80]}, the source has "
+                                                   f"{json.dumps(src_cfg[key])[:80]}")
+        return cfg
+
+    def _open_dst_shards(self, src_ckpt: Checkpoint) -> dict[str, SafetensorsFile | None]:
+        files: dict[str, SafetensorsFile | None] = {}
+        for shard in src_ckpt.shards:
+            path = self.dst / shard
+            if not path.is_file():
+                self.fail("layout", shard, "shard file is missing")
+                continue
+            try:
+                files[shard] = SafetensorsFile(path)
+            except StreamfoldError as e:
+                self.fail("layout", shard, str(e).replace(f"{path}: ", "") or "unreadable")
+                files[shard] = None
+        for p in sorted(self.dst.glob("*.safetensors")):
+            if p.name not in src_ckpt.shards:
+                self.fail("layout", p.name, "unexpected weight file (the source has no such shard)")
+        return files
+
+    def _check_index(self, src_ckpt: Checkpoint, dst_files: dict, where: dict[str, str]) -> None:
+        path = self.dst / INDEX_NAME
+        if not src_ckpt.sharded:
+            if path.exists():
+                self.fail("index", INDEX_NAME, f"present, but the source is a single {SINGLE_NAME}")
+            return
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+            wm = index["weight_map"]
+            if not isinstance(wm, dict):
+                raise TypeError
+        except FileNotFoundError:
+            self.fail("index", INDEX_NAME, "missing (the source is sharded)")
+            return
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            self.fail("index", INDEX_NAME, "not a valid index (needs a \"weight_map\")")
+            return
+        unreadable = {s for s in src_ckpt.shards if dst_files.get(s) is None}  # already reported
+        for name, shard in sorted(wm.items()):
+            if shard in unreadable and name not in where:
+                continue
+            if name not in where:
+                self.fail("index", name, f"{INDEX_NAME} places it in {shard}, but no shard holds it (stale index)")
+            elif where[name] != shard:
+                self.fail("index", name, f"{INDEX_NAME} places it in {shard}, but it is in {where[name]} "
+                                         "(stale index)")
+        for name in sorted(set(where) - set(wm)):
+            self.fail("index", name, f"in {where[name]} but not listed in {INDEX_NAME} (stale index)")
+        total = (index.get("metadata") or {}).get("total_size")
+        actual = sum(f.tensors[n].nbytes for f in dst_files.values() if f is not None for n in f.tensors)
+        if total is not None and all(f is not None for f in dst_files.values()) and total != actual:
+            self.fail("index", INDEX_NAME, f"metadata total_size is {total}, the shards hold {actual} bytes")
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def run(self, progress) -> VerifyReport:
+        t0 = time.perf_counter()
+        src_ckpt = self.src_ckpt = Checkpoint(self.src)
+        try:
+            return self._run(src_ckpt, progress, t0)
+        finally:
+            src_ckpt.close()
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
+
+    def _plan(self, src_ckpt: Checkpoint, src_cfg: dict, mode: str, merged: str) -> Plan:
+        def read(name: str):
+            t = src_ckpt.tensors[name]
+            buf = np.empty(t.nbytes, dtype=np.uint8)
+            pread_into(self._fd(t.path), buf, t.begin, t.path)
+            return buf.view(DTYPES[t.dtype]).reshape(t.shape)
+        return make_plan(src_cfg, src_ckpt.tensors, read, mode=mode, merged_dtype=merged, rules=self.rules)
+
+    def _run(self, src_ckpt: Checkpoint, progress, t0: float) -> VerifyReport:
+        src_cfg = read_config(self.src)
+        dst_cfg = self._dst_config(src_cfg)
+        dst_files = self._open_dst_shards(src_ckpt)
+        where: dict[str, str] = {}
+        dst_tensors: dict[str, TensorInfo] = {}
+        for shard, f in dst_files.items():
+            if f is None:
+                continue
+            for name, t in f.tensors.items():
+                if name in where:
+                    self.fail("layout", name, f"in both {where[name]} and {shard}")
+                    continue
+                where[name], dst_tensors[name] = shard, t
+
+        # what should have happened: the source's plan in the mode / merged dtype the output declares
+        plan = self._plan(src_ckpt, src_cfg, "compat", "source")
+        mode = self.want_mode or (dst_cfg or {}).get("flashnorm_mode")
+        if mode not in MODES:
+            folded_norms = [n.weight for n in plan.folded]
+            mode = "strict" if folded_norms and not any(w in dst_tensors for w in folded_norms) else "compat"
+            self.notes.append(f"mode {mode} inferred from the tensors present (config.json does not say)")
+        elif dst_cfg is not None and self.want_mode and dst_cfg.get("flashnorm_mode") not in (None, mode):
+            self.fail("config", "config.json", f"\"flashnorm_mode\" is {dst_cfg.get('flashnorm_mode')!r}, "
+                                               f"but {mode!r} was asked for")
+        merged = self.want_merged
+        if merged is None:
+            merged = "source"
+            for name, a in plan.actions.items():
+                if a.kind == "scale" and src_ckpt.tensors[name].dtype in ("BF16", "F16") \
+                        and name in dst_tensors and dst_tensors[name].dtype == "F32":
+                    merged = "float32"
+                    break
+        elif merged not in MERGED_DTYPES:
+            raise StreamfoldError(f"merged dtype must be one of {', '.join(MERGED_DTYPES)}, not {merged!r}")
+        if (mode, merged) != ("compat", "source"):
+            plan = self._plan(src_ckpt, src_cfg, mode, merged)
+        self.kept = {x for n in plan.kept for x in (n.weight, n.bias) if x}
+
+        # layout: every planned tensor present where the source has it, with the planned dtype and shape
+        checkable: dict[str, Action] = {}
+        lost: dict[str, list[str]] = {}
+        for name, a in plan.actions.items():
+            st = src_ckpt.tensors[name]
+            if a.kind == "drop":
+                if name in dst_tensors:
+                    self.fail("tensor", name, "folded norm must be absent in strict mode, but is present")
+                else:
+                    self.counts["absent"] += 1
+                continue
+            if name not in dst_tensors:
+                shard = src_ckpt.shard_of[name]
+                if dst_files.get(shard) is None:  # the shard is missing or unreadable: reported once, below
+                    lost.setdefault(shard, []).append(name)
+                else:
+                    self.fail("tensor", name, f"missing (expected in {shard}, {_what(a)})")
+                continue
+            dt = dst_tensors[name]
+            if where[name] != src_ckpt.shard_of[name]:
+                self.fail("layout", name, f"in {where[name]}, the source has it in {src_ckpt.shard_of[name]}")
+            if dt.dtype != a.out_dtype or dt.shape != st.shape:
+                self.fail("tensor", name, f"is {dt.dtype} {list(dt.shape)}, expected {a.out_dtype} "
+                                          f"{list(st.shape)} ({_what(a)})")
+                continue
+            checkable[name] = a
+        for shard, names in lost.items():
+            self.fail("tensor", shard, f"{len(names)} tensors missing with this shard: "
+                                       f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+        for name in sorted(set(dst_tensors) - set(plan.actions)):
+            self.fail("tensor", name, "not in the source checkpoint")
+        for shard, f in dst_files.items():
+            if f is not None and f.metadata != src_ckpt.shards[shard].metadata:
+                self.fail("layout", shard, f"header __metadata__ {f.metadata} differs from the source's "
+                                           f"{src_ckpt.shards[shard].metadata}")
+        self._check_index(src_ckpt, dst_files, where)
+
+        # manifest: listed before reading, so the shard reads can feed the hashes
+        manifest_path = self.dst / MANIFEST_NAME
+        entries = None
+        hashers: dict[str, OrderedHasher] = {}
+        if manifest_path.is_file():
+            entries, bad_lines = parse_manifest(manifest_path)
+            for msg in bad_lines:
+                self.fail("manifest", MANIFEST_NAME, msg.replace(f"{MANIFEST_NAME}", "").strip(": "))
+            for shard in dst_files:
+                if shard in entries:
+                    hashers[shard] = OrderedHasher((self.dst / shard).stat().st_size)
+
+        # tensor data, one pass over each output shard
+        jobs: list[list[_Job]] = []
+        for shard, f in dst_files.items():
+            jobs.append(self._shard_jobs(shard, f, src_ckpt, checkable, hashers.get(shard)))
+        ordered = [j for group in _round_robin(jobs) for j in group]
+        tick = progress(sum(j.nbytes for j in ordered)) if progress else None
+        self._execute(ordered, tick)
+
+        self._check_other_files(src_ckpt)
+        manifest_state = "absent"
+        if entries is not None:
+            manifest_state = self._check_manifest(entries, hashers)
+        else:
+            self.notes.append(f"no {MANIFEST_NAME} in the output (not checked)")
+        order = ("config", "layout", "index", "tensor", "files", "manifest", "forward")
+        self.problems.sort(key=lambda p: (order.index(p.check) if p.check in order else len(order),
+                                          _natural(p.subject)))
+        report = VerifyReport(
+            src=str(self.src), dst=str(self.dst), mode=mode, merged_dtype=merged, family=plan.family,
+            model_type=plan.model_type, problems=self.problems, notes=self.notes, counts=self.counts,
+            max_fold_error_ulp=round(self.max_ratio * 0.5, 4), bytes_read=self.bytes_read,
+            workers=self.workers, manifest=manifest_state)
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    # -- jobs ---------------------------------------------------------------------------------------------
+    def _shard_jobs(self, shard: str, f: SafetensorsFile | None, src_ckpt: Checkpoint,
+                    checkable: dict[str, Action], hasher: OrderedHasher | None) -> list[_Job]:
+        path = self.dst / shard
+        jobs: list[_Job] = []
+        if f is None:  # unreadable header: only the manifest hash can be computed
+            if hasher is not None:
+                size = path.stat().st_size
+                for off in range(0, size, self.chunk_bytes):
+                    jobs.append(self._hash_job(path, off, min(self.chunk_bytes, size - off), hasher))
+            return jobs
+        jobs.append(self._hash_job(path, 0, f.header_size, hasher))
+        for t in f.tensors.values():  # file order
+            a = checkable.get(t.name)
+            if a is None:
+                for off in range(0, t.nbytes, self.chunk_bytes):
+                    jobs.append(self._hash_job(path, t.begin + off, min(self.chunk_bytes, t.nbytes - off), hasher))
+                continue
+            st = src_ckpt.tensors[t.name]
+            if a.kind == "copy":
+                jobs.extend(self._copy_jobs(t, st, hasher))
+            elif a.kind == "scale":
+                jobs.extend(self._scale_jobs(t, st, a, hasher))
+            elif a.kind == "fill":
+                jobs.append(self._small_job(t, st, a, hasher, self._check_fill))
+            elif a.kind == "bias":
+                jobs.append(self._small_job(t, st, a, hasher, self._check_bias))
+            else:
+                raise AssertionError(a.kind)
+        return jobs
+
+    def _feed(self, hasher: OrderedHasher | None, offset: int, buf, fail: str | None = None) -> None:
+        if hasher is not None:
+            hasher.feed(offset, buf if fail is None else len(buf), fail)
+
+    def _read_dst(self, t_path: Path, offset: int, buf: np.ndarray, hasher, subject: str) -> bool:
+        """Read output bytes and pass them to the shard's hash; False (reported) if unreadable."""
+        try:
+            self._read(t_path, offset, buf)
+        except OSError as e:
+            self._feed(hasher, offset, buf, f"cannot read {t_path.name}: {e}")
+            self.fail("tensor", subject, f"cannot read the output ({e})")
+            return False
+        self._feed(hasher, offset, buf)
+        return True
+
+    def _hash_job(self, path: Path, offset: int, n: int, hasher: OrderedHasher | None) -> _Job:
+        def run(s: Scratch) -> None:
+            if hasher is None:
+                return
+            buf = s.get("dst", n)
+            self._read_dst(path, offset, buf, hasher, path.name)
+        return _Job(n, run)
+
+    def _copy_jobs(self, t: TensorInfo, st: TensorInfo, hasher) -> list[_Job]:
+        state = {"diff": 0, "first": None}
+        pending = {"n": max(1, -(-t.nbytes // self.chunk_bytes))}
+
+        def finish() -> None:
+            if state["diff"]:
+                what = "a norm that cannot fold" if t.name in self.kept else "should be unchanged"
+                self.fail("tensor", t.name, f"differs from the source ({what}): {state['diff']} of "
+                                            f"{t.nbytes} bytes differ, first at byte {state['first']}")
+            else:
+                with self.lock:
+                    self.counts["unchanged"] += 1
+                    if t.name in self.kept:
+                        self.counts["kept_norms"] += 1
+
+        jobs = []
+        for off in range(0, max(t.nbytes, 1), self.chunk_bytes):
+            n = min(self.chunk_bytes, t.nbytes - off)
+
+            def run(s: Scratch, off=off, n=n) -> None:
+                d = s.get("dst", n)
+                ok = self._read_dst(t.path, t.begin + off, d, hasher, t.name)
+                if ok:
+                    sb = s.get("src", n)
+                    self._read(st.path, st.begin + off, sb)
+                    if not _bytes_equal(d, sb):
+                        where = np.flatnonzero(d != sb)
+                        with self.lock:
+                            state["diff"] += int(where.size)
+                            first = off + int(where[0])
+                            state["first"] = first if state["first"] is None else min(state["first"], first)
+                self._countdown(pending, finish if ok else None)
+            jobs.append(_Job(n, run))
+        return jobs
+
+    def _countdown(self, pending: dict, finish) -> None:
+        with self.lock:
+            pending["n"] -= 1
+            last = pending["n"] == 0
+            if finish is None:
+                pending["failed"] = True
+            failed = pending.get("failed", False)
+        if last and not failed:
+            finish()
+
+    def _scale_jobs(self, t: TensorInfo, st: TensorInfo, a: Action, hasher) -> list[_Job]:
+        shape, axis = st.shape, a.axis
+        width = shape[axis]
+        scale = a.norm.scale.astype(np.float32)
+        if axis == len(shape) - 1:
+            cols, col_mult = width, scale.reshape(1, width)
+        else:
+            cols, col_mult = math.prod(shape[axis + 1:]), None
+        rows = st.numel // max(cols, 1)
+        isz, osz = DTYPES[st.dtype].itemsize, DTYPES[t.dtype].itemsize
+        step = max(1, self.chunk_bytes // max(1, cols * max(isz, osz)))
+        tally = _FoldTally()
+        pending = {"n": max(1, -(-rows // step))}
+
+        def finish() -> None:
+            if tally.bad:
+                idx, got, want = tally.first
+                hint = ""
+                if tally.bad_equal_source == tally.bad:
+                    hint = "; every wrong element equals the source (left unfolded?)"
+                self.fail("tensor", t.name,
+                          f"is not source x {a.norm.weight} within one rounding: {tally.bad} of {st.numel} elements "
+                          f"wrong (worst {_ulps(tally.worst_ulp)}), first at {_fmt_index(idx, shape)}: "
+                          f"{got:.6g}, expected {want:.6g}{hint}")
+            else:
+                with self.lock:
+                    self.counts["folded"] += 1
+                    self.max_ratio = max(self.max_ratio, tally.max_ratio)
+
+        jobs = []
+        for r0 in range(0, max(rows, 1), step):
+            r1 = min(rows, r0 + step)
+
+            def run(s: Scratch, r0=r0, r1=r1) -> None:
+                n = r1 - r0
+                d = s.get("dst", n * cols * osz)
+                ok = self._read_dst(t.path, t.begin + r0 * cols * osz, d, hasher, t.name)
+                if ok and n:
+                    sb = s.get("src", n * cols * isz)
+                    self._read(st.path, st.begin + r0 * cols * isz, sb)
+                    m = col_mult if col_mult is not None else scale[np.arange(r0, r1) % width].reshape(n, 1)
+                    part = check_scaled(sb.view(DTYPES[st.dtype]).reshape(n, cols),
+                                        d.view(DTYPES[t.dtype]).reshape(n, cols), m, st.dtype, t.dtype, s,
+                                        base_index=r0 * cols)
+                    with self.lock:
+                        _merge(tally, part)
+                self._countdown(pending, finish if ok else None)
+            jobs.append(_Job((r1 - r0) * cols * osz, run))
+        return jobs
+
+    def _small_job(self, t: TensorInfo, st: TensorInfo, a: Action, hasher, check) -> _Job:
+        def run(s: Scratch) -> None:
+            d = s.get("dst", t.nbytes)
+            if self._read_dst(t.path, t.begin, d, hasher, t.name):
+                check(t, st, a, d.view(DTYPES[t.dtype]).reshape(t.shape))
+        return _Job(t.nbytes, run)
+
+    def _check_fill(self, t: TensorInfo, st: TensorInfo, a: Action, got: np.ndarray) -> None:
+        want = np.full(t.shape, a.value, dtype=DTYPES[t.dtype])
+        u = _uint(t.dtype)
+        wrong = np.flatnonzero(got.reshape(-1).view(u) != want.reshape(-1).view(u))
+        if wrong.size:
+            i = int(wrong[0])
+            self.fail("tensor", t.name, f"folded norm is not the identity ({a.value:g}): {wrong.size} of {t.numel} "
+                                        f"elements differ, first at {_fmt_index(i, t.shape)}: "
+                                        f"{float(got.reshape(-1)[i]):.6g}")
+        else:
+            with self.lock:
+                self.counts["identity"] += 1
+
+    def _check_bias(self, t: TensorInfo, st: TensorInfo, a: Action, got: np.ndarray) -> None:
+        """``b + W @ beta`` (W the unscaled source consumer weight), in float64, to within one rounding
+        (plus a float64 summation-order allowance)."""
+        wt = self.src_ckpt.tensors[a.source]
+        raw = np.empty(wt.nbytes, dtype=np.uint8)  # a consumer of a LayerNorm with bias: small layers
+        self._read(wt.path, wt.begin, raw)
+        w = _as_f64(raw, wt.dtype).reshape(wt.shape)
+        beta = a.norm.shift.astype(np.float64)
+        acc = np.tensordot(w, beta, axes=([a.axis], [0]))
+        mag = np.tensordot(np.abs(w), np.abs(beta), axes=([a.axis], [0]))
+        b = np.empty(st.nbytes, dtype=np.uint8)
+        self._read(st.path, st.begin, b)
+        ref = _as_f64(b, st.dtype).reshape(st.shape) + acc
+        g = got.astype(np.float64)
+        rounded = np.abs(ref.astype(DTYPES[t.dtype]))
+        ulp = np.abs(np.nextafter(rounded, np.inf) - rounded).astype(np.float64) if t.dtype != "BF16" else \
+            np.abs(np.spacing(rounded.astype(np.float32))).astype(np.float64) * 65536.0
+        tol = 0.5 * ulp + mag * 1e-12
+        wrong = np.flatnonzero(~(np.abs(g - ref) <= tol).reshape(-1))
+        if wrong.size:
+            i = int(wrong[0])
+            self.fail("tensor", t.name, f"is not the source bias + {a.source} @ {a.norm.bias} within one rounding: "
+                                        f"{wrong.size} of {t.numel} elements wrong, first at "
+                                        f"{_fmt_index(i, t.shape)}: {g.reshape(-1)[i]:.6g}, expected "
+                                        f"{ref.reshape(-1)[i]:.6g}")
+        else:
+            with self.lock:
+                self.counts["biases"] += 1
+
+    def _execute(self, jobs: list[_Job], tick) -> None:
+        local = threading.local()
+        errors: list[BaseException] = []
+
+        def go(job: _Job) -> None:
+            s = getattr(local, "scratch", None)
+            if s is None:
+                s = local.scratch = Scratch()
+            try:
+                job.run(s)
+            except BaseException as e:  # noqa: BLE001 - re-raised after every job ran (hash chains need all)
+                with self.lock:
+                    errors.append(e)
+            if tick is not None:
+                with self.lock:
+                    tick(job.nbytes)
+
+        if self.workers == 1:
+            for j in jobs:
+                go(j)
+        else:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="streamfold-verify") as pool:
+                list(pool.map(go, jobs))
+        if errors:
+            raise errors[0]
+
+    # -- files --------------------------------------------------------------------------------------------
+    def _check_other_files(self, src_ckpt: Checkpoint) -> None:
+        from .card import CARD_NAME
+        from .convert import _other_files
+        files, skipped = _other_files(self.src, set(src_ckpt.shards))
+        for rel in files:
+            if rel.as_posix() == CARD_NAME:  # convert writes its own model card in place of the source's
+                continue
+            d = self.dst / rel
+            if not d.is_file():
+                self.fail("files", rel.as_posix(), "missing (the source has it)")
+            elif not filecmp.cmp(self.src / rel, d, shallow=False):
+                self.fail("files", rel.as_posix(), "differs from the source's copy")
+            else:
+                self.counts["files"] += 1
+        for rel in skipped:
+            if (self.dst / rel).exists():
+                self.fail("files", rel, "another weight format of the unfolded source model is in the output "
+                                        "(it would load unfolded); remove it")
+
+    def _check_manifest(self, entries: dict[str, str], hashers: dict[str, OrderedHasher]) -> str:
+        before = len(self.problems)
+        present = set(list_files(self.dst))
+        for rel in sorted(set(entries) | present):
+            if rel not in entries:
+                self.fail("manifest", rel, f"not listed in {MANIFEST_NAME}")
+                continue
+            if rel not in present:
+                self.fail("manifest", rel, f"listed in {MANIFEST_NAME} but missing")
+                continue
+            if rel in hashers:
+                h = hashers[rel]
+                got = h.hexdigest()
+                if got is None:
+                    self.fail("manifest", rel, f"could not be hashed ({h.broken or 'incomplete read'})")
+                    continue
+            else:
+                size = (self.dst / rel).stat().st_size
+                got = hash_file(self.dst / rel)
+                with self.lock:
+                    self.bytes_read += size
+            if got != entries[rel]:
+                self.fail("manifest", rel, f"sha256 {got[:16]}... does not match {MANIFEST_NAME} "
+                                           f"({entries[rel][:16]}...)")
+        return "ok" if len(self.problems) == before else "failed"
+
+
+def _natural(name: str) -> list:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
+def _as_f64(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return raw.view(DTYPES[dtype]).astype(np.float64)
+
+
+def _bytes_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.nbytes % 8 == 0:
+        return bool(np.array_equal(a.view(np.uint64), b.view(np.uint64)))
+    return bool(np.array_equal(a, b))
+
+
+def _ulps(x: float) -> str:
+    return "not finite" if not math.isfinite(x) else f"{x:.3g} ulp"
+
+
+def _what(a: Action) -> str:
+    return {"copy": "unchanged", "scale": f"folded with {a.norm.weight if a.norm else '?'}",
+            "fill": "folded norm set to identity", "bias": "bias with the norm's shift folded in",
+            "drop": "removed"}[a.kind]
+
+
+def _round_robin(groups: list[list[_Job]]) -> list[list[_Job]]:
+    """Interleave the shards' job lists (each keeps its order), so several files are read at once."""
+    out: list[list[_Job]] = []
+    its = [iter(g) for g in groups if g]
+    while its:
+        nxt = []
+        for it in its:
+            j = next(it, None)
+            if j is not None:
+                out.append([j])
+                nxt.append(it)
+        its = nxt
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+def verify(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None = None,
+           merged_dtype: str | None = None, rules: str | os.PathLike | dict | None = None,
+           workers: int | None = None, memory_budget: int | None = None, forward: bool = False,
+           forward_tokens: list[int] | int | None = None,
+           progress: Callable[[int], Callable[[int], None]] | None = None) -> VerifyReport:
+    """Check that ``dst`` is a correct FlashNorm conversion of ``src``; returns a :class:`VerifyReport`
+    (``report.ok``, ``report.problems``). Reads only headers up front, then streams both checkpoints
+    once through bounded buffers.
+
+    ``mode`` / ``merged_dtype`` default to what ``dst`` declares (``config.json`` ``flashnorm_mode``;
+    float32 if folded tensors are stored float32). ``forward`` additionally compares float32 logits of
+    both checkpoints on ``forward_tokens`` (a list of ids, or a count of fixed pseudo-random ids; 16 by
+    default). Raises :class:`StreamfoldError` for bad input (an unreadable source, a missing ``dst``);
+    problems with ``dst`` itself are reported, not raised.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise StreamfoldError(f"{src}: not a folder (give the source checkpoint folder)")
+    if not dst.is_dir():
+        raise StreamfoldError(f"{dst}: not a folder (give the converted checkpoint folder)")
+    if mode is not None and mode not in MODES:
+        raise StreamfoldError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    report = _Verifier(src, dst, rules, mode, merged_dtype, workers, memory_budget).run(progress)
+    if forward:
+        t0 = time.perf_counter()
+        try:
+            report.forward = f = run_forward(src, dst, forward_tokens, memory_budget)
+        except StreamfoldError as e:
+            report.problems.append(Problem("forward", "logits", f"not checked: {e}"))
+            return report
+        if not f["all_finite"]:
+            report.problems.append(Problem("forward", "logits", "not finite"))
+        elif f["min_cosine"] < MIN_COSINE:
+            report.problems.append(Problem("forward", "logits", f"cosine to the source's logits is "
+                                                                f"{f['min_cosine']:.6f} at worst, below {MIN_COSINE}"))
+        report.seconds += time.perf_counter() - t0
+        report.bytes_read += f.pop("bytes_read", 0)
+    return report
+
+
+def run_forward(src, dst, tokens=None, memory_budget: int | None = None) -> dict:
+    """Float32 numpy logits of both checkpoints on the same tokens, and how far apart they are."""
+    from .forward import Decoder, compare_logits, default_tokens
+    block = max(1 << 20, (memory_budget or DEFAULT_BUDGET) // 3)
+    with Decoder(src, block) as a, Decoder(dst, block) as b:
+        if tokens is None or isinstance(tokens, int):
+            vocab = a.w.info("model.embed_tokens.weight").shape[0]
+            ids = default_tokens(vocab, 16 if tokens is None else int(tokens))
+        else:
+            ids = np.asarray(tokens, dtype=np.int64)
+        t0 = time.perf_counter()
+        ref = a.logits(ids)
+        got = b.logits(ids)
+        out = compare_logits(ref, got)
+        out["seconds"] = round(time.perf_counter() - t0, 3)
+        out["bytes_read"] = a.w.bytes_read + b.w.bytes_read
+        out["token_ids"] = [int(i) for i in ids]
+    return out
