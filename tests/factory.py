@@ -19,7 +19,14 @@ What it provides
   float32 router tensors kept by ``_keep_in_fp32_modules_strict`` in bf16 checkpoints.
 * ``load_model``/``logits``/``greedy``: float32 CPU reference inference with eager attention; loading
   records transformers' loading info (missing/unexpected keys) and its log warnings.
-* ``norm_tensor_names(name, path)``: the norm rules expanded against a checkpoint's tensor names.
+* ``norm_tensor_names(name, path)``: the norm rules expanded against a checkpoint's tensor names
+  (``folded_norms``/``untouched_norms`` filter it; ``model_param_name`` maps a checkpoint name to the name
+  transformers' loading info uses).
+
+``PRIMARY_ARCHS`` lists the architectures of the brief; ``ARCHS`` also holds the extra variants
+``gemma3_hub`` (published Gemma3 key layout), ``stablelm_parallel`` and ``nemotron_nobias``.
+The full per-architecture audit behind the norm data is /work/scratch/arch_audit.md (lead: copy it where it
+should live).
 """
 
 from __future__ import annotations
@@ -612,13 +619,15 @@ def build_model(name: str, dtype: str = "float32", seed: int = 0):
     spec = ARCHS[name]
     config = make_config(name)
     auto = getattr(tf, spec.auto_class)
-    torch.manual_seed(seed)
-    model = auto.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG state alone
+        torch.manual_seed(seed)
+        model = auto.from_config(config, dtype=torch.float32, attn_implementation="eager")
+        if dtype == "bfloat16":
+            target = auto.from_config(make_config(name), dtype=torch.bfloat16, attn_implementation="eager")
     if type(model).__name__ != spec.model_class:
         raise AssertionError(f"{name}: {spec.auto_class} built {type(model).__name__}, expected {spec.model_class}")
     norm_modules = _randomize(model, seed)
     if dtype == "bfloat16":
-        target = auto.from_config(make_config(name), dtype=torch.bfloat16, attn_implementation="eager")
         with torch.no_grad():
             src = dict(model.named_parameters())
             src.update(dict(model.named_buffers()))
@@ -953,6 +962,11 @@ def test_inputs(name: str, batch: int = 2, seq: int = 12, seed: int = 1234) -> d
     g = torch.Generator().manual_seed(seed + 1)
     pixels = torch.rand((batch, 3, vc["image_size"], vc["image_size"]), generator=g) * 2 - 1
     return {"input_ids": ids, "pixel_values": pixels}
+
+
+# Helpers whose names start with "test_": keep pytest from collecting them when a test module imports them.
+test_input_ids.__test__ = False
+test_inputs.__test__ = False
 
 
 def _as_model(path_or_model):
