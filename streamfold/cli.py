@@ -153,8 +153,23 @@ def _progress(quiet: bool, desc: str = "folding") -> Callable[[int], Callable[[i
     def start(total: int) -> Callable[[int], None]:
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                    file=sys.stderr, leave=False, dynamic_ncols=True)
-        return bar.update
+        _BARS.append(bar)
+
+        def update(n: int) -> None:
+            bar.update(n)
+            if bar.n >= total:
+                bar.close()
+        return update
     return start
+
+
+_BARS: list = []
+
+
+def _close_bars() -> None:
+    """Clear progress bars, so an error or the summary starts on a clean line."""
+    while _BARS:
+        _BARS.pop().close()
 
 
 def _print_plan(args) -> int:
@@ -247,12 +262,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = {"convert": _convert, "inspect": _print_plan, "verify": _verify, "demo": _demo}[args.command]
         return handler(args)
     except StreamfoldError as e:
+        _close_bars()
         print(f"streamfold: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_bars()
         print("streamfold: interrupted; no output was written", file=sys.stderr)
         return 130
     except Exception as e:  # an unexpected failure still gets one line, not a traceback
+        _close_bars()
         if os.environ.get("STREAMFOLD_DEBUG"):
             raise
         print(f"streamfold: internal error: {type(e).__name__}: {e} (set STREAMFOLD_DEBUG=1 for a "

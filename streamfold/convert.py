@@ -75,11 +75,19 @@ class ConversionReport:
                 lines.append(f"  kept {g['norm']} x{g['count']}: {g['reason']}")
         if self.skipped_files:
             lines.append(f"  not copied (other weight formats): {', '.join(self.skipped_files)}")
-        lines.append(f"  {self.bytes_in / 1e9:.3f} GB in, {self.bytes_out / 1e9:.3f} GB out, "
+        lines.append(f"  {human_bytes(self.bytes_in)} in, {human_bytes(self.bytes_out)} out, "
                      f"{self.seconds:.2f} s ({gbps:.2f} GB/s, {self.workers} workers)")
         if self.hub_url:
             lines.append(f"  pushed to {self.hub_url}")
         return "\n".join(lines)
+
+
+def human_bytes(n: int) -> str:
+    """``1234567`` -> ``"1.23 MB"`` (decimal units, as download sizes are quoted)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def check_paths(src: Path, dst: Path, overwrite: bool) -> None:
