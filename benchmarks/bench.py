@@ -201,6 +201,24 @@ def streamfold_available(python: str) -> tuple[bool, str]:
     return r.returncode == 0, (msg[-1] if msg else "")
 
 
+def source_digest(pkg_dir: str) -> str | None:
+    """sha256 over streamfold/*.py (name + content): which code state was measured."""
+    import hashlib
+
+    if not os.path.isdir(pkg_dir):
+        return None
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(pkg_dir):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for f in sorted(files):
+            if f.endswith(".py"):
+                p = os.path.join(root, f)
+                h.update(os.path.relpath(p, pkg_dir).encode() + b"\0")
+                with open(p, "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
 def median(xs):
     return statistics.median(xs) if xs else None
 
@@ -218,6 +236,9 @@ def main(argv=None) -> int:
     ap.add_argument("src", help="checkpoint directory (e.g. from make_synthetic.py)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each op")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed copyfile runs before measuring (default 1): the first "
+                         "write burst after a large delete is often slow on thin disks")
     ap.add_argument("--no-sync", action="store_true",
                     help="do not include a final sync in the timed span")
     ap.add_argument("--reference", action="store_true",
@@ -280,6 +301,15 @@ def main(argv=None) -> int:
     rss_method = ("GNU time -f %M (child forked from `time`)" if rss_file else
                   "os.wait4 ru_maxrss (floor: this script's RSS, see rss_floor_kb)")
     results: dict[str, list[dict]] = {name: [] for name, _ in ops}
+    for w in range(args.warmup):
+        dst = os.path.join(work, f"warmup-{w}")
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        cmd, cwd, env = ops[0][1](dst)
+        r = run_child(cmd, cwd, env, sync, rss_file)
+        print(f"[warmup {w}] {ops[0][0]:10s} {r['wall_s']:8.2f} s (not counted)", file=sys.stderr)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.sync()
     for run in range(args.runs):
         order = ops if run % 2 == 0 else list(reversed(ops))
         for name, make_cmd in order:
@@ -343,8 +373,10 @@ def main(argv=None) -> int:
     doc = {
         "label": label, "src": src, "src_bytes": src_bytes, "runs": args.runs,
         "cache": "cold" if args.cold else "warm", "sync_in_timing": sync,
+        "warmup_runs": args.warmup,
         "peak_rss_method": rss_method,
         "streamfold_args": passthrough,
+        "streamfold_source_sha256_16": source_digest(os.path.join(REPO, "streamfold")),
         "command": "python benchmarks/bench.py " + " ".join(shlex.quote(a) for a in original_argv),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},

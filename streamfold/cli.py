@@ -152,7 +152,7 @@ def _progress(quiet: bool, desc: str = "folding") -> Callable[[int], Callable[[i
 
     def start(total: int) -> Callable[[int], None]:
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                   file=sys.stderr, leave=False, dynamic_ncols=True)
+                   file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)  # None: off when not a TTY
         _BARS.append(bar)
 
         def update(n: int) -> None:

@@ -73,6 +73,8 @@ class ConversionReport:
         for g in self.groups:
             if g["status"] == "keep":
                 lines.append(f"  kept {g['norm']} x{g['count']}: {g['reason']}")
+            else:
+                lines.append(f"  folded {g['norm']} x{g['count']} -> {', '.join(g['consumers'])}")
         if self.skipped_files:
             lines.append(f"  not copied (other weight formats): {', '.join(self.skipped_files)}")
         lines.append(f"  {human_bytes(self.bytes_in)} in, {human_bytes(self.bytes_out)} out, "
@@ -135,7 +137,7 @@ def load_plan(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str
     extra = load_rules_file(rules) if isinstance(rules, (str, os.PathLike)) else rules
 
     def read(name: str):
-        return ckpt.array(name).copy()
+        return ckpt.read(name)
     plan = make_plan(cfg, ckpt.tensors, read, mode=mode, merged_dtype=merged_dtype, rules=extra)
     return ckpt, cfg, plan
 

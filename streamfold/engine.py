@@ -63,6 +63,15 @@ def copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int, scr
         n -= k
 
 
+def interleave(lists: list[list[Job]]) -> list[Job]:
+    """Round-robin across shards: writes to one file serialize on its inode lock, so concurrent
+    workers do best on different output files."""
+    out: list[Job] = []
+    for i in range(max((len(l) for l in lists), default=0)):
+        out.extend(l[i] for l in lists if i < len(l))
+    return out
+
+
 class Engine:
     """Turns a plan into jobs over open source and output files, and runs them."""
 
@@ -94,11 +103,9 @@ class Engine:
             for shard, f in self.ckpt.shards.items():
                 src_fds[shard] = os.open(f.path, os.O_RDONLY)
                 dst_fds[shard] = self.layouts[shard].create(out_dir / shard)
-            jobs = []
-            for shard, f in self.ckpt.shards.items():
-                jobs.extend(self._jobs(f.tensors.values(), self.layouts[shard],
-                                       src_fds[shard], dst_fds[shard], biases))
-            self._execute(jobs, progress)
+            per_shard = [self._jobs(f.tensors.values(), self.layouts[shard], src_fds[shard],
+                                    dst_fds[shard], biases) for shard, f in self.ckpt.shards.items()]
+            self._execute(interleave(per_shard), progress)
         finally:
             for fd in (*src_fds.values(), *dst_fds.values()):
                 os.close(fd)
@@ -201,18 +208,24 @@ class Engine:
             if a.kind != "bias":
                 continue
             w = self.ckpt.tensors[a.source]
-            warr = self.ckpt.array(a.source)
             beta = a.norm.shift
             if a.axis == len(w.shape) - 1:
-                rows = w.numel // w.shape[-1]
-                flat, acc = warr.reshape(rows, w.shape[-1]), np.empty(rows, dtype=np.float64)
-                step = max(1, self.chunk_bytes // max(1, w.shape[-1] * 4))
-                for i in range(0, rows, step):
-                    acc[i:i + step] = matvec_rows(np.asarray(flat[i:i + step]), w.dtype, beta)
+                cols = w.shape[-1]
+                rows = w.numel // cols
+                isz = DTYPES[w.dtype].itemsize
+                acc = np.empty(rows, dtype=np.float64)
+                step = max(1, self.chunk_bytes // max(1, cols * isz))
+                buf = np.empty(step * cols * isz, dtype=np.uint8)
+                with open(w.path, "rb", buffering=0) as f:
+                    for i in range(0, rows, step):
+                        n = min(step, rows - i)
+                        chunk = buf[: n * cols * isz]
+                        pread_into(f.fileno(), chunk, w.begin + i * cols * isz, w.path)
+                        acc[i:i + n] = matvec_rows(chunk.view(DTYPES[w.dtype]).reshape(n, cols), w.dtype, beta)
                 acc = acc.reshape(w.shape[:-1])
-            else:
-                acc = np.tensordot(np.asarray(warr).astype(np.float64), beta.astype(np.float64),
+            else:  # fused/transposed consumers with biases behind a biased LayerNorm: none known; small
+                acc = np.tensordot(self.ckpt.read(a.source).astype(np.float64), beta.astype(np.float64),
                                    axes=([a.axis], [0]))
-            b = self.ckpt.array(name).astype(np.float64)
+            b = self.ckpt.read(name).astype(np.float64)
             out[name] = (b + acc).astype(DTYPES[a.out_dtype])
         return out

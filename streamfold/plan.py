@@ -20,8 +20,16 @@ from .rules import family_for
 
 MODES = ("compat", "strict")
 MERGED_DTYPES = ("source", "float32")
-_QUANT_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".scales", "weight_scale", "weight_scale_inv",
-                   "input_scale", "_blocks", "_scales")
+# (tensor-name suffixes, what they are) of checkpoints whose stored values are not the weights
+_QUANT_KINDS = (
+    (("weight_scale_inv",), "FP8 weights with block scales"),
+    ((".qweight", ".qzeros", ".g_idx", ".scales"), "GPTQ/AWQ packed integer weights"),
+    (("_blocks", "_scales"), "MXFP4 expert blocks"),
+    (("weight_scale", "input_scale"), "FP8/INT8 weights with scales"),
+    ((".absmax", ".quant_map", ".SCB"), "bitsandbytes weights"),
+)
+_QUANT_WHY = ("the stored values are quantized codes with separate scales, so multiplying them by a norm is "
+              "not the fold; convert the unquantized (bf16/fp16/fp32) checkpoint")
 
 
 @dataclass
@@ -162,12 +170,13 @@ def check_not_quantized(cfg: dict, tensors: dict[str, TensorInfo]) -> None:
     q = _config_get(cfg, "quantization_config")
     if q:
         method = q.get("quant_method", "unknown") if isinstance(q, dict) else "unknown"
-        raise StreamfoldError(f"config.json: quantized checkpoint (quantization_config, method {method!r}); "
-                              "folding needs the unquantized (bf16/fp16/fp32) checkpoint")
-    for t in tensors.values():
-        if t.dtype in QUANTIZED or t.name.endswith(_QUANT_SUFFIXES):
-            raise StreamfoldError(f"{t.path.name}: tensor {t.name!r} ({t.dtype}) is quantized; "
-                                  "folding needs the unquantized (bf16/fp16/fp32) checkpoint")
+        raise StreamfoldError(f"config.json: quantized checkpoint (quantization_config, method {method!r}): "
+                              + _QUANT_WHY)
+    for sfx, kind in _QUANT_KINDS + ((None, "FP8 weights"),):  # the most telling tensor first
+        t = next((t for t in tensors.values() if (t.name.endswith(sfx) if sfx else t.dtype in QUANTIZED)), None)
+        if t is not None:
+            raise StreamfoldError(f"{t.path.name}: tensor {t.name!r} ({t.dtype}) is quantized ({kind}): "
+                                  + _QUANT_WHY)
 
 
 def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.ndarray] | None, *,
@@ -184,18 +193,36 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     if not isinstance(model_type, str):
         raise StreamfoldError("config.json: no \"model_type\"; is this a transformers checkpoint?")
     family, fam = family_for(model_type, rules)
+    user_rules = bool(rules) and rules.get(family) is fam
+    if mode == "strict" and fam.get("strict_refused"):
+        raise StreamfoldError(f"{model_type}: strict mode is not exact for this architecture "
+                              f"({fam['strict_refused']}); use --mode compat")
     check_not_quantized(cfg, tensors)
     offset = fam.get("offset", 0)
-    tied = bool(_config_get(cfg, "tie_word_embeddings", fam.get("tie_default", False)))
+    tie_default = fam.get("tie_default", False)
+    if isinstance(tie_default, list):
+        tie_default = model_type in tie_default
+    tied = bool(_config_get(cfg, "tie_word_embeddings", tie_default))
+    fam = _apply_layout(fam, tensors)
 
     norms: list[NormPlan] = []
     claimed: dict[str, str] = {}
     for rule in fam["folds"]:
+        if not all(_config_get(cfg, k) in v for k, v in rule.get("when", {}).items()):
+            continue
         rx = _regex(rule["norm"] + ".weight")
+        found = False
         for tname in sorted(tensors, key=_natural):
             m = rx.match(tname)
             if m:
+                found = True
                 norms.append(_resolve(rule, m.groupdict(), tname, tensors, tied, claimed))
+        if user_rules and not found:
+            raise StreamfoldError(f"rules: norm {rule['norm'] + '.weight'!r} of family {family!r} matches no tensor "
+                                  "in the checkpoint")
+    if not norms:
+        raise StreamfoldError(f"no tensor matches a norm rule of family {family!r} (model_type {model_type!r}); "
+                              "the checkpoint's tensor names do not match its config.json")
     for k in fam.get("keep", []):
         rx = _regex(k["norm"] + ".weight")
         for tname in sorted(tensors, key=_natural):
@@ -210,9 +237,47 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
             _fold_norm(n, tensors, read, offset, mode, merged_dtype, actions)
     for name, t in tensors.items():
         actions.setdefault(name, Action("copy", t.dtype))
-    unknown = sorted((t for t in tensors if _looks_like_norm(t) and t not in claimed
+    covered = {x for n in norms for x in (n.weight, n.bias) if x}
+    unknown = sorted((t for t in tensors if _looks_like_norm(t) and t not in claimed and t not in covered
                       and actions[t].kind == "copy"), key=_natural)
     return Plan(family, model_type, offset, tied, mode, merged_dtype, norms, actions, unknown)
+
+
+def _apply_layout(fam: dict, tensors: dict) -> dict:
+    """The family with its patterns spelled as in this checkpoint: the first of ``layouts`` (prefix
+    maps; the longest matching prefix wins) under which some fold norm exists."""
+    layouts = fam.get("layouts")
+    if not layouts:
+        return fam
+
+    def spell(p: str, lay: dict) -> str:
+        key = max((k for k in lay if p.startswith(k)), key=len, default=None)
+        return p if key is None else lay[key] + p[len(key):]
+
+    def consumer(c, lay):
+        if isinstance(c, str):
+            return spell(c, lay)
+        return {**c, "weight": spell(c["weight"], lay),
+                **({"bias": spell(c["bias"], lay)} if c.get("bias") else {})}
+
+    def relaid(lay: dict) -> dict:
+        folds = []
+        for f in fam["folds"]:
+            g = {**f, "norm": spell(f["norm"], lay)}
+            for key in ("into", "variants"):
+                if key in f:
+                    g[key] = ([consumer(c, lay) for c in f[key]] if key == "into"
+                              else [[consumer(c, lay) for c in v] for v in f[key]])
+            folds.append(g)
+        return {**fam, "folds": folds,
+                "keep": [{**k, "norm": spell(k["norm"], lay)} for k in fam.get("keep", [])]}
+
+    for lay in layouts:
+        cand = relaid(lay)
+        rxs = [_regex(f["norm"] + ".weight") for f in cand["folds"]]
+        if any(rx.match(t) for rx in rxs for t in tensors):
+            return cand
+    return relaid(layouts[0])
 
 
 def _natural(name: str) -> list:
@@ -256,9 +321,15 @@ def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, tied: bool, cl
     name = tname[: -len(".weight")]
     bias = _opt(name + ".bias", tensors)
     claimed[tname] = name
-    if rule.get("untied_head") and (tied or "lm_head.weight" not in tensors):
-        return NormPlan(rule["norm"], name, tname, bias, "keep",
-                        "tied embeddings: lm_head is the input embedding matrix")
+    if rule.get("untied_head"):
+        heads = rule.get("into") or rule["variants"][0]
+        if tied:
+            return NormPlan(rule["norm"], name, tname, bias, "keep",
+                            "tied embeddings: lm_head is the input embedding matrix")
+        missing = [c if isinstance(c, str) else c["weight"] for c in heads if not _expand(c, groups, tensors)]
+        if missing:
+            return NormPlan(rule["norm"], name, tname, bias, "keep",
+                            f"no {missing[0]!r} tensor: the head reuses the input embedding matrix")
     variants = rule.get("variants", [rule.get("into")])
     first_missing = None
     for v in variants:
@@ -314,7 +385,7 @@ def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, m
             lacking = [c.weight for c in n.consumers if c.bias is None]
             if lacking:
                 n.status, n.consumers = "keep", []
-                n.reason = f"LayerNorm bias cannot fold: consumer {lacking[0]!r} has no bias"
+                n.reason = f"LayerNorm bias cannot fold: consumer {_generalize(lacking[0])!r} has no bias"
                 n.scale = None
                 return
             n.shift = beta
@@ -323,7 +394,8 @@ def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, m
         axis = c.axis % len(ct.shape)
         actions[c.weight] = Action("scale", merged_out_dtype(ct.dtype, merged_dtype), n, axis=axis)
         if n.shift is not None and c.bias is not None:
-            actions[c.bias] = Action("bias", tensors[c.bias].dtype, n, axis=axis, source=c.weight)
+            actions[c.bias] = Action("bias", merged_out_dtype(tensors[c.bias].dtype, merged_dtype), n, axis=axis,
+                                     source=c.weight)
     identity = 1.0 - offset
     for tname, value in ((n.weight, identity), (n.bias, 0.0)):
         if tname is not None:

@@ -206,6 +206,16 @@ class Checkpoint:
         """A read-only zero-copy view of a tensor (memmap; pages count toward RSS once touched)."""
         return self.shards[self.shard_of[name]].array(name)
 
+    def read(self, name: str) -> np.ndarray:
+        """A copy of one (small) tensor, read with ``pread``: unlike touching a memmap, this does not
+        map the kernel's read-around pages into the process (tens of MB for a few norm vectors)."""
+        t = self.tensors[name]
+        with open(t.path, "rb", buffering=0) as f:
+            raw = os.pread(f.fileno(), t.nbytes, t.begin)
+        if len(raw) != t.nbytes:
+            raise StreamfoldError(f"{t.path}: file shrank while reading tensor {name!r}")
+        return np.frombuffer(raw, dtype=DTYPES[t.dtype]).reshape(t.shape).copy()
+
     def close(self) -> None:
         for f in self.shards.values():
             f.close()

@@ -9,8 +9,9 @@ from pathlib import Path
 from .architectures import FAMILIES
 from .errors import StreamfoldError
 
-_FAMILY_KEYS = {"model_types", "offset", "folds", "keep", "tie_default", "description"}
-_FOLD_KEYS = {"norm", "into", "variants", "untied_head"}
+_FAMILY_KEYS = {"model_types", "offset", "folds", "keep", "tie_default", "description", "layouts",
+                "strict_refused"}
+_FOLD_KEYS = {"norm", "into", "variants", "untied_head", "when"}
 _CONSUMER_KEYS = {"weight", "axis", "bias"}
 _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")
 
@@ -18,10 +19,10 @@ _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")
 def _check_pattern(p: object, where: str) -> str:
     if not isinstance(p, str) or not p:
         raise StreamfoldError(f"{where}: expected a tensor name pattern string, got {p!r}")
-    bad = set(_PLACEHOLDER.findall(p)) - {"n", "e"}
+    bad = set(_PLACEHOLDER.findall(p)) - {"n", "e", "h"}
     if bad:
         raise StreamfoldError(f"{where}: unknown placeholder {{{sorted(bad)[0]}}} in {p!r} "
-                              "(use {n} for the layer index, {e} for the expert index)")
+                              "(use {n} for the layer index, {e} for the expert index, {h} for a head index)")
     return p
 
 
@@ -53,6 +54,16 @@ def validate_family(name: str, fam: object, source: str) -> dict:
         raise StreamfoldError(f"{where}: \"model_types\" must be a non-empty list of strings")
     if fam.get("offset", 0) not in (0, 1):
         raise StreamfoldError(f"{where}: \"offset\" must be 0 (norm scales by w) or 1 (by 1 + w)")
+    tie = fam.get("tie_default", False)
+    if not isinstance(tie, bool) and not (isinstance(tie, list) and all(isinstance(m, str) for m in tie)):
+        raise StreamfoldError(f"{where}: \"tie_default\" must be true, false or a list of model types")
+    layouts = fam.get("layouts", [])
+    if not isinstance(layouts, list) or not all(
+            isinstance(lay, dict) and all(isinstance(k, str) and k and isinstance(v, str) for k, v in lay.items())
+            for lay in layouts):
+        raise StreamfoldError(f"{where}: \"layouts\" must be a list of {{pattern prefix: checkpoint prefix}} objects")
+    if "strict_refused" in fam and (not isinstance(fam["strict_refused"], str) or not fam["strict_refused"]):
+        raise StreamfoldError(f"{where}: \"strict_refused\" must be a reason string")
     folds = fam.get("folds")
     if not isinstance(folds, list) or not folds:
         raise StreamfoldError(f"{where}: \"folds\" must be a non-empty list")
@@ -61,6 +72,9 @@ def validate_family(name: str, fam: object, source: str) -> dict:
         if not isinstance(f, dict) or set(f) - _FOLD_KEYS or "norm" not in f:
             raise StreamfoldError(f"{w}: needs \"norm\" and \"into\" (or \"variants\"), got {f!r}")
         _check_pattern(f["norm"], w)
+        when = f.get("when", {})
+        if not isinstance(when, dict) or not all(isinstance(v, list) for v in when.values()):
+            raise StreamfoldError(f"{w}: \"when\" maps config keys to lists of accepted values")
         variants = f.get("variants", [f.get("into")])
         if ("into" in f) == ("variants" in f) or not isinstance(variants, list) or not variants:
             raise StreamfoldError(f"{w}: give exactly one of \"into\" or \"variants\"")

@@ -583,7 +583,7 @@ class _Verifier:
             else:
                 with self.lock:
                     self.counts["unchanged"] += 1
-                    if t.name in self.kept:
+                    if t.name in self.kept and not t.name.endswith(".bias"):  # count norms, not tensors
                         self.counts["kept_norms"] += 1
 
         jobs = []

@@ -31,11 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _supported(name: str) -> bool:
+    """A family streamfold knows, with at least one norm to fold (stablelm_parallel, nemotron_nobias have none)."""
     try:
         family_for(ARCHS[name].model_type)
-        return True
     except StreamfoldError:
         return False
+    return any(r.fold for r in ARCHS[name].norms)
 
 
 SUPPORTED_ARCHS = [n for n in ARCHS if _supported(n)]
@@ -137,6 +138,8 @@ def assert_fails_naming(report, subject: str, *fragments: str) -> None:
 @pytest.mark.parametrize("name", SUPPORTED_ARCHS)
 @pytest.mark.parametrize("mode,merged", [("compat", "source"), ("strict", "source"), ("compat", "float32")])
 def test_correct_conversion_passes(ckpts, tmp_path, name, mode, merged):
+    if mode == "strict" and not ARCHS[name].strict_exact:
+        pytest.skip("strict mode is refused for this family (tested in tests/test_architectures.py)")
     src = ckpts(name)
     dst = convert(src, tmp_path / "out", mode=mode, merged_dtype=merged)
     forward = ARCHS[name].model_type in FORWARD_TYPES
@@ -468,3 +471,29 @@ def test_forward_unavailable_is_reported(converted, monkeypatch):
     monkeypatch.setattr("streamfold.forward.SUPPORTED", ())
     r = streamfold.verify(src, dst, forward=True)
     assert_fails_naming(r, "logits", "not checked", "forward pass supports")
+
+
+def test_layernorm_bias_fold_via_rules(ckpts, tmp_path):
+    """LayerNorm with a bias: consumer biases become b + W @ beta; verify checks them (and the
+    unchanged LayerNorm-free parts), and catches a wrong bias."""
+    L = "model.layers.{n}."
+    rules = {"sc2": {"model_types": ["starcoder2"], "folds": [
+        {"norm": L + "input_layernorm", "into": [L + "self_attn.q_proj", L + "self_attn.k_proj",
+                                                 L + "self_attn.v_proj"]},
+        {"norm": L + "post_attention_layernorm", "into": [L + "mlp.c_fc"]}]}}
+    src = ckpts("starcoder2")
+    dst = convert(src, tmp_path / "out", rules=rules)
+    plan = streamfold.load_plan(src, rules=rules)[2]
+    assert plan.count("bias") == 8
+    r = streamfold.verify(src, dst, rules=rules)
+    assert r.ok, r.summary()
+    assert r.counts["biases"] == 8 and r.counts["identity"] == 8  # 4 weights + 4 biases of LayerNorms
+    name = "model.layers.1.mlp.c_fc.bias"
+    overwrite(dst, name, read_tensor(src, name))  # the unfolded bias
+    r = streamfold.verify(src, dst, rules=rules)
+    assert_fails_naming(r, name, "is not the source bias + model.layers.1.mlp.c_fc.weight @ "
+                                 "model.layers.1.post_attention_layernorm.bias")
+    name = "model.layers.0.input_layernorm.bias"
+    overwrite(dst, name, read_tensor(src, name))
+    r = streamfold.verify(src, dst, rules=rules)
+    assert_fails_naming(r, name, "not the identity (0)")
