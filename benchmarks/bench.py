@@ -297,6 +297,7 @@ def main(argv=None) -> int:
         notes.append("cold: " + cold_status)
 
     load_before = os.getloadavg()
+    digest_before = source_digest(os.path.join(REPO, "streamfold"))
     rss_file = os.path.join(work, ".maxrss") if use_gnu_time() else None
     rss_method = ("GNU time -f %M (child forked from `time`)" if rss_file else
                   "os.wait4 ru_maxrss (floor: this script's RSS, see rss_floor_kb)")
@@ -342,6 +343,8 @@ def main(argv=None) -> int:
     except OSError:
         pass
 
+    if source_digest(os.path.join(REPO, "streamfold")) != digest_before:
+        notes.append("streamfold/*.py changed while the benchmark ran: runs may mix code states")
     summary: dict[str, dict] = {}
     for name, rs in results.items():
         good = [r for r in rs if r["rc"] == 0]
@@ -376,7 +379,7 @@ def main(argv=None) -> int:
         "warmup_runs": args.warmup,
         "peak_rss_method": rss_method,
         "streamfold_args": passthrough,
-        "streamfold_source_sha256_16": source_digest(os.path.join(REPO, "streamfold")),
+        "streamfold_source_sha256_16": digest_before,
         "command": "python benchmarks/bench.py " + " ".join(shlex.quote(a) for a in original_argv),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},

@@ -13,7 +13,7 @@ import numpy as np
 from .dtypes import DTYPES
 
 # Elements per compute block: small enough that the float32 scratch stays in L2 cache.
-BLOCK_ELEMS = 1 << 15
+BLOCK_ELEMS = 1 << 16
 
 
 class Scratch:
@@ -21,6 +21,7 @@ class Scratch:
 
     def __init__(self) -> None:
         self._bufs: dict[tuple[str, int], np.ndarray] = {}
+        self._tiles: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def get(self, key: str, nbytes: int) -> np.ndarray:
         """A uint8 buffer of at least ``nbytes`` for ``key``, grown as needed."""
@@ -30,6 +31,15 @@ class Scratch:
             self._bufs[(key, 0)] = buf
         return buf[:nbytes]
 
+    def tiled(self, mult: np.ndarray, reps: int) -> np.ndarray:
+        """``mult`` (a ``[1, cols]`` float32 row) repeated ``reps`` times, flat; cached per vector."""
+        key = (id(mult), reps)
+        hit = self._tiles.get(key)
+        if hit is None or hit[0] is not mult:
+            self._tiles.clear()  # one live vector at a time keeps this small
+            hit = self._tiles[key] = (mult, np.tile(mult.reshape(-1), reps))
+        return hit[1]
+
 
 @np.errstate(over="ignore", invalid="ignore")
 def scale_chunk(src: np.ndarray, mult: np.ndarray, src_dtype: str, out_dtype: str,
@@ -38,39 +48,48 @@ def scale_chunk(src: np.ndarray, mult: np.ndarray, src_dtype: str, out_dtype: st
     ``mult`` float32 broadcastable to it (``[1, cols]`` or ``[rows, 1]``), ``out`` the same
     shape in ``out_dtype``."""
     rows, cols = src.shape
-    step = max(1, BLOCK_ELEMS // max(cols, 1))
-    if src_dtype == "BF16":
-        u16 = src.view(np.uint16)
-        work = scratch.get("u32", step * cols * 4).view(np.uint32).reshape(step, cols)
-        tmp = scratch.get("tmp", step * cols * 4).view(np.uint32).reshape(step, cols)
-        to_bf16 = out_dtype == "BF16"
-        o = out.view(np.uint16 if to_bf16 else np.uint32)
+    step = max(1, BLOCK_ELEMS // max(cols, 1))  # rows per cache-sized block
+    per_row = mult.shape[0] != 1
+    if not per_row:
+        # A flat multiplier for a whole block (the row vector tiled): 1-D ufuncs without
+        # broadcasting run about 1.5x faster than broadcasting [step, cols] by [1, cols].
+        tiled = scratch.tiled(mult, step)
+    if src_dtype != "BF16":
+        compute = np.float64 if src_dtype == "F64" else np.float32
+        target = DTYPES[out_dtype]
         for r in range(0, rows, step):
             e = min(rows, r + step)
-            n = e - r
-            w, t = work[:n], tmp[:n]
-            m = mult if mult.shape[0] == 1 else mult[r:e]
-            np.left_shift(u16[r:e], 16, out=w, dtype=np.uint32)
-            f = w.view(np.float32)
-            np.multiply(f, m, out=f)
-            if to_bf16:
-                # round to nearest even: add 0x7FFF plus the lowest kept bit, then truncate
-                np.right_shift(w, 16, out=t)
-                np.bitwise_and(t, 1, out=t)
-                np.add(t, 0x7FFF, out=t)
-                np.add(w, t, out=w)
-                np.right_shift(w, 16, out=w)
-                o[r:e] = w
-            else:
-                o[r:e] = w
+            m = mult[r:e] if per_row else mult
+            out[r:e] = (src[r:e].astype(compute) * m.astype(compute, copy=False)).astype(target)
         return
-    compute = np.float64 if src_dtype == "F64" else np.float32
-    target = DTYPES[out_dtype]
+    u16 = src.view(np.uint16).reshape(-1)
+    to_bf16 = out_dtype == "BF16"
+    o = out.view(np.uint16 if to_bf16 else np.uint32).reshape(-1)
+    size = step * cols
+    work = scratch.get("u32", size * 4).view(np.uint32)
+    tmp = scratch.get("tmp", size * 4).view(np.uint32)
     for r in range(0, rows, step):
         e = min(rows, r + step)
-        m = mult if mult.shape[0] == 1 else mult[r:e]
-        prod = src[r:e].astype(compute) * m.astype(compute, copy=False)
-        out[r:e] = prod.astype(target)  # numpy casts round to nearest even
+        k = (e - r) * cols
+        w, t = work[:k], tmp[:k]
+        f = w.view(np.float32)
+        np.copyto(w, u16[r * cols:e * cols])  # bf16 bits -> high half of a float32
+        np.left_shift(w, 16, out=w)
+        if per_row:
+            np.multiply(f.reshape(e - r, cols), mult[r:e], out=f.reshape(e - r, cols))
+        else:
+            np.multiply(f, tiled[:k], out=f)
+        dst = o[r * cols:e * cols]
+        if to_bf16:
+            # round to nearest even: add 0x7FFF plus the lowest kept bit, then truncate
+            np.right_shift(w, 16, out=t)
+            np.bitwise_and(t, 1, out=t)
+            np.add(w, 0x7FFF, out=w)
+            np.add(w, t, out=w)
+            np.right_shift(w, 16, out=w)
+            np.copyto(dst, w, casting="unsafe")
+        else:
+            np.copyto(dst, w)
 
 
 def merged_out_dtype(src_dtype: str, merged_dtype: str) -> str:

@@ -6,7 +6,8 @@ RMSNorm (missing norm weights, as in strict FlashNorm checkpoints, are the ident
 attention with RoPE (``default``, ``linear``, ``dynamic``, ``llama3``, ``yarn``, ``longrope``; partial
 rotary; SmolLM3 NoPE layers; sliding windows), optional q/k/v/o biases, Qwen3 q/k norms, SwiGLU MLPs
 (separate or Phi-3 fused ``qkv_proj``/``gate_up_proj``), Granite's multipliers, tied or untied heads,
-and Mixtral / Qwen2-MoE / Qwen3-MoE sparse MoE layers (top-k routing, shared experts).
+Gemma's ``1 + w`` norms and scaled embeddings, and Mixtral / Qwen2-MoE / Qwen3-MoE sparse MoE
+layers (top-k routing, shared experts).
 
 Memory stays bounded: every weight matrix is read in row blocks (``os.preadv`` into reused buffers,
 never memory-mapped), converted to float32 and multiplied block by block, and only the experts a
@@ -24,8 +25,12 @@ from .dtypes import DTYPES
 from .errors import StreamfoldError
 from .reader import Checkpoint, TensorInfo, read_config
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "phi3",
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "phi3", "gemma",
              "mixtral", "qwen2_moe", "qwen3_moe")
+
+
+class ForwardUnsupported(StreamfoldError):
+    """The checkpoint's architecture or a config option is outside what the forward pass implements."""
 DEFAULT_BLOCK = 32 << 20  # float32 bytes of one weight block
 
 
@@ -54,6 +59,8 @@ class Weights:
             os.close(fd)
         self._fds.clear()
         self.ckpt.close()
+        self._raw = np.empty(0, dtype=np.uint8)
+        self._f32 = np.empty(0, dtype=np.float32)
 
     def has(self, name: str) -> bool:
         return name in self.ckpt.tensors
@@ -155,9 +162,9 @@ class Rope:
 def _rope(cfg: dict, head_dim: int, seq_len: int) -> Rope:
     rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if not isinstance(rp, dict):
-        raise StreamfoldError("config.json: rope_parameters must be an object")
+        raise ForwardUnsupported("config.json: rope_parameters must be an object")
     if any(isinstance(v, dict) for v in rp.values()):
-        raise StreamfoldError("config.json: per-layer-type rope_parameters are not supported by the forward pass")
+        raise ForwardUnsupported("config.json: per-layer-type rope_parameters are not supported by the forward pass")
     base = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = rp.get("rope_type", rp.get("type", "default"))
     partial = float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0)
@@ -224,7 +231,7 @@ def _rope(cfg: dict, head_dim: int, seq_len: int) -> Rope:
         ext = np.asarray(rp["long_factor"] if seq_len > orig else rp["short_factor"], dtype=np.float32)
         inv = (1.0 / (ext.astype(np.float64) * base ** exps.astype(np.float64))).astype(np.float32)
     else:
-        raise StreamfoldError(f"config.json: rope type {rope_type!r} is not supported by the forward pass")
+        raise ForwardUnsupported(f"config.json: rope type {rope_type!r} is not supported by the forward pass")
     return Rope(inv.astype(np.float32), attention_factor, dim)
 
 
@@ -240,7 +247,7 @@ def _act(name: str):
         return lambda x: np.float32(0.5) * x * (1 + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
     if name == "relu":
         return lambda x: np.maximum(x, 0)
-    raise StreamfoldError(f"config.json: hidden_act {name!r} is not supported by the forward pass")
+    raise ForwardUnsupported(f"config.json: hidden_act {name!r} is not supported by the forward pass")
 
 
 def _rms(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
@@ -264,7 +271,7 @@ class Decoder:
         raw = read_config(self.root)
         self.model_type = raw.get("model_type")
         if self.model_type not in SUPPORTED:
-            raise StreamfoldError(f"config.json: the forward pass supports model_type "
+            raise ForwardUnsupported(f"config.json: the forward pass supports model_type "
                                   f"{', '.join(SUPPORTED)}, not {self.model_type!r}")
         self.cfg = raw.get("text_config", raw) if "text_config" in raw else raw
         c = self.cfg
@@ -274,7 +281,11 @@ class Decoder:
         self.head_dim = int(c.get("head_dim") or self.hidden // self.heads)
         self.layers = int(c["num_hidden_layers"])
         self.eps = float(c.get("rms_norm_eps", 1e-6))
-        self.act = _act(c.get("hidden_act", "silu"))
+        gemma = self.model_type == "gemma"
+        act = c.get("hidden_act", "gelu_pytorch_tanh" if gemma else "silu")
+        self.act = _act("gelu_pytorch_tanh" if gemma and act in ("gelu", None) else act)
+        self.norm_offset = np.float32(1.0) if gemma else None  # Gemma norms multiply by 1 + w
+        self.embed_scale = np.float32(self.hidden ** 0.5) if gemma else None
         self.tied = bool(c.get("tie_word_embeddings", False))
         gran = self.model_type == "granite"
         self.embedding_multiplier = float(c.get("embedding_multiplier", 1.0)) if gran else 1.0
@@ -292,6 +303,14 @@ class Decoder:
 
     def __exit__(self, *exc):
         self.close()
+
+    def _norm_w(self, name: str) -> np.ndarray | None:
+        """A norm's multiplier: ``w`` (or ``1 + w`` for Gemma); None (the identity) when the tensor is absent,
+        as in strict FlashNorm checkpoints."""
+        w = self.w.optional_vector(name)
+        if w is None or self.norm_offset is None:
+            return w
+        return w + self.norm_offset
 
     # -- per-layer configuration --------------------------------------------------------------------------
     def _uses_rope(self, i: int) -> bool:
@@ -338,8 +357,8 @@ class Decoder:
         v = v.reshape(T, hk, d).transpose(1, 0, 2)
         if self.w.has(p + "q_norm.weight") or self.w.has(p + "k_norm.weight") or self.model_type in (
                 "qwen3", "qwen3_moe"):
-            q = _rms(q, self.w.optional_vector(p + "q_norm.weight"), self.eps)
-            k = _rms(k, self.w.optional_vector(p + "k_norm.weight"), self.eps)
+            q = _rms(q, self._norm_w(p + "q_norm.weight"), self.eps)
+            k = _rms(k, self._norm_w(p + "k_norm.weight"), self.eps)
         q = q.transpose(1, 0, 2)
         k = k.transpose(1, 0, 2)
         if self._uses_rope(i):
@@ -408,20 +427,22 @@ class Decoder:
         rope = _rope(self.cfg, self.head_dim, T)
         cos, sin = rope.cos_sin(np.arange(T))
         h = self.w.rows("model.embed_tokens.weight", ids)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
         if self.embedding_multiplier != 1.0:
             h = h * np.float32(self.embedding_multiplier)
         rm = np.float32(self.residual_multiplier)
         for i in range(self.layers):
             p = f"model.layers.{i}."
-            x = _rms(h, self.w.optional_vector(p + "input_layernorm.weight"), self.eps)
+            x = _rms(h, self._norm_w(p + "input_layernorm.weight"), self.eps)
             a = self._attention(i, x, cos, sin, rope)
             h = h + (a * rm if rm != 1 else a)
-            x = _rms(h, self.w.optional_vector(p + "post_attention_layernorm.weight"), self.eps)
+            x = _rms(h, self._norm_w(p + "post_attention_layernorm.weight"), self.eps)
             m = self._moe(x, i)
             if m is None:
                 m = self._mlp(x, p + "mlp.")
             h = h + (m * rm if rm != 1 else m)
-        h = _rms(h, self.w.optional_vector("model.norm.weight"), self.eps)
+        h = _rms(h, self._norm_w("model.norm.weight"), self.eps)
         head = "lm_head.weight" if self.w.has("lm_head.weight") else "model.embed_tokens.weight"
         out = self.w.linear(h, head)
         if self.logits_scaling != 1.0:

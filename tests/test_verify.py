@@ -466,11 +466,24 @@ def test_missing_and_corrupt_shards(converted):
     assert not [p for p in r.problems if p.check == "index"]  # not repeated per tensor
 
 
-def test_forward_unavailable_is_reported(converted, monkeypatch):
+def test_forward_unavailable_is_a_note(converted, monkeypatch):
+    """An architecture the numpy forward pass does not implement: said so, not counted as a failure."""
     src, dst = converted()
     monkeypatch.setattr("streamfold.forward.SUPPORTED", ())
     r = streamfold.verify(src, dst, forward=True)
-    assert_fails_naming(r, "logits", "not checked", "forward pass supports")
+    assert r.ok and "forward pass supports" in r.forward["skipped"]
+    assert any(n.startswith("forward pass not run") for n in r.notes)
+    assert "forward pass not run" in r.summary()
+
+
+def test_forward_that_cannot_run_fails(converted):
+    """The forward pass needs a tensor the output lacks: a failure (besides the tensor check's)."""
+    src, dst = converted()
+    name = "model.layers.1.mlp.down_proj.weight"
+    rewrite_shard(dst, span(dst, name).path.name, drop=name)
+    r = streamfold.verify(src, dst, forward=True)
+    assert_fails_naming(r, "logits", "could not run", name)
+    assert_fails_naming(r, name, "missing")
 
 
 def test_layernorm_bias_fold_via_rules(ckpts, tmp_path):
