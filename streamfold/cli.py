@@ -68,6 +68,8 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rules", metavar="FILE",
                    help="JSON or TOML rules (norm -> consumers) for an architecture streamfold does not know")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--all", action="store_true",
+                   help="with inspect / --plan: list every norm and its consumer tensors, not just families")
     p.add_argument("--revision", metavar="REV",
                    help="branch, tag or commit of a Hub repo id SRC (default: main)")
 
@@ -176,7 +178,7 @@ def _print_plan(args) -> int:
     from .hub import inspect
     found = inspect(args.src, mode=args.mode, merged_dtype=args.merged_dtype, rules=args.rules,
                     revision=args.revision)
-    print(json.dumps(found.to_dict(), indent=2) if args.json else found.describe())
+    print(json.dumps(found.to_dict(), indent=2) if args.json else found.describe(args.all))
     return 0
 
 

@@ -357,12 +357,12 @@ class Inspection:
                              "not_downloaded": self.skipped_files}
         return d
 
-    def describe(self) -> str:
+    def describe(self, each: bool = False) -> str:
         where = {"local": "local headers",
                  "cache": "the local Hugging Face cache",
                  "remote": "remote safetensors headers; no weights downloaded"}[self.how]
         commit = f" @ {self.source.commit[:12]}" if self.source and self.source.commit else ""
-        lines = [f"source: {self.src}{commit} ({where})", self.plan.describe(),
+        lines = [f"source: {self.src}{commit} ({where})", self.plan.describe(each),
                  f"sizes: {self.tensors} tensors in {self.shards} shard(s), {_gb(self.bytes_in)} in -> "
                  f"{_gb(self.bytes_out)} out ({self.plan.mode}, merged dtype {self.plan.merged_dtype})"]
         if self.download_files is not None:

@@ -117,11 +117,14 @@ class Plan:
             "merged_dtype": self.merged_dtype, "tied_embeddings": self.tied,
             "norm_convention": "1 + w" if self.offset else "w",
             "norms": self.groups(),
+            "each_norm": [{"norm": n.name, "status": n.status, "reason": n.reason,
+                           "consumers": [c.weight for c in n.consumers]} for n in self.norms],
             "unknown_norms": self.unknown_norms,
             "tensors": {k: self.count(k) for k in ("scale", "bias", "fill", "drop", "copy")},
         }
 
-    def describe(self) -> str:
+    def describe(self, each: bool = False) -> str:
+        """The plan as text: one line per norm family, or per norm with ``each``."""
         lines = [f"model_type {self.model_type} (family {self.family}), norm multiplies by "
                  f"{'1 + w' if self.offset else 'w'}, tied embeddings: {'yes' if self.tied else 'no'}",
                  f"mode {self.mode}, merged dtype {self.merged_dtype}"]
@@ -132,6 +135,11 @@ class Plan:
                 lines.append(f"{head}  -> {', '.join(g['consumers'])}{note}")
             else:
                 lines.append(f"{head}  ({g['reason']})")
+        if each:
+            lines.append("each norm:")
+            for n in self.norms:
+                what = ", ".join(c.weight for c in n.consumers) if n.status == "fold" else n.reason
+                lines.append(f"  {n.status.upper():4}  {n.weight}  {'-> ' if n.status == 'fold' else ''}{what}")
         for name in self.unknown_norms:
             lines.append(f"  NOTE  {name}: looks like a norm but no rule covers it; copied unchanged")
         t = self.to_dict()["tensors"]

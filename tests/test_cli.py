@@ -80,3 +80,13 @@ def test_workers_and_budget_give_identical_bytes(tmp_path):
         assert r.returncode == 0, r.stderr
         outs.append({p.name: p.read_bytes() for p in sorted(d.iterdir())})
     assert outs[0] == outs[1]
+
+
+def test_plan_lists_every_norm_with_all():
+    r = run(["inspect", SAMPLE, "--all"])
+    assert r.returncode == 0, r.stderr
+    assert ("FOLD  model.layers.1.input_layernorm.weight  -> model.layers.1.self_attn.q_proj.weight, "
+            "model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight") in r.stdout
+    each = json.loads(run(["inspect", SAMPLE, "--json"]).stdout)["each_norm"]
+    assert len(each) == 5 and {e["status"] for e in each} == {"fold"}
+    assert each[-1] == {"norm": "model.norm", "status": "fold", "reason": "", "consumers": ["lm_head.weight"]}
