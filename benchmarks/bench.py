@@ -143,7 +143,7 @@ def run_child(argv: list[str], cwd: str | None, env: dict | None, sync: bool,
     """
     floor_kb = 0
     if rss_file:
-        argv = [GNU_TIME, "-f", "%M", "-o", rss_file, *argv]
+        argv = [GNU_TIME, "-f", "%M %U %S", "-o", rss_file, *argv]
     else:
         floor_kb = reset_own_hiwater()
     t0 = time.perf_counter()
@@ -153,14 +153,15 @@ def run_child(argv: list[str], cwd: str | None, env: dict | None, sync: bool,
     if sync:
         os.sync()
     wall = time.perf_counter() - t0
-    maxrss = proc._bench_maxrss_kb
+    maxrss, cpu = proc._bench_maxrss_kb, proc._bench_cpu_s
     if rss_file:
         try:
             with open(rss_file) as f:
-                maxrss = int(f.read().split()[-1])
+                m, u, s_ = f.read().strip().splitlines()[-1].split()
+            maxrss, cpu = int(m), float(u) + float(s_)
         except (OSError, ValueError, IndexError):
-            maxrss = -1
-    return {"wall_s": wall, "rc": proc.returncode, "maxrss_kb": maxrss,
+            maxrss, cpu = -1, -1.0
+    return {"wall_s": wall, "rc": proc.returncode, "maxrss_kb": maxrss, "cpu_s": round(cpu, 2),
             "rss_floor_kb": floor_kb,
             "stdout_tail": out[-2000:].decode(errors="replace"),
             "stderr_tail": err[-2000:].decode(errors="replace")}
@@ -187,6 +188,7 @@ def _communicate_then_wait4(proc: subprocess.Popen) -> tuple[bytes, bytes]:
     _pid, status, ru = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     proc._bench_maxrss_kb = ru.ru_maxrss  # KB on Linux
+    proc._bench_cpu_s = ru.ru_utime + ru.ru_stime
     return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr])
 
 
@@ -299,7 +301,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     digest_before = source_digest(os.path.join(REPO, "streamfold"))
     rss_file = os.path.join(work, ".maxrss") if use_gnu_time() else None
-    rss_method = ("GNU time -f %M (child forked from `time`)" if rss_file else
+    rss_method = ("GNU time -f '%M %U %S' (child forked from `time`)" if rss_file else
                   "os.wait4 ru_maxrss (floor: this script's RSS, see rss_floor_kb)")
     results: dict[str, list[dict]] = {name: [] for name, _ in ops}
     for w in range(args.warmup):
@@ -329,7 +331,7 @@ def main(argv=None) -> int:
             r["run"] = run
             results[name].append(r)
             status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}"
-            print(f"[run {run}] {name:10s} {r['wall_s']:8.2f} s  peak RSS {r['maxrss_kb'] / 1024:8.1f} MiB"
+            print(f"[run {run}] {name:10s} {r['wall_s']:8.2f} s  cpu {r['cpu_s']:7.2f} s  peak RSS {r['maxrss_kb'] / 1024:8.1f} MiB"
                   f"  out {r['out_bytes'] / 1e9:.3f} GB  {status}", file=sys.stderr)
             if r["rc"] != 0:
                 print(r["stderr_tail"], file=sys.stderr)
@@ -355,6 +357,7 @@ def main(argv=None) -> int:
             "median_s": round(t, 3) if t else None,
             "min_s": round(min(r["wall_s"] for r in good), 3) if good else None,
             "gb_per_s": round(src_bytes / 1e9 / t, 3) if t else None,
+            "cpu_s_median": round(median([r["cpu_s"] for r in good]), 2) if good else None,
             "peak_rss_mib_median": round(median([r["maxrss_kb"] for r in good]) / 1024, 1) if good else None,
             "peak_rss_mib_max": round(max(r["maxrss_kb"] for r in good) / 1024, 1) if good else None,
             "out_bytes": good[-1]["out_bytes"] if good else None,
@@ -392,14 +395,15 @@ def main(argv=None) -> int:
 
     cache = doc["cache"]
     extra = " ".join(passthrough) or "-"
-    print("| checkpoint | cache | operation | args | runs ok | median s | min s | GB/s | x copyfile | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| checkpoint | cache | operation | args | runs ok | median s | min s | GB/s | x copyfile | CPU s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, s in summary.items():
         argcol = extra if name == "streamfold" else "-"
         fmt = lambda v, f: (f % v) if v is not None else "n/a"
         print(f"| {label} ({src_bytes / 1e9:.2f} GB) | {cache} | {name} | {argcol} | "
               f"{s['runs_ok']}/{s['runs']} | {fmt(s['median_s'], '%.2f')} | {fmt(s['min_s'], '%.2f')} | "
               f"{fmt(s['gb_per_s'], '%.2f')} | {fmt(s['ratio_to_copyfile'], '%.2f')} | "
+              f"{fmt(s['cpu_s_median'], '%.1f')} | "
               f"{fmt(s['peak_rss_mib_max'], '%.0f')} |")
     for n in notes:
         print(f"\nNote: {n}")

@@ -50,8 +50,7 @@ class Weights:
         self.ckpt = Checkpoint(root)
         self.block_bytes = max(1 << 16, block_bytes)
         self._fds: dict[str, int] = {}
-        self._raw = np.empty(0, dtype=np.uint8)
-        self._f32 = np.empty(0, dtype=np.float32)
+        self._bufs: dict[str, np.ndarray] = {}
         self.bytes_read = 0
 
     def close(self) -> None:
@@ -59,8 +58,7 @@ class Weights:
             os.close(fd)
         self._fds.clear()
         self.ckpt.close()
-        self._raw = np.empty(0, dtype=np.uint8)
-        self._f32 = np.empty(0, dtype=np.float32)
+        self._bufs.clear()
 
     def has(self, name: str) -> bool:
         return name in self.ckpt.tensors
@@ -77,16 +75,19 @@ class Weights:
             fd = self._fds[str(t.path)] = os.open(t.path, os.O_RDONLY)
         return fd
 
+    def _buf(self, key: str, n: int, dtype) -> np.ndarray:
+        """The reused buffer ``key``, at least ``n`` elements."""
+        b = self._bufs.get(key)
+        if b is None or b.size < n:
+            b = self._bufs[key] = np.empty(n, dtype=dtype)
+        return b[:n]
+
     def _read(self, t: TensorInfo, byte_off: int, nbytes: int, count: int) -> np.ndarray:
         """``count`` elements starting ``byte_off`` bytes into ``t``, as float32 (a reused buffer)."""
-        if self._raw.nbytes < nbytes:
-            self._raw = np.empty(nbytes, dtype=np.uint8)
-        raw = self._raw[:nbytes]
+        raw = self._buf("raw", nbytes, np.uint8)
         _pread(self._fd(t), memoryview(raw), t.begin + byte_off, t.path)
         self.bytes_read += nbytes
-        if self._f32.size < count:
-            self._f32 = np.empty(count, dtype=np.float32)
-        out = self._f32[:count]
+        out = self._buf("f32", count, np.float32)
         if t.dtype == "BF16":
             np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
         elif t.dtype in ("F16", "F32", "F64"):
@@ -127,7 +128,7 @@ class Weights:
         isz = DTYPES[t.dtype].itemsize
         step = max(1, self.block_bytes // (cols * 4))
         out = np.empty((x.shape[0], row1 - row0), dtype=np.float32)
-        for r in range(row0, row1, step):
+        for r in range(row0, row1, step):  # (BLAS already uses every core for the multiply)
             e = min(row1, r + step)
             w = self._read(t, r * cols * isz, (e - r) * cols * isz, (e - r) * cols).reshape(e - r, cols)
             np.matmul(x, w.T, out=out[:, r - row0:e - row0])

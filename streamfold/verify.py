@@ -52,7 +52,12 @@ from .rules import load_rules_file
 
 EXIT_FAILED = 3  # CLI exit status when verification finds problems
 BLOCK_ELEMS = 1 << 15  # elements per compute block (float32 scratch stays in cache)
-MIN_COSINE = 0.999  # --forward: every position's logits must be at least this close to the source's
+# --forward: every position's logits must have at least this cosine to the source's. Folds rounded to
+# bf16/fp16 perturb every folded weight by up to half an ulp, so only a gross error is a failure (measured
+# on correct bf16 conversions: 0.99988 on SmolLM2-135M, 0.99917 on a random-weight 8B; a tensor left
+# unfolded in a tiny model: 0.83). Unrounded (float32) folds must agree to float32 noise.
+MIN_COSINE_ROUNDED = 0.99
+MIN_COSINE_EXACT = 0.9999
 
 
 @dataclass
@@ -85,6 +90,7 @@ class VerifyReport:
     seconds: float = 0.0
     workers: int = 1
     manifest: str = "absent"  # ok | failed | absent
+    folds_rounded: bool = True  # folded weights stored in bf16/fp16 (else float32/64: no rounding)
     forward: dict | None = None
 
     @property
@@ -513,6 +519,7 @@ class _Verifier:
             src=str(self.src), dst=str(self.dst), mode=mode, merged_dtype=merged, family=plan.family,
             model_type=plan.model_type, problems=self.problems, notes=self.notes, counts=self.counts,
             max_fold_error_ulp=round(self.max_ratio * 0.5, 4), bytes_read=self.bytes_read,
+            folds_rounded=any(a.kind == "scale" and a.out_dtype in ("BF16", "F16") for a in plan.actions.values()),
             workers=self.workers, manifest=manifest_state)
         report.seconds = time.perf_counter() - t0
         return report
@@ -867,9 +874,12 @@ def verify(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None =
             return report
         if not f["all_finite"]:
             report.problems.append(Problem("forward", "logits", "not finite"))
-        elif f["min_cosine"] < MIN_COSINE:
-            report.problems.append(Problem("forward", "logits", f"cosine to the source's logits is "
-                                                                f"{f['min_cosine']:.6f} at worst, below {MIN_COSINE}"))
+        else:
+            bound = MIN_COSINE_ROUNDED if report.folds_rounded else MIN_COSINE_EXACT
+            f["min_cosine_required"] = bound
+            if f["min_cosine"] < bound:
+                report.problems.append(Problem("forward", "logits", f"cosine to the source's logits is "
+                                                                    f"{f['min_cosine']:.6f} at worst, below {bound}"))
         report.seconds += time.perf_counter() - t0
         report.bytes_read += f.pop("bytes_read", 0)
     return report

@@ -510,3 +510,14 @@ def test_layernorm_bias_fold_via_rules(ckpts, tmp_path):
     overwrite(dst, name, read_tensor(src, name))
     r = streamfold.verify(src, dst, rules=rules)
     assert_fails_naming(r, name, "not the identity (0)")
+
+
+def test_forward_flags_a_broken_model(converted):
+    """Gross damage shows in the logits too: the folded MLPs replaced by the unfolded source."""
+    src, dst = converted()
+    for n in ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight",
+              "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        overwrite(dst, n, read_tensor(src, n))
+    r = streamfold.verify(src, dst, forward=True)
+    assert_fails_naming(r, "logits", "cosine to the source's logits")
+    assert r.forward["min_cosine_required"] == 0.99 and r.folds_rounded
