@@ -191,7 +191,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
     try:
         tick = progress(ckpt.total_bytes) if progress else None
         try:
-            engine.run(tmp, tick)
+            shard_digests = engine.run(tmp, tick, hash_outputs=manifest)
         except OSError as e:
             raise StreamfoldError(f"{e.filename or dst}: write failed ({e.strerror or e})") from None
         if ckpt.sharded:
@@ -208,8 +208,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
                    bytes_in=ckpt.total_bytes, bytes_out=engine.output_bytes, push_to_hub=push_to_hub,
                    base_model=base_model, rules=rules, private=private)
         t_manifest = time.perf_counter()
-        if manifest:
-            write_manifest(tmp, workers=engine.workers)
+        if manifest:  # shards were hashed while they were written; the small files now
+            write_manifest(tmp, digests=shard_digests, workers=engine.workers)
         t_manifest = time.perf_counter() - t_manifest
         _replace(tmp, dst)
     except BaseException:

@@ -12,6 +12,7 @@ not by tensor or model size. numpy and the ``os`` calls release the GIL, so the 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import mmap
 import os
@@ -51,6 +52,8 @@ class Job:
     write: Callable[[np.ndarray | None], None]
     compute: Callable[[Scratch, np.ndarray], None] | None = None
     out_bytes: int = 0
+    shard: str = ""
+    end: int = 0  # once written, the shard is complete up to this offset
 
 
 def pread_into(fd: int, buf: np.ndarray, offset: int, path) -> None:
@@ -101,6 +104,57 @@ def copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int, scr
         n -= k
 
 
+class TrailingHasher:
+    """sha256 of each output shard, computed on a background thread that follows the writer.
+
+    The writer reports "shard written up to byte N" after each job (jobs write a shard's bytes in
+    order); this thread reads those bytes back from the page cache and hashes them, so a manifest
+    costs hashing time on another core instead of a second pass over the output at the end.
+    """
+
+    def __init__(self, fds: dict[str, int]) -> None:
+        self.fds = fds
+        self.pos = {shard: 0 for shard in fds}
+        self.hashes = {shard: hashlib.sha256() for shard in fds}
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="streamfold-sha", daemon=True)
+        self.thread.start()
+
+    def written(self, shard: str, end: int) -> None:
+        self.todo.put((shard, end))
+
+    def _loop(self) -> None:
+        buf = np.empty(8 << 20, dtype=np.uint8)
+        while (item := self.todo.get()) is not None:
+            if self.error is not None:
+                continue
+            shard, end = item
+            try:
+                while self.pos[shard] < end:
+                    n = min(buf.nbytes, end - self.pos[shard])
+                    pread_into(self.fds[shard], buf[:n], self.pos[shard], shard)
+                    self.hashes[shard].update(memoryview(buf)[:n])
+                    self.pos[shard] += n
+            except BaseException as e:  # surfaced by finish()
+                self.error = e
+
+    def finish(self, sizes: dict[str, int]) -> dict[str, str]:
+        """Hash each shard to its full size and return the hex digests."""
+        for shard, size in sizes.items():
+            self.todo.put((shard, size))
+        self.todo.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return {shard: h.hexdigest() for shard, h in self.hashes.items()}
+
+    def abort(self) -> None:
+        self.error = self.error or RuntimeError("aborted")
+        self.todo.put(None)
+        self.thread.join()
+
+
 class Engine:
     """Turns a plan into jobs over open source and output files, and runs them."""
 
@@ -127,27 +181,44 @@ class Engine:
     def output_bytes(self) -> int:
         return sum(l.data_bytes for l in self.layouts.values())
 
-    def run(self, out_dir, progress: Callable[[int], None] | None = None) -> None:
+    def run(self, out_dir, progress: Callable[[int], None] | None = None,
+            hash_outputs: bool = False) -> dict[str, str]:
+        """Write every output shard into ``out_dir``; with ``hash_outputs``, return their sha256."""
         biases = self._fold_biases()
         src_fds: dict[str, int] = {}
         dst_fds: dict[str, int] = {}
+        hasher = None
         try:
             for shard, f in self.ckpt.shards.items():
                 src_fds[shard] = os.open(f.path, os.O_RDONLY)
                 dst_fds[shard] = self.layouts[shard].create(out_dir / shard)
             jobs = []
             for shard, f in self.ckpt.shards.items():
-                jobs.extend(self._jobs(f.tensors.values(), self.layouts[shard], src_fds[shard],
-                                       dst_fds[shard], biases))
+                for job in self._jobs(f.tensors.values(), self.layouts[shard], src_fds[shard],
+                                      dst_fds[shard], biases):
+                    job.shard = shard
+                    jobs.append(job)
+            hasher = TrailingHasher(dst_fds) if hash_outputs else None
+
+            def done(job: Job) -> None:
+                if hasher is not None:
+                    hasher.written(job.shard, job.end)
+                if progress is not None:
+                    progress(job.nbytes)
             if self.workers == 1:
-                self._run_serial(jobs, progress)
+                self._run_serial(jobs, done)
             else:
-                self._run_pipelined(jobs, progress)
+                self._run_pipelined(jobs, done)
+            digests = hasher.finish({s: l.file_bytes for s, l in self.layouts.items()}) if hasher else {}
+            hasher = None
+            return digests
         finally:
+            if hasher is not None:
+                hasher.abort()
             for fd in (*src_fds.values(), *dst_fds.values()):
                 os.close(fd)
 
-    def _run_serial(self, jobs: list[Job], progress) -> None:
+    def _run_serial(self, jobs: list[Job], done: Callable[[Job], None]) -> None:
         """The single-threaded reference path: every job computed and written in order."""
         scratch = Scratch()
         for job in jobs:
@@ -156,10 +227,9 @@ class Engine:
                 out = scratch.get("out", job.out_bytes)
                 job.compute(scratch, out)
             job.write(out)
-            if progress is not None:
-                progress(job.nbytes)
+            done(job)
 
-    def _run_pipelined(self, jobs: list[Job], progress) -> None:
+    def _run_pipelined(self, jobs: list[Job], done: Callable[[Job], None]) -> None:
         """Fold ahead on ``workers - 1`` threads; write in job order on this thread."""
         local = threading.local()
         free: queue.SimpleQueue = queue.SimpleQueue()
@@ -182,15 +252,15 @@ class Engine:
                 for job in jobs:
                     if job.compute is not None:
                         if in_flight == self.slots:  # all output buffers busy: write the oldest first
-                            in_flight -= self._write_head(pending, free, progress)
+                            in_flight -= self._write_head(pending, free, done)
                         pending.append((job, pool.submit(fold, job, free.get())))
                         in_flight += 1
                     else:
                         pending.append((job, None))
                     while pending and pending[0][1] is None:  # nothing to wait for: write now
-                        self._write_head(pending, free, progress)
+                        self._write_head(pending, free, done)
                 while pending:
-                    in_flight -= self._write_head(pending, free, progress)
+                    in_flight -= self._write_head(pending, free, done)
             except BaseException:
                 for _, fut in pending:
                     if fut is not None:
@@ -198,7 +268,7 @@ class Engine:
                 raise
 
     @staticmethod
-    def _write_head(pending: deque, free: queue.SimpleQueue, progress) -> int:
+    def _write_head(pending: deque, free: queue.SimpleQueue, done: Callable[[Job], None]) -> int:
         """Write the oldest pending job; returns 1 if it held an output buffer."""
         job, fut = pending.popleft()
         if fut is None:
@@ -209,8 +279,7 @@ class Engine:
             job.write(buf[: job.out_bytes])
             free.put(buf)
             held = 1
-        if progress is not None:
-            progress(job.nbytes)
+        done(job)
         return held
 
     def _jobs(self, tensors, layout: ShardLayout, src_fd: int, dst_fd: int,
@@ -227,7 +296,7 @@ class Engine:
             for off in range(0, end - begin, COPY_BLOCK):
                 n = min(COPY_BLOCK, end - begin - off)
                 jobs.append(Job(n, lambda _, o=off, n=n: copy_range(src_fd, dst_fd, begin + o, dst + o, n,
-                                                                     copy_scratch)))
+                                                                     copy_scratch), end=dst + off + n))
             run.clear()
 
         for t in tensors:
@@ -243,10 +312,10 @@ class Engine:
                 jobs.extend(self._scale_jobs(t, a, out.begin, src_fd, dst_fd))
             elif a.kind == "fill":
                 data = np.full(t.shape, a.value, dtype=DTYPES[a.out_dtype])
-                jobs.append(Job(t.nbytes, lambda _, d=data, o=out.begin: pwrite_all(dst_fd, d, o)))
+                jobs.append(Job(t.nbytes, lambda _, d=data, o=out.begin: pwrite_all(dst_fd, d, o), end=out.end))
             elif a.kind == "bias":
                 data = biases[t.name]
-                jobs.append(Job(t.nbytes, lambda _, d=data, o=out.begin: pwrite_all(dst_fd, d, o)))
+                jobs.append(Job(t.nbytes, lambda _, d=data, o=out.begin: pwrite_all(dst_fd, d, o), end=out.end))
         flush()
         return jobs
 
@@ -278,7 +347,7 @@ class Engine:
 
             def write(out: np.ndarray, r0=r0) -> None:
                 pwrite_all(dst_fd, out, dst_begin + r0 * cols * osz)
-            jobs.append(Job(n * cols * isz, write, compute, n * cols * osz))
+            jobs.append(Job(n * cols * isz, write, compute, n * cols * osz, end=dst_begin + r1 * cols * osz))
         return jobs
 
     def _fold_biases(self) -> dict[str, np.ndarray]:
