@@ -74,6 +74,14 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help="branch, tag or commit of a Hub repo id SRC (default: main)")
 
 
+def _resource_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="threads: one writes, the others fold ahead (default: CPU count, at most 8; "
+                        "1 runs everything in order on one thread)")
+    p.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
+                   help="buffer memory for all threads, e.g. 64M or 1G (default 96M)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m streamfold",
@@ -91,10 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_options(c)
     c.add_argument("--plan", action="store_true", help="print the fold plan and exit (reads headers only)")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    c.add_argument("--workers", type=_positive, default=None,
-                   help="worker threads (default: CPU count, at most 8)")
-    c.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
-                   help="buffer memory for all workers, e.g. 64M or 1G (default 96M)")
+    _resource_options(c)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     c.add_argument("--verify", action="store_true",
                    help="verify the output tensor by tensor right after converting (exit 3 on problems; "
@@ -133,10 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expected merged dtype (default: read from DST's folded tensors)")
     v.add_argument("--rules", metavar="FILE", help="the rules file the conversion used, if any")
     v.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub repo id SRC")
-    v.add_argument("--workers", type=_positive, default=None,
-                   help="worker threads (default: CPU count, at most 8)")
-    v.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
-                   help="buffer memory for all workers, e.g. 64M or 1G (default 96M)")
+    _resource_options(v)
     v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     v.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar; print only the problems (nothing when all is well)")

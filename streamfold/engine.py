@@ -28,7 +28,7 @@ import numpy as np
 from .dtypes import DTYPES
 from .fold import Scratch, matvec_rows, scale_chunk
 from .plan import Action, Plan
-from .reader import Checkpoint, TensorInfo
+from .reader import Checkpoint, TensorInfo, pread_into
 from .writer import ShardLayout, pwrite_all
 
 COPY_BLOCK = 64 << 20
@@ -54,16 +54,6 @@ class Job:
     out_bytes: int = 0
     shard: str = ""
     end: int = 0  # once written, the shard is complete up to this offset
-
-
-def pread_into(fd: int, buf: np.ndarray, offset: int, path) -> None:
-    view = memoryview(buf).cast("B")
-    while view:
-        n = os.preadv(fd, [view], offset)
-        if n == 0:
-            raise OSError(f"{path}: file shrank while reading (is another process writing it?)")
-        view = view[n:]
-        offset += n
 
 
 def with_source_window(fd: int, offset: int, length: int, path, fn: Callable[[np.ndarray], None]) -> None:

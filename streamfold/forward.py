@@ -23,7 +23,7 @@ import numpy as np
 
 from .dtypes import DTYPES
 from .errors import StreamfoldError
-from .reader import Checkpoint, TensorInfo, read_config
+from .reader import Checkpoint, TensorInfo, pread_into, read_config
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "phi3", "gemma",
              "mixtral", "qwen2_moe", "qwen3_moe")
@@ -32,15 +32,6 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "phi3",
 class ForwardUnsupported(StreamfoldError):
     """The checkpoint's architecture or a config option is outside what the forward pass implements."""
 DEFAULT_BLOCK = 32 << 20  # float32 bytes of one weight block
-
-
-def _pread(fd: int, buf: memoryview, offset: int, path) -> None:
-    while buf:
-        n = os.preadv(fd, [buf], offset)
-        if n == 0:
-            raise StreamfoldError(f"{path}: file shrank while reading")
-        buf = buf[n:]
-        offset += n
 
 
 class Weights:
@@ -85,7 +76,7 @@ class Weights:
     def _read(self, t: TensorInfo, byte_off: int, nbytes: int, count: int) -> np.ndarray:
         """``count`` elements starting ``byte_off`` bytes into ``t``, as float32 (a reused buffer)."""
         raw = self._buf("raw", nbytes, np.uint8)
-        _pread(self._fd(t), memoryview(raw), t.begin + byte_off, t.path)
+        pread_into(self._fd(t), raw, t.begin + byte_off, t.path)
         self.bytes_read += nbytes
         out = self._buf("f32", count, np.float32)
         if t.dtype == "BF16":

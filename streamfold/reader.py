@@ -135,6 +135,17 @@ class SafetensorsFile:
         self._mmap = None
 
 
+def pread_into(fd: int, buf: np.ndarray, offset: int, path) -> None:
+    """Fill ``buf`` with the bytes at ``offset`` of ``fd`` (``pread`` until complete)."""
+    view = memoryview(buf).cast("B")
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise StreamfoldError(f"{path}: file shrank while reading (is another process writing it?)")
+        view = view[n:]
+        offset += n
+
+
 def read_config(src: Path) -> dict:
     """``config.json`` of a checkpoint directory, as a dict."""
     path = src / "config.json"

@@ -41,13 +41,13 @@ from typing import Callable
 import numpy as np
 
 from .dtypes import DTYPES
-from .engine import DEFAULT_BUDGET, default_workers, pread_into
+from .engine import DEFAULT_BUDGET, default_workers
 from .convert import FLASHNORM_VERSION
 from .errors import StreamfoldError
 from .fold import Scratch
 from .manifest import MANIFEST_NAME, OrderedHasher, hash_file, list_files, parse_manifest
 from .plan import MERGED_DTYPES, MODES, Action, Plan, make_plan
-from .reader import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, read_config
+from .reader import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, pread_into, read_config
 from .rules import load_rules_file
 
 EXIT_FAILED = 3  # CLI exit status when verification finds problems
