@@ -84,6 +84,14 @@ def drop_caches() -> str | None:
     return None
 
 
+def mem_total_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
 def cached_kb() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -240,12 +248,14 @@ def main(argv=None) -> int:
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each op")
     ap.add_argument("--warmup", type=int, default=1,
                     help="untimed copyfile runs before measuring (default 1): the first "
-                         "write burst after a large delete is often slow on thin disks")
+                         "big write after deleting a large output was often slow here")
     ap.add_argument("--no-sync", action="store_true",
                     help="do not include a final sync in the timed span")
     ap.add_argument("--reference", action="store_true",
                     help="also run transformer-tricks flashify_repo (benchmark venv)")
     ap.add_argument("--reference-python", default=DEFAULT_REF_PYTHON)
+    ap.add_argument("--force-reference", action="store_true",
+                    help="run the reference even if the checkpoint looks too big for RAM")
     ap.add_argument("--no-streamfold", action="store_true")
     ap.add_argument("--no-cp", action="store_true", help="skip the `cp -r` operation")
     ap.add_argument("--python", default=sys.executable, help="interpreter for streamfold")
@@ -278,6 +288,11 @@ def main(argv=None) -> int:
                 [args.python, "-m", "streamfold", src, d, *passthrough], REPO, env_sf)))
         else:
             notes.append(f"streamfold skipped: `python -m streamfold --help` failed ({msg})")
+    if args.reference and src_bytes * 1.8 > mem_total_bytes() and not args.force_reference:
+        notes.append(f"reference skipped: it holds the whole checkpoint in RAM (peak 1.7-1.8x "
+                     f"its size on llama-1b); {src_bytes / 1e9:.1f} GB would not fit "
+                     f"(--force-reference to try anyway)")
+        args.reference = False
     if args.reference:
         if not os.path.exists(args.reference_python):
             ap.error(f"--reference needs {args.reference_python} (see README.md)")

@@ -148,7 +148,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
             progress: Callable[[int, int], Callable[[int], None]] | None = None,
             revision: str | None = None, token: str | bool | None = None, base_model: str | None = None,
             push_to_hub: str | None = None, private: bool = False,
-            commit_message: str | None = None, manifest: bool = True,
+            commit_message: str | None = None, manifest: bool = False,
             verify: bool = False) -> ConversionReport:
     """Convert checkpoint ``src`` into a FlashNorm checkpoint at ``dst``.
 
@@ -165,7 +165,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
     ``push_to_hub="org/name"`` then uploads ``dst`` in one commit (creating the repo, ``private`` if
     new); ``report.hub_url`` is its URL.
 
-    ``manifest`` (default on) writes ``SHA256SUMS`` (``sha256sum -c`` format) covering every output
+    ``manifest=True`` writes ``SHA256SUMS`` (``sha256sum -c`` format) covering every output
     file. ``verify=True`` runs :func:`streamfold.verify` on the result (before any push) and stores it
     in ``report.verification``; when it finds problems nothing is pushed.
     """

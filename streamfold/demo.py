@@ -17,7 +17,8 @@ def run_demo(dst: str | None = None, quiet: bool = False) -> int:
 
     out = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="streamfold-demo-")) / "sample-FlashNorm"
     try:
-        report = convert(SAMPLE, out, mode="compat", merged_dtype="float32", overwrite=dst is not None)
+        report = convert(SAMPLE, out, mode="compat", merged_dtype="float32", overwrite=dst is not None,
+                         manifest=True)
         check = verify(SAMPLE, out, forward=True)
         if not quiet:
             print(report.summary())

@@ -154,7 +154,7 @@ def test_rules_file_errors_are_one_line(tmp_path, toy):
 def test_manifest_hashed_while_writing_matches_files(toy, tmp_path, workers):
     import hashlib
     out = tmp_path / "o"
-    streamfold.convert(toy[0], out, rules=RULES, workers=workers, memory_budget=70_000)
+    streamfold.convert(toy[0], out, rules=RULES, workers=workers, memory_budget=70_000, manifest=True)
     lines = (out / "SHA256SUMS").read_text().splitlines()
     listed = {rel: digest for digest, rel in (line.split("  ", 1) for line in lines)}
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "SHA256SUMS")

@@ -57,6 +57,7 @@ def ckpts(tmp_path_factory):
 
 
 def convert(src: Path, dst: Path, **kw) -> Path:
+    kw.setdefault("manifest", True)  # so verify's manifest check is exercised too
     streamfold.convert(src, dst, **kw)
     return dst
 
@@ -437,11 +438,11 @@ def test_cli_verify_forward(converted):
 
 def test_cli_convert_verify(ckpts, tmp_path):
     src = ckpts("phi3")
-    out = cli(src, tmp_path / "out", "--verify", "--json", "--mode", "strict")
+    out = cli(src, tmp_path / "out", "--verify", "--json", "--mode", "strict", "--manifest")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["verification"]["ok"] is True and data["manifest"] is True
-    out = cli(src, tmp_path / "out2", "--verify", "--no-manifest")
+    out = cli(src, tmp_path / "out2", "--verify")
     assert out.returncode == 0 and "PASS" in out.stdout and not (tmp_path / "out2" / MANIFEST_NAME).exists()
 
 
