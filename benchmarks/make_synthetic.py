@@ -21,7 +21,7 @@ Inside a file, tensors are stored sorted by name, as ``safetensors`` writes them
 Values are random: linear/embedding weights ~ N(0, 0.02), every norm weight
 (including Qwen3's q_norm/k_norm) uniform in [0.5, 2] so a missing or wrong fold is
 visible.  Files are streamed: header first, then data in chunks cut from a 16 MiB
-block of random bf16 values at random offsets, so memory stays ~50 MB whatever the
+block of random bf16 values at random offsets, so memory stays ~70 MB whatever the
 checkpoint size.  A small word-level tokenizer (not the real one) is written so
 that tools that insist on loading a tokenizer can run.
 
