@@ -32,6 +32,7 @@ from .reader import Checkpoint, TensorInfo, pread_into
 from .writer import ShardLayout, pwrite_all
 
 COPY_BLOCK = 64 << 20
+WRITEBACK_STEP = 64 << 20
 DEFAULT_BUDGET = 96 << 20
 MAX_CHUNK = 8 << 20  # larger chunks buy nothing (measured) and delay the first write
 
@@ -190,9 +191,18 @@ class Engine:
                     jobs.append(job)
             hasher = TrailingHasher(dst_fds) if hash_outputs else None
 
+            flushed = dict.fromkeys(dst_fds, 0)
+
             def done(job: Job) -> None:
                 if hasher is not None:
                     hasher.written(job.shard, job.end)
+                elif job.end - flushed[job.shard] >= WRITEBACK_STEP:
+                    # Start writeback of what is written so far (DONTNEED on dirty pages queues them
+                    # for the disk without waiting): the disk works during the conversion instead of
+                    # after it, and finished output does not pile up in the page cache.
+                    os.posix_fadvise(dst_fds[job.shard], flushed[job.shard], job.end - flushed[job.shard],
+                                     os.POSIX_FADV_DONTNEED)
+                    flushed[job.shard] = job.end
                 if progress is not None:
                     progress(job.nbytes)
             if self.workers == 1:
