@@ -253,7 +253,7 @@ class Engine:
             try:
                 for job in jobs:
                     if job.compute is not None:
-                        if in_flight == self.slots:  # all output buffers busy: write the oldest first
+                        while in_flight == self.slots:  # all output buffers busy: write the oldest first
                             in_flight -= self._write_head(pending, free, done)
                         pending.append((job, pool.submit(fold, job, free.get())))
                         in_flight += 1

@@ -305,10 +305,9 @@ def _looks_like_norm(name: str) -> bool:
 def _expand(consumer, groups: dict, tensors: dict[str, TensorInfo]) -> list[Consumer] | None:
     """Concrete consumers for one pattern, or None when absent from the checkpoint."""
     if isinstance(consumer, str):
-        weight, axis, bias, auto_bias = consumer + ".weight", -1, consumer + ".bias", True
+        weight, axis, bias = consumer + ".weight", -1, consumer + ".bias"
     else:
-        weight, axis = consumer["weight"], consumer.get("axis", -1)
-        bias, auto_bias = consumer.get("bias"), False
+        weight, axis, bias = consumer["weight"], consumer.get("axis", -1), consumer.get("bias")
     for key, val in groups.items():
         if val is not None:
             weight = weight.replace("{" + key + "}", val)
