@@ -6,6 +6,7 @@ output exists.
 """
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -213,6 +214,8 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     tied = bool(_config_get(cfg, "tie_word_embeddings", tie_default))
     fam = _apply_layout(fam, tensors)
 
+    ordered = sorted(tensors, key=natural_key)  # plan and report in layer order
+    names = sorted(tensors)  # for prefix look-ups (bisect)
     norms: list[NormPlan] = []
     claimed: dict[str, str] = {}
     for rule in fam["folds"]:
@@ -220,11 +223,11 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
             continue
         rx = _regex(rule["norm"] + ".weight")
         found = False
-        for tname in sorted(tensors, key=_natural):
+        for tname in ordered:
             m = rx.match(tname)
             if m:
                 found = True
-                norms.append(_resolve(rule, m.groupdict(), tname, tensors, tied, claimed))
+                norms.append(_resolve(rule, m.groupdict(), tname, tensors, names, tied, claimed))
         if user_rules and not found:
             raise StreamfoldError(f"rules: norm {rule['norm'] + '.weight'!r} of family {family!r} matches no tensor "
                                   "in the checkpoint")
@@ -233,7 +236,7 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
                               "the checkpoint's tensor names do not match its config.json")
     for k in fam.get("keep", []):
         rx = _regex(k["norm"] + ".weight")
-        for tname in sorted(tensors, key=_natural):
+        for tname in ordered:
             if rx.match(tname) and tname not in claimed:
                 name = tname[: -len(".weight")]
                 claimed[tname] = name
@@ -247,7 +250,7 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
         actions.setdefault(name, Action("copy", t.dtype))
     covered = {x for n in norms for x in (n.weight, n.bias) if x}
     unknown = sorted((t for t in tensors if _looks_like_norm(t) and t not in claimed and t not in covered
-                      and actions[t].kind == "copy"), key=_natural)
+                      and actions[t].kind == "copy"), key=natural_key)
     return Plan(family, model_type, offset, tied, mode, merged_dtype, norms, actions, unknown)
 
 
@@ -288,7 +291,8 @@ def _apply_layout(fam: dict, tensors: dict) -> dict:
     return relaid(layouts[0])
 
 
-def _natural(name: str) -> list:
+def natural_key(name: str) -> list:
+    """Sort key that orders ``layers.2`` before ``layers.10`` (digit runs compare as numbers)."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
@@ -302,8 +306,9 @@ def _looks_like_norm(name: str) -> bool:
         and parts[-1] in ("weight", "bias")
 
 
-def _expand(consumer, groups: dict, tensors: dict[str, TensorInfo]) -> list[Consumer] | None:
-    """Concrete consumers for one pattern, or None when absent from the checkpoint."""
+def _expand(consumer, groups: dict, tensors: dict[str, TensorInfo], names: list[str]) -> list[Consumer] | None:
+    """Concrete consumers for one pattern, or None when absent from the checkpoint. ``names`` is the
+    sorted tensor names: an ``{e}`` pattern scans only those sharing its literal prefix."""
     if isinstance(consumer, str):
         weight, axis, bias = consumer + ".weight", -1, consumer + ".bias"
     else:
@@ -315,16 +320,21 @@ def _expand(consumer, groups: dict, tensors: dict[str, TensorInfo]) -> list[Cons
     if "{e}" not in weight:
         return [Consumer(weight, axis, bias if bias in tensors else None)] if weight in tensors else None
     rx = _regex(weight)
+    prefix = weight.split("{e}", 1)[0]
     found = []
-    for t in sorted(tensors, key=_natural):
+    for t in names[bisect.bisect_left(names, prefix):]:
+        if not t.startswith(prefix):
+            break
         m = rx.match(t)
         if m:
             b = bias.replace("{e}", m.group("e")) if bias else None
             found.append(Consumer(t, axis, b if b in tensors else None))
+    found.sort(key=lambda c: natural_key(c.weight))
     return found or None
 
 
-def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, tied: bool, claimed: dict) -> NormPlan:
+def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, names: list[str], tied: bool,
+             claimed: dict) -> NormPlan:
     name = tname[: -len(".weight")]
     bias = _opt(name + ".bias", tensors)
     claimed[tname] = name
@@ -333,7 +343,7 @@ def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, tied: bool, cl
         if tied:
             return NormPlan(rule["norm"], name, tname, bias, "keep",
                             "tied embeddings: lm_head is the input embedding matrix")
-        missing = [c if isinstance(c, str) else c["weight"] for c in heads if not _expand(c, groups, tensors)]
+        missing = [c if isinstance(c, str) else c["weight"] for c in heads if not _expand(c, groups, tensors, names)]
         if missing:
             return NormPlan(rule["norm"], name, tname, bias, "keep",
                             f"no {missing[0]!r} tensor: the head reuses the input embedding matrix")
@@ -342,7 +352,7 @@ def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, tied: bool, cl
     for v in variants:
         consumers: list[Consumer] = []
         for c in v:
-            got = _expand(c, groups, tensors)
+            got = _expand(c, groups, tensors, names)
             if got is None:
                 if first_missing is None:
                     first_missing = c if isinstance(c, str) else c["weight"]

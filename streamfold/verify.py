@@ -30,7 +30,6 @@ import filecmp
 import json
 import math
 import os
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +45,7 @@ from .convert import FLASHNORM_VERSION
 from .errors import StreamfoldError
 from .fold import Scratch
 from .manifest import MANIFEST_NAME, OrderedHasher, hash_file, list_files, parse_manifest
-from .plan import MERGED_DTYPES, MODES, Action, Plan, make_plan
+from .plan import MERGED_DTYPES, MODES, Action, Plan, make_plan, natural_key
 from .reader import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, pread_into, read_config
 from .rules import load_rules_file
 
@@ -514,7 +513,7 @@ class _Verifier:
             self.notes.append(f"no {MANIFEST_NAME} in the output (not checked)")
         order = ("config", "layout", "index", "tensor", "files", "manifest", "forward")
         self.problems.sort(key=lambda p: (order.index(p.check) if p.check in order else len(order),
-                                          _natural(p.subject)))
+                                          natural_key(p.subject)))
         report = VerifyReport(
             src=str(self.src), dst=str(self.dst), mode=mode, merged_dtype=merged, family=plan.family,
             model_type=plan.model_type, problems=self.problems, notes=self.notes, counts=self.counts,
@@ -793,10 +792,6 @@ class _Verifier:
                 self.fail("manifest", rel, f"sha256 {got[:16]}... does not match {MANIFEST_NAME} "
                                            f"({entries[rel][:16]}...)")
         return "ok" if len(self.problems) == before else "failed"
-
-
-def _natural(name: str) -> list:
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
 
 
 def _as_f64(raw: np.ndarray, dtype: str) -> np.ndarray:
