@@ -29,3 +29,13 @@ QUANTIZED = {"F8_E4M3", "F8_E5M2"}
 
 def itemsize(dtype: str) -> int:
     return DTYPES[dtype].itemsize
+
+
+def widen_bf16(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """bf16 values (any view of their bytes) as float32, exactly: a bf16 is the high half of a
+    float32 word, so this is a 16-bit shift (several times faster than ml_dtypes' cast)."""
+    bits = raw.view(np.uint16)
+    if out is None:
+        out = np.empty(bits.shape, dtype=np.float32)
+    np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+    return out

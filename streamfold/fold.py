@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dtypes import DTYPES
+from .dtypes import DTYPES, widen_bf16
 
 # Elements per compute block: small enough that the float32 scratch stays in L2 cache.
 BLOCK_ELEMS = 1 << 16
@@ -101,8 +101,5 @@ def merged_out_dtype(src_dtype: str, merged_dtype: str) -> str:
 
 def matvec_rows(w: np.ndarray, src_dtype: str, vec: np.ndarray) -> np.ndarray:
     """``w @ vec`` for a ``[rows, cols]`` chunk, accumulated in float64 (for LayerNorm bias folds)."""
-    if src_dtype == "BF16":
-        f = (w.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    else:
-        f = w
+    f = widen_bf16(w) if src_dtype == "BF16" else w
     return f.astype(np.float64) @ vec.astype(np.float64)

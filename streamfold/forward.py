@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dtypes import DTYPES
+from .dtypes import DTYPES, widen_bf16
 from .errors import StreamfoldError
 from .reader import Checkpoint, TensorInfo, pread_into, read_config
 
@@ -80,7 +80,7 @@ class Weights:
         self.bytes_read += nbytes
         out = self._buf("f32", count, np.float32)
         if t.dtype == "BF16":
-            np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+            widen_bf16(raw, out)
         elif t.dtype in ("F16", "F32", "F64"):
             out[...] = raw.view(DTYPES[t.dtype])
         else:

@@ -39,7 +39,7 @@ from typing import Callable
 
 import numpy as np
 
-from .dtypes import DTYPES
+from .dtypes import DTYPES, widen_bf16
 from .engine import DEFAULT_BUDGET, default_workers
 from .convert import FLASHNORM_VERSION
 from .errors import StreamfoldError
@@ -135,9 +135,8 @@ class VerifyReport:
 def _to_f32(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
     """``raw`` (any float dtype view) into the float32 buffer ``out`` (same shape)."""
     if dtype == "BF16":
-        np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
-    else:
-        out[...] = raw
+        return widen_bf16(raw, out)
+    out[...] = raw
     return out
 
 
@@ -796,7 +795,7 @@ class _Verifier:
 
 def _as_f64(raw: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        return widen_bf16(raw).astype(np.float64)
     return raw.view(DTYPES[dtype]).astype(np.float64)
 
 
