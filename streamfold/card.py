@@ -251,7 +251,7 @@ def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_displ
     """The full ``README.md`` text."""
     import yaml
 
-    from .hub import human_size
+    from .convert import human_bytes
     src_meta, _ = front_matter(source_card)
     meta = metadata(source_meta=src_meta, cfg=cfg, base_model=base_model, mode=plan.mode)
     head = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
@@ -325,7 +325,7 @@ def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_displ
           f"- norms folded: {len(plan.norms) - len(kept)}, kept: {len(kept)}; tensors folded: {tcount['scale']}, "
           f"set to identity: {tcount['fill']}, removed: {tcount['drop']}, biases updated: {tcount['bias']}, "
           f"copied: {tcount['copy']}",
-          f"- tensor data: {human_size(bytes_in)} in, {human_size(bytes_out)} out", "",
+          f"- tensor data: {human_bytes(bytes_in)} in, {human_bytes(bytes_out)} out", "",
           "## Citation", "", "```bibtex", CITATION, "```", "", "## License", ""]
     lic = src_meta.get("license_name") or src_meta.get("license")
     link = src_meta.get("license_link")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .convert import human_bytes, load_plan
 from .errors import StreamfoldError
 from .reader import INDEX_NAME, SINGLE_NAME, TensorInfo
 
@@ -363,28 +364,15 @@ class Inspection:
                  "remote": "remote safetensors headers; no weights downloaded"}[self.how]
         commit = f" @ {self.source.commit[:12]}" if self.source and self.source.commit else ""
         lines = [f"source: {self.src}{commit} ({where})", self.plan.describe(each),
-                 f"sizes: {self.tensors} tensors in {self.shards} shard(s), {_gb(self.bytes_in)} in -> "
-                 f"{_gb(self.bytes_out)} out ({self.plan.mode}, merged dtype {self.plan.merged_dtype})"]
+                 f"sizes: {self.tensors} tensors in {self.shards} shard(s), {human_bytes(self.bytes_in)} in -> "
+                 f"{human_bytes(self.bytes_out)} out ({self.plan.mode}, merged dtype {self.plan.merged_dtype})"]
         if self.download_files is not None:
-            size = f", {_gb(self.download_bytes)}" if self.download_bytes is not None else ""
+            size = f", {human_bytes(self.download_bytes)}" if self.download_bytes is not None else ""
             lines.append(f"converting downloads {len(self.download_files)} files{size}")
             if self.skipped_files:
                 lines.append(f"  not downloaded (other weight formats / exports): "
                              f"{', '.join(self.skipped_files)}")
         return "\n".join(lines)
-
-
-def human_size(n: int | None) -> str:
-    """``2.47 GB``, ``233.41 kB``, ``12 B`` (decimal units, as the Hub shows sizes)."""
-    if n is None:
-        return "?"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
-_gb = human_size
 
 
 def inspect(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str = "source",
@@ -396,7 +384,6 @@ def inspect(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str =
     nothing the size of the weights is downloaded, and LayerNorm bias folds, which depend on the bias
     values, are decided at conversion.
     """
-    from .convert import load_plan
     text = os.fspath(src)
     if Path(text).exists() or not is_repo_id(text) or _offline():
         source = resolve_source(text, revision=revision, token=token)
