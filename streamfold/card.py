@@ -15,8 +15,7 @@ import shlex
 from pathlib import Path
 
 from .errors import StreamfoldError
-
-CARD_NAME = "README.md"
+from .files import CARD_NAME
 PAPER = "https://arxiv.org/abs/2407.09577"
 TRICKS = "https://github.com/OpenMachine-ai/transformer-tricks"
 # The Hub's model tree knows four relations: adapter, merge, quantized, finetune. A FlashNorm checkpoint

@@ -2,7 +2,8 @@
 
 Exit status: 0 success, 2 bad input or a failed check (one line on stderr, no traceback),
 3 verification found problems (``verify``, or ``convert --verify``; one line per problem),
-1 an internal error, 130 interrupted.
+1 an internal error, 130 interrupted (SIGINT), 143 terminated (SIGTERM), 141 stdout closed early
+(``... --json | head``: the status of a tool killed by SIGPIPE, with nothing on stderr).
 """
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import json
 import os
 import re
 import sys
+import threading
 from typing import Callable, Sequence
 
 from . import __version__
 from .errors import StreamfoldError
+from .staging import Terminated, handle_sigterm
 
 EXAMPLES = """\
 examples:
@@ -193,7 +196,7 @@ def _convert(args) -> int:
     if (args.private or args.commit_message) and not args.push_to_hub:
         raise StreamfoldError("--private and --commit-message apply to --push-to-hub REPO")
     from .convert import convert
-    report = convert(args.src, args.dst, mode=args.mode, merged_dtype=args.merged_dtype,
+    report = convert(args.src, args.dst, log=_log(args.quiet), mode=args.mode, merged_dtype=args.merged_dtype,
                      overwrite=args.overwrite, workers=args.workers, memory_budget=args.memory_budget,
                      rules=args.rules, progress=_progress(args.quiet or args.json), revision=args.revision,
                      base_model=args.base_model, push_to_hub=args.push_to_hub, private=args.private,
@@ -249,6 +252,15 @@ def _verify(args) -> int:
     return 0 if report.ok else 3
 
 
+def _log(quiet: bool) -> Callable[[str], None]:
+    """Where one-line notes (a killed run's output reclaimed) go: stderr, unless --quiet."""
+    def log(line: str) -> None:
+        if not quiet:
+            _close_bars()
+            print(line, file=sys.stderr)
+    return log
+
+
 def _demo(args) -> int:
     from .demo import run_demo
     return run_demo(args.dst, quiet=args.quiet)
@@ -263,17 +275,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    writes = args.command in ("convert", "demo") and not getattr(args, "plan", False)
+    cleaned = "; partial output removed" if writes else ""
     try:
+        if threading.current_thread() is threading.main_thread():
+            handle_sigterm()
         handler = {"convert": _convert, "inspect": _print_plan, "verify": _verify, "demo": _demo}[args.command]
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # here, so a closed pipe is seen below and not at interpreter exit
+        return code
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as Unix tools do
+        _close_bars()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush into the closed pipe at exit
+        os.close(devnull)
+        return 141
     except StreamfoldError as e:
         _close_bars()
         print(f"streamfold: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _close_bars()
-        print("streamfold: interrupted; no output was written", file=sys.stderr)
+        print(f"streamfold: interrupted{cleaned}", file=sys.stderr)
         return 130
+    except Terminated:
+        _close_bars()
+        print(f"streamfold: terminated (SIGTERM){cleaned}", file=sys.stderr)
+        return 143
     except Exception as e:  # an unexpected failure still gets one line, not a traceback
         _close_bars()
         if os.environ.get("STREAMFOLD_DEBUG"):

@@ -1,10 +1,9 @@
-"""convert(): read -> plan -> fold -> write, into a temporary folder renamed into place at the end."""
+"""convert(): read -> plan -> fold -> write, into a staging folder published in one step (staging.py)."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,18 +11,17 @@ from typing import TYPE_CHECKING, Callable
 
 from .engine import Engine
 from .errors import StreamfoldError
+from .files import other_files
 from .manifest import write_manifest
 from .plan import Plan, make_plan
 from .reader import INDEX_NAME, Checkpoint, read_config
 from .rules import load_rules_file
+from .staging import Staging, check_destination
 
 if TYPE_CHECKING:
     from .verify import VerifyReport
 
 FLASHNORM_VERSION = 1
-# Weight files that are never carried over: other formats of the same weights would load unfolded.
-_SKIP_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".safetensors", ".gguf", ".onnx")
-_SKIP_DIRS = {".git", ".cache", ".huggingface"}
 
 
 @dataclass
@@ -92,36 +90,6 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def check_paths(src: Path, dst: Path, overwrite: bool) -> None:
-    """Refuse destinations that would clobber the source or existing work."""
-    s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents:
-        raise StreamfoldError(f"{dst}: destination is the source or inside it; choose another folder")
-    if d.exists():
-        if not d.is_dir():
-            raise StreamfoldError(f"{dst}: exists and is not a folder; choose another destination")
-        if any(d.iterdir()):
-            if not overwrite:
-                raise StreamfoldError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
-            if d in s.parents:
-                raise StreamfoldError(f"{dst}: contains the source; refusing to overwrite it")
-
-
-def _other_files(src: Path, shard_names: set[str]) -> tuple[list[Path], list[str]]:
-    keep, skipped = [], []
-    for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
-        for f in sorted(files):
-            rel = (Path(root) / f).relative_to(src)
-            if rel.as_posix() in shard_names or rel.as_posix() in (INDEX_NAME, "config.json"):
-                continue
-            if f.endswith(_SKIP_SUFFIXES) or f.startswith("consolidated."):
-                skipped.append(rel.as_posix())
-            else:
-                keep.append(rel)
-    return keep, skipped
-
-
 def flashnorm_config(cfg: dict, mode: str) -> dict:
     out = dict(cfg)
     out.update({"flashnorm": True, "flashnorm_mode": mode, "flashnorm_version": FLASHNORM_VERSION})
@@ -148,8 +116,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
             progress: Callable[[int, int], Callable[[int], None]] | None = None,
             revision: str | None = None, token: str | bool | None = None, base_model: str | None = None,
             push_to_hub: str | None = None, private: bool = False,
-            commit_message: str | None = None, manifest: bool = False,
-            verify: bool = False) -> ConversionReport:
+            commit_message: str | None = None, manifest: bool = False, verify: bool = False,
+            log: Callable[[str], None] | None = None) -> ConversionReport:
     """Convert checkpoint ``src`` into a FlashNorm checkpoint at ``dst``.
 
     ``mode``: ``"compat"`` (folded norms set to identity) or ``"strict"`` (removed).
@@ -158,6 +126,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
     architectures streamfold does not know. ``progress(total_bytes)`` may return a callback that is
     given byte counts as work completes. Raises :class:`StreamfoldError` on bad input, leaving
     ``dst`` untouched.
+
+    The output is built beside ``dst`` and published in one step (:mod:`streamfold.staging`): an existing
+    ``dst`` (replaced only with ``overwrite``) stays complete until then. ``log`` receives one-line notes,
+    such as a killed run's partial output being removed (default: the ``streamfold`` logger).
 
     ``src`` may be a Hub repo id (``org/name``, at ``revision``): only the files the output needs are
     downloaded, through huggingface_hub's cache (``HF_HOME``, ``HF_HUB_OFFLINE``, ``HF_TOKEN`` or
@@ -171,50 +143,46 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
     """
     t0 = time.perf_counter()
     from . import __version__
-    from .card import CARD_NAME, write_card
-    from .hub import preflight, push_folder, resolve_source  # huggingface_hub only for repo ids / pushes
+    from .card import write_card
+    from .hub import is_repo_id, preflight, push_folder, resolve_source  # huggingface_hub only for repo ids / pushes
     preflight(push_to_hub=push_to_hub, base_model=base_model, token=token)
-    check_paths(Path(src), Path(dst), overwrite)  # before any download
+    check_destination(None if is_repo_id(os.fspath(src)) and not Path(src).exists() else src, dst, overwrite)  # before any download
     source = resolve_source(src, revision=revision, token=token, quiet=progress is None)
-    src, dst = source.path, Path(dst)
+    src = source.path
     if not src.is_dir():
         raise StreamfoldError(f"{src}: not a folder (give a local checkpoint folder or a Hub repo id)")
-    check_paths(src, dst, overwrite)
+    check_destination(src, dst, overwrite)
     ckpt, cfg, plan = load_plan(src, mode=mode, merged_dtype=merged_dtype, rules=rules)
     engine = Engine(ckpt, plan, workers=workers, memory_budget=memory_budget)
-    files, skipped = _other_files(src, set(ckpt.shards))
+    files, skipped = other_files(src, set(ckpt.shards))
     if source.files is not None:  # a Hub snapshot: only the files selected for download
         files, skipped = [f for f in files if f.as_posix() in source.files], source.skipped
-    files = [f for f in files if f.as_posix() != CARD_NAME]  # the model card replaces the source's
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.streamfold-", dir=dst.parent))
     try:
-        tick = progress(ckpt.total_bytes) if progress else None
-        try:
-            shard_digests = engine.run(tmp, tick, hash_outputs=manifest)
-        except OSError as e:
-            raise StreamfoldError(f"{e.filename or dst}: write failed ({e.strerror or e})") from None
-        if ckpt.sharded:
-            index = {"metadata": {"total_size": engine.output_bytes},
-                     "weight_map": {n: s for s, f in ckpt.shards.items() for n in f.tensors
-                                    if plan.actions[n].kind != "drop"}}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        (tmp / "config.json").write_text(json.dumps(flashnorm_config(cfg, mode), indent=2) + "\n",
-                                         encoding="utf-8")
-        for rel in files:
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / rel, tmp / rel)
-        write_card(tmp, plan=plan, tensors=ckpt.tensors, cfg=cfg, source=source, dst=dst, version=__version__,
-                   bytes_in=ckpt.total_bytes, bytes_out=engine.output_bytes, push_to_hub=push_to_hub,
-                   base_model=base_model, rules=rules, private=private)
-        t_manifest = time.perf_counter()
-        if manifest:  # shards were hashed while they were written; the small files now
-            write_manifest(tmp, digests=shard_digests, workers=engine.workers)
-        t_manifest = time.perf_counter() - t_manifest
-        _replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with Staging(dst, overwrite=overwrite, src=src, log=log) as st:
+            tmp = st.path
+            tick = progress(ckpt.total_bytes) if progress else None
+            try:
+                shard_digests = engine.run(tmp, tick, hash_outputs=manifest)
+            except OSError as e:
+                raise StreamfoldError(f"{e.filename or dst}: write failed ({e.strerror or e})") from None
+            if ckpt.sharded:
+                index = {"metadata": {"total_size": engine.output_bytes},
+                         "weight_map": {n: s for s, f in ckpt.shards.items() for n in f.tensors
+                                        if plan.actions[n].kind != "drop"}}
+                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            (tmp / "config.json").write_text(json.dumps(flashnorm_config(cfg, mode), indent=2) + "\n",
+                                             encoding="utf-8")
+            for rel in files:  # contents only: modes come from the umask, as with cp
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / rel, tmp / rel)
+            write_card(tmp, plan=plan, tensors=ckpt.tensors, cfg=cfg, source=source, dst=dst,
+                       version=__version__, bytes_in=ckpt.total_bytes, bytes_out=engine.output_bytes,
+                       push_to_hub=push_to_hub, base_model=base_model, rules=rules, private=private)
+            t_manifest = time.perf_counter()
+            if manifest:  # shards were hashed while they were written; the small files now
+                write_manifest(tmp, digests=shard_digests, workers=engine.workers)
+            t_manifest = time.perf_counter() - t_manifest
+            st.publish()
     finally:
         ckpt.close()
     report = ConversionReport(
@@ -238,16 +206,3 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
             or f"FlashNorm ({mode}) conversion of {source.label} with streamfold {__version__}").url
     return report
 
-
-def _replace(tmp: Path, dst: Path) -> None:
-    """Move the finished folder into place; an old ``dst`` is removed only after that succeeds."""
-    if dst.exists():
-        if not any(dst.iterdir()):
-            dst.rmdir()
-        else:
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.rename(dst, old / "d")
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-            return
-    os.rename(tmp, dst)

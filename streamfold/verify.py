@@ -748,12 +748,9 @@ class _Verifier:
 
     # -- files --------------------------------------------------------------------------------------------
     def _check_other_files(self, src_ckpt: Checkpoint) -> None:
-        from .card import CARD_NAME
-        from .convert import _other_files
-        files, skipped = _other_files(self.src, set(src_ckpt.shards))
+        from .files import other_files
+        files, skipped = other_files(self.src, set(src_ckpt.shards))  # the card is convert's own
         for rel in files:
-            if rel.as_posix() == CARD_NAME:  # convert writes its own model card in place of the source's
-                continue
             d = self.dst / rel
             if not d.is_file():
                 self.fail("files", rel.as_posix(), "missing (the source has it)")
