@@ -151,6 +151,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
     src = source.path
     if not src.is_dir():
         raise StreamfoldError(f"{src}: not a folder (give a local checkpoint folder or a Hub repo id)")
+    try:
+        os.listdir(src)
+    except OSError as e:
+        raise StreamfoldError(f"{src}: cannot read the folder ({e.strerror or e})") from None
     check_destination(src, dst, overwrite)
     ckpt, cfg, plan = load_plan(src, mode=mode, merged_dtype=merged_dtype, rules=rules)
     engine = Engine(ckpt, plan, workers=workers, memory_budget=memory_budget)

@@ -68,6 +68,13 @@ def _default_log(line: str) -> None:
 
 def check_destination(src: str | os.PathLike | None, dst: str | os.PathLike, overwrite: bool) -> Path:
     """The resolved DST; raises :class:`StreamfoldError` if it would clobber SRC or existing work."""
+    try:
+        return _check_destination(src, dst, overwrite)
+    except OSError as e:  # e.g. a parent folder we may not enter
+        raise StreamfoldError(f"{e.filename or dst}: cannot check the destination ({e.strerror or e})") from None
+
+
+def _check_destination(src, dst, overwrite: bool) -> Path:
     d = Path(dst).resolve()
     if d.parent == d:
         raise StreamfoldError(f"{dst}: the root folder cannot be a destination; choose another folder")
@@ -236,8 +243,8 @@ class Staging:
             try:
                 fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             except OSError as e:
-                raise StreamfoldError(f"{e.filename or self.lock_path}: cannot create the output lock "
-                                      f"({e.strerror or e})") from None
+                raise StreamfoldError(f"{self.dst.parent}: cannot write the output there ({e.strerror or e}; "
+                                      f"creating {self.lock_path.name})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -848,6 +848,11 @@ def verify(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None =
         raise StreamfoldError(f"{src}: not a folder (give the source checkpoint folder)")
     if not dst.is_dir():
         raise StreamfoldError(f"{dst}: not a folder (give the converted checkpoint folder)")
+    for folder in (src, dst):
+        try:
+            os.listdir(folder)
+        except OSError as e:
+            raise StreamfoldError(f"{folder}: cannot read the folder ({e.strerror or e})") from None
     if mode is not None and mode not in MODES:
         raise StreamfoldError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     report = _Verifier(src, dst, rules, mode, merged_dtype, workers, memory_budget).run(progress)
