@@ -147,8 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar; print only the problems (nothing when all is well)")
 
-    d = sub.add_parser("demo", help="convert the bundled sample checkpoint and check the result is exact")
-    d.add_argument("dst", metavar="DST", nargs="?", help="where to write it (default: a temporary folder)")
+    d = sub.add_parser("demo", help="convert the bundled sample checkpoint as a default conversion does, "
+                                    "verify it, and compare with --merged-dtype float32")
+    d.add_argument("dst", metavar="DST", nargs="?",
+                   help="where to write it (kept; must not exist or be empty) (default: a temporary folder, "
+                        "removed at the end)")
+    d.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     d.add_argument("-q", "--quiet", action="store_true")
     return parser
 
@@ -263,7 +267,7 @@ def _log(quiet: bool) -> Callable[[str], None]:
 
 def _demo(args) -> int:
     from .demo import run_demo
-    return run_demo(args.dst, quiet=args.quiet)
+    return run_demo(args.dst, quiet=args.quiet, overwrite=args.overwrite, log=_log(args.quiet))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
