@@ -56,6 +56,21 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * mult)
 
 
+def merged_dtype(text: str) -> str:
+    """``--merged-dtype``: source, float32 (fp32, f32) or bf16 (bfloat16), case-insensitive."""
+    from .plan import MERGED_ALIASES
+    got = MERGED_ALIASES.get(text.lower())
+    if got is None:
+        raise argparse.ArgumentTypeError(f"not a merged dtype: {text!r} (use source, float32/fp32/f32 or "
+                                         "bf16/bfloat16)")
+    return got
+
+
+MERGED_HELP = ("dtype of folded weights: source (default), the source's, rounded once; float32 (also fp32, f32): "
+               "no rounding; bf16 (also bfloat16): the same as source for a bf16 source, refused for other "
+               "sources (weights are never narrowed)")
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
@@ -66,8 +81,8 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("compat", "strict"), default="compat",
                    help="compat (default): folded norms kept as identity, loads in stock transformers "
                         "and vLLM; strict: folded norms removed")
-    p.add_argument("--merged-dtype", choices=("source", "float32"), default="source",
-                   help="dtype of folded weights: the source's (default) or float32 (no rounding)")
+    p.add_argument("--merged-dtype", type=merged_dtype, default="source", metavar="{source,float32,bf16}",
+                   help=MERGED_HELP)
     p.add_argument("--rules", metavar="FILE",
                    help="JSON or TOML rules (norm -> consumers) for an architecture streamfold does not know")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -77,10 +92,13 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help="branch, tag or commit of a Hub repo id SRC (default: main)")
 
 
-def _resource_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=_positive, default=None,
-                   help="threads: one writes, the others fold ahead (default: CPU count, at most 8; "
-                        "1 runs everything in order on one thread)")
+WORKERS_CONVERT = ("threads: one writes, the others fold ahead (default: CPU count, at most 8; 1 runs everything "
+                   "in order on one thread)")
+WORKERS_VERIFY = "threads reading and checking both checkpoints (default: CPU count, at most 8)"
+
+
+def _resource_options(p: argparse.ArgumentParser, workers_help: str = WORKERS_CONVERT) -> None:
+    p.add_argument("--workers", type=_positive, default=None, help=workers_help)
     p.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
                    help="buffer memory for all threads, e.g. 64M or 1G (default 96M)")
 
@@ -100,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "or a Hub repo id org/name")
     c.add_argument("dst", metavar="DST", nargs="?", help="output folder (created; must not exist or be empty)")
     _plan_options(c)
-    c.add_argument("--plan", action="store_true", help="print the fold plan and exit (reads headers only)")
+    c.add_argument("--dry-run", "--plan", dest="plan", action="store_true",
+                   help="print the fold plan and output sizes and exit; writes nothing (reads headers only)")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     _resource_options(c)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
@@ -138,11 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 16)")
     v.add_argument("--mode", choices=("compat", "strict"), default=None,
                    help="expected mode (default: what DST's config.json declares)")
-    v.add_argument("--merged-dtype", choices=("source", "float32"), default=None,
-                   help="expected merged dtype (default: read from DST's folded tensors)")
+    v.add_argument("--merged-dtype", type=merged_dtype, default=None, metavar="{source,float32,bf16}",
+                   help="expected merged dtype, spelled as for convert (default: read from DST's folded tensors)")
     v.add_argument("--rules", metavar="FILE", help="the rules file the conversion used, if any")
     v.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub repo id SRC")
-    _resource_options(v)
+    _resource_options(v, WORKERS_VERIFY)
     v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     v.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar; print only the problems (nothing when all is well)")

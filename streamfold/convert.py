@@ -61,11 +61,11 @@ class ConversionReport:
         return d
 
     def summary(self) -> str:
-        gbps = self.bytes_in / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        rate = f"{human_bytes(int(self.bytes_in / self.seconds))}/s, " if self.seconds > 0 else ""
         lines = [f"streamfold: {self.src} -> {self.dst} ({self.model_type}, {self.mode}, merged dtype "
                  f"{self.merged_dtype})",
                  f"  norms folded: {self.norms_folded}, kept: {self.norms_kept}; tensors folded: "
-                 f"{self.tensors_folded}, set to identity: {self.tensors_identity}, removed: "
+                 f"{self.tensors_folded}, set to identity: {self.tensors_identity}, dropped: "
                  f"{self.tensors_dropped}, copied: {self.tensors_copied}"
                  + (f", biases updated: {self.biases_updated}" if self.biases_updated else "")]
         for g in self.groups:
@@ -76,7 +76,7 @@ class ConversionReport:
         if self.skipped_files:
             lines.append(f"  not copied (other weight formats): {', '.join(self.skipped_files)}")
         lines.append(f"  {human_bytes(self.bytes_in)} in, {human_bytes(self.bytes_out)} out, "
-                     f"{self.seconds:.2f} s ({gbps:.2f} GB/s, {self.workers} workers)")
+                     f"{self.seconds:.2f} s ({rate}{self.workers} worker{'s' if self.workers != 1 else ''})")
         if self.hub_url:
             lines.append(f"  pushed to {self.hub_url}")
         return "\n".join(lines)
@@ -190,7 +190,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
     finally:
         ckpt.close()
     report = ConversionReport(
-        src=source.display, dst=str(dst), mode=mode, merged_dtype=merged_dtype, family=plan.family,
+        src=source.display, dst=str(dst), mode=mode, merged_dtype=plan.merged_dtype, family=plan.family,
         model_type=plan.model_type, norms_folded=len(plan.folded), norms_kept=len(plan.kept),
         tensors_folded=plan.count("scale"), tensors_identity=plan.count("fill"),
         tensors_dropped=plan.count("drop"), tensors_copied=plan.count("copy"),
@@ -200,7 +200,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
         manifest=manifest, manifest_seconds=round(t_manifest, 3))
     if verify:
         from .verify import verify as run_verify
-        report.verification = run_verify(src, dst, mode=mode, merged_dtype=merged_dtype, rules=rules,
+        report.verification = run_verify(src, dst, mode=mode, merged_dtype=plan.merged_dtype, rules=rules,
                                          workers=workers, memory_budget=memory_budget)
         if not report.verification.ok:
             return report  # not pushed: the caller sees report.verification.problems
