@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .plan import Consumer, _apply_layout, _config_get, _expand, _regex, natural_key
+from .plan import Consumer, _apply_layout, _config_get, _expand, _looks_like_norm, _regex, natural_key
 from .reader import TensorInfo
 from .rules import family_for
 
@@ -60,6 +60,7 @@ class FlashNormState:
     flags: dict  # the FlashNorm keys of config.json, as found (missing keys omitted)
     norms: list[NormState]
     values_read: bool = True
+    stray: list[str] = field(default_factory=list)  # norm-like tensors no fold or keep rule covers
 
     @property
     def declared(self) -> bool:
@@ -74,6 +75,10 @@ class FlashNormState:
         """Every foldable norm is already the identity or absent (nothing left to fold)."""
         done = {"identity", "absent"} | ({"present"} if self.declared and not self.values_read else set())
         if not all(n.status in done for n in self.norms):
+            return False
+        if not self.declared and self.stray and all(n.status == "absent" for n in self.norms):
+            # No norm where the rules expect one, but norm-like tensors elsewhere: the names do not match
+            # the rules (the planner says so), which is not evidence of a strict FlashNorm checkpoint.
             return False
         return bool(self.norms) or self.declared
 
@@ -91,8 +96,8 @@ class FlashNormState:
     def how(self) -> str:
         if self.declared:
             return "config.json flags"
-        return "every foldable norm is absent" if self.mode == "strict" else \
-            "every foldable norm is the identity (no config.json flags)"
+        what = {"strict": "absent", "mixed": "the identity or absent"}.get(self.mode or "", "the identity")
+        return f"every foldable norm is {what}, no config.json flags"
 
     @property
     def inconsistent(self) -> str | None:
@@ -129,7 +134,8 @@ class FlashNormState:
                 "model_type": self.model_type, "family": self.family,
                 "norm_convention": "1 + w" if self.offset else "w", "values_read": self.values_read,
                 "norms": self.groups(),
-                "each_norm": [{"norm": n.weight, "status": n.status} for n in self.norms]}
+                "each_norm": [{"norm": n.weight, "status": n.status} for n in self.norms],
+                "stray_norms": list(self.stray)}
 
     def describe(self, each: bool = False) -> str:
         """The state as text: a heading and one line per norm family (per norm with ``each``)."""
@@ -160,8 +166,8 @@ NORM_BIAS_FAMILIES = frozenset({"gpt_neox", "phi", "starcoder2", "stablelm", "ne
 
 
 def foldable(cfg: dict, tensors: dict[str, TensorInfo], rules: dict | None = None):
-    """(family name, family, tied, [(rule, module name, consumers)]) for every norm the rules fold in
-    this checkpoint, whether the norm tensor is present or not."""
+    """(family name, family as laid out in this checkpoint, tied, [(rule, module name, consumers)]) for
+    every norm the rules fold in this checkpoint, whether the norm tensor is present or not."""
     model_type = cfg.get("model_type")
     family, fam = family_for(model_type, rules)
     tie_default = fam.get("tie_default", False)
@@ -175,7 +181,11 @@ def foldable(cfg: dict, tensors: dict[str, TensorInfo], rules: dict | None = Non
         found = [x for rule in laid["folds"] for x in _instances(rule, cfg, tensors, names, tied)]
         if found:
             break
-    return family, fam, tied, found
+    # A consumer reads one norm: an absent norm inferred from consumers that a present norm reads is not
+    # a norm of this model (e.g. StableLM's parallel block has no post_attention_layernorm).
+    owned = {c.weight for _, name, cs in found if name + ".weight" in tensors for c in cs}
+    found = [x for x in found if x[1] + ".weight" in tensors or not any(c.weight in owned for c in x[2])]
+    return family, laid, tied, found
 
 
 def _instances(rule: dict, cfg: dict, tensors: dict, names: list[str], tied: bool) -> list:
@@ -220,6 +230,8 @@ def detect(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.n
     """The FlashNorm state of a checkpoint. ``read(name)`` returns a small tensor's values (norm
     vectors only); ``read=None`` decides from headers and flags alone (status ``present``)."""
     family, fam, tied, found = foldable(cfg, tensors, rules)
+    covered = [_regex(r["norm"] + sfx) for r in fam["folds"] + fam.get("keep", []) for sfx in (".weight", ".bias")]
+    stray = [t for t in names_sorted(tensors) if _looks_like_norm(t) and not any(rx.match(t) for rx in covered)]
     offset = fam.get("offset", 0)
     flags = {k: cfg[k] for k in FLAG_KEYS if k in cfg}
     norms = []
@@ -240,4 +252,9 @@ def detect(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.n
             status = "identity" if ok else "learned"
         norms.append(NormState(rule, name, status, width, w.dtype if w is not None else None, b is not None,
                                consumers))
-    return FlashNormState(cfg.get("model_type"), family, offset, tied, flags, norms, values_read=read is not None)
+    return FlashNormState(cfg.get("model_type"), family, offset, tied, flags, norms, values_read=read is not None,
+                          stray=stray)
+
+
+def names_sorted(tensors: dict) -> list[str]:
+    return sorted(tensors, key=natural_key)

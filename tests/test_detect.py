@@ -232,6 +232,51 @@ def test_flagless_strict_recognized(llama, tmp_path):
     assert ei.value.state.mode == "strict" and "every foldable norm is absent" in str(ei.value)
 
 
+def test_misnamed_norms_are_not_taken_for_strict(llama, tmp_path):
+    """No norm where the rules expect one but norm-like tensors under other names: a naming mismatch (the
+    planner's error), not a strict FlashNorm checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = tmp_path / "renamed"
+    shutil.copytree(llama.src, path)
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+
+    def rename(k):
+        return re.sub(r"(input_layernorm|post_attention_layernorm)\.", r"\1_v2.", k).replace("model.norm.", "model.final_norm.")
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            meta, tensors = f.metadata(), {rename(k): f.get_tensor(k) for k in f.keys()}
+        save_file(tensors, str(shard), metadata=meta)
+    index["weight_map"] = {rename(k): v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(streamfold.StreamfoldError) as ei:
+        streamfold.convert(path, tmp_path / "out")
+    assert not isinstance(ei.value, AlreadyFlashNorm) and "no tensor matches a norm rule" in str(ei.value)
+
+
+def test_mixed_identity_and_absent(llama, tmp_path):
+    """Some folded norms present as identity, the others absent: already folded ("mixed"); --mode compat
+    restores the absent one and gives the direct compat conversion."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = tmp_path / "mixed"
+    shutil.copytree(llama.out["compat"], path)
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = path / index["weight_map"].pop("model.norm.weight")
+    with safe_open(str(shard), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if k != "model.norm.weight"}
+    save_file(tensors, str(shard), metadata=meta)
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(AlreadyFlashNorm) as ei:
+        streamfold.convert(path, tmp_path / "out")
+    assert ei.value.state.mode == "mixed" and ei.value.state.count("absent") == 1
+    r = streamfold.convert(path, tmp_path / "out", mode="compat", verify=True)
+    assert r.verification.ok and r.tensors_restored == 1
+    assert _raw_tensors(tmp_path / "out") == _raw_tensors(llama.out["compat"])
+
+
 def test_partially_identity_converts_normally(llama, tmp_path):
     path = tmp_path / "partial"
     shutil.copytree(llama.src, path)
