@@ -13,9 +13,9 @@ Hub repo ids work as sources, and the output can be pushed (huggingface_hub is i
 __version__ = "0.1.0"
 
 from .convert import ConversionReport, convert, load_plan  # noqa: E402
-from .errors import StreamfoldError  # noqa: E402
+from .errors import AlreadyFlashNorm, StreamfoldError  # noqa: E402
 from .hub import Inspection, inspect  # noqa: E402
 from .verify import VerifyReport, verify  # noqa: E402
 
 __all__ = ["convert", "load_plan", "inspect", "Inspection", "verify", "VerifyReport", "ConversionReport",
-           "StreamfoldError", "__version__"]
+           "StreamfoldError", "AlreadyFlashNorm", "__version__"]

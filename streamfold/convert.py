@@ -13,15 +13,15 @@ from .engine import Engine
 from .errors import StreamfoldError
 from .files import other_files
 from .manifest import write_manifest
-from .plan import Plan, make_plan
+from .plan import Plan
 from .reader import INDEX_NAME, Checkpoint, read_config
+from .remode import FLASHNORM_VERSION, plan_checkpoint
 from .rules import load_rules_file
 from .staging import Staging, check_destination
 
 if TYPE_CHECKING:
     from .verify import VerifyReport
 
-FLASHNORM_VERSION = 1
 
 
 @dataclass
@@ -49,6 +49,8 @@ class ConversionReport:
     skipped_files: list[str] = field(default_factory=list)
     copied_files: list[str] = field(default_factory=list)
     source_commit: str | None = None  # Hub sources: the commit converted
+    mode_change: str | None = None  # an already-FlashNorm source converted to the other mode: "compat -> strict"
+    tensors_restored: int = 0  # strict -> compat: identity norm tensors created
     hub_url: str | None = None  # set when the output was pushed (push_to_hub)
     manifest: bool = False  # SHA256SUMS written
     manifest_seconds: float = 0.0
@@ -62,6 +64,14 @@ class ConversionReport:
 
     def summary(self) -> str:
         rate = f"{human_bytes(int(self.bytes_in / self.seconds))}/s, " if self.seconds > 0 else ""
+        if self.mode_change:  # an already-FlashNorm source: no weight changed
+            return "\n".join([
+                f"streamfold: {self.src} -> {self.dst} ({self.model_type}, already FlashNorm, mode "
+                f"{self.mode_change})",
+                f"  identity norm tensors dropped: {self.tensors_dropped}, restored: {self.tensors_restored}; "
+                f"tensors copied unchanged: {self.tensors_copied}",
+                f"  {human_bytes(self.bytes_in)} in, {human_bytes(self.bytes_out)} out, {self.seconds:.2f} s"]
+                + ([f"  pushed to {self.hub_url}"] if self.hub_url else []))
         lines = [f"streamfold: {self.src} -> {self.dst} ({self.model_type}, {self.mode}, merged dtype "
                  f"{self.merged_dtype})",
                  f"  norms folded: {self.norms_folded}, kept: {self.norms_kept}; tensors folded: "
@@ -96,9 +106,13 @@ def flashnorm_config(cfg: dict, mode: str) -> dict:
     return out
 
 
-def load_plan(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str = "source",
-              rules: str | os.PathLike | dict | None = None) -> tuple[Checkpoint, dict, Plan]:
-    """Open and validate a local checkpoint and plan its conversion (headers and norms only)."""
+def load_plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str | None = None,
+              rules: str | os.PathLike | dict | None = None,
+              label: str | None = None) -> tuple[Checkpoint, dict, Plan]:
+    """Open and validate a local checkpoint and plan its conversion (headers and norms only).
+
+    An already-FlashNorm ``src`` raises :class:`AlreadyFlashNorm` (closing it) or plans a mode change;
+    see :func:`streamfold.remode.plan_checkpoint` (``label`` names ``src`` in its messages)."""
     src = Path(src)
     ckpt = Checkpoint(src)
     cfg = read_config(src)
@@ -106,12 +120,17 @@ def load_plan(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str
 
     def read(name: str):
         return ckpt.read(name)
-    plan = make_plan(cfg, ckpt.tensors, read, mode=mode, merged_dtype=merged_dtype, rules=extra)
+    try:
+        plan = plan_checkpoint(cfg, ckpt.tensors, read, mode=mode, merged_dtype=merged_dtype, rules=extra,
+                               shard_of=ckpt.shard_of, src=label or str(src))
+    except BaseException:
+        ckpt.close()
+        raise
     return ckpt, cfg, plan
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "compat",
-            merged_dtype: str = "source", overwrite: bool = False, workers: int | None = None,
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None = None,
+            merged_dtype: str | None = None, overwrite: bool = False, workers: int | None = None,
             memory_budget: int | None = None, rules: str | os.PathLike | dict | None = None,
             progress: Callable[[int, int], Callable[[int], None]] | None = None,
             revision: str | None = None, token: str | bool | None = None, base_model: str | None = None,
@@ -120,8 +139,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
             log: Callable[[str], None] | None = None) -> ConversionReport:
     """Convert checkpoint ``src`` into a FlashNorm checkpoint at ``dst``.
 
-    ``mode``: ``"compat"`` (folded norms set to identity) or ``"strict"`` (removed).
-    ``merged_dtype``: ``"source"`` or ``"float32"`` for folded weights. ``workers`` threads and a
+    ``mode``: ``"compat"`` (folded norms set to identity, the default) or ``"strict"`` (removed).
+    ``merged_dtype``: ``"source"`` (default) or ``"float32"`` for folded weights.
+
+    An already-FlashNorm ``src`` (config.json flags, or every foldable norm the identity / absent) is
+    not folded again: without ``mode`` (or with its own mode) :class:`AlreadyFlashNorm` is raised and
+    nothing is written; the other ``mode`` converts it (compat -> strict drops the identity norms,
+    strict -> compat restores them; no weight changes, ``report.mode_change`` says which);
+    ``merged_dtype="float32"`` is refused (the rounding cannot be undone). ``workers`` threads and a
     ``memory_budget`` in bytes bound speed and memory. ``rules``: a rules file or dict of families for
     architectures streamfold does not know. ``progress(total_bytes)`` may return a callback that is
     given byte counts as work completes. Raises :class:`StreamfoldError` on bad input, leaving
@@ -144,6 +169,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
     t0 = time.perf_counter()
     from . import __version__
     from .card import write_card
+    from .remode_card import write_remode_card
     from .hub import is_repo_id, preflight, push_folder, resolve_source  # huggingface_hub only for repo ids / pushes
     preflight(push_to_hub=push_to_hub, base_model=base_model, token=token)
     check_destination(None if is_repo_id(os.fspath(src)) and not Path(src).exists() else src, dst, overwrite)  # before any download
@@ -156,7 +182,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
     except OSError as e:
         raise StreamfoldError(f"{src}: cannot read the folder ({e.strerror or e})") from None
     check_destination(src, dst, overwrite)
-    ckpt, cfg, plan = load_plan(src, mode=mode, merged_dtype=merged_dtype, rules=rules)
+    ckpt, cfg, plan = load_plan(src, mode=mode, merged_dtype=merged_dtype, rules=rules, label=source.display)
+    mode, merged_dtype = plan.mode, plan.merged_dtype
     engine = Engine(ckpt, plan, workers=workers, memory_budget=memory_budget)
     files, skipped = other_files(src, set(ckpt.shards))
     if source.files is not None:  # a Hub snapshot: only the files selected for download
@@ -173,15 +200,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
                 index = {"metadata": {"total_size": engine.output_bytes},
                          "weight_map": {n: s for s, f in ckpt.shards.items() for n in f.tensors
                                         if plan.actions[n].kind != "drop"}}
+                index["weight_map"].update({t.name: t.shard for t in plan.added})
                 (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
             (tmp / "config.json").write_text(json.dumps(flashnorm_config(cfg, mode), indent=2) + "\n",
                                              encoding="utf-8")
             for rel in files:  # contents only: modes come from the umask, as with cp
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src / rel, tmp / rel)
-            write_card(tmp, plan=plan, tensors=ckpt.tensors, cfg=cfg, source=source, dst=dst,
-                       version=__version__, bytes_in=ckpt.total_bytes, bytes_out=engine.output_bytes,
-                       push_to_hub=push_to_hub, base_model=base_model, rules=rules, private=private)
+            card = write_card if plan.flashnorm is None else write_remode_card  # remode: a card of its own
+            card(tmp, plan=plan, tensors=ckpt.tensors, cfg=cfg, source=source, dst=dst, version=__version__,
+                 bytes_in=ckpt.total_bytes, bytes_out=engine.output_bytes, push_to_hub=push_to_hub,
+                 base_model=base_model, rules=rules, private=private)
             t_manifest = time.perf_counter()
             if manifest:  # shards were hashed while they were written; the small files now
                 write_manifest(tmp, digests=shard_digests, workers=engine.workers)
@@ -197,7 +226,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
         biases_updated=plan.count("bias"), bytes_in=ckpt.total_bytes, bytes_out=engine.output_bytes,
         seconds=time.perf_counter() - t0, workers=engine.workers, groups=plan.groups(),
         skipped_files=skipped, copied_files=[r.as_posix() for r in files], source_commit=source.commit,
-        manifest=manifest, manifest_seconds=round(t_manifest, 3))
+        manifest=manifest, manifest_seconds=round(t_manifest, 3),
+        mode_change=f"{plan.flashnorm.mode} -> {mode}" if plan.flashnorm is not None else None,
+        tensors_restored=len(plan.added))
     if verify:
         from .verify import verify as run_verify
         report.verification = run_verify(src, dst, mode=mode, merged_dtype=plan.merged_dtype, rules=rules,

@@ -168,6 +168,7 @@ class Engine:
                 a = plan.actions[t.name]
                 if a.kind != "drop":
                     out.append((t.name, a.out_dtype, t.shape))
+            out += [(t.name, t.dtype, t.shape) for t in plan.added if t.shard == shard]  # restored norms
             self.layouts[shard] = ShardLayout(out, f.metadata)
 
     @property
@@ -188,7 +189,7 @@ class Engine:
             jobs = []
             for shard, f in self.ckpt.shards.items():
                 for job in self._jobs(f.tensors.values(), self.layouts[shard], src_fds[shard],
-                                      dst_fds[shard], biases):
+                                      dst_fds[shard], biases) + self._added_jobs(shard, dst_fds[shard]):
                     job.shard = shard
                     jobs.append(job)
             hasher = TrailingHasher(dst_fds) if hash_outputs else None
@@ -319,6 +320,16 @@ class Engine:
                 data = biases[t.name]
                 jobs.append(Job(t.nbytes, lambda _, d=data, o=out.begin: pwrite_all(dst_fd, d, o), end=out.end))
         flush()
+        return jobs
+
+    def _added_jobs(self, shard: str, dst_fd: int) -> list[Job]:
+        """Fill the tensors the plan adds to ``shard`` (laid out after its source tensors)."""
+        jobs = []
+        for t in self.plan.added:
+            if t.shard == shard:
+                out = self.layouts[shard].tensors[t.name]
+                data = np.full(t.shape, t.value, dtype=DTYPES[t.dtype])
+                jobs.append(Job(0, lambda _, d=data, o=out.begin: pwrite_all(dst_fd, d, o), end=out.end))
         return jobs
 
     def _scale_jobs(self, t: TensorInfo, a: Action, dst_begin: int, src_fd: int, dst_fd: int) -> list[Job]:
