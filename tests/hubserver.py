@@ -33,8 +33,9 @@ through Xet, asking ``/api/models/{repo}/xet-write-token/{rev}`` first; that ans
 upload fails before any commit. The fixture sets ``HF_HUB_DISABLE_XET=1`` (uploads then use LFS basic
 transfer); ``hub_server.xet(True)`` undoes that for a test.
 
-API for tests: ``server.add_repo(repo_id, files)`` (``files``: ``{path: bytes | Path}`` or a folder) makes
-a repo whose ``main`` points at one commit, returns its sha; ``server.commits(repo_id)`` lists
+API for tests: ``server.add_repo(repo_id, files, private=, gated=, tags=)`` (``files``: ``{path: bytes | Path}``
+or a folder) makes a repo whose ``main`` (and ``tags``) point at one commit, returns its sha;
+``server.add_commit(repo_id, files, delete=)`` adds one on ``main``; ``server.commits(repo_id)`` lists
 :class:`Commit` (oldest first: ``sha``, ``parent``, ``message``, ``files`` = ``{path: Blob}``);
 ``server.files(repo_id, rev)`` returns ``{path: bytes}``; ``server.requests`` records every request;
 ``server.fail(method, path_regex, status)`` makes matching requests fail; ``server.stop()`` makes the
@@ -43,10 +44,12 @@ Hub unreachable.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import re
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -131,6 +134,7 @@ class Commit:
 class Repo:
     repo_id: str
     private: bool = False
+    gated: bool = False  # files answer 403 GatedRepo (terms not accepted), info still answers
     commits: list[Commit] = field(default_factory=list)
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
@@ -168,6 +172,7 @@ class HubServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._address: tuple = ("127.0.0.1", 0)
+        self._connections: set = set()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -180,12 +185,18 @@ class HubServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving and free the port: the Hub is then unreachable (connection refused)."""
+        """Stop serving, drop open (keep-alive) connections and free the port: the Hub is then
+        unreachable (connection refused), also for clients holding a pooled connection."""
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._thread.join()
             self._httpd = None
+        with self._lock:
+            for conn in list(self._connections):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+            self._connections.clear()
 
     @property
     def url(self) -> str:
@@ -194,13 +205,13 @@ class HubServer:
     # --- test API -------------------------------------------------------------------------------
 
     def add_repo(self, repo_id: str, files: dict[str, bytes | os.PathLike] | os.PathLike, *, private: bool = False,
-                 tags: tuple[str, ...] = (), message: str = "initial upload") -> str:
+                 gated: bool = False, tags: tuple[str, ...] = (), message: str = "initial upload") -> str:
         """Create (or replace) ``repo_id`` with one commit on ``main`` holding ``files``; returns its sha."""
         if not isinstance(files, dict):
             root = Path(files)
             files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
         with self._lock:
-            repo = self.repos[repo_id] = Repo(repo_id, private=private)
+            repo = self.repos[repo_id] = Repo(repo_id, private=private, gated=gated)
             sha = self._commit(repo, "main", {k: Blob.of(v) for k, v in files.items()}, message)
             for t in tags:
                 repo.tags[t] = sha
@@ -274,6 +285,17 @@ _LFS = re.compile(r"/_lfs/([^/]+/[^/]+)/([0-9a-f]{64})(/verify)?")
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the client expects; every answer has a Content-Length
     hub: HubServer
+
+    def setup(self) -> None:
+        super().setup()
+        with self.hub._lock:
+            self.hub._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.hub._lock:
+            self.hub._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def log_message(self, *args) -> None:  # quiet: tests read server.requests instead
         pass
@@ -400,7 +422,7 @@ class _Handler(BaseHTTPRequestHandler):
                     s["lfs"] = {"size": b.size, "sha256": b.sha256, "pointerSize": len(b.pointer)}
             siblings.append(s)
         self._json({"_id": repo.repo_id, "id": repo.repo_id, "modelId": repo.repo_id, "sha": commit.sha,
-                    "private": repo.private, "gated": False, "disabled": False, "tags": [], "downloads": 0,
+                    "private": repo.private, "gated": "manual" if repo.gated else False, "disabled": False, "tags": [], "downloads": 0,
                     "likes": 0, "lastModified": "2026-01-01T00:00:00.000Z", "siblings": siblings})
 
     def _tree(self, repo: Repo, commit: Commit, under: str, query: dict) -> None:
@@ -427,6 +449,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _resolve(self, repo: Repo, commit: Commit, path: str) -> None:
         blob = commit.files.get(path)
         base = {"X-Repo-Commit": commit.sha}
+        if repo.gated:
+            raise HubError(403, f"Access to model {repo.repo_id} is restricted: you must accept its conditions",
+                           "GatedRepo", base)
         if blob is None:
             raise HubError(404, "Entry not found", "EntryNotFound", base)
         etag = f'"{blob.sha256 if blob.lfs else blob.blob_id}"'
@@ -490,8 +515,10 @@ class _Handler(BaseHTTPRequestHandler):
                    headers={"Content-Type": "application/vnd.git-lfs+json"})
 
     def _lfs_object(self, method: str, repo_id: str, oid: str, verify: bool, body: bytes) -> None:
-        repo = self._repo(repo_id)
-        if method == "PUT" and not verify:  # a pre-signed storage URL: no Hub token, like S3
+        repo = self.hub.repos.get(repo_id)  # the upload URL is pre-signed (as on S3): no token, even if private
+        if repo is None:
+            raise HubError(404, "Repository not found", "RepoNotFound")
+        if method == "PUT" and not verify:
             if hashlib.sha256(body).hexdigest() != oid:
                 raise HubError(400, f"uploaded content does not match sha256 {oid}")
             with self.hub._lock:
