@@ -39,7 +39,8 @@ or a folder) makes a repo whose ``main`` (and ``tags``) point at one commit, ret
 :class:`Commit` (oldest first: ``sha``, ``parent``, ``message``, ``files`` = ``{path: Blob}``);
 ``server.files(repo_id, rev)`` returns ``{path: bytes}``; ``server.requests`` records every request;
 ``server.fail(method, path_regex, status)`` makes matching requests fail; ``server.stop()`` makes the
-Hub unreachable.
+Hub unreachable. ``HubServer(storage=folder)`` streams uploaded LFS objects to disk (for large
+checkpoints); repos added from a folder are served from their files, not copied into memory.
 """
 from __future__ import annotations
 
@@ -162,8 +163,10 @@ class HubError(Exception):
 class HubServer:
     """The local Hub. ``url`` is its endpoint once :meth:`start` ran."""
 
-    def __init__(self, token: str = TOKEN):
+    def __init__(self, token: str = TOKEN, storage: os.PathLike | None = None):
+        """``storage``: a folder for uploaded LFS objects (streamed to disk); None keeps them in memory."""
         self.token = token
+        self.storage = Path(storage) if storage is not None else None
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
         self._failures: list[list] = []  # [method, compiled regex, status, times left]
@@ -320,7 +323,9 @@ class _Handler(BaseHTTPRequestHandler):
         raw = parts.path
         self.hub.requests.append(Request(method, path, query, {k.lower(): v for k, v in self.headers.items()}))
         try:
-            body = self._body()
+            # an LFS upload is streamed (to disk with HubServer(storage=...)); other bodies are small
+            self._pending = method == "PUT" and bool(_LFS.fullmatch(path))
+            body = b"" if self._pending else self._body()
             status = self.hub._failure(method, path)
             if status is not None:
                 raise HubError(status, f"injected failure ({status}) for {method} {path}")
@@ -330,23 +335,39 @@ class _Handler(BaseHTTPRequestHandler):
             if e.code:
                 headers["X-Error-Code"] = e.code
             headers["X-Error-Message"] = e.message
-            self._json({"error": e.message}, e.status, headers)
+            self._json({"error": e.message}, e.status, self._closing(headers))
         except Exception as e:  # a bug in the test server: say so rather than hang the client
-            self._json({"error": f"test server error: {type(e).__name__}: {e}"}, 500)
+            self._json({"error": f"test server error: {type(e).__name__}: {e}"}, 500, self._closing({}))
 
-    def _body(self) -> bytes:
+    def _closing(self, headers: dict) -> dict:
+        """An error answered before the request body was read: close the connection after it."""
+        if getattr(self, "_pending", False):
+            self.close_connection = True
+            headers["Connection"] = "close"
+        return headers
+
+    def _body(self, sink=None) -> bytes:
+        """The request body (chunked or with a Content-Length); written to ``sink`` instead when given."""
+        self._pending = False
+        out = bytearray()
+        write = sink.write if sink is not None else out.extend
+
+        def copy(n: int) -> None:
+            while n > 0:
+                chunk = self.rfile.read(min(n, _CHUNK))
+                if not chunk:
+                    raise HubError(400, "request body shorter than announced")
+                write(chunk)
+                n -= len(chunk)
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            out = bytearray()
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return bytes(out)
-                out += self.rfile.read(size)
+            while (size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)) > 0:
+                copy(size)
                 self.rfile.readline()
-        n = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(n) if n else b""
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+        else:
+            copy(int(self.headers.get("Content-Length") or 0))
+        return bytes(out)
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None, length: int | None = None) -> None:
         self.send_response(status)
@@ -519,10 +540,9 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None:
             raise HubError(404, "Repository not found", "RepoNotFound")
         if method == "PUT" and not verify:
-            if hashlib.sha256(body).hexdigest() != oid:
-                raise HubError(400, f"uploaded content does not match sha256 {oid}")
+            blob = self._receive(oid)
             with self.hub._lock:
-                repo.lfs[oid] = Blob.of(body, lfs=True)
+                repo.lfs[oid] = blob
             return self._send(200)
         if method == "POST" and verify:
             if not self._authorized():
@@ -533,6 +553,35 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(404, f"LFS object {oid} was not uploaded", "EntryNotFound")
             return self._json({"success": True})
         raise HubError(405, f"{method} not allowed here")
+
+    def _receive(self, oid: str) -> Blob:
+        """Read an uploaded object, checking its sha256: in memory, or into ``storage/lfs/<oid>``."""
+        h = hashlib.sha256()
+        if self.hub.storage is None:
+            data = self._body()
+            h.update(data)
+            blob = Blob(len(data), h.hexdigest(), True, data=data)
+        else:
+            final = self.hub.storage / "lfs" / oid
+            final.parent.mkdir(parents=True, exist_ok=True)
+            part = final.with_name(f"{oid}.{threading.get_ident()}.part")
+
+            class Sink:
+                def __init__(self, f):
+                    self.f, self.n = f, 0
+
+                def write(self, chunk: bytes) -> None:
+                    h.update(chunk)
+                    self.f.write(chunk)
+                    self.n += len(chunk)
+            with open(part, "wb") as f:
+                sink = Sink(f)
+                self._body(sink)
+            os.replace(part, final)
+            blob = Blob(sink.n, h.hexdigest(), True, path=final)
+        if blob.sha256 != oid:
+            raise HubError(400, f"uploaded content does not match sha256 {oid}")
+        return blob
 
     def _commit(self, repo: Repo, rev: str, body: bytes, query: dict) -> None:
         if query.get("create_pr"):

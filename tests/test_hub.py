@@ -618,6 +618,45 @@ def test_push_of_many_files_is_one_commit_even_with_xet(tmp_path, hub_server):
     assert len(_pushed(hub_server, "me/many2")) > 1
 
 
+def test_preupload_then_one_commit_with_objects_on_disk(tmp_path, monkeypatch):
+    """The pre-upload API (what bounded-disk streaming builds on): files uploaded one by one with
+    preupload_lfs_files, each deletable locally once uploaded, then one commit naming them all. The
+    server streams uploads to disk here (HubServer(storage=...))."""
+    import huggingface_hub
+    from tests.hubserver import HubServer, point_client_at
+    server = HubServer(storage=tmp_path / "store").start()
+    try:
+        point_client_at(monkeypatch, server.url, tmp_path / "hf", token=server.token)
+        api = huggingface_hub.HfApi()
+        api.create_repo("me/streamed")
+        ops = []
+        for shard in SHARDS:
+            local = tmp_path / shard
+            local.write_bytes((SAMPLE / shard).read_bytes())
+            op = huggingface_hub.CommitOperationAdd(path_in_repo=shard, path_or_fileobj=str(local))
+            api.preupload_lfs_files("me/streamed", additions=[op])
+            local.unlink()  # uploaded: the local copy is no longer needed
+            ops.append(op)
+            assert len(server.commits("me/streamed")) == 1  # nothing committed yet
+        ops.append(huggingface_hub.CommitOperationAdd(path_in_repo="config.json",
+                                                      path_or_fileobj=(SAMPLE / "config.json").read_bytes()))
+        api.create_commit("me/streamed", operations=ops, commit_message="all shards")
+        initial, commit = server.commits("me/streamed")
+        assert commit.message == "all shards" and commit.parent == initial.sha
+        files = server.files("me/streamed")
+        assert all(files[s] == (SAMPLE / s).read_bytes() for s in SHARDS)
+        assert sorted(p.name for p in (tmp_path / "store" / "lfs").iterdir()) == \
+            sorted(hashlib.sha256((SAMPLE / s).read_bytes()).hexdigest() for s in SHARDS)
+        # a commit naming an object that was never uploaded is refused, and commits nothing
+        bogus = huggingface_hub.CommitOperationAdd(path_in_repo="x.safetensors", path_or_fileobj=b"\0" * 64)
+        bogus._upload_mode, bogus._is_uploaded = "lfs", True  # pretend it was pre-uploaded
+        with pytest.raises(huggingface_hub.errors.HfHubHTTPError, match="does not exist"):
+            api.create_commit("me/streamed", operations=[bogus], commit_message="bogus")
+        assert len(server.commits("me/streamed")) == 2
+    finally:
+        server.stop()
+
+
 def test_help_documents_hub_usage():
     r = subprocess.run([sys.executable, "-m", "streamfold", "--help"], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
