@@ -237,7 +237,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
             return report  # not pushed: the caller sees report.verification.problems
     if push_to_hub:
         report.hub_url = push_folder(
-            dst, push_to_hub, private=private, token=token, commit_message=commit_message
+            dst, push_to_hub, private=private, token=token, quiet=progress is None, commit_message=commit_message
             or f"FlashNorm ({mode}) conversion of {source.label} with streamfold {__version__}").url
     return report
 
