@@ -326,3 +326,24 @@ def test_library_staging_publish_and_exchange(tmp_path, monkeypatch):
         assert sorted(os.listdir(tmp_path)) == [f"d{i}" for i in range(int(fallback) + 1)]
     report = streamfold.convert(SAMPLE, tmp_path / "d0", overwrite=True)
     assert report.dst == str(tmp_path / "d0") and (tmp_path / "d0" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_interrupt_in_process_stops_every_thread(tmp_path, workers):
+    """Terminated raised mid-run (as the SIGTERM handler does): no thread survives, nothing is left."""
+    import threading
+    before = set(threading.enumerate())
+    calls = []
+
+    def progress(total):
+        def tick(n):
+            calls.append(n)
+            if len(calls) == 3:
+                raise staging.Terminated()
+        return tick
+    with pytest.raises(staging.Terminated):
+        streamfold.convert(SAMPLE, tmp_path / "out", workers=workers, memory_budget=1 << 20, manifest=True,
+                           progress=progress)
+    assert len(calls) == 3
+    assert set(threading.enumerate()) <= before
+    assert os.listdir(tmp_path) == []
