@@ -26,7 +26,7 @@ examples:
   python -m streamfold ./Llama-3.2-1B ./Llama-3.2-1B-FlashNorm
   python -m streamfold ./model ./out --mode strict --merged-dtype float32
   python -m streamfold inspect ./model            # the fold plan, from headers only
-  python -m streamfold ./model --plan --json      # the same, machine-readable
+  python -m streamfold ./model --dry-run --json   # the same, machine-readable
   python -m streamfold demo                       # convert and check the bundled sample
   python -m streamfold verify ./model ./out       # prove ./out is ./model folded (exit 3 if not)
   python -m streamfold verify ./model ./out --forward --json   # + numpy logits comparison, for CI

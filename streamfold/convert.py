@@ -170,9 +170,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
     from . import __version__
     from .card import write_card
     from .remode_card import write_remode_card
-    from .hub import is_repo_id, preflight, push_folder, resolve_source  # huggingface_hub only for repo ids / pushes
+    from .hub import is_repo_id, preflight, push_folder, resolve_source  # huggingface_hub: repo ids, pushes
     preflight(push_to_hub=push_to_hub, base_model=base_model, token=token)
-    check_destination(None if is_repo_id(os.fspath(src)) and not Path(src).exists() else src, dst, overwrite)  # before any download
+    local = not is_repo_id(os.fspath(src)) or Path(src).exists()
+    check_destination(src if local else None, dst, overwrite)  # before any download
     source = resolve_source(src, revision=revision, token=token, quiet=progress is None)
     src = source.path
     if not src.is_dir():
