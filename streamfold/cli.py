@@ -51,6 +51,19 @@ exit status: 0 ok, 1 internal error, 2 bad input (one line: streamfold: error: .
   the identity or absent): nothing written, unless --mode asks for the other mode; 130 interrupted.
 """
 
+VERIFY_PROVES = """\
+Re-plans SRC with the same planner and rules convert uses, then reads both checkpoints once and checks:
+every unchanged tensor byte-identical; every folded element bit-identical to the exact product
+source x norm rounded once to its stored dtype (recomputed independently of the fold kernel); folded
+norms identity (compat) or absent (strict); folded LayerNorm biases within one rounding of b + W @ beta;
+config flags, shard layout, index, other files and SHA256SUMS.
+
+A pass proves DST is this plan executed exactly on SRC. It does not prove the plan is right for the
+model (that each folded norm feeds only the linears folded with it). --forward tests that end to end
+for the decoders streamfold's numpy forward pass supports (float32 logits of SRC and DST compared: a
+wrong plan shows, a last-bit rounding does not); the transformers test suite
+(tests/test_architectures.py) proves it for every supported family on small random models."""
+
 SUBCOMMANDS = ("convert", "inspect", "verify", "demo")
 
 
@@ -153,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_options(i)
 
     v = sub.add_parser("verify", help="check that DST is a correct FlashNorm conversion of SRC (no torch); "
-                                      "exit 0 if so, 3 if not",
+                                      "exit 0 if so, 3 if not", description=VERIFY_PROVES,
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("src", metavar="SRC", help="the source checkpoint folder (or Hub repo id)")
     v.add_argument("dst", metavar="DST", help="the converted checkpoint folder")

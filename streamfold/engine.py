@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from .dtypes import DTYPES
-from .fold import Scratch, matvec_rows, scale_chunk
+from .fold import Scratch, fold_bias_rows, scale_chunk
 from .plan import Action, Plan
 from .reader import Checkpoint, TensorInfo, pread_into
 from .writer import ShardLayout, pwrite_all
@@ -364,18 +364,20 @@ class Engine:
         return jobs
 
     def _fold_biases(self) -> dict[str, np.ndarray]:
-        """``b + W @ beta`` for consumers of LayerNorms with a non-zero bias (W unscaled)."""
+        """``b + W @ beta`` for consumers of LayerNorms with a non-zero bias (W unscaled), each element
+        the exact sum rounded once (:func:`fold.fold_bias_rows`)."""
         out: dict[str, np.ndarray] = {}
         for name, a in self.plan.actions.items():
             if a.kind != "bias":
                 continue
             w = self.ckpt.tensors[a.source]
             beta = a.norm.shift
+            b = self.ckpt.read(name).reshape(-1)
             if a.axis == len(w.shape) - 1:
                 cols = w.shape[-1]
                 rows = w.numel // cols
                 isz = DTYPES[w.dtype].itemsize
-                acc = np.empty(rows, dtype=np.float64)
+                res = np.empty(rows, dtype=DTYPES[a.out_dtype])
                 step = max(1, self.chunk_bytes // max(1, cols * isz))
                 buf = np.empty(step * cols * isz, dtype=np.uint8)
                 with open(w.path, "rb", buffering=0) as f:
@@ -383,11 +385,10 @@ class Engine:
                         n = min(step, rows - i)
                         chunk = buf[: n * cols * isz]
                         pread_into(f.fileno(), chunk, w.begin + i * cols * isz, w.path)
-                        acc[i:i + n] = matvec_rows(chunk.view(DTYPES[w.dtype]).reshape(n, cols), w.dtype, beta)
-                acc = acc.reshape(w.shape[:-1])
+                        res[i:i + n] = fold_bias_rows(chunk.view(DTYPES[w.dtype]).reshape(n, cols), w.dtype,
+                                                      beta, b[i:i + n], a.out_dtype)
             else:  # fused/transposed consumers with biases behind a biased LayerNorm: none known; small
-                acc = np.tensordot(self.ckpt.read(a.source).astype(np.float64), beta.astype(np.float64),
-                                   axes=([a.axis], [0]))
-            b = self.ckpt.read(name).astype(np.float64)
-            out[name] = (b + acc).astype(DTYPES[a.out_dtype])
+                full = np.moveaxis(self.ckpt.read(a.source), a.axis, -1)
+                res = fold_bias_rows(full.reshape(-1, full.shape[-1]), w.dtype, beta, b, a.out_dtype)
+            out[name] = res.reshape(self.ckpt.tensors[name].shape)
         return out
