@@ -82,7 +82,7 @@ _SPECIAL_TOKENS = ("image_token_id", "image_token_index", "video_token_id", "aud
                    "boi_token_id", "boi_token_index", "eoi_token_id", "eoi_token_index",
                    "vision_start_token_id", "vision_end_token_id", "boa_token_id", "eoa_token_id")
 
-# Per-type overrides (data): layer counts that make every layer kind appear, fallbacks to torch code paths.
+# Per-type overrides (data; "wrapper.sub_config" keys apply to a wrapper's sub-config): layer counts that make every layer kind appear, fallbacks to torch code paths.
 _PER_TYPE: dict[str, dict[str, Any]] = {
     "qwen3_next": {"num_hidden_layers": 4},  # full_attention_interval 4: layers 0-2 DeltaNet, 3 attention
     "qwen3_5_text": {"num_hidden_layers": 4},
@@ -97,6 +97,7 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "ernie4_5_moe": {"moe_layer_end_index": 1},
     "hunyuan_v1_moe": {"num_experts": 4},
     "gemma3": {"mm_tokens_per_image": 4},  # 32x32 image, 8x8 patches: 16 patches pooled to 4 tokens
+    "gemma3.vision_config": {"vision_use_head": False},  # as published Gemma 3 checkpoints
 }
 
 
@@ -144,7 +145,7 @@ def tiny_config(model_type: str, **overrides) -> "transformers.PretrainedConfig"
         else:
             table = _AUDIO_SHRINK if "audio" in key else _VISION_SHRINK
             scls = configuration_auto.CONFIG_MAPPING[sub_mt]
-            skw = _shrunk(scls, table, _PER_TYPE.get(sub_mt, {}))
+            skw = _shrunk(scls, table, {**_PER_TYPE.get(sub_mt, {}), **_PER_TYPE.get(f"{model_type}.{key}", {})})
             skw.update(overrides.pop(key, {}))
             sub = scls(**skw)
         kw[key] = sub.to_dict()
@@ -418,7 +419,8 @@ def saved_norm_names(model, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
 def save_sharded(model, out_dir, dtype: str = "bfloat16") -> Path:
     """save_pretrained, then re-shard: every norm tensor in shard 1, the rest alternating 2/3, plus index.
 
-    ``out_dir`` is created (it must not hold files).  Returns its Path."""
+    ``out_dir`` is created (it must not hold files).  Returns its Path.  Records on ``model``
+    ``tiny_saved_names``: norm parameter name -> the saved tensor name (save-time key conversions)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -438,7 +440,8 @@ def save_sharded(model, out_dir, dtype: str = "bfloat16") -> Path:
         for aux in files:
             if aux.endswith(".json") and aux != INDEX_NAME:
                 shutil.copyfile(Path(td) / aux, out / aux)
-    norm_names = set(saved_norm_names(m, tensors).values())
+    model.tiny_saved_names = saved_norm_names(m, tensors)  # norm parameter -> saved tensor name
+    norm_names = set(model.tiny_saved_names.values())
     shards: dict[str, dict[str, torch.Tensor]] = {s: {} for s in SHARD_NAMES}
     wm, i = {}, 0
     for k in sorted(tensors):
@@ -455,3 +458,29 @@ def save_sharded(model, out_dir, dtype: str = "bfloat16") -> Path:
              "weight_map": dict(sorted(wm.items()))}
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return out
+
+
+@torch.no_grad()
+def forward_logits(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float32 logits of a text-only forward, without a cache.
+
+    ``Llama4ForConditionalGeneration.forward`` is broken in transformers 5.24 (it reads
+    ``outputs.image_outputs`` from its language model's output, which has no such field), so for it the
+    text path it would take is called directly: its ``language_model`` (a Llama4ForCausalLM owning the
+    embedding and lm_head) on the same ids; without pixel values the wrapper adds nothing else."""
+    if type(model).__name__ == "Llama4ForConditionalGeneration":
+        model = model.language_model
+    return model(**inputs, use_cache=False).logits.float()
+
+
+@torch.no_grad()
+def greedy_tokens(model, inputs: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
+    """``steps`` greedy tokens per row ([batch, steps]) by repeated full forwards (no cache, no EOS stop)."""
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    new = []
+    for _ in range(steps):
+        kw = {"input_ids": ids, **({"attention_mask": torch.ones_like(ids)} if mask is not None else {})}
+        nxt = forward_logits(model, kw)[:, -1].argmax(-1, keepdim=True)
+        new.append(nxt)
+        ids = torch.cat([ids, nxt], dim=1)
+    return torch.cat(new, dim=1)
