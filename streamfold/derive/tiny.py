@@ -45,7 +45,7 @@ _TEXT_SHRINK: dict[str, Any] = {
     "initializer_range": 0.05,
     # mixture of experts
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
-    "num_experts_per_tok": 2, "moe_k": 2, "moe_topk": 2, "moe_intermediate_size": 32,
+    "num_experts_per_tok": 2, "moe_k": 2, "moe_topk": 2, "top_k_experts": 2, "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 64, "shared_intermediate_size": 64, "intermediate_size_mlp": 128,
     "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1, "moe_layer_start_index": 1,
     # MLA / sparse attention indexers
