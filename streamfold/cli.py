@@ -41,7 +41,7 @@ Hugging Face Hub (SRC may be a repo id org/name; a local path of that name wins)
   DST always gets a model card, README.md (base_model, license, tags, what changed, how to load it).
 """
 
-SUBCOMMANDS = ("convert", "inspect", "verify", "demo")
+SUBCOMMANDS = ("convert", "inspect", "verify", "demo", "derive-rules")
 
 
 def parse_size(text: str) -> int:
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "streaming a safetensors checkpoint with flat memory and no torch.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"streamfold {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{convert,inspect,verify,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{convert,inspect,verify,demo,derive-rules}")
 
     c = sub.add_parser("convert", help="convert SRC into a FlashNorm checkpoint at DST (the default)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="convert the bundled sample checkpoint and check the result is exact")
     d.add_argument("dst", metavar="DST", nargs="?", help="where to write it (default: a temporary folder)")
     d.add_argument("-q", "--quiet", action="store_true")
+
+    r = sub.add_parser("derive-rules", help="derive and check a --rules file (TOML, on stdout) for a model folder "
+                                            "or model_type from transformers' computation (needs the derive "
+                                            "extra: torch + transformers)")
+    r.add_argument("target", metavar="MODEL_DIR_OR_TYPE", help="a model folder with config.json, or a model_type")
     return parser
 
 
@@ -254,6 +259,11 @@ def _demo(args) -> int:
     return run_demo(args.dst, quiet=args.quiet)
 
 
+def _derive_rules(args) -> int:
+    from .derive.command import derive_rules
+    return derive_rules(args.target)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
@@ -264,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        handler = {"convert": _convert, "inspect": _print_plan, "verify": _verify, "demo": _demo}[args.command]
+        handler = {"convert": _convert, "inspect": _print_plan, "verify": _verify, "demo": _demo,
+                   "derive-rules": _derive_rules}[args.command]
         return handler(args)
     except StreamfoldError as e:
         _close_bars()

@@ -10,8 +10,8 @@ from .architectures import FAMILIES
 from .errors import StreamfoldError
 
 _FAMILY_KEYS = {"model_types", "offset", "folds", "keep", "tie_default", "description", "layouts",
-                "strict_refused"}
-_FOLD_KEYS = {"norm", "into", "variants", "untied_head", "when"}
+                "strict_refused", "defaults", "derived"}
+_FOLD_KEYS = {"norm", "into", "variants", "untied_head", "when", "offset"}
 _CONSUMER_KEYS = {"weight", "axis", "bias"}
 _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")
 
@@ -54,6 +54,10 @@ def validate_family(name: str, fam: object, source: str) -> dict:
         raise StreamfoldError(f"{where}: \"model_types\" must be a non-empty list of strings")
     if fam.get("offset", 0) not in (0, 1):
         raise StreamfoldError(f"{where}: \"offset\" must be 0 (norm scales by w) or 1 (by 1 + w)")
+    if not isinstance(fam.get("derived", {}), dict):
+        raise StreamfoldError(f"{where}: \"derived\" is the generator's record (a table)")
+    if not isinstance(fam.get("defaults", {}), dict):
+        raise StreamfoldError(f"{where}: \"defaults\" maps config keys to the value a missing key means")
     tie = fam.get("tie_default", False)
     if not isinstance(tie, bool) and not (isinstance(tie, list) and all(isinstance(m, str) for m in tie)):
         raise StreamfoldError(f"{where}: \"tie_default\" must be true, false or a list of model types")
@@ -72,6 +76,8 @@ def validate_family(name: str, fam: object, source: str) -> dict:
         if not isinstance(f, dict) or set(f) - _FOLD_KEYS or "norm" not in f:
             raise StreamfoldError(f"{w}: needs \"norm\" and \"into\" (or \"variants\"), got {f!r}")
         _check_pattern(f["norm"], w)
+        if f.get("offset", 0) not in (0, 1):
+            raise StreamfoldError(f"{w}: \"offset\" must be 0 (norm scales by w) or 1 (by 1 + w)")
         when = f.get("when", {})
         if not isinstance(when, dict) or not all(isinstance(v, list) for v in when.values()):
             raise StreamfoldError(f"{w}: \"when\" maps config keys to lists of accepted values")
@@ -84,9 +90,10 @@ def validate_family(name: str, fam: object, source: str) -> dict:
             for c in v:
                 _check_consumer(c, w)
     for i, k in enumerate(fam.get("keep", [])):
-        if not isinstance(k, dict) or set(k) != {"norm", "why"}:
-            raise StreamfoldError(f"{where} keep #{i + 1}: needs exactly \"norm\" and \"why\"")
-        _check_pattern(k["norm"], f"{where} keep #{i + 1}")
+        if not isinstance(k, dict) or set(k) not in ({"norm", "why"}, {"under", "why"}):
+            raise StreamfoldError(f"{where} keep #{i + 1}: needs exactly \"norm\" (or \"under\", a name prefix "
+                                  "whose norms all stay) and \"why\"")
+        _check_pattern(k.get("norm") or k["under"], f"{where} keep #{i + 1}")
     return fam
 
 
@@ -126,4 +133,4 @@ def family_for(model_type: str, extra: dict[str, dict] | None = None) -> tuple[s
 
 
 for _name, _fam in FAMILIES.items():
-    validate_family(_name, _fam, "streamfold/architectures.py")
+    validate_family(_name, _fam, f"streamfold/families/{_name}.toml")
