@@ -1,4 +1,35 @@
-"""Load and validate architecture rules: the built-in families and user ``--rules`` files."""
+"""Load and validate architecture rules: the built-in families and user ``--rules`` files.
+
+One schema for both (built-ins are ``streamfold/families/*.toml``, one family per file):
+
+- ``model_types``: config ``model_type`` values it covers.
+- ``offset``: the norm multiplies by ``offset + w`` (0 for ``w``; 1 for Gemma-style ``1 + w``).
+  The fold scales by ``offset + w`` and the identity weight is ``1 - offset``. A fold rule may carry
+  its own ``offset`` (a family whose norms differ in convention).
+- ``folds``: ``{"norm": pattern, "into": [consumer, ...]}``. A consumer is a module pattern whose
+  ``.weight`` input columns (last axis) are scaled and whose ``.bias`` (if present) absorbs a
+  LayerNorm bias, or ``{"weight": tensor, "axis": k, "bias": tensor}`` for fused or transposed
+  layouts. ``"untied_head": true`` marks the final norm, which folds only into an untied head
+  (kept when embeddings are tied or the head tensor is absent). ``"variants"`` (instead of
+  ``into``) lists alternative consumer sets, the first one fully present is used (dense vs. MoE
+  layers, hybrid layer kinds). ``"when": {config_key: [accepted values]}`` applies a rule only when
+  the config (or its ``text_config``) matches; a missing key takes the family's ``defaults`` value
+  (``null``, JSON only, accepts a missing key).
+- ``keep``: ``{"norm": pattern, "why": reason}`` norms that must stay (post-norms, q/k norms, ...), or
+  ``{"under": prefix, "why": reason}``: every norm whose name starts with ``prefix`` (vision towers).
+- ``tie_default``: whether embeddings are tied when ``config.json`` does not say (``true``/``false``,
+  or the list of this family's model types whose config class defaults to tied).
+- ``layouts``: alternative tensor-name layouts (multimodal checkpoints nest the language model).
+  Each maps a pattern prefix, as written in the rules, to the checkpoint's spelling (the longest
+  matching prefix wins); the first layout in which a fold norm exists is used.
+- ``strict_refused``: why strict mode (folded norms removed) would not load as the identity;
+  strict conversions of the family are refused with that reason.
+- ``description``, ``derived``: for people (README table; the generator's record of the
+  transformers version and measured logit errors); not used by the conversion.
+
+Patterns: ``{n}`` is a layer index (shared between a norm and its consumers), ``{e}`` matches
+every expert index present, ``{h}`` a head index (keep rules).
+"""
 from __future__ import annotations
 
 import json

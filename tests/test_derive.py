@@ -125,3 +125,22 @@ def test_derive_rules_file_converts_exactly(tmp_path):
     inputs = make_inputs("llama")
     ref, got = logits(src, inputs), logits(load_model(tmp_path / "out"), inputs)
     assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def test_drift_check(tmp_path):
+    """--check re-derives (and re-checks numerically) families and compares them with the stored files:
+    the stored ones match under the installed transformers; an edited file is reported as drift."""
+    import shutil
+    folder = tmp_path / "families"
+    shutil.copytree(FAMILY_DIR, folder)
+    phi3 = folder / "phi3.toml"
+    phi3.write_text(phi3.read_text().replace('into = ["model.layers.{n}.mlp.gate_up_proj"]',
+                                             'into = ["model.layers.{n}.mlp.up_proj"]'))
+    assert phi3.read_text() != (FAMILY_DIR / "phi3.toml").read_text()
+    only = ["phi3", "gemma3", "stablelm", "nemotron", "qwen3_next", "lfm2"]
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "derive_rules.py"), "--check", "--families-dir",
+                        str(folder), "--only", *only], capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "1 of 6 families drifted: phi3" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "DRIFT phi3" in r.stderr and "FAILED" not in r.stderr

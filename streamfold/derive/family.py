@@ -108,7 +108,8 @@ def derive_model(model, inputs: dict) -> Derived:
     for p, lst in saved.items():
         for s in lst:
             pair = _common_prefixes(p, s.name)
-            if pair and pair[0] not in prefixes:
+            # only leading renames (nested language models); a rename inside a layer is not a layout
+            if pair and pair[0] not in prefixes and not _DIGITS.search(pair[0]) and not _DIGITS.search(pair[1]):
                 prefixes[pair[0]] = pair[1]
     instances, outside = [], []
     parent = dec.rsplit(".", 1)[0] + "." if "." in dec else ""

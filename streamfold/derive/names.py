@@ -40,7 +40,7 @@ def _encode(p: torch.Tensor, pid: int, axis: int) -> torch.Tensor:
 def _decode(t: torch.Tensor):
     """(parameter id, axis) of an encoded saved tensor, or None if it is not one of ours."""
     t = t.to(torch.float32)
-    if t.numel() == 0 or not torch.equal(t, t.round()):
+    if t.numel() == 0 or not bool(torch.isfinite(t).all()) or not torch.equal(t, t.round()):
         return None
     pid = torch.div(t, _RADIX, rounding_mode="floor")
     first = int(pid.reshape(-1)[0])
