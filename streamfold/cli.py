@@ -64,7 +64,7 @@ for the decoders streamfold's numpy forward pass supports (float32 logits of SRC
 wrong plan shows, a last-bit rounding does not); the transformers test suite
 (tests/test_architectures.py) proves it for every supported family on small random models."""
 
-SUBCOMMANDS = ("convert", "inspect", "verify", "demo")
+SUBCOMMANDS = ("convert", "inspect", "verify", "demo", "derive-rules")
 
 
 def parse_size(text: str) -> int:
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "streaming a safetensors checkpoint with flat memory and no torch.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"streamfold {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{convert,inspect,verify,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{convert,inspect,verify,demo,derive-rules}")
 
     c = sub.add_parser("convert", help="convert SRC into a FlashNorm checkpoint at DST (the default)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "removed at the end)")
     d.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     d.add_argument("-q", "--quiet", action="store_true")
+
+    r = sub.add_parser("derive-rules", help="derive and check a --rules file (TOML, on stdout) for a model folder "
+                                            "or model_type from transformers' computation (needs the derive "
+                                            "extra: torch + transformers)")
+    r.add_argument("target", metavar="MODEL_DIR_OR_TYPE", help="a model folder with config.json, or a model_type")
     return parser
 
 
@@ -310,6 +315,11 @@ def _demo(args) -> int:
     return run_demo(args.dst, quiet=args.quiet, overwrite=args.overwrite, log=_log(args.quiet))
 
 
+def _derive_rules(args) -> int:
+    from .derive.command import derive_rules
+    return derive_rules(args.target)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
@@ -324,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if threading.current_thread() is threading.main_thread():
             handle_sigterm()
-        handler = {"convert": _convert, "inspect": _print_plan, "verify": _verify, "demo": _demo}[args.command]
+        handler = {"convert": _convert, "inspect": _print_plan, "verify": _verify, "demo": _demo,
+                   "derive-rules": _derive_rules}[args.command]
         code = handler(args)
         sys.stdout.flush()  # here, so a closed pipe is seen below and not at interpreter exit
         return code
