@@ -98,7 +98,16 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "hunyuan_v1_moe": {"num_experts": 4},
     "gemma3": {"mm_tokens_per_image": 4},  # 32x32 image, 8x8 patches: 16 patches pooled to 4 tokens
     "gemma3.vision_config": {"vision_use_head": False},  # as published Gemma 3 checkpoints
+    # Conditioning (values only, no effect on which tensors exist or how they are used): Gemma 4 uses
+    # attention scaling 1, so scores grow like sqrt(head_dim) and the default global_head_dim 512 saturates
+    # a random model's softmax, amplifying bf16 rounding of folded weights (min bf16-merged cosine 0.990).
+    # Head dims 8 / 16 keep the real 1:2 sliding/global ratio; with init 0.02 the cosine is >= 0.99993.
+    "gemma4_text": {"head_dim": 8, "global_head_dim": 16, "initializer_range": 0.02},
 }
+# Gated DeltaNet hybrids amplify weight rounding through the recurrence at the shared default init 0.05
+# (min logit cosine under 2^-9 relative weight noise 0.96-0.999); at 0.02 it is 0.99999, as llama at 0.05.
+for _mt in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"):
+    _PER_TYPE[_mt] = {**_PER_TYPE.get(_mt, {}), "initializer_range": 0.02}
 
 
 def _fields(cfg) -> set[str]:
@@ -301,6 +310,30 @@ def far_scales(shape, gen: torch.Generator) -> torch.Tensor:
     hi = 1.25 + 0.75 * torch.rand(shape, generator=gen)
     mag = torch.where(torch.rand(shape, generator=gen) < 0.5, lo, hi)
     return mag * torch.where(torch.rand(shape, generator=gen) < 0.25, -1.0, 1.0)
+
+
+def mild_scales(shape, gen: torch.Generator) -> torch.Tensor:
+    """|s| in [0.8, 0.95] U [1.05, 1.25], all positive: random, every channel >= 5% from the identity,
+    but mild enough that kept norms (q/k norms, post-norms) do not saturate attention or gates."""
+    lo = 0.8 + 0.15 * torch.rand(shape, generator=gen)
+    hi = 1.05 + 0.2 * torch.rand(shape, generator=gen)
+    return torch.where(torch.rand(shape, generator=gen) < 0.5, lo, hi)
+
+
+@torch.no_grad()
+def calm_norms(model, modules, seed: int = 0) -> None:
+    """Give the norms ``modules`` (names in ``model.tiny_norms``) ``mild_scales`` instead of far ones.
+
+    For norms that a conversion KEEPS (never folded, so their values never touch a fold): far-from-identity
+    q/k norm scales saturate attention's softmax (Gemma 4 has attention scaling 1), which makes the model
+    amplify bf16 rounding of the folded weights far beyond what a real model does.  Folded norms must stay
+    far (``far_scales``): those are what catch folding errors."""
+    gen = torch.Generator().manual_seed(20_011 + seed)
+    mods = dict(model.named_modules())
+    for name in sorted(modules):
+        info = model.tiny_norms[name]
+        w = mods[name].weight
+        w.copy_(mild_scales(tuple(w.shape), gen) - info.offset)
 
 
 def _nonzero(shape, gen, lo, hi) -> torch.Tensor:
