@@ -52,6 +52,11 @@ CANNOT_BUILD = {
 }
 
 
+# Kept norms left far from the identity (not calmed), with why: DeepSeek-V3.2's sparse-attention indexer
+# picks the top index_topk keys by a score its k_norm feeds; calmed, the tiny model's top-k margins become
+# small enough that bf16 rounding of the folded MLA projections flips a selection (min cosine 0.981).
+KEEP_FAR = {"deepseek_v32": ("indexer.k_norm",)}
+
 # Config variants tested besides each type's tiny default (id "type+name"): switches of published
 # checkpoints under which more norms fold.  With the defaults these families' linears have no biases, so
 # their LayerNorm-with-bias norms stay whole and no folding path would be proven in transformers.
@@ -112,7 +117,8 @@ class Case:
         probe = tiny.save_sharded(model, root / "probe", dtype="bfloat16")
         _, _, probe_plan = streamfold.load_plan(probe)
         of_saved = {v: k for k, v in model.tiny_saved_names.items()}
-        self.calmed = {of_saved[n.weight][: -len(".weight")] for n in probe_plan.kept}
+        self.calmed = {of_saved[n.weight][: -len(".weight")] for n in probe_plan.kept} - \
+            {m for m in model.tiny_norms if any(f in m for f in KEEP_FAR.get(mt, ()))}
         tiny.calm_norms(model, self.calmed, seed=0)
         shutil.rmtree(probe)
         self.src = tiny.save_sharded(model, root / "src", dtype="bfloat16")
