@@ -178,7 +178,7 @@ def _close_bars() -> None:
 
 
 def _print_plan(args) -> int:
-    from .hub import inspect
+    from .inspection import inspect
     found = inspect(args.src, mode=args.mode, merged_dtype=args.merged_dtype, rules=args.rules,
                     revision=args.revision)
     print(json.dumps(found.to_dict(), indent=2) if args.json else found.describe(args.all))

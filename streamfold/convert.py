@@ -1,7 +1,6 @@
-"""convert(): read -> plan -> fold -> write, into a temporary folder renamed into place at the end."""
+"""convert(): plan -> run the tasks (local threads or Ray) into a staging folder -> finish -> publish."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -10,20 +9,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .conversion import ConversionPlan, finish, load_plan, plan
 from .engine import Engine
 from .errors import StreamfoldError
-from .manifest import write_manifest
-from .plan import Plan, make_plan
-from .reader import INDEX_NAME, Checkpoint, read_config
-from .rules import load_rules_file
+from .files import FLASHNORM_VERSION, flashnorm_config  # noqa: F401 - re-exported
+from .plan import Kind
+from .units import human_bytes
 
 if TYPE_CHECKING:
     from .verify import VerifyReport
 
-FLASHNORM_VERSION = 1
-# Weight files that are never carried over: other formats of the same weights would load unfolded.
-_SKIP_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".safetensors", ".gguf", ".onnx")
-_SKIP_DIRS = {".git", ".cache", ".huggingface"}
+EXECUTORS = ("local", "ray")
+__all__ = ["ConversionReport", "convert", "check_paths", "load_plan", "human_bytes", "EXECUTORS"]
 
 
 @dataclass
@@ -84,14 +81,6 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def human_bytes(n: int) -> str:
-    """``1234567`` -> ``"1.23 MB"`` (decimal units, as download sizes are quoted)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
 def check_paths(src: Path, dst: Path, overwrite: bool) -> None:
     """Refuse destinations that would clobber the source or existing work."""
     s, d = src.resolve(), dst.resolve()
@@ -107,41 +96,6 @@ def check_paths(src: Path, dst: Path, overwrite: bool) -> None:
                 raise StreamfoldError(f"{dst}: contains the source; refusing to overwrite it")
 
 
-def _other_files(src: Path, shard_names: set[str]) -> tuple[list[Path], list[str]]:
-    keep, skipped = [], []
-    for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
-        for f in sorted(files):
-            rel = (Path(root) / f).relative_to(src)
-            if rel.as_posix() in shard_names or rel.as_posix() in (INDEX_NAME, "config.json"):
-                continue
-            if f.endswith(_SKIP_SUFFIXES) or f.startswith("consolidated."):
-                skipped.append(rel.as_posix())
-            else:
-                keep.append(rel)
-    return keep, skipped
-
-
-def flashnorm_config(cfg: dict, mode: str) -> dict:
-    out = dict(cfg)
-    out.update({"flashnorm": True, "flashnorm_mode": mode, "flashnorm_version": FLASHNORM_VERSION})
-    return out
-
-
-def load_plan(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str = "source",
-              rules: str | os.PathLike | dict | None = None) -> tuple[Checkpoint, dict, Plan]:
-    """Open and validate a local checkpoint and plan its conversion (headers and norms only)."""
-    src = Path(src)
-    ckpt = Checkpoint(src)
-    cfg = read_config(src)
-    extra = load_rules_file(rules) if isinstance(rules, (str, os.PathLike)) else rules
-
-    def read(name: str):
-        return ckpt.read(name)
-    plan = make_plan(cfg, ckpt.tensors, read, mode=mode, merged_dtype=merged_dtype, rules=extra)
-    return ckpt, cfg, plan
-
-
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "compat",
             merged_dtype: str = "source", overwrite: bool = False, workers: int | None = None,
             memory_budget: int | None = None, rules: str | os.PathLike | dict | None = None,
@@ -149,7 +103,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
             revision: str | None = None, token: str | bool | None = None, base_model: str | None = None,
             push_to_hub: str | None = None, private: bool = False,
             commit_message: str | None = None, manifest: bool = False,
-            verify: bool = False) -> ConversionReport:
+            verify: bool = False, executor: str = "local", ray_address: str | None = None) -> ConversionReport:
     """Convert checkpoint ``src`` into a FlashNorm checkpoint at ``dst``.
 
     ``mode``: ``"compat"`` (folded norms set to identity) or ``"strict"`` (removed).
@@ -168,67 +122,46 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
     ``manifest=True`` writes ``SHA256SUMS`` (``sha256sum -c`` format) covering every output
     file. ``verify=True`` runs :func:`streamfold.verify` on the result (before any push) and stores it
     in ``report.verification``; when it finds problems nothing is pushed.
+
+    ``executor="ray"`` runs one Ray task per output shard (``ray_address``: a running cluster; None
+    starts or joins a local one); each writes its shard into the staging folder beside ``dst``, which
+    every worker must see (shared storage).
     """
     t0 = time.perf_counter()
     from . import __version__
-    from .card import CARD_NAME, write_card
     from .hub import preflight, push_folder, resolve_source  # huggingface_hub only for repo ids / pushes
+    if executor not in EXECUTORS:
+        raise StreamfoldError(f"executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
     preflight(push_to_hub=push_to_hub, base_model=base_model, token=token)
     check_paths(Path(src), Path(dst), overwrite)  # before any download
     source = resolve_source(src, revision=revision, token=token, quiet=progress is None)
-    src, dst = source.path, Path(dst)
-    if not src.is_dir():
-        raise StreamfoldError(f"{src}: not a folder (give a local checkpoint folder or a Hub repo id)")
-    check_paths(src, dst, overwrite)
-    ckpt, cfg, plan = load_plan(src, mode=mode, merged_dtype=merged_dtype, rules=rules)
-    engine = Engine(ckpt, plan, workers=workers, memory_budget=memory_budget)
-    files, skipped = _other_files(src, set(ckpt.shards))
-    if source.files is not None:  # a Hub snapshot: only the files selected for download
-        files, skipped = [f for f in files if f.as_posix() in source.files], source.skipped
-    files = [f for f in files if f.as_posix() != CARD_NAME]  # the model card replaces the source's
+    if not source.path.is_dir():
+        raise StreamfoldError(f"{source.path}: not a folder (give a local checkpoint folder or a Hub repo id)")
+    dst = Path(dst)
+    check_paths(source.path, dst, overwrite)
+    if executor == "ray":
+        from .ray_executor import require_ray
+        require_ray()  # before any work: one line naming the extra when Ray is missing
+    cplan = plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, workers=workers,
+                 memory_budget=memory_budget, source=source)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.streamfold-", dir=dst.parent))
     try:
-        tick = progress(ckpt.total_bytes) if progress else None
         try:
-            shard_digests = engine.run(tmp, tick, hash_outputs=manifest)
+            digests = run_tasks(cplan, tmp, executor=executor, ray_address=ray_address, workers=workers,
+                                memory_budget=memory_budget, hash_outputs=manifest, progress=progress)
         except OSError as e:
             raise StreamfoldError(f"{e.filename or dst}: write failed ({e.strerror or e})") from None
-        if ckpt.sharded:
-            index = {"metadata": {"total_size": engine.output_bytes},
-                     "weight_map": {n: s for s, f in ckpt.shards.items() for n in f.tensors
-                                    if plan.actions[n].kind != "drop"}}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        (tmp / "config.json").write_text(json.dumps(flashnorm_config(cfg, mode), indent=2) + "\n",
-                                         encoding="utf-8")
-        for rel in files:
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / rel, tmp / rel)
-        write_card(tmp, plan=plan, tensors=ckpt.tensors, cfg=cfg, source=source, dst=dst, version=__version__,
-                   bytes_in=ckpt.total_bytes, bytes_out=engine.output_bytes, push_to_hub=push_to_hub,
-                   base_model=base_model, rules=rules, private=private)
-        t_manifest = time.perf_counter()
-        if manifest:  # shards were hashed while they were written; the small files now
-            write_manifest(tmp, digests=shard_digests, workers=engine.workers)
-        t_manifest = time.perf_counter() - t_manifest
+        t_manifest = finish(cplan, tmp, digests=digests, manifest=manifest, base_model=base_model,
+                            push_to_hub=push_to_hub, private=private, workers=workers)
         _replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        ckpt.close()
-    report = ConversionReport(
-        src=source.display, dst=str(dst), mode=mode, merged_dtype=merged_dtype, family=plan.family,
-        model_type=plan.model_type, norms_folded=len(plan.folded), norms_kept=len(plan.kept),
-        tensors_folded=plan.count("scale"), tensors_identity=plan.count("fill"),
-        tensors_dropped=plan.count("drop"), tensors_copied=plan.count("copy"),
-        biases_updated=plan.count("bias"), bytes_in=ckpt.total_bytes, bytes_out=engine.output_bytes,
-        seconds=time.perf_counter() - t0, workers=engine.workers, groups=plan.groups(),
-        skipped_files=skipped, copied_files=[r.as_posix() for r in files], source_commit=source.commit,
-        manifest=manifest, manifest_seconds=round(t_manifest, 3))
+    report = _report(cplan, dst, t0, Engine(workers).workers, manifest, t_manifest)
     if verify:
         from .verify import verify as run_verify
-        report.verification = run_verify(src, dst, mode=mode, merged_dtype=merged_dtype, rules=rules,
+        report.verification = run_verify(source.path, dst, mode=mode, merged_dtype=merged_dtype, rules=rules,
                                          workers=workers, memory_budget=memory_budget)
         if not report.verification.ok:
             return report  # not pushed: the caller sees report.verification.problems
@@ -237,6 +170,35 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
             dst, push_to_hub, private=private, token=token, commit_message=commit_message
             or f"FlashNorm ({mode}) conversion of {source.label} with streamfold {__version__}").url
     return report
+
+
+def run_tasks(cplan: ConversionPlan, out_dir: Path, *, executor: str = "local", ray_address: str | None = None,
+              workers: int | None = None, memory_budget: int | None = None, hash_outputs: bool = False,
+              progress: Callable[[int], Callable[[int], None]] | None = None, tasks=None,
+              on_done=None) -> dict[str, str]:
+    """Run ``tasks`` (default: all of the plan's) into ``out_dir``; returns shard sha256s when hashed."""
+    tasks = cplan.tasks if tasks is None else tasks
+    if executor == "ray":
+        from .ray_executor import run_on_ray
+        return run_on_ray(tasks, cplan.src, out_dir, address=ray_address, workers=workers,
+                          memory_budget=memory_budget, hash_outputs=hash_outputs, on_done=on_done)
+    tick = progress(sum(t.src_bytes for t in tasks)) if progress else None
+    return Engine(workers, memory_budget).run(tasks, cplan.src, out_dir, tick, hash_outputs=hash_outputs,
+                                              on_done=on_done)
+
+
+def _report(cplan: ConversionPlan, dst: Path, t0: float, workers: int, manifest: bool,
+            t_manifest: float) -> ConversionReport:
+    p = cplan.plan
+    return ConversionReport(
+        src=cplan.source.display, dst=str(dst), mode=p.mode, merged_dtype=p.merged_dtype, family=p.family,
+        model_type=p.model_type, norms_folded=len(p.folded), norms_kept=len(p.kept),
+        tensors_folded=p.count(Kind.SCALE), tensors_identity=p.count(Kind.FILL),
+        tensors_dropped=p.count(Kind.DROP), tensors_copied=p.count(Kind.COPY),
+        biases_updated=p.count(Kind.BIAS), bytes_in=cplan.bytes_in, bytes_out=cplan.output_bytes,
+        seconds=time.perf_counter() - t0, workers=workers, groups=p.groups(),
+        skipped_files=cplan.skipped, copied_files=list(cplan.files), source_commit=cplan.source.commit,
+        manifest=manifest, manifest_seconds=round(t_manifest, 3))
 
 
 def _replace(tmp: Path, dst: Path) -> None:

@@ -1,4 +1,4 @@
-"""Hugging Face Hub: repo ids as sources, header-only remote plans, and pushing the output.
+"""Hugging Face Hub I/O: repo ids as sources (resolve, download), remote headers, and pushing the output.
 
 Everything that talks to the Hub goes through one ``huggingface_hub.HfApi`` instance, imported
 lazily: converting a local folder never imports huggingface_hub. Downloads go through
@@ -21,11 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .convert import human_bytes, load_plan
 from .errors import StreamfoldError
-from .reader import INDEX_NAME, SINGLE_NAME, TensorInfo
-
-CARD_NAME = "README.md"
+from .files import CARD_NAME
+from .reader import INDEX_NAME, SINGLE_NAME
 # Files that hold the same weights in another format, or belong to another framework's export.
 _WEIGHT_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".safetensors", ".gguf", ".onnx",
                     ".onnx_data", ".ot", ".tflite", ".mlmodel", ".npz", ".nemo", ".pb", ".llamafile")
@@ -315,136 +313,6 @@ def _download(repo_id: str, revision: str | None, token) -> Source:
                                             allow_patterns=[_exact_pattern(p) for p in take]))
     return Source(path=folder, display=repo_id, repo_id=repo_id, revision=revision, commit=commit,
                   files=set(take), skipped=skipped)
-
-
-# --- planning without downloading -----------------------------------------------------------------
-
-def output_bytes(plan, tensors: dict[str, TensorInfo]) -> int:
-    """Tensor data bytes of the converted checkpoint (what ``ConversionReport.bytes_out`` counts)."""
-    from .dtypes import DTYPES
-    total = 0
-    for name, t in tensors.items():
-        a = plan.actions[name]
-        if a.kind != "drop":
-            total += t.numel * DTYPES[a.out_dtype].itemsize
-    return total
-
-
-@dataclass
-class Inspection:
-    """The fold plan for a SRC, with sizes; from local headers, cached files, or remote headers."""
-
-    plan: object
-    source: Source | None
-    src: str
-    how: str  # "local", "cache" or "remote"
-    shards: int
-    tensors: int
-    bytes_in: int
-    bytes_out: int
-    download_files: list[str] | None = None
-    download_bytes: int | None = None
-    skipped_files: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        d = self.plan.to_dict()
-        d["source"] = {"src": self.src, "how": self.how,
-                       "repo_id": self.source.repo_id if self.source else None,
-                       "commit": self.source.commit if self.source else None}
-        d["sizes"] = {"shards": self.shards, "tensors": self.tensors, "bytes_in": self.bytes_in,
-                      "bytes_out": self.bytes_out}
-        if self.download_files is not None:
-            d["download"] = {"files": self.download_files, "bytes": self.download_bytes,
-                             "not_downloaded": self.skipped_files}
-        return d
-
-    def describe(self, each: bool = False) -> str:
-        where = {"local": "local headers",
-                 "cache": "the local Hugging Face cache",
-                 "remote": "remote safetensors headers; no weights downloaded"}[self.how]
-        commit = f" @ {self.source.commit[:12]}" if self.source and self.source.commit else ""
-        lines = [f"source: {self.src}{commit} ({where})", self.plan.describe(each),
-                 f"sizes: {self.tensors} tensors in {self.shards} shard(s), {human_bytes(self.bytes_in)} in -> "
-                 f"{human_bytes(self.bytes_out)} out ({self.plan.mode}, merged dtype {self.plan.merged_dtype})"]
-        if self.download_files is not None:
-            size = f", {human_bytes(self.download_bytes)}" if self.download_bytes is not None else ""
-            lines.append(f"converting downloads {len(self.download_files)} files{size}")
-            if self.skipped_files:
-                lines.append(f"  not downloaded (other weight formats / exports): "
-                             f"{', '.join(self.skipped_files)}")
-        return "\n".join(lines)
-
-
-def inspect(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str = "source",
-            rules=None, revision: str | None = None, token: str | bool | None = None) -> Inspection:
-    """The fold plan and output sizes for ``src``, reading headers only.
-
-    A local folder (or, with ``HF_HUB_OFFLINE`` set, a cached Hub repo) is planned from its files. A Hub
-    repo id is planned from its safetensors headers fetched remotely (plus ``config.json`` and the index):
-    nothing the size of the weights is downloaded, and LayerNorm bias folds, which depend on the bias
-    values, are decided at conversion.
-    """
-    text = os.fspath(src)
-    if Path(text).exists() or not is_repo_id(text) or _offline():
-        source = resolve_source(text, revision=revision, token=token)
-        ckpt, _, plan = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules)
-        try:
-            tensors = dict(ckpt.tensors)
-            shards = len(ckpt.shards)
-        finally:
-            ckpt.close()
-        hub = source.repo_id is not None
-        return Inspection(plan=plan, source=source if hub else None, src=text, how="cache" if hub else "local",
-                          shards=shards, tensors=len(tensors), bytes_in=sum(t.nbytes for t in tensors.values()),
-                          bytes_out=output_bytes(plan, tensors),
-                          download_files=sorted(source.files) if hub else None,
-                          skipped_files=source.skipped)
-    with _quiet_bars(True):
-        return _inspect_remote(text, mode=mode, merged_dtype=merged_dtype, rules=rules, revision=revision,
-                               token=token)
-
-
-def _inspect_remote(repo_id: str, *, mode, merged_dtype, rules, revision, token) -> Inspection:
-    from .dtypes import DTYPES
-    from .plan import make_plan
-    from .reader import read_config
-    from .rules import load_rules_file
-    api = _api(token)
-    with _guard(repo_id, revision, "fetching repo info"):
-        info = api.model_info(repo_id, revision=revision, files_metadata=True, token=token)
-    commit = info.sha
-    sizes = {s.rfilename: s.size for s in (info.siblings or [])}
-    if "config.json" not in sizes:
-        raise StreamfoldError(f"{repo_id}: no config.json in the repo; a Hugging Face checkpoint needs one")
-    with _guard(repo_id, revision, "downloading config.json"):
-        cfg = read_config(Path(api.hf_hub_download(repo_id, "config.json", revision=commit, token=token)).parent)
-    with _guard(repo_id, revision, "reading safetensors headers"):
-        meta = api.get_safetensors_metadata(repo_id, revision=commit, token=token)
-    tensors: dict[str, TensorInfo] = {}
-    for fname, fmeta in meta.files_metadata.items():
-        for name, t in fmeta.tensors.items():
-            if t.dtype not in DTYPES:
-                raise StreamfoldError(f"{repo_id}: {fname}: tensor {name!r} has unknown dtype {t.dtype!r}")
-            if name in tensors:
-                raise StreamfoldError(f"{repo_id}: {fname}: tensor {name!r} also in {tensors[name].path.name}")
-            begin, end = t.data_offsets
-            tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), Path(fname), begin, end)
-    for name, fname in meta.weight_map.items():
-        if name not in tensors or tensors[name].path.name != fname:
-            raise StreamfoldError(f"{repo_id}: {fname} lacks tensor {name!r} that {INDEX_NAME} places there; "
-                                  "the index and shards disagree")
-    extra = load_rules_file(rules) if isinstance(rules, (str, os.PathLike)) else rules
-    plan = make_plan(cfg, tensors, None, mode=mode, merged_dtype=merged_dtype, rules=extra)
-    shards = list(meta.files_metadata)
-    take, skipped = select_files(sorted(sizes), shards)
-    known = [sizes.get(p) for p in take]
-    return Inspection(plan=plan, source=Source(path=Path(), display=repo_id, repo_id=repo_id, revision=revision,
-                                               commit=commit),
-                      src=repo_id, how="remote", shards=len(shards), tensors=len(tensors),
-                      bytes_in=sum(t.nbytes for t in tensors.values()), bytes_out=output_bytes(plan, tensors),
-                      download_files=take,
-                      download_bytes=sum(known) if all(k is not None for k in known) else None,
-                      skipped_files=skipped)
 
 
 # --- pushing --------------------------------------------------------------------------------------

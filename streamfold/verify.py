@@ -40,14 +40,14 @@ from typing import Callable
 import numpy as np
 
 from .dtypes import DTYPES, widen_bf16
-from .engine import DEFAULT_BUDGET, default_workers
-from .convert import FLASHNORM_VERSION
+from .files import CARD_NAME, FLASHNORM_VERSION, other_files
 from .errors import StreamfoldError
 from .fold import Scratch
 from .manifest import MANIFEST_NAME, OrderedHasher, hash_file, list_files, parse_manifest
-from .plan import MERGED_DTYPES, MODES, Action, Plan, make_plan, natural_key
+from .plan import MERGED_DTYPES, MODES, Action, Kind, Plan, make_plan, natural_key
 from .reader import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, pread_into, read_config
 from .rules import load_rules_file
+from .tasks import DEFAULT_BUDGET, default_workers
 
 EXIT_FAILED = 3  # CLI exit status when verification finds problems
 BLOCK_ELEMS = 1 << 15  # elements per compute block (float32 scratch stays in cache)
@@ -437,7 +437,7 @@ class _Verifier:
         if merged is None:
             merged = "source"
             for name, a in plan.actions.items():
-                if a.kind == "scale" and src_ckpt.tensors[name].dtype in ("BF16", "F16") \
+                if a.kind == Kind.SCALE and src_ckpt.tensors[name].dtype in ("BF16", "F16") \
                         and name in dst_tensors and dst_tensors[name].dtype == "F32":
                     merged = "float32"
                     break
@@ -452,7 +452,7 @@ class _Verifier:
         lost: dict[str, list[str]] = {}
         for name, a in plan.actions.items():
             st = src_ckpt.tensors[name]
-            if a.kind == "drop":
+            if a.kind == Kind.DROP:
                 if name in dst_tensors:
                     self.fail("tensor", name, "folded norm must be absent in strict mode, but is present")
                 else:
@@ -517,7 +517,7 @@ class _Verifier:
             src=str(self.src), dst=str(self.dst), mode=mode, merged_dtype=merged, family=plan.family,
             model_type=plan.model_type, problems=self.problems, notes=self.notes, counts=self.counts,
             max_fold_error_ulp=round(self.max_ratio * 0.5, 4), bytes_read=self.bytes_read,
-            folds_rounded=any(a.kind == "scale" and a.out_dtype in ("BF16", "F16") for a in plan.actions.values()),
+            folds_rounded=any(a.kind == Kind.SCALE and a.out_dtype in ("BF16", "F16") for a in plan.actions.values()),
             workers=self.workers, manifest=manifest_state)
         report.seconds = time.perf_counter() - t0
         return report
@@ -541,13 +541,13 @@ class _Verifier:
                     jobs.append(self._hash_job(path, t.begin + off, min(self.chunk_bytes, t.nbytes - off), hasher))
                 continue
             st = src_ckpt.tensors[t.name]
-            if a.kind == "copy":
+            if a.kind == Kind.COPY:
                 jobs.extend(self._copy_jobs(t, st, hasher))
-            elif a.kind == "scale":
+            elif a.kind == Kind.SCALE:
                 jobs.extend(self._scale_jobs(t, st, a, hasher))
-            elif a.kind == "fill":
+            elif a.kind == Kind.FILL:
                 jobs.append(self._small_job(t, st, a, hasher, self._check_fill))
-            elif a.kind == "bias":
+            elif a.kind == Kind.BIAS:
                 jobs.append(self._small_job(t, st, a, hasher, self._check_bias))
             else:
                 raise AssertionError(a.kind)
@@ -748,9 +748,7 @@ class _Verifier:
 
     # -- files --------------------------------------------------------------------------------------------
     def _check_other_files(self, src_ckpt: Checkpoint) -> None:
-        from .card import CARD_NAME
-        from .convert import _other_files
-        files, skipped = _other_files(self.src, set(src_ckpt.shards))
+        files, skipped = other_files(self.src, set(src_ckpt.shards))
         for rel in files:
             if rel.as_posix() == CARD_NAME:  # convert writes its own model card in place of the source's
                 continue
@@ -810,9 +808,9 @@ def _ulps(x: float) -> str:
 
 
 def _what(a: Action) -> str:
-    return {"copy": "unchanged", "scale": f"folded with {a.norm.weight if a.norm else '?'}",
-            "fill": "folded norm set to identity", "bias": "bias with the norm's shift folded in",
-            "drop": "removed"}[a.kind]
+    return {Kind.COPY: "unchanged", Kind.SCALE: f"folded with {a.norm.weight if a.norm else '?'}",
+            Kind.FILL: "folded norm set to identity", Kind.BIAS: "bias with the norm's shift folded in",
+            Kind.DROP: "removed"}[a.kind]
 
 
 def _round_robin(groups: list[list[_Job]]) -> list[list[_Job]]:
