@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plan", action="store_true", help="print the fold plan and exit (reads headers only)")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     _resource_options(c)
+    c.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run one Ray task per output shard (pip install \"streamfold[ray]\"): join the cluster "
+                        "at ADDRESS, or start a local one; source and DST's folder must be on storage every "
+                        "node sees. Each task uses --workers CPUs (default 2) and --memory-budget")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     c.add_argument("--verify", action="store_true",
                    help="verify the output tensor by tensor right after converting (exit 3 on problems; "
@@ -197,7 +201,8 @@ def _convert(args) -> int:
                      overwrite=args.overwrite, workers=args.workers, memory_budget=args.memory_budget,
                      rules=args.rules, progress=_progress(args.quiet or args.json), revision=args.revision,
                      base_model=args.base_model, push_to_hub=args.push_to_hub, private=args.private,
-                     commit_message=args.commit_message, manifest=args.manifest, verify=args.verify)
+                     commit_message=args.commit_message, manifest=args.manifest, verify=args.verify,
+                     executor="local" if args.ray is None else "ray", ray_address=args.ray or None)
     v = report.verification
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
