@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run one Ray task per output shard (pip install \"streamfold[ray]\"): join the cluster "
                         "at ADDRESS, or start a local one; source and DST's folder must be on storage every "
                         "node sees. Each task uses --workers CPUs (default 2) and --memory-budget")
+    c.add_argument("--stream", action="store_true",
+                   help="with a Hub repo id SRC and --push-to-hub: fetch, convert, upload and delete one shard "
+                        "at a time (peak disk a few shards), one commit at the end; DST keeps the small files")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     c.add_argument("--verify", action="store_true",
                    help="verify the output tensor by tensor right after converting (exit 3 on problems; "
@@ -202,7 +205,8 @@ def _convert(args) -> int:
                      rules=args.rules, progress=_progress(args.quiet or args.json), revision=args.revision,
                      base_model=args.base_model, push_to_hub=args.push_to_hub, private=args.private,
                      commit_message=args.commit_message, manifest=args.manifest, verify=args.verify,
-                     executor="local" if args.ray is None else "ray", ray_address=args.ray or None)
+                     executor="local" if args.ray is None else "ray", ray_address=args.ray or None,
+                     stream=args.stream)
     v = report.verification
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

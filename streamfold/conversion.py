@@ -29,15 +29,19 @@ from .tasks import SCHEMA, Task, build_tasks, chunk_bytes_for
 
 
 def load_plan(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str = "source",
-              rules: str | os.PathLike | dict | None = None) -> tuple[Checkpoint, dict, Plan]:
-    """Open and validate a local checkpoint and plan its conversion (headers and norms only)."""
+              rules: str | os.PathLike | dict | None = None, read=None) -> tuple[Checkpoint, dict, Plan]:
+    """Open and validate a local checkpoint and plan its conversion (headers and norms only).
+
+    ``read(tensor_info)`` overrides how the (tiny) norm vectors are read, e.g. by HTTP range requests
+    when the local shards are header-only stubs."""
     src = Path(src)
     ckpt = Checkpoint(src)
     cfg = read_config(src)
     extra = load_rules_file(rules) if isinstance(rules, (str, os.PathLike)) else rules
+    custom = read
 
     def read(name: str):
-        return ckpt.read(name)
+        return ckpt.read(name) if custom is None else custom(ckpt.tensors[name])
     plan = make_plan(cfg, ckpt.tensors, read, mode=mode, merged_dtype=merged_dtype, rules=extra)
     return ckpt, cfg, plan
 
@@ -92,7 +96,7 @@ class ConversionPlan:
 def plan(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str = "source",
          rules: str | os.PathLike | dict | None = None, workers: int | None = None,
          memory_budget: int | None = None, revision: str | None = None, token: str | bool | None = None,
-         quiet: bool = True, source: Source | None = None) -> ConversionPlan:
+         quiet: bool = True, source: Source | None = None, read=None) -> ConversionPlan:
     """Plan the conversion of ``src`` (a folder, or a Hub repo id: downloaded first) into tasks.
 
     ``workers`` and ``memory_budget`` set the chunk size the tasks are cut into (the output bytes do
@@ -100,7 +104,7 @@ def plan(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str = "s
     source = source or resolve_source(src, revision=revision, token=token, quiet=quiet)
     if not source.path.is_dir():
         raise StreamfoldError(f"{source.path}: not a folder (give a local checkpoint folder or a Hub repo id)")
-    ckpt, cfg, p = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules)
+    ckpt, cfg, p = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, read=read)
     try:
         tasks = build_tasks(ckpt, p, chunk_bytes_for(workers, memory_budget))
         files, skipped = other_files(source.path, set(ckpt.shards))

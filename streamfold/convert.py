@@ -52,6 +52,8 @@ class ConversionReport:
     manifest: bool = False  # SHA256SUMS written
     manifest_seconds: float = 0.0
     verification: "VerifyReport | None" = None  # convert(verify=True): the tensor-level verification
+    peak_disk: int | None = None  # stream=True: most local disk in use at once (source + output shards)
+    resumed_shards: int = 0  # shards re-used from an interrupted run of the same conversion
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -76,6 +78,10 @@ class ConversionReport:
             lines.append(f"  not copied (other weight formats): {', '.join(self.skipped_files)}")
         lines.append(f"  {human_bytes(self.bytes_in)} in, {human_bytes(self.bytes_out)} out, "
                      f"{self.seconds:.2f} s ({gbps:.2f} GB/s, {self.workers} workers)")
+        if self.resumed_shards:
+            lines.append(f"  resumed: {self.resumed_shards} shard(s) re-used from the interrupted run")
+        if self.peak_disk is not None:
+            lines.append(f"  streamed shard by shard: peak local disk {human_bytes(self.peak_disk)}")
         if self.hub_url:
             lines.append(f"  pushed to {self.hub_url}")
         return "\n".join(lines)
@@ -103,7 +109,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
             revision: str | None = None, token: str | bool | None = None, base_model: str | None = None,
             push_to_hub: str | None = None, private: bool = False,
             commit_message: str | None = None, manifest: bool = False,
-            verify: bool = False, executor: str = "local", ray_address: str | None = None) -> ConversionReport:
+            verify: bool = False, executor: str = "local", ray_address: str | None = None,
+            stream: bool = False, resume: bool = True) -> ConversionReport:
     """Convert checkpoint ``src`` into a FlashNorm checkpoint at ``dst``.
 
     ``mode``: ``"compat"`` (folded norms set to identity) or ``"strict"`` (removed).
@@ -126,6 +133,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
     ``executor="ray"`` runs one Ray task per output shard (``ray_address``: a running cluster; None
     starts or joins a local one); each writes its shard into the staging folder beside ``dst``, which
     every worker must see (shared storage).
+
+    ``stream=True`` (a Hub repo id ``src`` and ``push_to_hub``): fetch one source shard at a time,
+    convert it, pre-upload the output shard, delete both, and commit everything at the end; ``dst``
+    keeps only the small files. ``report.peak_disk`` is the most local disk used at once.
     """
     t0 = time.perf_counter()
     from . import __version__
@@ -134,6 +145,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
         raise StreamfoldError(f"executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
     preflight(push_to_hub=push_to_hub, base_model=base_model, token=token)
     check_paths(Path(src), Path(dst), overwrite)  # before any download
+    if stream:
+        return _stream(src, Path(dst), t0, locals())
     source = resolve_source(src, revision=revision, token=token, quiet=progress is None)
     if not source.path.is_dir():
         raise StreamfoldError(f"{source.path}: not a folder (give a local checkpoint folder or a Hub repo id)")
@@ -169,6 +182,25 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
         report.hub_url = push_folder(
             dst, push_to_hub, private=private, token=token, commit_message=commit_message
             or f"FlashNorm ({mode}) conversion of {source.label} with streamfold {__version__}").url
+    return report
+
+
+def _stream(src, dst: Path, t0: float, opts: dict) -> ConversionReport:
+    from .hub import is_repo_id
+    from .stream import stream_convert
+    if not opts["push_to_hub"]:
+        raise StreamfoldError("--stream converts Hub to Hub: give --push-to-hub ORG/NAME")
+    if Path(src).exists() or not is_repo_id(str(src)):
+        raise StreamfoldError(f"{src}: --stream reads a Hub repo id (org/name), not a local folder")
+    if opts["executor"] != "local":
+        raise StreamfoldError("--stream runs on this machine; it cannot be combined with --ray")
+    out = stream_convert(str(src), dst, push_to_hub=opts["push_to_hub"], revision=opts["revision"],
+                         token=opts["token"], mode=opts["mode"], merged_dtype=opts["merged_dtype"],
+                         rules=opts["rules"], workers=opts["workers"], memory_budget=opts["memory_budget"],
+                         manifest=opts["manifest"], verify=opts["verify"], base_model=opts["base_model"],
+                         private=opts["private"], commit_message=opts["commit_message"], progress=opts["progress"])
+    report = _report(out["plan"], dst, t0, Engine(opts["workers"]).workers, opts["manifest"], 0.0)
+    report.hub_url, report.peak_disk = out["url"], out["peak_disk"]
     return report
 
 

@@ -366,3 +366,63 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
                               f"hf upload {repo_id} {folder} .)") from None
     url = getattr(repo_url, "url", None) or str(repo_url)
     return PushResult(url=url, commit_url=getattr(info, "commit_url", None))
+
+
+# --- byte ranges and pre-uploads (the streaming path) ---------------------------------------------
+
+def read_range(repo_id: str, filename: str, commit: str, start: int, end: int, token=None) -> bytes:
+    """Bytes ``[start, end)`` of one repo file, by an HTTP range request (as huggingface_hub reads
+    safetensors headers): a norm vector or a header without downloading the shard."""
+    hf = _hf()
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+    if end <= start:
+        return b""
+    url = hf.hf_hub_url(repo_id=repo_id, filename=filename, revision=commit, endpoint=_constants().ENDPOINT)
+    headers = {**_api(token)._build_hf_headers(token=token), "range": f"bytes={start}-{end - 1}"}
+    with _guard(repo_id, commit, f"reading {filename} bytes {start}..{end}"):
+        r = get_session().get(url, headers=headers, follow_redirects=True)
+        hf_raise_for_status(r)
+    data = r.content
+    if r.status_code == 200 and len(data) > end - start:  # a server that ignores Range sent the whole file
+        data = data[start:end]
+    if len(data) != end - start:
+        raise StreamfoldError(f"{repo_id}: {filename}: asked for bytes {start}..{end}, got {len(data)} bytes")
+    return data
+
+
+def download_file(repo_id: str, filename: str, commit: str, folder: Path, token=None) -> Path:
+    """Download one repo file into ``folder`` (not the shared cache: the caller deletes it when done)."""
+    api = _api(token)
+    with _guard(repo_id, commit, f"downloading {filename}"):
+        return Path(api.hf_hub_download(repo_id, filename, revision=commit, local_dir=str(folder), token=token))
+
+
+def preupload(repo_id: str, path: Path, path_in_repo: str, token=None):
+    """Upload one file's content ahead of the commit; returns the operation to commit later. Small
+    files the Hub stores as regular (non-LFS) files are kept in memory, so ``path`` may be deleted."""
+    from huggingface_hub import CommitOperationAdd
+    api = _api(token)
+    op = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(path))
+    with _guard(repo_id, None, f"uploading {path_in_repo}"):
+        api.preupload_lfs_files(repo_id, additions=[op], token=token, repo_type="model")
+    if not getattr(op, "_is_uploaded", False):  # a regular file: committed inline, from memory
+        op = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=path.read_bytes())
+    return op
+
+
+def commit(repo_id: str, operations: list, message: str, *, private: bool = False, token=None) -> PushResult:
+    """One commit of pre-uploaded (and small) files; creates the repo if needed."""
+    api = _api(token)
+    url = ensure_repo(repo_id, private=private, token=token)
+    with _guard(repo_id, None, "creating the commit"):
+        info = api.create_commit(repo_id, operations=operations, commit_message=message, token=token,
+                                 repo_type="model")
+    return PushResult(url=url, commit_url=getattr(info, "commit_url", None))
+
+
+def ensure_repo(repo_id: str, *, private: bool = False, token=None) -> str:
+    api = _api(token)
+    with _guard(repo_id, None, "creating the repo"):
+        repo_url = api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True,
+                                   token=token)
+    return getattr(repo_url, "url", None) or str(repo_url)
