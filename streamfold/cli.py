@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run one Ray task per output shard (pip install \"streamfold[ray]\"): join the cluster "
                         "at ADDRESS, or start a local one; source and DST's folder must be on storage every "
                         "node sees. Each task uses --workers CPUs (default 2) and --memory-budget")
+    res = c.add_mutually_exclusive_group()
+    res.add_argument("--resume", dest="resume", action="store_true", default=True,
+                     help="continue an interrupted conversion into DST, re-using its completed shards after "
+                          "checking them (the default: the same command resumes; a changed source or option "
+                          "starts fresh and says why)")
+    res.add_argument("--no-resume", dest="resume", action="store_false",
+                     help="discard an interrupted conversion's completed shards and start fresh")
     c.add_argument("--stream", action="store_true",
                    help="with a Hub repo id SRC and --push-to-hub: fetch, convert, upload and delete one shard "
                         "at a time (peak disk a few shards), one commit at the end; DST keeps the small files")
@@ -206,7 +213,8 @@ def _convert(args) -> int:
                      base_model=args.base_model, push_to_hub=args.push_to_hub, private=args.private,
                      commit_message=args.commit_message, manifest=args.manifest, verify=args.verify,
                      executor="local" if args.ray is None else "ray", ray_address=args.ray or None,
-                     stream=args.stream)
+                     stream=args.stream, resume=args.resume,
+                     note=lambda line: print(f"streamfold: {line}", file=sys.stderr))
     v = report.verification
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -78,19 +78,26 @@ class ConversionPlan:
         return {name: t.shard for t in self.tasks for name, _, _ in t.tensors}
 
     def fingerprint(self) -> dict:
-        """What the output depends on: every source file's size and header hash, the norm vectors
-        (inside the tasks), the options and the task schema. Equal fingerprints, equal output."""
+        """What the output depends on: every source file's size, header hash and mtime, the norm
+        vectors, the options and the task schema (not the chunking: the bytes do not depend on it)."""
         import hashlib
-        tasks = hashlib.sha256("".join(t.to_json() for t in self.tasks).encode()).hexdigest()
+        norms = hashlib.sha256()
+        for t in self.tasks:
+            for k in sorted(t.norms):
+                for part in sorted(t.norms[k]):
+                    norms.update(f"{t.shard}/{k}/{part}".encode() + t.norms[k][part].tobytes())
         rules = self.options.get("rules")
         if isinstance(rules, (str, os.PathLike)):
             rules = load_rules_file(rules)
-        return {"schema": SCHEMA,
-                "sources": {s: {"size": f.size, "header_sha256": f.header_sha256}
-                            for t in self.tasks for s, f in sorted(t.sources.items())},
+        sources = {}
+        for t in self.tasks:
+            for s, f in sorted(t.sources.items()):
+                sources[s] = {"size": f.size, "header_sha256": f.header_sha256,
+                              "mtime_ns": os.stat(self.src / s).st_mtime_ns}
+        return {"schema": SCHEMA, "sources": sources,
                 "options": {"mode": self.plan.mode, "merged_dtype": self.plan.merged_dtype,
                             "rules": json.dumps(rules, sort_keys=True, default=str) if rules else None},
-                "tasks_sha256": tasks}
+                "norms_sha256": norms.hexdigest()}
 
 
 def plan(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str = "source",

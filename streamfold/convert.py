@@ -13,6 +13,7 @@ from .conversion import ConversionPlan, finish, load_plan, plan
 from .engine import Engine
 from .errors import StreamfoldError
 from .files import FLASHNORM_VERSION, flashnorm_config  # noqa: F401 - re-exported
+from .journal import Staging
 from .plan import Kind
 from .units import human_bytes
 
@@ -110,7 +111,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
             push_to_hub: str | None = None, private: bool = False,
             commit_message: str | None = None, manifest: bool = False,
             verify: bool = False, executor: str = "local", ray_address: str | None = None,
-            stream: bool = False, resume: bool = True) -> ConversionReport:
+            stream: bool = False, resume: bool = True,
+            note: Callable[[str], None] | None = None) -> ConversionReport:
     """Convert checkpoint ``src`` into a FlashNorm checkpoint at ``dst``.
 
     ``mode``: ``"compat"`` (folded norms set to identity) or ``"strict"`` (removed).
@@ -137,8 +139,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
     ``stream=True`` (a Hub repo id ``src`` and ``push_to_hub``): fetch one source shard at a time,
     convert it, pre-upload the output shard, delete both, and commit everything at the end; ``dst``
     keeps only the small files. ``report.peak_disk`` is the most local disk used at once.
+
+    The output is staged in ``.DST.streamfold-staging`` beside ``dst`` with a journal of completed
+    shards: when a conversion is killed, the same call re-uses the shards that check out and writes
+    the rest (``resume=False`` starts fresh); ``note(line)`` is told whether and why it resumed.
     """
     t0 = time.perf_counter()
+    note = note or (lambda _line: None)
     from . import __version__
     from .hub import preflight, push_folder, resolve_source  # huggingface_hub only for repo ids / pushes
     if executor not in EXECUTORS:
@@ -158,20 +165,30 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
     cplan = plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, workers=workers,
                  memory_budget=memory_budget, source=source)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.streamfold-", dir=dst.parent))
+    staging = Staging(dst, cplan.fingerprint(), resume=resume, note=note)
+    resumed = len(staging.done)
     try:
+        todo = [t for t in cplan.tasks if t.shard not in staging.done]
         try:
-            digests = run_tasks(cplan, tmp, executor=executor, ray_address=ray_address, workers=workers,
-                                memory_budget=memory_budget, hash_outputs=manifest, progress=progress)
+            digests = run_tasks(cplan, staging.path, executor=executor, ray_address=ray_address, workers=workers,
+                                memory_budget=memory_budget, hash_outputs=manifest, progress=progress, tasks=todo,
+                                on_done=staging.record)
         except OSError as e:
             raise StreamfoldError(f"{e.filename or dst}: write failed ({e.strerror or e})") from None
-        t_manifest = finish(cplan, tmp, digests=digests, manifest=manifest, base_model=base_model,
+        digests = {**staging.digests(), **digests}  # re-used shards without a digest are hashed by finish
+        staging.seal()
+        t_manifest = finish(cplan, staging.path, digests=digests, manifest=manifest, base_model=base_model,
                             push_to_hub=push_to_hub, private=private, workers=workers)
-        _replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _replace(staging.path, dst)
+    except BaseException as e:
+        if isinstance(e, StreamfoldError) or not staging.done:
+            staging.discard()  # bad input, or nothing worth keeping
+        else:  # interrupted or failed writing: keep the completed shards for the same command to re-use
+            staging.release()
+            note(f"{len(staging.done)} completed shard(s) kept in {staging.path}; run the same command to resume")
         raise
     report = _report(cplan, dst, t0, Engine(workers).workers, manifest, t_manifest)
+    report.resumed_shards = resumed
     if verify:
         from .verify import verify as run_verify
         report.verification = run_verify(source.path, dst, mode=mode, merged_dtype=merged_dtype, rules=rules,
