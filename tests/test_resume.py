@@ -13,6 +13,7 @@ import pytest
 import streamfold
 from streamfold.journal import JOURNAL, staging_path
 
+from .test_engine import RULES
 from .test_stream import layered  # noqa: F401 - four one-layer shards
 from .test_tasks import _env, _files
 
