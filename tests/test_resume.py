@@ -139,3 +139,14 @@ def test_no_resume_discards(layered, rules_file, tmp_path):  # noqa: F811
     _killed(layered, dst, rules_file, "shards", 1)
     r = _again(layered, dst, rules_file, "--no-resume")
     assert r.returncode == 0 and "not resuming" in r.stderr and "--no-resume" in r.stderr
+
+
+def test_second_conversion_into_the_same_dst_is_refused(tmp_path):
+    from streamfold.journal import Staging
+    first = Staging(tmp_path / "out", {"schema": 1})
+    try:
+        with pytest.raises(streamfold.StreamfoldError, match=rf"another streamfold \(pid {os.getpid()}\) is converting"):
+            Staging(tmp_path / "out", {"schema": 1})
+    finally:
+        first.discard()
+    assert not staging_path(tmp_path / "out").exists()
