@@ -345,12 +345,19 @@ def _usage(cfg: dict, folder: Path | None, ref: str, compat: bool, tokenizer_fro
                                     ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     where = "" if on_hub else "  # this folder, or its Hub repo id once uploaded"
     out = ["## Usage", "", "```python"]
-    if causal:
+    if causal and not has_tok and not tokenizer_from:  # no tokenizer anywhere we know of: token ids
+        out += ["import torch", "from transformers import AutoModelForCausalLM", "",
+                f"model_id = {ref!r}{where}",
+                "model = AutoModelForCausalLM.from_pretrained(model_id)",
+                "# this checkpoint has no tokenizer files: encode text with the source model's tokenizer",
+                "ids = torch.tensor([[1, 2, 3, 4]])",
+                "out = model.generate(ids, max_new_tokens=20, do_sample=False)",
+                "print(out[0].tolist())"]
+    elif causal:
         if has_tok:
             tok = "tok = AutoTokenizer.from_pretrained(model_id)"
         else:
-            arg = repr(tokenizer_from) if tokenizer_from else "..."
-            tok = f"tok = AutoTokenizer.from_pretrained({arg})  # the source model's tokenizer"
+            tok = f"tok = AutoTokenizer.from_pretrained({tokenizer_from!r})  # the source model's tokenizer"
         out += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                 f"model_id = {ref!r}{where}", tok,
                 "model = AutoModelForCausalLM.from_pretrained(model_id)",
@@ -373,13 +380,14 @@ def write_card(folder: str | os.PathLike, *, plan, tensors, cfg: dict, source, d
                version: str, bytes_in: int, bytes_out: int, push_to_hub: str | None = None,
                base_model: str | None = None, rules=None, private: bool = False) -> Path:
     """Write ``folder/README.md`` for a conversion (``source`` is a :class:`streamfold.hub.Source`)."""
-    # The card depends on the source and the options, never on where DST is: the same conversion gives
-    # the same bytes (and SHA256SUMS) in any output folder.
+    # The card names DST by its folder name (what the usage snippet loads) or the repo it is pushed to,
+    # never by its location: the same conversion into folders of the same name gives the same bytes
+    # (and SHA256SUMS) wherever they are.
     folder = Path(folder)
     base = base_model_for(source, cfg, base_model)
     src_name = source.repo_id or (base if _CACHE_PATH.search(Path(source.path).resolve().as_posix()) else None) \
         or Path(source.path).resolve().name
-    title = push_to_hub.split("/")[-1] if push_to_hub else f"{src_name.split('/')[-1]}-FlashNorm"
+    title = push_to_hub.split("/")[-1] if push_to_hub else Path(dst).resolve().name
     ref = push_to_hub or f"./{title}"
     command = command_line(source.repo_id or src_name, f"./{title}", mode=plan.mode,
                            merged_dtype=plan.merged_dtype, revision=source.revision, rules=rules,

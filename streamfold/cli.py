@@ -2,7 +2,8 @@
 
 Exit status: 0 success, 2 bad input or a failed check (one line on stderr, no traceback),
 3 verification found problems (``verify``, or ``convert --verify``; one line per problem),
-1 an internal error, 130 interrupted.
+1 an internal error, 130 interrupted (SIGINT), 143 terminated (SIGTERM), 141 stdout closed early
+(``... --json | head``: the status of a tool killed by SIGPIPE, with nothing on stderr).
 """
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import json
 import os
 import re
 import sys
+import threading
 from typing import Callable, Sequence
 
 from . import __version__
 from .errors import StreamfoldError
+from .staging import Terminated, handle_sigterm
 
 EXAMPLES = """\
 examples:
@@ -53,6 +56,21 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * mult)
 
 
+def merged_dtype(text: str) -> str:
+    """``--merged-dtype``: source, float32 (fp32, f32) or bf16 (bfloat16), case-insensitive."""
+    from .plan import MERGED_ALIASES
+    got = MERGED_ALIASES.get(text.lower())
+    if got is None:
+        raise argparse.ArgumentTypeError(f"not a merged dtype: {text!r} (use source, float32/fp32/f32 or "
+                                         "bf16/bfloat16)")
+    return got
+
+
+MERGED_HELP = ("dtype of folded weights: source (default), the source's, rounded once; float32 (also fp32, f32): "
+               "no rounding; bf16 (also bfloat16): the same as source for a bf16 source, refused for other "
+               "sources (weights are never narrowed)")
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
@@ -63,8 +81,8 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("compat", "strict"), default="compat",
                    help="compat (default): folded norms kept as identity, loads in stock transformers "
                         "and vLLM; strict: folded norms removed")
-    p.add_argument("--merged-dtype", choices=("source", "float32"), default="source",
-                   help="dtype of folded weights: the source's (default) or float32 (no rounding)")
+    p.add_argument("--merged-dtype", type=merged_dtype, default="source", metavar="{source,float32,bf16}",
+                   help=MERGED_HELP)
     p.add_argument("--rules", metavar="FILE",
                    help="JSON or TOML rules (norm -> consumers) for an architecture streamfold does not know")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -74,10 +92,13 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help="branch, tag or commit of a Hub repo id SRC (default: main)")
 
 
-def _resource_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=_positive, default=None,
-                   help="threads: one writes, the others fold ahead (default: CPU count, at most 8; "
-                        "1 runs everything in order on one thread)")
+WORKERS_CONVERT = ("threads: one writes, the others fold ahead (default: CPU count, at most 8; 1 runs everything "
+                   "in order on one thread)")
+WORKERS_VERIFY = "threads reading and checking both checkpoints (default: CPU count, at most 8)"
+
+
+def _resource_options(p: argparse.ArgumentParser, workers_help: str = WORKERS_CONVERT) -> None:
+    p.add_argument("--workers", type=_positive, default=None, help=workers_help)
     p.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
                    help="buffer memory for all threads, e.g. 64M or 1G (default 96M)")
 
@@ -97,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "or a Hub repo id org/name")
     c.add_argument("dst", metavar="DST", nargs="?", help="output folder (created; must not exist or be empty)")
     _plan_options(c)
-    c.add_argument("--plan", action="store_true", help="print the fold plan and exit (reads headers only)")
+    c.add_argument("--dry-run", "--plan", dest="plan", action="store_true",
+                   help="print the fold plan and output sizes and exit; writes nothing (reads headers only)")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     _resource_options(c)
     c.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -149,17 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 16)")
     v.add_argument("--mode", choices=("compat", "strict"), default=None,
                    help="expected mode (default: what DST's config.json declares)")
-    v.add_argument("--merged-dtype", choices=("source", "float32"), default=None,
-                   help="expected merged dtype (default: read from DST's folded tensors)")
+    v.add_argument("--merged-dtype", type=merged_dtype, default=None, metavar="{source,float32,bf16}",
+                   help="expected merged dtype, spelled as for convert (default: read from DST's folded tensors)")
     v.add_argument("--rules", metavar="FILE", help="the rules file the conversion used, if any")
     v.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub repo id SRC")
-    _resource_options(v)
+    _resource_options(v, WORKERS_VERIFY)
     v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     v.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar; print only the problems (nothing when all is well)")
 
-    d = sub.add_parser("demo", help="convert the bundled sample checkpoint and check the result is exact")
-    d.add_argument("dst", metavar="DST", nargs="?", help="where to write it (default: a temporary folder)")
+    d = sub.add_parser("demo", help="convert the bundled sample checkpoint as a default conversion does, "
+                                    "verify it, and compare with --merged-dtype float32")
+    d.add_argument("dst", metavar="DST", nargs="?",
+                   help="where to write it (kept; must not exist or be empty) (default: a temporary folder, "
+                        "removed at the end)")
+    d.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     d.add_argument("-q", "--quiet", action="store_true")
     return parser
 
@@ -207,14 +233,13 @@ def _convert(args) -> int:
     if (args.private or args.commit_message) and not args.push_to_hub:
         raise StreamfoldError("--private and --commit-message apply to --push-to-hub REPO")
     from .convert import convert
-    report = convert(args.src, args.dst, mode=args.mode, merged_dtype=args.merged_dtype,
+    report = convert(args.src, args.dst, log=_log(args.quiet), mode=args.mode, merged_dtype=args.merged_dtype,
                      overwrite=args.overwrite, workers=args.workers, memory_budget=args.memory_budget,
                      rules=args.rules, progress=_progress(args.quiet or args.json), revision=args.revision,
                      base_model=args.base_model, push_to_hub=args.push_to_hub, private=args.private,
                      commit_message=args.commit_message, manifest=args.manifest, verify=args.verify,
                      executor="local" if args.ray is None else "ray", ray_address=args.ray or None,
-                     stream=args.stream, resume=args.resume,
-                     note=lambda line: print(f"streamfold: {line}", file=sys.stderr))
+                     stream=args.stream, resume=args.resume)
     v = report.verification
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -266,9 +291,18 @@ def _verify(args) -> int:
     return 0 if report.ok else 3
 
 
+def _log(quiet: bool) -> Callable[[str], None]:
+    """Where one-line notes (a killed run's output reclaimed) go: stderr, unless --quiet."""
+    def log(line: str) -> None:
+        if not quiet:
+            _close_bars()
+            print(line, file=sys.stderr)
+    return log
+
+
 def _demo(args) -> int:
     from .demo import run_demo
-    return run_demo(args.dst, quiet=args.quiet)
+    return run_demo(args.dst, quiet=args.quiet, overwrite=args.overwrite, log=_log(args.quiet))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -280,17 +314,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    writes = args.command in ("convert", "demo") and not getattr(args, "plan", False)
+    cleaned = "; partial output removed" if writes else ""
     try:
+        if threading.current_thread() is threading.main_thread():
+            handle_sigterm()
         handler = {"convert": _convert, "inspect": _print_plan, "verify": _verify, "demo": _demo}[args.command]
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # here, so a closed pipe is seen below and not at interpreter exit
+        return code
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as Unix tools do
+        _close_bars()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush into the closed pipe at exit
+        os.close(devnull)
+        return 141
     except StreamfoldError as e:
         _close_bars()
         print(f"streamfold: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _close_bars()
-        print("streamfold: interrupted; no output was written", file=sys.stderr)
+        print(f"streamfold: interrupted{cleaned}", file=sys.stderr)
         return 130
+    except Terminated:
+        _close_bars()
+        print(f"streamfold: terminated (SIGTERM){cleaned}", file=sys.stderr)
+        return 143
     except Exception as e:  # an unexpected failure still gets one line, not a traceback
         _close_bars()
         if os.environ.get("STREAMFOLD_DEBUG"):

@@ -152,12 +152,14 @@ def run_task(task: Task, out_dir: str | os.PathLike, *, src: str | os.PathLike |
 
 def finish(cplan: ConversionPlan, out_dir: str | os.PathLike, *, digests: dict[str, str] | None = None,
            manifest: bool = False, base_model: str | None = None, push_to_hub: str | None = None,
-           private: bool = False, workers: int | None = None, shards_present: bool = True) -> float:
+           private: bool = False, workers: int | None = None, shards_present: bool = True,
+           dst: str | os.PathLike | None = None) -> float:
     """Complete ``out_dir`` after every task ran: index, config flags, card, other files, manifest.
 
     Checks that every shard is there at its planned size (``shards_present=False`` skips that, for
     the streaming Hub path where shards are uploaded and deleted as they are done). Returns the
-    seconds spent on the manifest."""
+    seconds spent on the manifest. ``dst``: the folder the output will be published as (the model
+    card names it; default ``out_dir``)."""
     from . import __version__
     out_dir = Path(out_dir)
     for p in out_dir.glob(f".*{PARTIAL_SUFFIX}"):  # left by a killed attempt
@@ -178,8 +180,8 @@ def finish(cplan: ConversionPlan, out_dir: str | os.PathLike, *, digests: dict[s
                                          encoding="utf-8")
     for rel in cplan.files:
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(cplan.src / rel, out_dir / rel)
-    write_card(out_dir, plan=cplan.plan, tensors=cplan.tensors, cfg=cplan.cfg, source=cplan.source, dst=out_dir,
+        shutil.copyfile(cplan.src / rel, out_dir / rel)  # contents only: modes from the umask, as with cp
+    write_card(out_dir, plan=cplan.plan, tensors=cplan.tensors, cfg=cplan.cfg, source=cplan.source, dst=dst or out_dir,
                version=__version__, bytes_in=cplan.bytes_in, bytes_out=cplan.output_bytes,
                push_to_hub=push_to_hub, base_model=base_model, rules=cplan.options.get("rules"), private=private)
     t0 = time.perf_counter()

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +11,8 @@ from .conversion import ConversionPlan, finish, load_plan, plan
 from .engine import Engine
 from .errors import StreamfoldError
 from .files import FLASHNORM_VERSION, flashnorm_config  # noqa: F401 - re-exported
-from .journal import Staging
+from .journal import Journal
+from .staging import Staging, check_destination
 from .plan import Kind
 from .units import human_bytes
 
@@ -21,7 +20,7 @@ if TYPE_CHECKING:
     from .verify import VerifyReport
 
 EXECUTORS = ("local", "ray")
-__all__ = ["ConversionReport", "convert", "check_paths", "load_plan", "human_bytes", "EXECUTORS"]
+__all__ = ["ConversionReport", "convert", "load_plan", "human_bytes", "EXECUTORS"]
 
 
 @dataclass
@@ -63,11 +62,11 @@ class ConversionReport:
         return d
 
     def summary(self) -> str:
-        gbps = self.bytes_in / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        rate = f"{human_bytes(int(self.bytes_in / self.seconds))}/s, " if self.seconds > 0 else ""
         lines = [f"streamfold: {self.src} -> {self.dst} ({self.model_type}, {self.mode}, merged dtype "
                  f"{self.merged_dtype})",
                  f"  norms folded: {self.norms_folded}, kept: {self.norms_kept}; tensors folded: "
-                 f"{self.tensors_folded}, set to identity: {self.tensors_identity}, removed: "
+                 f"{self.tensors_folded}, set to identity: {self.tensors_identity}, dropped: "
                  f"{self.tensors_dropped}, copied: {self.tensors_copied}"
                  + (f", biases updated: {self.biases_updated}" if self.biases_updated else "")]
         for g in self.groups:
@@ -78,7 +77,7 @@ class ConversionReport:
         if self.skipped_files:
             lines.append(f"  not copied (other weight formats): {', '.join(self.skipped_files)}")
         lines.append(f"  {human_bytes(self.bytes_in)} in, {human_bytes(self.bytes_out)} out, "
-                     f"{self.seconds:.2f} s ({gbps:.2f} GB/s, {self.workers} workers)")
+                     f"{self.seconds:.2f} s ({rate}{self.workers} worker{'s' if self.workers != 1 else ''})")
         if self.resumed_shards:
             lines.append(f"  resumed: {self.resumed_shards} shard(s) re-used from the interrupted run")
         if self.peak_disk is not None:
@@ -86,21 +85,6 @@ class ConversionReport:
         if self.hub_url:
             lines.append(f"  pushed to {self.hub_url}")
         return "\n".join(lines)
-
-
-def check_paths(src: Path, dst: Path, overwrite: bool) -> None:
-    """Refuse destinations that would clobber the source or existing work."""
-    s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents:
-        raise StreamfoldError(f"{dst}: destination is the source or inside it; choose another folder")
-    if d.exists():
-        if not d.is_dir():
-            raise StreamfoldError(f"{dst}: exists and is not a folder; choose another destination")
-        if any(d.iterdir()):
-            if not overwrite:
-                raise StreamfoldError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
-            if d in s.parents:
-                raise StreamfoldError(f"{dst}: contains the source; refusing to overwrite it")
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "compat",
@@ -112,7 +96,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
             commit_message: str | None = None, manifest: bool = False,
             verify: bool = False, executor: str = "local", ray_address: str | None = None,
             stream: bool = False, resume: bool = True,
-            note: Callable[[str], None] | None = None) -> ConversionReport:
+            log: Callable[[str], None] | None = None) -> ConversionReport:
     """Convert checkpoint ``src`` into a FlashNorm checkpoint at ``dst``.
 
     ``mode``: ``"compat"`` (folded norms set to identity) or ``"strict"`` (removed).
@@ -140,58 +124,57 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
     convert it, pre-upload the output shard, delete both, and commit everything at the end; ``dst``
     keeps only the small files. ``report.peak_disk`` is the most local disk used at once.
 
-    The output is staged in ``.DST.streamfold-staging`` beside ``dst`` with a journal of completed
-    shards: when a conversion is killed, the same call re-uses the shards that check out and writes
-    the rest (``resume=False`` starts fresh); ``note(line)`` is told whether and why it resumed.
+    The output is built beside ``dst`` and published in one step (:mod:`streamfold.staging`): an existing
+    ``dst`` (replaced only with ``overwrite``) stays complete until then. ``log`` receives one-line notes
+    (default: the ``streamfold`` logger), such as a killed run's partial output being removed or resumed:
+    the staging folder keeps a journal of completed shards (:mod:`streamfold.journal`), and when a
+    conversion is killed the same call re-uses the shards that check out (``resume=False`` discards them).
     """
     t0 = time.perf_counter()
-    note = note or (lambda _line: None)
     from . import __version__
-    from .hub import preflight, push_folder, resolve_source  # huggingface_hub only for repo ids / pushes
+    from .hub import is_repo_id, preflight, push_folder, resolve_source  # huggingface_hub only for repo ids / pushes
     if executor not in EXECUTORS:
         raise StreamfoldError(f"executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
     preflight(push_to_hub=push_to_hub, base_model=base_model, token=token)
-    check_paths(Path(src), Path(dst), overwrite)  # before any download
+    check_destination(None if is_repo_id(os.fspath(src)) and not Path(src).exists() else src, dst,
+                      overwrite)  # before any download
     if stream:
         return _stream(src, Path(dst), t0, locals())
     source = resolve_source(src, revision=revision, token=token, quiet=progress is None)
     if not source.path.is_dir():
         raise StreamfoldError(f"{source.path}: not a folder (give a local checkpoint folder or a Hub repo id)")
+    try:
+        os.listdir(source.path)
+    except OSError as e:
+        raise StreamfoldError(f"{source.path}: cannot read the folder ({e.strerror or e})") from None
     dst = Path(dst)
-    check_paths(source.path, dst, overwrite)
+    check_destination(source.path, dst, overwrite)
     if executor == "ray":
         from .ray_executor import require_ray
         require_ray()  # before any work: one line naming the extra when Ray is missing
     cplan = plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, workers=workers,
                  memory_budget=memory_budget, source=source)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Staging(dst, cplan.fingerprint(), resume=resume, note=note)
-    resumed = len(staging.done)
-    try:
-        todo = [t for t in cplan.tasks if t.shard not in staging.done]
+    journal = Journal(cplan.fingerprint(), log=log)
+    with Staging(dst, overwrite=overwrite, src=source.path, log=log, adopt=journal.adopt if resume else None) as st:
+        journal.start(st.path)
+        resumed = len(journal.done)
+        todo = [t for t in cplan.tasks if t.shard not in journal.done]
         try:
-            digests = run_tasks(cplan, staging.path, executor=executor, ray_address=ray_address, workers=workers,
+            digests = run_tasks(cplan, st.path, executor=executor, ray_address=ray_address, workers=workers,
                                 memory_budget=memory_budget, hash_outputs=manifest, progress=progress, tasks=todo,
-                                on_done=staging.record)
+                                on_done=journal.record)
         except OSError as e:
             raise StreamfoldError(f"{e.filename or dst}: write failed ({e.strerror or e})") from None
-        digests = {**staging.digests(), **digests}  # re-used shards without a digest are hashed by finish
-        staging.seal()
-        t_manifest = finish(cplan, staging.path, digests=digests, manifest=manifest, base_model=base_model,
-                            push_to_hub=push_to_hub, private=private, workers=workers)
-        _replace(staging.path, dst)
-    except BaseException as e:
-        if isinstance(e, StreamfoldError) or not staging.done:
-            staging.discard()  # bad input, or nothing worth keeping
-        else:  # interrupted or failed writing: keep the completed shards for the same command to re-use
-            staging.release()
-            note(f"{len(staging.done)} completed shard(s) kept in {staging.path}; run the same command to resume")
-        raise
+        digests = {**journal.digests(), **digests}  # re-used shards without a digest are hashed by finish
+        journal.seal()
+        t_manifest = finish(cplan, st.path, digests=digests, manifest=manifest, base_model=base_model,
+                            push_to_hub=push_to_hub, private=private, workers=workers, dst=st.dst)
+        st.publish()
     report = _report(cplan, dst, t0, Engine(workers).workers, manifest, t_manifest)
     report.resumed_shards = resumed
     if verify:
         from .verify import verify as run_verify
-        report.verification = run_verify(source.path, dst, mode=mode, merged_dtype=merged_dtype, rules=rules,
+        report.verification = run_verify(source.path, dst, mode=mode, merged_dtype=cplan.plan.merged_dtype, rules=rules,
                                          workers=workers, memory_budget=memory_budget)
         if not report.verification.ok:
             return report  # not pushed: the caller sees report.verification.problems
@@ -248,17 +231,3 @@ def _report(cplan: ConversionPlan, dst: Path, t0: float, workers: int, manifest:
         seconds=time.perf_counter() - t0, workers=workers, groups=p.groups(),
         skipped_files=cplan.skipped, copied_files=list(cplan.files), source_commit=cplan.source.commit,
         manifest=manifest, manifest_seconds=round(t_manifest, 3))
-
-
-def _replace(tmp: Path, dst: Path) -> None:
-    """Move the finished folder into place; an old ``dst`` is removed only after that succeeds."""
-    if dst.exists():
-        if not any(dst.iterdir()):
-            dst.rmdir()
-        else:
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.rename(dst, old / "d")
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-            return
-    os.rename(tmp, dst)

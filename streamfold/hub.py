@@ -22,12 +22,9 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import StreamfoldError
-from .files import CARD_NAME
+from .files import CARD_NAME, is_wanted, select_repo_files
 from .reader import INDEX_NAME, SINGLE_NAME
-# Files that hold the same weights in another format, or belong to another framework's export.
-_WEIGHT_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".safetensors", ".gguf", ".onnx",
-                    ".onnx_data", ".ot", ".tflite", ".mlmodel", ".npz", ".nemo", ".pb", ".llamafile")
-_SKIP_TOP_DIRS = {"original", "onnx", "openvino", "coreml", "tflite", "gguf", "mlx", "tensorrt"}
+
 _REPO_ID = re.compile(r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?/[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?",
                       re.ASCII)
 
@@ -38,20 +35,13 @@ def is_repo_id(text: str) -> bool:
 
 
 def wanted_file(path: str) -> bool:
-    """Whether a non-shard repo file belongs in a converted checkpoint (small, not another weight format)."""
-    parts = path.split("/")
-    name = parts[-1]
-    if parts[0] in _SKIP_TOP_DIRS or any(p.startswith(".") for p in parts):
-        return False
-    return not (name.endswith(_WEIGHT_SUFFIXES) or name.startswith("consolidated."))
+    """Whether a non-shard repo file belongs in a converted checkpoint (the policy: :mod:`streamfold.files`)."""
+    return is_wanted(path)
 
 
 def select_files(listing: list[str], shards: list[str]) -> tuple[list[str], list[str]]:
-    """Split a repo's files into (to download, not downloaded): the shards, the index and wanted files."""
-    shard_set = set(shards)
-    take = [p for p in listing if p in shard_set or p == INDEX_NAME or wanted_file(p)]
-    taken = set(take)
-    return sorted(take), sorted(p for p in listing if p not in taken)
+    """Split a repo's files into (to download, other weight formats not downloaded)."""
+    return select_repo_files(listing, shards)
 
 
 def _exact_pattern(path: str) -> str:

@@ -1,15 +1,15 @@
-"""Resume: a deterministic staging folder beside DST with a journal of completed shards.
+"""Resume: a journal of completed shards in the staging folder (:mod:`streamfold.staging`).
 
-``.DST.streamfold-staging/`` holds the shards as they complete (each written under a temporary name
-and renamed when whole) and ``.streamfold-journal.json``: the conversion's fingerprint (every source
-file's size and header sha256, the options, the task records) and, per completed shard, its size,
-inode and mtime, and its sha256 when the run hashed its output (``--manifest`` or Ray). A run of the
-same conversion that finds the folder re-uses every journaled shard that checks out (same size,
-same inode and mtime: nothing rewrote it; same sha256, re-hashed, where one was recorded) and
-writes the rest. A different fingerprint discards the folder and says why in one line. While a run
-owns the folder it holds an ``flock`` on ``.streamfold-lock`` (with its pid inside), so a second run
-into the same DST is refused; a killed owner's lock dies with it, and its folder is adopted (same
-fingerprint) or reclaimed (different).
+The staging folder (``.DST.streamfold-partial`` beside DST, locked while a run owns it) holds the
+shards as they complete (each written under a temporary name and renamed when whole) and
+``.streamfold-journal.json``: the conversion's fingerprint (every source file's size, header sha256
+and mtime, the norm vectors, the options) and, per completed shard, its size, inode and mtime, and
+its sha256 when the run hashed its output (``--manifest`` or Ray with ``--manifest``). When a run is
+killed (SIGKILL, OOM) the staging lock dies with it; the next run of the same conversion is offered
+the folder (``Staging(adopt=...)``) and adopts it when the fingerprint matches, re-using every
+journaled shard that checks out (same size, inode and mtime: nothing rewrote it; the same sha256,
+re-hashed, where one was recorded) and writing the rest. A different fingerprint declines it (the
+staging helper removes it) with one line saying why.
 
 The sha256 is not computed by default because hashing every output byte costs about as much CPU as
 the fold (measured for ``--manifest``); a SIGKILL cannot corrupt a completed, renamed shard (its bytes
@@ -17,24 +17,16 @@ are in the page cache), so the stat identity check covers the crash this journal
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import shutil
 import threading
 from pathlib import Path
 from typing import Callable
 
 from .engine import PARTIAL_SUFFIX
-from .errors import StreamfoldError
 from .manifest import hash_file
 
 JOURNAL = ".streamfold-journal.json"
-LOCK = ".streamfold-lock"
-
-
-def staging_path(dst: Path) -> Path:
-    return dst.parent / f".{dst.name}.streamfold-staging"
 
 
 def _why(old: dict, new: dict) -> str:
@@ -55,77 +47,59 @@ def _why(old: dict, new: dict) -> str:
     return "the norm values in the source changed"
 
 
-class Staging:
-    """The staging folder of one conversion into ``dst``, locked for this process."""
+class Journal:
+    """The completed-shard journal of one conversion; ``adopt`` is the staging helper's callback."""
 
-    def __init__(self, dst: Path, fingerprint: dict, resume: bool = True,
-                 note: Callable[[str], None] | None = None) -> None:
-        self.path = staging_path(dst)
+    def __init__(self, fingerprint: dict, log: Callable[[str], None] | None = None) -> None:
         self.fingerprint = fingerprint
-        self.note = note or (lambda _m: None)
+        self.log = log or (lambda _m: None)
         self.done: dict[str, dict] = {}
+        self.path: Path | None = None
         self._mutex = threading.Lock()
-        existed = self.path.is_dir()
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(self._lock_fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self._lock_fd)
-            raise StreamfoldError(f"{dst}: another streamfold (pid {pid}) is converting into it right now "
-                                  f"(staging folder {self.path})") from None
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
-        if existed:
-            self._adopt(resume)
-        self._save()  # the fingerprint is on disk before any shard is written
 
-    def _adopt(self, resume: bool) -> None:
+    def adopt(self, folder: Path, owner: dict | None) -> bool:
+        """Whether to keep a killed run's staging folder: only for the same fingerprint."""
         try:
-            old = json.loads((self.path / JOURNAL).read_text(encoding="utf-8"))
+            old = json.loads((folder / JOURNAL).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old = None
-        if not resume:
-            self._reclaim("--no-resume")
-        elif old is None or not isinstance(old, dict):
-            self._reclaim("it has no readable journal")
+        if not isinstance(old, dict):
+            why = "it has no readable journal"
         elif old.get("fingerprint") != self.fingerprint:
-            self._reclaim(_why(old.get("fingerprint") or {}, self.fingerprint))
+            why = _why(old.get("fingerprint") or {}, self.fingerprint)
         else:
             kept, bad = {}, []
             for shard, rec in (old.get("shards") or {}).items():
-                if self._intact(shard, rec):
+                if self._intact(folder / shard, rec):
                     kept[shard] = rec
                 else:
                     bad.append(shard)
-                    (self.path / shard).unlink(missing_ok=True)
+            for shard in bad:
+                (folder / shard).unlink(missing_ok=True)
             self.done = kept
             extra = f"; redoing {len(bad)} that did not check out ({bad[0]}...)" if bad else ""
-            if kept or bad:
-                self.note(f"resuming the interrupted conversion: re-using {len(kept)} completed shard(s){extra}")
-        for p in self.path.glob(f".*{PARTIAL_SUFFIX}"):  # half-written by the killed run
-            p.unlink(missing_ok=True)
+            self.log(f"streamfold: resuming the interrupted conversion: re-using {len(kept)} completed "
+                     f"shard(s){extra}")
+            return True
+        self.log(f"streamfold: not resuming the interrupted conversion in {folder.name}: {why}; starting fresh")
+        return False
 
-    def _intact(self, shard: str, rec: dict) -> bool:
+    @staticmethod
+    def _intact(path: Path, rec: dict) -> bool:
         try:
-            st = os.stat(self.path / shard)
+            st = os.stat(path)
         except OSError:
             return False
         if (st.st_size, st.st_ino, st.st_mtime_ns) != (rec.get("size"), rec.get("ino"), rec.get("mtime_ns")):
             return False
-        return rec.get("sha256") is None or hash_file(self.path / shard) == rec["sha256"]
+        return rec.get("sha256") is None or hash_file(path) == rec["sha256"]
 
-    def _reclaim(self, why: str) -> None:
-        self.note(f"not resuming the interrupted conversion in {self.path.name}: {why}; starting fresh")
-        for p in self.path.iterdir():
-            if p.name == LOCK:
-                continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-        self.done = {}
+    def start(self, folder: Path) -> None:
+        """Begin journaling into ``folder`` (fresh or adopted): the fingerprint is on disk before any shard."""
+        self.path = folder
+        for p in folder.glob(f".*{PARTIAL_SUFFIX}"):  # half-written by the killed run
+            p.unlink(missing_ok=True)
+        self._save()
 
     def record(self, shard: str, size: int, sha256: str | None) -> None:
         """Journal a completed shard (called from the engine's writer or hashing thread)."""
@@ -143,16 +117,5 @@ class Staging:
         os.replace(tmp, self.path / JOURNAL)
 
     def seal(self) -> None:
-        """Remove the journal and lock: the folder is now exactly the output, ready to publish."""
+        """Remove the journal: the folder is now exactly the output, ready to finish and publish."""
         (self.path / JOURNAL).unlink(missing_ok=True)
-        (self.path / LOCK).unlink(missing_ok=True)
-        self.release()
-
-    def release(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-    def discard(self) -> None:
-        self.release()
-        shutil.rmtree(self.path, ignore_errors=True)

@@ -2,8 +2,8 @@
 
 Each line is ``<64 hex digits>  <relative/path>`` (two spaces, POSIX separators, sorted by path), so
 ``cd DST && sha256sum -c SHA256SUMS`` checks a checkpoint with no Python at all. The manifest lists
-every file under the folder except itself and the tool folders convert never writes (``.git``,
-``.cache``, ``.huggingface``). ``streamfold verify`` checks it, and reports files it does not list.
+every file under the folder except itself and hidden files and folders (``.git``, ``.cache``, ...:
+the file policy in ``files.py``; convert never writes them). ``streamfold verify`` checks it, and reports files it does not list.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import StreamfoldError
+from .files import is_hidden
 
 MANIFEST_NAME = "SHA256SUMS"
-SKIP_DIRS = {".git", ".cache", ".huggingface"}
 READ_BLOCK = 8 << 20
 
 
@@ -25,10 +25,10 @@ def list_files(root: str | os.PathLike) -> list[str]:
     root = Path(root)
     out = []
     for d, dirs, files in os.walk(root):
-        dirs[:] = [x for x in dirs if x not in SKIP_DIRS]
+        dirs[:] = [x for x in dirs if not is_hidden(x)]
         for f in files:
             rel = (Path(d) / f).relative_to(root).as_posix()
-            if rel != MANIFEST_NAME:
+            if rel != MANIFEST_NAME and not is_hidden(rel):
                 out.append(rel)
     return sorted(out)
 

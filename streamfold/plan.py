@@ -22,6 +22,10 @@ from .rules import family_for
 
 MODES = ("compat", "strict")
 MERGED_DTYPES = ("source", "float32")
+# Accepted spellings. "bf16" asks for folded weights stored in bf16: that is "source" for a bf16 source,
+# and refused otherwise (streamfold never narrows a weight's dtype).
+MERGED_ALIASES = {"source": "source", "float32": "float32", "fp32": "float32", "f32": "float32",
+                  "bf16": "bf16", "bfloat16": "bf16"}
 # (tensor-name suffixes, what they are) of checkpoints whose stored values are not the weights
 _QUANT_KINDS = (
     (("weight_scale_inv",), "FP8 weights with block scales"),
@@ -110,7 +114,7 @@ class Plan:
         out: dict[tuple, dict] = {}
         for n in self.norms:
             key = (n.rule, n.status, n.reason)
-            g = out.setdefault(key, {"norm": n.rule, "status": n.status, "reason": n.reason,
+            g = out.setdefault(key, {"norm": _stars(n.rule), "status": n.status, "reason": n.reason,
                                      "count": 0, "consumers": []})
             g["count"] += 1
             for c in n.consumers:
@@ -152,8 +156,13 @@ class Plan:
             lines.append(f"  NOTE  {name}: looks like a norm but no rule covers it; copied unchanged")
         t = self.to_dict()["tensors"]
         lines.append(f"tensors: {t['scale']} folded, {t['bias']} biases updated, {t['fill']} set to "
-                     f"identity, {t['drop']} removed, {t['copy']} copied unchanged")
+                     f"identity, {t['drop']} dropped, {t['copy']} copied unchanged")
         return "\n".join(lines)
+
+
+def _stars(rule: str) -> str:
+    """A rule's pattern in the notation of consumer patterns: ``layers.{n}.norm`` -> ``layers.*.norm``."""
+    return re.sub(r"\{[a-z]+\}", "*", rule)
 
 
 def _generalize(name: str) -> str:
@@ -203,8 +212,10 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     ``inspect``): no scales, and whether a LayerNorm bias folds is left to the conversion."""
     if mode not in MODES:
         raise StreamfoldError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if merged_dtype not in MERGED_DTYPES:
-        raise StreamfoldError(f"merged dtype must be one of {', '.join(MERGED_DTYPES)}, not {merged_dtype!r}")
+    want = MERGED_ALIASES.get(str(merged_dtype).lower())
+    if want is None:
+        raise StreamfoldError(f"merged dtype must be one of {', '.join(MERGED_ALIASES)}, not {merged_dtype!r}")
+    merged_dtype = "source" if want == "bf16" else want
     model_type = cfg.get("model_type")
     if not isinstance(model_type, str):
         raise StreamfoldError("config.json: no \"model_type\"; is this a transformers checkpoint?")
@@ -253,6 +264,11 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     for n in norms:
         if n.status == "fold":
             _fold_norm(n, tensors, read, offset, mode, merged_dtype, actions)
+    if want == "bf16":
+        narrow = next((n for n, a in actions.items() if a.kind == "scale" and a.out_dtype != "BF16"), None)
+        if narrow is not None:
+            raise StreamfoldError(f"merged dtype bf16: {narrow} is stored in {tensors[narrow].dtype}, and streamfold "
+                                  "never narrows weights; use source or float32")
     for name, t in tensors.items():
         actions.setdefault(name, Action(Kind.COPY, t.dtype))
     covered = {x for n in norms for x in (n.weight, n.bias) if x}

@@ -124,7 +124,7 @@ def stream_convert(repo: str, dst: Path, *, push_to_hub: str, revision=None, tok
                 local.pop(s).unlink()
         shutil.rmtree(dl / ".cache", ignore_errors=True)
         finish(cplan, out, digests=digests, manifest=manifest, base_model=base_model, push_to_hub=push_to_hub,
-               private=private, workers=workers, shards_present=False)
+               private=private, workers=workers, shards_present=False, dst=dst)
         small = sorted(p for p in out.rglob("*") if p.is_file())
         from huggingface_hub import CommitOperationAdd
         ops += [CommitOperationAdd(path_in_repo=p.relative_to(out).as_posix(), path_or_fileobj=str(p)) for p in small]

@@ -44,7 +44,7 @@ from .files import CARD_NAME, FLASHNORM_VERSION, other_files
 from .errors import StreamfoldError
 from .fold import Scratch
 from .manifest import MANIFEST_NAME, OrderedHasher, hash_file, list_files, parse_manifest
-from .plan import MERGED_DTYPES, MODES, Action, Kind, Plan, make_plan, natural_key
+from .plan import MERGED_ALIASES, MODES, Action, Kind, Plan, make_plan, natural_key
 from .reader import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, pread_into, read_config
 from .rules import load_rules_file
 from .tasks import DEFAULT_BUDGET, default_workers
@@ -124,8 +124,9 @@ class VerifyReport:
                          f"{f['max_abs_error']:.3g} (relative {f['max_rel_error']:.3g}), min cosine "
                          f"{f['min_cosine']:.6f}, argmax agreement {f['argmax_agreement'] * 100:.1f}%")
         verdict = "PASS" if self.ok else f"FAIL ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''})"
-        lines.append(f"{verdict}  ({self.bytes_read / 1e9:.3f} GB read in {self.seconds:.2f} s, "
-                     f"{self.workers} workers)")
+        from .units import human_bytes
+        lines.append(f"{verdict}  ({human_bytes(self.bytes_read)} read in {self.seconds:.2f} s, "
+                     f"{self.workers} worker{'s' if self.workers != 1 else ''})")
         return "\n".join(lines)
 
 
@@ -441,8 +442,13 @@ class _Verifier:
                         and name in dst_tensors and dst_tensors[name].dtype == "F32":
                     merged = "float32"
                     break
-        elif merged not in MERGED_DTYPES:
-            raise StreamfoldError(f"merged dtype must be one of {', '.join(MERGED_DTYPES)}, not {merged!r}")
+        else:  # spelled as convert takes it (fp32, bf16, ...); bf16 = source, for a bf16 source only
+            want = MERGED_ALIASES.get(str(merged).lower())
+            if want is None:
+                raise StreamfoldError(f"merged dtype must be one of {', '.join(MERGED_ALIASES)}, not {merged!r}")
+            if want == "bf16":
+                self._plan(src_ckpt, src_cfg, mode, want)  # raises for a source whose folded weights are not bf16
+            merged = "source" if want == "bf16" else want
         if (mode, merged) != ("compat", "source"):
             plan = self._plan(src_ckpt, src_cfg, mode, merged)
         self.kept = {x for n in plan.kept for x in (n.weight, n.bias) if x}
@@ -748,10 +754,8 @@ class _Verifier:
 
     # -- files --------------------------------------------------------------------------------------------
     def _check_other_files(self, src_ckpt: Checkpoint) -> None:
-        files, skipped = other_files(self.src, set(src_ckpt.shards))
+        files, skipped = other_files(self.src, set(src_ckpt.shards))  # the card is convert's own
         for rel in files:
-            if rel.as_posix() == CARD_NAME:  # convert writes its own model card in place of the source's
-                continue
             d = self.dst / rel
             if not d.is_file():
                 self.fail("files", rel.as_posix(), "missing (the source has it)")
@@ -849,6 +853,11 @@ def verify(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None =
         raise StreamfoldError(f"{src}: not a folder (give the source checkpoint folder)")
     if not dst.is_dir():
         raise StreamfoldError(f"{dst}: not a folder (give the converted checkpoint folder)")
+    for folder in (src, dst):
+        try:
+            os.listdir(folder)
+        except OSError as e:
+            raise StreamfoldError(f"{folder}: cannot read the folder ({e.strerror or e})") from None
     if mode is not None and mode not in MODES:
         raise StreamfoldError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     report = _Verifier(src, dst, rules, mode, merged_dtype, workers, memory_budget).run(progress)

@@ -54,7 +54,7 @@ class ShardLayout:
 
     def create(self, path: Path) -> int:
         """Create the file at full size with the header written; returns a writable fd."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)  # minus the umask, as cp
         try:
             os.ftruncate(fd, self.file_bytes)
             pwrite_all(fd, self.header, 0)

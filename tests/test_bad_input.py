@@ -164,3 +164,81 @@ def test_library_raises_streamfold_error(src, tmp_path):
     with pytest.raises(streamfold.StreamfoldError, match=SHARD2):
         streamfold.convert(src, tmp_path / "dst")
     assert not (tmp_path / "dst").exists()
+
+
+# --- hostile environments: permissions (as a non-root user: root ignores them) and closed pipes -------
+
+# Tests run as root, which ignores permissions. The child imports everything it needs as root (the
+# interpreter and site-packages may live under a root-only folder), then drops to uid/gid 65534
+# before streamfold touches any checkpoint.
+AS_NOBODY = """
+import os, sys
+import streamfold, streamfold.cli, streamfold.convert, streamfold.verify, streamfold.card, streamfold.hub
+import streamfold.forward, streamfold.manifest, tqdm, yaml
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+from streamfold.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def world(tmp_path_factory):
+    """A tree outside root's private tmp: a readable source, a read-only folder, a locked output."""
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="streamfold-perm-"))
+    os.chmod(base, 0o755)
+    shutil.copytree(SAMPLE, base / "src")
+    (base / "ro").mkdir(mode=0o555)
+    os.chmod(base / "ro", 0o555)
+    r = run_cli(base / "src", base / "locked", "-q")
+    assert r.returncode == 0, r.stderr
+    os.chmod(base / "locked", 0o000)
+    yield base
+    os.chmod(base / "locked", 0o755)
+    os.chmod(base / "ro", 0o755)
+    shutil.rmtree(base)
+
+
+def run_as_nobody(*args):
+    return subprocess.run([sys.executable, "-c", AS_NOBODY, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(SAMPLE.parents[1]), "HOME": "/tmp"})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to uid 65534")
+@pytest.mark.parametrize("case", ["unwritable parent", "unwritable grandparent", "dst under a locked folder",
+                                  "verify an unreadable DST", "unreadable SRC"])
+def test_permission_errors_are_bad_input(world, case):
+    args, needle = {
+        "unwritable parent": ((world / "src", world / "ro" / "out"), f"{world / 'ro'}: cannot write"),
+        "unwritable grandparent": ((world / "src", world / "ro" / "a" / "b"), f"{world / 'ro' / 'a'}: cannot"),
+        "dst under a locked folder": ((world / "src", world / "locked" / "x"), f"{world / 'locked' / 'x'}: cannot"),
+        "verify an unreadable DST": (("verify", world / "src", world / "locked"), f"{world / 'locked'}: cannot read"),
+        "unreadable SRC": ((world / "locked", world / "ro" / "y"), f"{world / 'locked'}: cannot read"),
+    }[case]
+    before = tree_hash(world / "src")
+    r = run_as_nobody(*args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamfold: error: ") and needle in lines[0], r.stderr
+    assert "Permission denied" in lines[0]
+    assert sorted(os.listdir(world / "ro")) == [] and tree_hash(world / "src") == before
+
+
+@pytest.mark.parametrize("args", [["inspect", SAMPLE, "--json"], ["inspect", SAMPLE, "--all"],
+                                  ["verify", SAMPLE, "DST", "--json"], [SAMPLE, "NEW", "--json"]])
+def test_closed_stdout_ends_quietly(tmp_path, args):
+    """`... --json | head` with head already gone: no traceback, no "internal error", status 141."""
+    r = run_cli(SAMPLE, tmp_path / "dst", "-q")
+    assert r.returncode == 0, r.stderr
+    args = [tmp_path / "dst" if a == "DST" else tmp_path / "new" if a == "NEW" else a for a in args]
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        p = subprocess.run([sys.executable, "-m", "streamfold", *map(str, args)], stdout=write,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(SAMPLE.parents[1])})
+    finally:
+        os.close(write)
+    assert p.returncode == 141, p.stderr
+    assert p.stderr == ""
+    if "NEW" in map(str, args) or tmp_path / "new" in args:
+        assert (tmp_path / "new" / "config.json").is_file()  # the conversion itself completed

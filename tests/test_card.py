@@ -94,19 +94,21 @@ def test_card_table_matches_plan(tmp_path, src):
             "(bf16) |" in rows)
     assert "| `lm_head.weight` | `W` (bf16) | `W · diag(g_model_norm)` (bf16) |" in rows
     assert "| `config.flashnorm_mode` | — | `\"compat\"` |" in rows
-    assert body.startswith("\n# tiny-llama-instruct-FlashNorm\n")
-    assert "model_id = './tiny-llama-instruct-FlashNorm'  # this folder, or its Hub repo id" in body
-    assert "tok = AutoTokenizer.from_pretrained(...)  # the source model's tokenizer" in body  # none in src
-    assert "vllm serve ./tiny-llama-instruct-FlashNorm" in body
+    assert body.startswith("\n# out\n")  # DST's name: what the usage below loads
+    assert "model_id = './out'  # this folder, or its Hub repo id" in body
+    # no tokenizer in src and no repo to take one from: no tokenizer call that cannot work
+    assert "AutoTokenizer" not in body and "has no tokenizer files" in body
+    assert "vllm serve ./out" in body
     assert f"streamfold {streamfold.__version__}" in body
-    assert "python -m streamfold tiny-llama-instruct ./tiny-llama-instruct-FlashNorm\n" in body
+    assert "python -m streamfold tiny-llama-instruct ./out\n" in body
 
 
 def test_card_does_not_depend_on_paths(tmp_path, src):
-    """The same conversion gives the same card (and manifest) wherever SRC and DST are."""
+    """The same conversion gives the same card (and manifest) wherever SRC and DST are (DST's folder
+    name is in the card: the title and the usage that loads it)."""
     moved = tmp_path / "elsewhere" / "deeper" / src.name
     shutil.copytree(src, moved)
-    a, b = tmp_path / "o1", tmp_path / "x" / "other-name"
+    a, b = tmp_path / "o1" / "same-name", tmp_path / "x" / "y" / "same-name"
     streamfold.convert(src, a)
     streamfold.convert(moved, b)
     assert (a / "README.md").read_bytes() == (b / "README.md").read_bytes()

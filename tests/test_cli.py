@@ -1,6 +1,7 @@
 """The CLI as a user and a pipeline run it: exit codes, --json, --quiet, plan, no torch at run time."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,15 +49,18 @@ def test_json_report_and_quiet(tmp_path):
 
 
 def test_summary_names_what_happened(tmp_path):
-    r = run([SAMPLE, tmp_path / "a", "--mode", "strict"])
+    r = run([SAMPLE, tmp_path / "a", "--mode", "strict", "--workers", "1"])
     assert r.returncode == 0, r.stderr
-    assert "norms folded: 5" in r.stdout and "removed: 5" in r.stdout and "GB/s" in r.stdout
+    assert "norms folded: 5" in r.stdout and "dropped: 5" in r.stdout
+    assert re.search(r" s \(\d+(\.\d+)? [kMG]?B/s, 1 worker\)$", r.stdout.splitlines()[-1]), r.stdout
+    assert json.loads(run([SAMPLE, tmp_path / "b", "--mode", "strict", "--json"]).stdout)["tensors_dropped"] == 5
 
 
 def test_plan_reads_headers_only(tmp_path):
     r = run(["inspect", SAMPLE])
     assert r.returncode == 0, r.stderr
-    assert "FOLD  model.layers.{n}.input_layernorm  x2" in r.stdout
+    assert ("FOLD  model.layers.*.input_layernorm  x2  -> model.layers.*.self_attn.q_proj.weight, "
+            "model.layers.*.self_attn.k_proj.weight, model.layers.*.self_attn.v_proj.weight") in r.stdout
     assert "lm_head.weight" in r.stdout
     r = run([SAMPLE, "--plan", "--json"])
     plan = json.loads(r.stdout)
@@ -75,7 +79,7 @@ def test_usage_errors_exit_nonzero():
 def test_workers_and_budget_give_identical_bytes(tmp_path):
     outs = []
     for i, extra in enumerate((["--workers", "1"], ["--workers", "4", "--memory-budget", "1M"])):
-        d = tmp_path / f"o{i}"
+        d = tmp_path / f"o{i}" / "out"  # the same name: the card names DST's folder
         r = run([SAMPLE, d, "--quiet", *extra])
         assert r.returncode == 0, r.stderr
         outs.append({p.name: p.read_bytes() for p in sorted(d.iterdir())})
@@ -90,3 +94,37 @@ def test_plan_lists_every_norm_with_all():
     each = json.loads(run(["inspect", SAMPLE, "--json"]).stdout)["each_norm"]
     assert len(each) == 5 and {e["status"] for e in each} == {"fold"}
     assert each[-1] == {"norm": "model.norm", "status": "fold", "reason": "", "consumers": ["lm_head.weight"]}
+
+
+def test_dry_run_and_dtype_spellings(tmp_path):
+    plan = run([SAMPLE, "--plan", "--json"]).stdout
+    r = run([SAMPLE, "--dry-run", "--json"])
+    assert r.returncode == 0 and r.stdout == plan
+    assert not any(tmp_path.iterdir())
+    for spelling in ("fp32", "f32", "FP32", "float32"):
+        r = run(["inspect", SAMPLE, "--merged-dtype", spelling, "--json"])
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["merged_dtype"] == "float32"
+    r = run([SAMPLE, tmp_path / "bf", "--merged-dtype", "bf16", "--json"])  # the sample is bf16: = source
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["merged_dtype"] == "source"
+    r = run(["verify", SAMPLE, tmp_path / "bf", "--merged-dtype", "bfloat16", "-q"])
+    assert r.returncode == 0, r.stderr
+    r = run([SAMPLE, tmp_path / "x", "--merged-dtype", "fp8"])
+    assert r.returncode == 2 and "fp8" in r.stderr
+
+
+def test_bf16_merged_dtype_is_refused_for_wider_sources(tmp_path):
+    import streamfold
+    f32 = tmp_path / "f32"
+    streamfold.convert(SAMPLE, f32, merged_dtype="float32")  # folded weights now stored in float32
+    r = run([f32, tmp_path / "out", "--merged-dtype", "bf16"])
+    assert r.returncode == 2, r.stderr
+    assert "never narrows" in r.stderr and "F32" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_texts_fit_their_command():
+    v = run(["verify", "--help"]).stdout
+    assert "fold ahead" not in v and "checking both checkpoints" in v
+    c = run(["convert", "--help"]).stdout
+    assert "--dry-run" in c and "fp32" in c and "bf16" in c

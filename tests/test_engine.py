@@ -133,7 +133,7 @@ def test_output_independent_of_workers_and_budget(toy, tmp_path, mode, merged):
     d = toy[0]
     outs = []
     for i, (w, b) in enumerate([(1, 1 << 30), (2, 70_000), (5, 1 << 16)]):
-        o = tmp_path / f"o{i}"
+        o = tmp_path / f"o{i}" / "out"  # the same name: the card names DST's folder
         streamfold.convert(d, o, rules=RULES, workers=w, memory_budget=b, mode=mode, merged_dtype=merged)
         outs.append({p.name: p.read_bytes() for p in sorted(o.iterdir())})
     assert outs[0] == outs[1] == outs[2]

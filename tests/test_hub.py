@@ -50,6 +50,7 @@ DECOYS = ["pytorch_model.bin", "pytorch_model.bin.index.json.bin", "flax_model.m
           "consolidated.safetensors", "consolidated.00.pth", "original/consolidated.00.pth",
           "original/params.json", "original/tokenizer.model", "onnx/model.onnx", "model-extra.safetensors",
           ".gitattributes"]
+LISTED_DECOYS = [d for d in DECOYS if not d.startswith(".")]  # hidden files are skipped silently
 
 
 def _files() -> dict[str, bytes]:
@@ -146,7 +147,7 @@ def test_convert_repo_id_offline_from_cache(tmp_path, hf_home, local_reference):
     assert output_files(dst) == sorted(NEEDED)
     for d in DECOYS:
         assert d not in out and d not in report["copied_files"]
-    assert set(report["skipped_files"]) == set(DECOYS)
+    assert set(report["skipped_files"]) == set(LISTED_DECOYS)
     # the weights and index are exactly what a local conversion of the same checkpoint writes
     ref = tree(local_reference)
     for name in [*SHARDS, "model.safetensors.index.json", "config.json"]:
@@ -262,7 +263,7 @@ MISTRAL_LISTING = [".gitattributes", "README.md", "config.json", "consolidated.s
 def test_select_files_real_listings(listing, shards, expected):
     take, skipped = hub.select_files(listing, shards)
     assert take == sorted(expected)
-    assert sorted(take + skipped) == sorted(listing)
+    assert sorted(take + skipped + [".gitattributes"]) == sorted(listing)  # hidden: in neither list
     for p in take:
         assert not p.endswith((".bin", ".pth")) and not p.split("/")[-1].startswith("consolidated.")
         assert not p.startswith("original/")
@@ -329,7 +330,7 @@ def test_online_download_fetches_only_needed_files(tmp_path, hf_home, local_refe
     assert fake.calls[0][1]["revision"] == "main"
     assert sorted(fake.downloaded) == sorted(NEEDED)
     assert report.src == REPO and report.source_commit == COMMIT
-    assert sorted(report.skipped_files) == sorted(DECOYS)
+    assert sorted(report.skipped_files) == sorted(LISTED_DECOYS)
     out = tree(tmp_path / "out")
     assert output_files(tmp_path / "out") == sorted(NEEDED)
     assert all(out[s] == tree(local_reference)[s] for s in SHARDS)
@@ -430,7 +431,7 @@ def test_remote_plan_matches_local_plan_and_sizes(tmp_path, hf_home, mode, merge
     assert remote.bytes_in == report.bytes_in and remote.bytes_out == report.bytes_out
     assert (remote.bytes_out > remote.bytes_in) == (merged == "float32")
     assert sorted(remote.download_files) == sorted(NEEDED)
-    assert sorted(remote.skipped_files) == sorted(DECOYS)
+    assert sorted(remote.skipped_files) == sorted(LISTED_DECOYS)
     assert remote.download_bytes == sum((snap / p).stat().st_size for p in NEEDED)
 
 

@@ -42,7 +42,7 @@ def local_ref(neox, tmp_path_factory):  # noqa: F811
 
 
 def test_ray_output_is_byte_identical(cluster, neox, local_ref, tmp_path):  # noqa: F811
-    out = tmp_path / "ray"
+    out = tmp_path / "out"  # the card names DST's folder: the same name as the reference
     rep = streamfold.convert(neox, out, manifest=True, executor="ray", workers=1, memory_budget=1 << 20)
     assert rep.bytes_out > 0
     assert _files(out) == _files(local_ref)
@@ -50,7 +50,7 @@ def test_ray_output_is_byte_identical(cluster, neox, local_ref, tmp_path):  # no
 
 def test_killed_ray_task_is_retried(cluster, neox, local_ref, tmp_path):  # noqa: F811
     (cluster / "arm").write_text("")
-    out = tmp_path / "ray"
+    out = tmp_path / "out"  # the card names DST's folder: the same name as the reference
     streamfold.convert(neox, out, manifest=True, executor="ray", workers=1, memory_budget=1 << 20)
     fired = list(cluster.glob("fired-*"))
     assert len(fired) == 1 and not (cluster / "arm").exists()  # one attempt really died mid-shard

@@ -91,7 +91,7 @@ def test_chunk_records_follow_the_budget(tmp_path):
 
 @pytest.mark.parametrize("mode,merged", [("compat", "source"), ("strict", "float32")])
 def test_tasks_in_separate_processes_match_convert(neox, tmp_path, mode, merged):
-    ref = tmp_path / "ref"
+    ref = tmp_path / "ref" / "out"  # the card names DST's folder: the same name as below
     streamfold.convert(neox, ref, mode=mode, merged_dtype=merged, manifest=True)
     p = streamfold.plan(neox, mode=mode, merged_dtype=merged, workers=2, memory_budget=1 << 17)
     out = tmp_path / "out"
