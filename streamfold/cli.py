@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StreamfoldError as e:
         _close_bars()
         print(f"streamfold: error: {e}", file=sys.stderr)
-        return 2
+        return 3 if type(e).__name__ == "StreamVerifyFailed" else 2  # no import of stream.py for the check
     except KeyboardInterrupt:
         _close_bars()
         print(f"streamfold: interrupted{cleaned}", file=sys.stderr)

@@ -27,6 +27,10 @@ from .errors import StreamfoldError
 from .reader import INDEX_NAME, SINGLE_NAME
 
 
+class StreamVerifyFailed(StreamfoldError):
+    """``--stream --verify`` found a wrong shard: nothing was committed (CLI exit status 3)."""
+
+
 def _header(repo: str, name: str, commit: str, size: int, token) -> bytes:
     head = hub.read_range(repo, name, commit, 0, min(size, 100_000), token)
     if len(head) < 8:
@@ -114,7 +118,7 @@ def stream_convert(repo: str, dst: Path, *, push_to_hub: str, revision=None, tok
                 from .taskcheck import check_task
                 problems = check_task(task, out / task.shard, local)
                 if problems:
-                    raise StreamfoldError(f"verification of {task.shard} failed, nothing committed: {problems[0]}"
+                    raise StreamVerifyFailed(f"verification of {task.shard} failed, nothing committed: {problems[0]}"
                                           + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
             if r.sha256:
                 digests[task.shard] = r.sha256

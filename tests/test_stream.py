@@ -161,6 +161,10 @@ def test_stream_commits_nothing_when_verify_fails(layered, tmp_path, monkeypatch
     with pytest.raises(streamfold.StreamfoldError, match="verification of model-00001-of-00004.safetensors failed"):
         streamfold.convert(REPO, tmp_path / "o", rules=RULES, push_to_hub=DEST, stream=True, verify=True)
     assert "create_commit" not in fake.calls and not any(c.startswith("preupload") for c in fake.calls)
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"families": RULES}))
+    assert cli.main([REPO, str(tmp_path / "o"), "--push-to-hub", DEST, "--stream", "--verify", "--rules",
+                     str(rules), "-q"]) == 3  # a verification failure, as for convert --verify
 
 
 def test_stream_needs_a_repo_and_a_target(layered, tmp_path, monkeypatch):
