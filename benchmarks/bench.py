@@ -48,7 +48,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-DEFAULT_REF_PYTHON = "/work/bench-venv/bin/python"
+DEFAULT_REF_PYTHON = os.path.join(REPO, ".bench-venv", "bin", "python")  # the venv of README section 2
 
 COPY_SNIPPET = r"""
 import os, shutil, sys

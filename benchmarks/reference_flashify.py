@@ -1,6 +1,6 @@
 """Run the reference FlashNorm converter (transformer-tricks ``flashify_repo``) on a local dir.
 
-    /work/bench-venv/bin/python benchmarks/reference_flashify.py SRC DST [--strict]
+    .bench-venv/bin/python benchmarks/reference_flashify.py SRC DST [--strict]
 
 Runs ONLY in the separate benchmark venv (see requirements-reference.txt); streamfold
 never imports torch or transformer-tricks.

@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 from .conversion import ConversionPlan, ShardResult, finish, load_plan, run_task  # noqa: E402
 from .conversion import plan as _plan  # noqa: E402
 from .convert import ConversionReport, convert  # noqa: E402
-from .errors import StreamfoldError  # noqa: E402
+from .errors import AlreadyFlashNorm, StreamfoldError  # noqa: E402
 from .inspection import Inspection, inspect  # noqa: E402
 from .plan import Kind  # noqa: E402
 from .tasks import Chunk, Op, Task  # noqa: E402
@@ -34,4 +34,4 @@ plan = _plan
 
 __all__ = ["convert", "plan", "run_task", "finish", "ConversionPlan", "ShardResult", "Task", "Chunk", "Op",
            "Kind", "load_plan", "inspect", "Inspection", "verify", "VerifyReport", "ConversionReport",
-           "StreamfoldError", "__version__"]
+           "StreamfoldError", "AlreadyFlashNorm", "__version__"]

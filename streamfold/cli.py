@@ -2,8 +2,10 @@
 
 Exit status: 0 success, 2 bad input or a failed check (one line on stderr, no traceback),
 3 verification found problems (``verify``, or ``convert --verify``; one line per problem),
-1 an internal error, 130 interrupted (SIGINT), 143 terminated (SIGTERM), 141 stdout closed early
-(``... --json | head``: the status of a tool killed by SIGPIPE, with nothing on stderr).
+4 SRC is already a FlashNorm checkpoint and nothing was written (one line on stderr; ``--json`` also
+prints its state on stdout), 1 an internal error, 130 interrupted (SIGINT), 143 terminated (SIGTERM),
+141 stdout closed early (``... --json | head``: the status of a tool killed by SIGPIPE, with nothing on
+stderr).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import threading
 from typing import Callable, Sequence
 
 from . import __version__
-from .errors import StreamfoldError
+from .errors import EXIT_ALREADY_FLASHNORM, AlreadyFlashNorm, StreamfoldError
 from .staging import Terminated, handle_sigterm
 
 EXAMPLES = """\
@@ -29,6 +31,7 @@ examples:
   python -m streamfold verify ./model ./out       # prove ./out is ./model folded (exit 3 if not)
   python -m streamfold verify ./model ./out --forward --json   # + numpy logits comparison, for CI
   python -m streamfold ./model ./out --verify     # convert, then verify
+  python -m streamfold ./model-FlashNorm ./out --mode strict   # an already-FlashNorm SRC: change its mode
 
 Hugging Face Hub (SRC may be a repo id org/name; a local path of that name wins):
   python -m streamfold HuggingFaceTB/SmolLM2-135M ./SmolLM2-135M-FlashNorm
@@ -42,6 +45,10 @@ Hugging Face Hub (SRC may be a repo id org/name; a local path of that name wins)
   Environment: HF_HOME or HF_HUB_CACHE (cache location), HF_HUB_OFFLINE=1 (cache only, no network),
   HF_TOKEN (private or gated repos, and --push-to-hub; or run `hf auth login`).
   DST always gets a model card, README.md (base_model, license, tags, what changed, how to load it).
+
+exit status: 0 ok, 1 internal error, 2 bad input (one line: streamfold: error: ...), 3 verification
+  found problems, 4 SRC is already a FlashNorm checkpoint (config.json flags, or every foldable norm
+  the identity or absent): nothing written, unless --mode asks for the other mode; 130 interrupted.
 """
 
 SUBCOMMANDS = ("convert", "inspect", "verify", "demo")
@@ -78,11 +85,12 @@ def _positive(text: str) -> int:
 
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=("compat", "strict"), default="compat",
+    p.add_argument("--mode", choices=("compat", "strict"), default=None,
                    help="compat (default): folded norms kept as identity, loads in stock transformers "
-                        "and vLLM; strict: folded norms removed")
-    p.add_argument("--merged-dtype", type=merged_dtype, default="source", metavar="{source,float32,bf16}",
-                   help=MERGED_HELP)
+                        "and vLLM; strict: folded norms removed. For an already-FlashNorm SRC: the mode to "
+                        "change it to (default: none, exit 4)")
+    p.add_argument("--merged-dtype", type=merged_dtype, default=None, metavar="{source,float32,bf16}",
+                   help=MERGED_HELP + " (float32 is refused for an already-FlashNorm SRC)")
     p.add_argument("--rules", metavar="FILE",
                    help="JSON or TOML rules (norm -> consumers) for an architecture streamfold does not know")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -329,6 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush into the closed pipe at exit
         os.close(devnull)
         return 141
+    except AlreadyFlashNorm as e:  # not an error: nothing to do (exit 4, testable by pipelines)
+        _close_bars()
+        if getattr(args, "json", False):
+            print(json.dumps({"already_flashnorm": True, "message": str(e), **e.state.to_dict()}, indent=2))
+        print(f"streamfold: {e}", file=sys.stderr)
+        return EXIT_ALREADY_FLASHNORM
     except StreamfoldError as e:
         _close_bars()
         print(f"streamfold: error: {e}", file=sys.stderr)

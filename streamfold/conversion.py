@@ -22,16 +22,20 @@ from .errors import StreamfoldError
 from .files import CARD_NAME, flashnorm_config, other_files
 from .hub import Source, resolve_source
 from .manifest import write_manifest
-from .plan import Kind, Plan, make_plan
+from .plan import Kind, Plan
 from .reader import INDEX_NAME, Checkpoint, TensorInfo, read_config
+from .remode import plan_checkpoint
 from .rules import load_rules_file
 from .tasks import SCHEMA, Task, build_tasks, chunk_bytes_for
 
 
-def load_plan(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str = "source",
-              rules: str | os.PathLike | dict | None = None, read=None) -> tuple[Checkpoint, dict, Plan]:
+def load_plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str | None = None,
+              rules: str | os.PathLike | dict | None = None, label: str | None = None,
+              read=None) -> tuple[Checkpoint, dict, Plan]:
     """Open and validate a local checkpoint and plan its conversion (headers and norms only).
 
+    An already-FlashNorm ``src`` raises :class:`AlreadyFlashNorm` (closing it) or plans a mode change;
+    see :func:`streamfold.remode.plan_checkpoint` (``label`` names ``src`` in its messages).
     ``read(tensor_info)`` overrides how the (tiny) norm vectors are read, e.g. by HTTP range requests
     when the local shards are header-only stubs."""
     src = Path(src)
@@ -42,7 +46,12 @@ def load_plan(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str
 
     def read(name: str):
         return ckpt.read(name) if custom is None else custom(ckpt.tensors[name])
-    plan = make_plan(cfg, ckpt.tensors, read, mode=mode, merged_dtype=merged_dtype, rules=extra)
+    try:
+        plan = plan_checkpoint(cfg, ckpt.tensors, read, mode=mode, merged_dtype=merged_dtype, rules=extra,
+                               shard_of=ckpt.shard_of, src=label or str(src))
+    except BaseException:
+        ckpt.close()
+        raise
     return ckpt, cfg, plan
 
 
@@ -100,10 +109,10 @@ class ConversionPlan:
                 "norms_sha256": norms.hexdigest()}
 
 
-def plan(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str = "source",
+def plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str | None = None,
          rules: str | os.PathLike | dict | None = None, workers: int | None = None,
          memory_budget: int | None = None, revision: str | None = None, token: str | bool | None = None,
-         quiet: bool = True, source: Source | None = None, read=None) -> ConversionPlan:
+         quiet: bool = True, source: Source | None = None, read=None, label: str | None = None) -> ConversionPlan:
     """Plan the conversion of ``src`` (a folder, or a Hub repo id: downloaded first) into tasks.
 
     ``workers`` and ``memory_budget`` set the chunk size the tasks are cut into (the output bytes do
@@ -111,7 +120,8 @@ def plan(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str = "s
     source = source or resolve_source(src, revision=revision, token=token, quiet=quiet)
     if not source.path.is_dir():
         raise StreamfoldError(f"{source.path}: not a folder (give a local checkpoint folder or a Hub repo id)")
-    ckpt, cfg, p = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, read=read)
+    ckpt, cfg, p = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, read=read,
+                             label=label or source.display)
     try:
         tasks = build_tasks(ckpt, p, chunk_bytes_for(workers, memory_budget))
         files, skipped = other_files(source.path, set(ckpt.shards))
@@ -175,13 +185,16 @@ def finish(cplan: ConversionPlan, out_dir: str | os.PathLike, *, digests: dict[s
         wm = cplan.weight_map()
         index = {"metadata": {"total_size": cplan.output_bytes},
                  "weight_map": {n: wm[n] for n in cplan.tensors if cplan.plan.actions[n].kind != Kind.DROP}}
+        index["weight_map"].update({t.name: t.shard for t in cplan.plan.added})  # restored identity norms
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     (out_dir / "config.json").write_text(json.dumps(flashnorm_config(cplan.cfg, cplan.plan.mode), indent=2) + "\n",
                                          encoding="utf-8")
     for rel in cplan.files:
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cplan.src / rel, out_dir / rel)  # contents only: modes from the umask, as with cp
-    write_card(out_dir, plan=cplan.plan, tensors=cplan.tensors, cfg=cplan.cfg, source=cplan.source, dst=dst or out_dir,
+    from .remode_card import write_remode_card
+    card = write_card if cplan.plan.flashnorm is None else write_remode_card  # a mode change: a card of its own
+    card(out_dir, plan=cplan.plan, tensors=cplan.tensors, cfg=cplan.cfg, source=cplan.source, dst=dst or out_dir,
                version=__version__, bytes_in=cplan.bytes_in, bytes_out=cplan.output_bytes,
                push_to_hub=push_to_hub, base_model=base_model, rules=cplan.options.get("rules"), private=private)
     t0 = time.perf_counter()

@@ -48,6 +48,8 @@ class ConversionReport:
     skipped_files: list[str] = field(default_factory=list)
     copied_files: list[str] = field(default_factory=list)
     source_commit: str | None = None  # Hub sources: the commit converted
+    mode_change: str | None = None  # an already-FlashNorm source converted to the other mode: "compat -> strict"
+    tensors_restored: int = 0  # strict -> compat: identity norm tensors created
     hub_url: str | None = None  # set when the output was pushed (push_to_hub)
     manifest: bool = False  # SHA256SUMS written
     manifest_seconds: float = 0.0
@@ -63,6 +65,14 @@ class ConversionReport:
 
     def summary(self) -> str:
         rate = f"{human_bytes(int(self.bytes_in / self.seconds))}/s, " if self.seconds > 0 else ""
+        if self.mode_change:  # an already-FlashNorm source: no weight changed
+            return "\n".join([
+                f"streamfold: {self.src} -> {self.dst} ({self.model_type}, already FlashNorm, mode "
+                f"{self.mode_change})",
+                f"  identity norm tensors dropped: {self.tensors_dropped}, restored: {self.tensors_restored}; "
+                f"tensors copied unchanged: {self.tensors_copied}",
+                f"  {human_bytes(self.bytes_in)} in, {human_bytes(self.bytes_out)} out, {self.seconds:.2f} s"]
+                + ([f"  pushed to {self.hub_url}"] if self.hub_url else []))
         lines = [f"streamfold: {self.src} -> {self.dst} ({self.model_type}, {self.mode}, merged dtype "
                  f"{self.merged_dtype})",
                  f"  norms folded: {self.norms_folded}, kept: {self.norms_kept}; tensors folded: "
@@ -87,8 +97,8 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "compat",
-            merged_dtype: str = "source", overwrite: bool = False, workers: int | None = None,
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None = None,
+            merged_dtype: str | None = None, overwrite: bool = False, workers: int | None = None,
             memory_budget: int | None = None, rules: str | os.PathLike | dict | None = None,
             progress: Callable[[int, int], Callable[[int], None]] | None = None,
             revision: str | None = None, token: str | bool | None = None, base_model: str | None = None,
@@ -99,8 +109,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
             log: Callable[[str], None] | None = None) -> ConversionReport:
     """Convert checkpoint ``src`` into a FlashNorm checkpoint at ``dst``.
 
-    ``mode``: ``"compat"`` (folded norms set to identity) or ``"strict"`` (removed).
-    ``merged_dtype``: ``"source"`` or ``"float32"`` for folded weights. ``workers`` threads and a
+    ``mode``: ``"compat"`` (folded norms set to identity, the default) or ``"strict"`` (removed).
+    ``merged_dtype``: ``"source"`` (default) or ``"float32"`` for folded weights.
+
+    An already-FlashNorm ``src`` (config.json flags, or every foldable norm the identity / absent) is
+    not folded again: without ``mode`` (or with its own mode) :class:`AlreadyFlashNorm` is raised and
+    nothing is written; the other ``mode`` converts it (compat -> strict drops the identity norms,
+    strict -> compat restores them; no weight changes, ``report.mode_change`` says which);
+    ``merged_dtype="float32"`` is refused (the rounding cannot be undone). ``workers`` threads and a
     ``memory_budget`` in bytes bound speed and memory. ``rules``: a rules file or dict of families for
     architectures streamfold does not know. ``progress(total_bytes)`` may return a callback that is
     given byte counts as work completes. Raises :class:`StreamfoldError` on bad input, leaving
@@ -153,7 +169,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str = "comp
         from .ray_executor import require_ray
         require_ray()  # before any work: one line naming the extra when Ray is missing
     cplan = plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, workers=workers,
-                 memory_budget=memory_budget, source=source)
+                 memory_budget=memory_budget, source=source, label=source.display)
+    mode = cplan.plan.mode
     journal = Journal(cplan.fingerprint(), log=log)
     with Staging(dst, overwrite=overwrite, src=source.path, log=log, adopt=journal.adopt if resume else None) as st:
         journal.start(st.path)

@@ -1,28 +1,35 @@
 """``inspect``: the fold plan and output sizes for a SRC from headers only (local, cached or remote)."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .conversion import load_plan
-from .dtypes import DTYPES
-from .errors import StreamfoldError
+from .errors import AlreadyFlashNorm, StreamfoldError
 from .hub import Source, _api, _guard, _offline, _quiet_bars, is_repo_id, resolve_source, select_files
-from .plan import Kind, make_plan
-from .reader import INDEX_NAME, TensorInfo, read_config
-from .rules import load_rules_file
+from .plan import Kind
+from .reader import INDEX_NAME, Checkpoint, TensorInfo
 from .units import human_bytes
 
 
 def output_bytes(plan, tensors: dict[str, TensorInfo]) -> int:
     """Tensor data bytes of the converted checkpoint (what ``ConversionReport.bytes_out`` counts)."""
+    from .dtypes import DTYPES
     total = 0
     for name, t in tensors.items():
         a = plan.actions[name]
         if a.kind != Kind.DROP:
             total += t.numel * DTYPES[a.out_dtype].itemsize
+    for t in getattr(plan, "added", ()):  # identity norms restored by a mode change
+        total += math.prod(t.shape) * DTYPES[t.dtype].itemsize
     return total
+
+
+def _out_bytes(plan, tensors: dict[str, TensorInfo]) -> int:
+    """output_bytes, or the input size when there is no plan (already FlashNorm: nothing to write)."""
+    return output_bytes(plan, tensors) if plan is not None else sum(t.nbytes for t in tensors.values())
 
 
 @dataclass
@@ -40,9 +47,16 @@ class Inspection:
     download_files: list[str] | None = None
     download_bytes: int | None = None
     skipped_files: list[str] = field(default_factory=list)
+    # An already-FlashNorm SRC: its FlashNormState; ``plan`` is then None (nothing to do) or a mode change.
+    state: object | None = None
 
     def to_dict(self) -> dict:
-        d = self.plan.to_dict()
+        d = self.plan.to_dict() if self.plan is not None else {"model_type": self.state.model_type,
+                                                                 "family": self.state.family}
+        if self.state is not None:
+            d["flashnorm"] = self.state.to_dict()
+            d["mode_change"] = f"{self.state.mode} -> {self.plan.mode}" if self.plan is not None else None
+            d["added"] = [t.name for t in self.plan.added] if self.plan is not None else []
         d["source"] = {"src": self.src, "how": self.how,
                        "repo_id": self.source.repo_id if self.source else None,
                        "commit": self.source.commit if self.source else None}
@@ -58,6 +72,13 @@ class Inspection:
                  "cache": "the local Hugging Face cache",
                  "remote": "remote safetensors headers; no weights downloaded"}[self.how]
         commit = f" @ {self.source.commit[:12]}" if self.source and self.source.commit else ""
+        if self.state is not None:  # already FlashNorm: its state, not a plan to fold again
+            from .remode import describe_remode
+            lines = [f"source: {self.src}{commit} ({where})", self.state.describe(each)]
+            if self.plan is not None:
+                lines += [describe_remode(self.plan), f"sizes: {human_bytes(self.bytes_in)} in -> "
+                          f"{human_bytes(self.bytes_out)} out ({self.plan.mode})"]
+            return "\n".join(lines)
         lines = [f"source: {self.src}{commit} ({where})", self.plan.describe(each),
                  f"sizes: {self.tensors} tensors in {self.shards} shard(s), {human_bytes(self.bytes_in)} in -> "
                  f"{human_bytes(self.bytes_out)} out ({self.plan.mode}, merged dtype {self.plan.merged_dtype})"]
@@ -70,7 +91,7 @@ class Inspection:
         return "\n".join(lines)
 
 
-def inspect(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str = "source",
+def inspect(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str | None = None,
             rules=None, revision: str | None = None, token: str | bool | None = None) -> Inspection:
     """The fold plan and output sizes for ``src``, reading headers only.
 
@@ -78,11 +99,19 @@ def inspect(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str =
     repo id is planned from its safetensors headers fetched remotely (plus ``config.json`` and the index):
     nothing the size of the weights is downloaded, and LayerNorm bias folds, which depend on the bias
     values, are decided at conversion.
+
+    An already-FlashNorm SRC gives its FlashNormState (``.state``: mode, version, each foldable norm
+    identity or absent) and no plan, or with ``mode`` set to the other mode, the plan of that change.
     """
     text = os.fspath(src)
     if Path(text).exists() or not is_repo_id(text) or _offline():
         source = resolve_source(text, revision=revision, token=token)
-        ckpt, _, plan = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules)
+        try:
+            ckpt, _, plan = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, label=text)
+        except AlreadyFlashNorm as e:
+            plan, state, ckpt = None, e.state, Checkpoint(source.path)
+        else:
+            state = plan.flashnorm
         try:
             tensors = dict(ckpt.tensors)
             shards = len(ckpt.shards)
@@ -91,15 +120,19 @@ def inspect(src: str | os.PathLike, *, mode: str = "compat", merged_dtype: str =
         hub = source.repo_id is not None
         return Inspection(plan=plan, source=source if hub else None, src=text, how="cache" if hub else "local",
                           shards=shards, tensors=len(tensors), bytes_in=sum(t.nbytes for t in tensors.values()),
-                          bytes_out=output_bytes(plan, tensors),
+                          bytes_out=_out_bytes(plan, tensors),
                           download_files=sorted(source.files) if hub else None,
-                          skipped_files=source.skipped)
+                          skipped_files=source.skipped, state=state)
     with _quiet_bars(True):
         return _inspect_remote(text, mode=mode, merged_dtype=merged_dtype, rules=rules, revision=revision,
                                token=token)
 
 
 def _inspect_remote(repo_id: str, *, mode, merged_dtype, rules, revision, token) -> Inspection:
+    from .dtypes import DTYPES
+    from .reader import read_config
+    from .remode import plan_checkpoint
+    from .rules import load_rules_file
     api = _api(token)
     with _guard(repo_id, revision, "fetching repo info"):
         info = api.model_info(repo_id, revision=revision, files_metadata=True, token=token)
@@ -125,14 +158,18 @@ def _inspect_remote(repo_id: str, *, mode, merged_dtype, rules, revision, token)
             raise StreamfoldError(f"{repo_id}: {fname} lacks tensor {name!r} that {INDEX_NAME} places there; "
                                   "the index and shards disagree")
     extra = load_rules_file(rules) if isinstance(rules, (str, os.PathLike)) else rules
-    plan = make_plan(cfg, tensors, None, mode=mode, merged_dtype=merged_dtype, rules=extra)
+    try:
+        plan = plan_checkpoint(cfg, tensors, None, mode=mode, merged_dtype=merged_dtype, rules=extra, src=repo_id)
+        state = plan.flashnorm
+    except AlreadyFlashNorm as e:
+        plan, state = None, e.state
     shards = list(meta.files_metadata)
     take, skipped = select_files(sorted(sizes), shards)
     known = [sizes.get(p) for p in take]
     return Inspection(plan=plan, source=Source(path=Path(), display=repo_id, repo_id=repo_id, revision=revision,
                                                commit=commit),
                       src=repo_id, how="remote", shards=len(shards), tensors=len(tensors),
-                      bytes_in=sum(t.nbytes for t in tensors.values()), bytes_out=output_bytes(plan, tensors),
+                      bytes_in=sum(t.nbytes for t in tensors.values()), bytes_out=_out_bytes(plan, tensors),
                       download_files=take,
                       download_bytes=sum(known) if all(k is not None for k in known) else None,
-                      skipped_files=skipped)
+                      skipped_files=skipped, state=state)

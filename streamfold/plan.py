@@ -97,6 +97,10 @@ class Plan:
     norms: list[NormPlan]
     actions: dict[str, Action]
     unknown_norms: list[str]
+    # Mode changes of an already-folded checkpoint (streamfold.remode): tensors to create (identity
+    # norms restored in strict -> compat), and the source's FlashNormState. Empty / None for folds.
+    added: list = field(default_factory=list)
+    flashnorm: object | None = None
 
     @property
     def folded(self) -> list[NormPlan]:

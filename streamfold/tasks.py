@@ -231,6 +231,8 @@ def _shard_task(ckpt: Checkpoint, plan: Plan, shard: str, files: dict[str, Sourc
     f = ckpt.shards[shard]
     out = [(t.name, plan.actions[t.name].out_dtype, t.shape) for t in f.tensors.values()
            if plan.actions[t.name].kind != Kind.DROP]
+    added = [t for t in getattr(plan, "added", ()) if t.shard == shard]  # identity norms a mode change restores
+    out += [(t.name, t.dtype, tuple(t.shape)) for t in added]
     task = Task(shard=shard, tensors=out, metadata=f.metadata, sources={}, chunks=[])
     layout = task.layout()
     used = {shard}
@@ -275,6 +277,10 @@ def _shard_task(ckpt: Checkpoint, plan: Plan, shard: str, files: dict[str, Sourc
         else:  # pragma: no cover - every Kind is handled above
             raise AssertionError(a.kind)
     flush()
+    for t in added:  # laid out after the source's tensors
+        o = layout.tensors[t.name]
+        task.chunks.append(Chunk(Op.FILL, t.name, o.begin, o.end - o.begin, out_dtype=t.dtype, value=float(t.value),
+                                 shape=tuple(t.shape)))
     task.sources = {s: files[s] for s in sorted(used)}
     return task
 

@@ -40,12 +40,13 @@ from typing import Callable
 import numpy as np
 
 from .dtypes import DTYPES, widen_bf16
-from .files import CARD_NAME, FLASHNORM_VERSION, other_files
-from .errors import StreamfoldError
+from .files import FLASHNORM_VERSION, other_files
+from .errors import AlreadyFlashNorm, StreamfoldError
 from .fold import Scratch
 from .manifest import MANIFEST_NAME, OrderedHasher, hash_file, list_files, parse_manifest
 from .plan import MERGED_ALIASES, MODES, Action, Kind, Plan, make_plan, natural_key
 from .reader import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, pread_into, read_config
+from .remode import plan_checkpoint
 from .rules import load_rules_file
 from .tasks import DEFAULT_BUDGET, default_workers
 
@@ -407,7 +408,11 @@ class _Verifier:
             buf = np.empty(t.nbytes, dtype=np.uint8)
             pread_into(self._fd(t.path), buf, t.begin, t.path)
             return buf.view(DTYPES[t.dtype]).reshape(t.shape)
-        return make_plan(src_cfg, src_ckpt.tensors, read, mode=mode, merged_dtype=merged, rules=self.rules)
+        try:  # an already-FlashNorm source converted to the other mode: the plan of that change
+            return plan_checkpoint(src_cfg, src_ckpt.tensors, read, mode=mode, merged_dtype=merged, rules=self.rules,
+                                   shard_of=src_ckpt.shard_of, src=str(self.src))
+        except AlreadyFlashNorm:  # same mode: the output must be the source's fold (of identity norms)
+            return make_plan(src_cfg, src_ckpt.tensors, read, mode=mode, merged_dtype=merged, rules=self.rules)
 
     def _run(self, src_ckpt: Checkpoint, progress, t0: float) -> VerifyReport:
         src_cfg = read_config(self.src)
@@ -482,8 +487,17 @@ class _Verifier:
         for shard, names in lost.items():
             self.fail("tensor", shard, f"{len(names)} tensors missing with this shard: "
                                        f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
-        for name in sorted(set(dst_tensors) - set(plan.actions)):
+        added = {t.name: t for t in plan.added}  # identity norms a mode change restores
+        for name in sorted(set(dst_tensors) - set(plan.actions) - set(added)):
             self.fail("tensor", name, "not in the source checkpoint")
+        for name, t in added.items():
+            a, dt = Action(Kind.FILL, t.dtype, value=t.value), dst_tensors.get(name)
+            if dt is None or where[name] != t.shard or dt.dtype != t.dtype or dt.shape != t.shape:
+                got = "missing" if dt is None else f"{dt.dtype} {list(dt.shape)} in {where[name]}"
+                self.fail("tensor", name, f"restored identity norm is {got}, expected {t.dtype} {list(t.shape)} "
+                                          f"in {t.shard}")
+            else:
+                checkable[name] = a
         for shard, f in dst_files.items():
             if f is not None and f.metadata != src_ckpt.shards[shard].metadata:
                 self.fail("layout", shard, f"header __metadata__ {f.metadata} differs from the source's "
@@ -546,7 +560,7 @@ class _Verifier:
                 for off in range(0, t.nbytes, self.chunk_bytes):
                     jobs.append(self._hash_job(path, t.begin + off, min(self.chunk_bytes, t.nbytes - off), hasher))
                 continue
-            st = src_ckpt.tensors[t.name]
+            st = src_ckpt.tensors.get(t.name)  # None for a restored norm (a fill)
             if a.kind == Kind.COPY:
                 jobs.extend(self._copy_jobs(t, st, hasher))
             elif a.kind == Kind.SCALE:

@@ -3,8 +3,14 @@ import json
 import os
 import re
 import subprocess
+import shutil
 import sys
 from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from streamfold.reader import Checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1] / "streamfold" / "sample"
 ROOT = SAMPLE.parents[1]
@@ -115,9 +121,12 @@ def test_dry_run_and_dtype_spellings(tmp_path):
 
 
 def test_bf16_merged_dtype_is_refused_for_wider_sources(tmp_path):
-    import streamfold
-    f32 = tmp_path / "f32"
-    streamfold.convert(SAMPLE, f32, merged_dtype="float32")  # folded weights now stored in float32
+    f32 = tmp_path / "f32"  # the sample with every tensor widened to float32: a float32 source
+    shutil.copytree(SAMPLE, f32)
+    ck = Checkpoint(SAMPLE)
+    for shard, sf in ck.shards.items():
+        save_file({n: np.asarray(ck.array(n), dtype=np.float32) for n in sf.tensors}, str(f32 / shard))
+    ck.close()
     r = run([f32, tmp_path / "out", "--merged-dtype", "bf16"])
     assert r.returncode == 2, r.stderr
     assert "never narrows" in r.stderr and "F32" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -447,7 +447,7 @@ def test_inspect_cli_remote_and_plan_flag(tmp_path, hf_home, capsys):
     finally:
         mp.undo()
     assert f"source: {REPO} @ {COMMIT[:12]} (remote safetensors headers; no weights downloaded)" in text
-    assert "FOLD  model.layers.{n}.input_layernorm  x2" in text
+    assert "FOLD  model.layers.*.input_layernorm  x2" in text
     n = len(json.loads((SAMPLE / "model.safetensors.index.json").read_text())["weight_map"])
     assert f"sizes: {n} tensors in 3 shard(s)" in text and "not downloaded" in text
     assert data["source"] == {"src": REPO, "how": "remote", "repo_id": REPO, "commit": COMMIT}
