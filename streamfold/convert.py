@@ -247,4 +247,6 @@ def _report(cplan: ConversionPlan, dst: Path, t0: float, workers: int, manifest:
         biases_updated=p.count(Kind.BIAS), bytes_in=cplan.bytes_in, bytes_out=cplan.output_bytes,
         seconds=time.perf_counter() - t0, workers=workers, groups=p.groups(),
         skipped_files=cplan.skipped, copied_files=list(cplan.files), source_commit=cplan.source.commit,
-        manifest=manifest, manifest_seconds=round(t_manifest, 3))
+        manifest=manifest, manifest_seconds=round(t_manifest, 3),
+        mode_change=f"{p.flashnorm.mode} -> {p.mode}" if p.flashnorm is not None else None,
+        tensors_restored=len(p.added))
