@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 from .errors import StreamfoldError
@@ -227,8 +228,19 @@ def metadata(*, source_meta: dict, cfg: dict, base_model: str | None, mode: str)
     return meta
 
 
+def hub_endpoint() -> str:
+    """The Hub that links point at: huggingface_hub's endpoint (``HF_ENDPOINT``, default huggingface.co).
+
+    Read from huggingface_hub when it is loaded (it reads ``HF_ENDPOINT`` once, at import), else from the
+    environment the same way: a local conversion never imports huggingface_hub.
+    """
+    constants = sys.modules.get("huggingface_hub.constants")
+    endpoint = getattr(constants, "ENDPOINT", None) or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return str(endpoint).rstrip("/")
+
+
 def _hub_link(repo: str) -> str:
-    return f"[{repo}](https://huggingface.co/{repo})"
+    return f"[{repo}]({hub_endpoint()}/{repo})"
 
 
 def _lineage(source_meta: dict) -> str:

@@ -26,7 +26,7 @@ examples:
   python -m streamfold ./Llama-3.2-1B ./Llama-3.2-1B-FlashNorm
   python -m streamfold ./model ./out --mode strict --merged-dtype float32
   python -m streamfold inspect ./model            # the fold plan, from headers only
-  python -m streamfold ./model --plan --json      # the same, machine-readable
+  python -m streamfold ./model --dry-run --json   # the same, machine-readable
   python -m streamfold demo                       # convert and check the bundled sample
   python -m streamfold verify ./model ./out       # prove ./out is ./model folded (exit 3 if not)
   python -m streamfold verify ./model ./out --forward --json   # + numpy logits comparison, for CI
@@ -51,7 +51,20 @@ exit status: 0 ok, 1 internal error, 2 bad input (one line: streamfold: error: .
   the identity or absent): nothing written, unless --mode asks for the other mode; 130 interrupted.
 """
 
-SUBCOMMANDS = ("convert", "inspect", "verify", "demo")
+VERIFY_PROVES = """\
+Re-plans SRC with the same planner and rules convert uses, then reads both checkpoints once and checks:
+every unchanged tensor byte-identical; every folded element bit-identical to the exact product
+source x norm rounded once to its stored dtype (recomputed independently of the fold kernel); folded
+norms identity (compat) or absent (strict); folded LayerNorm biases within one rounding of b + W @ beta;
+config flags, shard layout, index, other files and SHA256SUMS.
+
+A pass proves DST is this plan executed exactly on SRC. It does not prove the plan is right for the
+model (that each folded norm feeds only the linears folded with it). --forward tests that end to end
+for the decoders streamfold's numpy forward pass supports (float32 logits of SRC and DST compared: a
+wrong plan shows, a last-bit rounding does not); the transformers test suite
+(tests/test_architectures.py) proves it for every supported family on small random models."""
+
+SUBCOMMANDS = ("convert", "inspect", "verify", "demo", "derive-rules")
 
 
 def parse_size(text: str) -> int:
@@ -118,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "streaming a safetensors checkpoint with flat memory and no torch.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"streamfold {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{convert,inspect,verify,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{convert,inspect,verify,demo,derive-rules}")
 
     c = sub.add_parser("convert", help="convert SRC into a FlashNorm checkpoint at DST (the default)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_options(i)
 
     v = sub.add_parser("verify", help="check that DST is a correct FlashNorm conversion of SRC (no torch); "
-                                      "exit 0 if so, 3 if not",
+                                      "exit 0 if so, 3 if not", description=VERIFY_PROVES,
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("src", metavar="SRC", help="the source checkpoint folder (or Hub repo id)")
     v.add_argument("dst", metavar="DST", help="the converted checkpoint folder")
@@ -195,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "removed at the end)")
     d.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     d.add_argument("-q", "--quiet", action="store_true")
+
+    r = sub.add_parser("derive-rules", help="derive and check a --rules file (TOML, on stdout) for a model folder "
+                                            "or model_type from transformers' computation (needs the derive "
+                                            "extra: torch + transformers)")
+    r.add_argument("target", metavar="MODEL_DIR_OR_TYPE", help="a model folder with config.json, or a model_type")
     return parser
 
 
@@ -313,6 +331,11 @@ def _demo(args) -> int:
     return run_demo(args.dst, quiet=args.quiet, overwrite=args.overwrite, log=_log(args.quiet))
 
 
+def _derive_rules(args) -> int:
+    from .derive.command import derive_rules
+    return derive_rules(args.target)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
@@ -327,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if threading.current_thread() is threading.main_thread():
             handle_sigterm()
-        handler = {"convert": _convert, "inspect": _print_plan, "verify": _verify, "demo": _demo}[args.command]
+        handler = {"convert": _convert, "inspect": _print_plan, "verify": _verify, "demo": _demo,
+                   "derive-rules": _derive_rules}[args.command]
         code = handler(args)
         sys.stdout.flush()  # here, so a closed pipe is seen below and not at interpreter exit
         return code

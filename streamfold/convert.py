@@ -148,12 +148,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
     """
     t0 = time.perf_counter()
     from . import __version__
-    from .hub import is_repo_id, preflight, push_folder, resolve_source  # huggingface_hub only for repo ids / pushes
+    from .hub import is_repo_id, preflight, push_folder, resolve_source  # huggingface_hub: repo ids, pushes
     if executor not in EXECUTORS:
         raise StreamfoldError(f"executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
     preflight(push_to_hub=push_to_hub, base_model=base_model, token=token)
-    check_destination(None if is_repo_id(os.fspath(src)) and not Path(src).exists() else src, dst,
-                      overwrite)  # before any download
+    local = not is_repo_id(os.fspath(src)) or Path(src).exists()
+    check_destination(src if local else None, dst, overwrite)  # before any download
     if stream:
         return _stream(src, Path(dst), t0, locals())
     source = resolve_source(src, revision=revision, token=token, quiet=progress is None)
@@ -197,7 +197,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
             return report  # not pushed: the caller sees report.verification.problems
     if push_to_hub:
         report.hub_url = push_folder(
-            dst, push_to_hub, private=private, token=token, commit_message=commit_message
+            dst, push_to_hub, private=private, token=token, quiet=progress is None, commit_message=commit_message
             or f"FlashNorm ({mode}) conversion of {source.label} with streamfold {__version__}").url
     return report
 

@@ -230,8 +230,11 @@ def detect(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.n
     """The FlashNorm state of a checkpoint. ``read(name)`` returns a small tensor's values (norm
     vectors only); ``read=None`` decides from headers and flags alone (status ``present``)."""
     family, fam, tied, found = foldable(cfg, tensors, rules)
-    covered = [_regex(r["norm"] + sfx) for r in fam["folds"] + fam.get("keep", []) for sfx in (".weight", ".bias")]
-    stray = [t for t in names_sorted(tensors) if _looks_like_norm(t) and not any(rx.match(t) for rx in covered)]
+    covered = [_regex(r["norm"] + sfx) for r in fam["folds"] + fam.get("keep", []) if "norm" in r
+               for sfx in (".weight", ".bias")]
+    subtrees = tuple(k["under"] for k in fam.get("keep", []) if "under" in k)  # towers kept whole
+    stray = [t for t in names_sorted(tensors) if _looks_like_norm(t) and not t.startswith(subtrees)
+             and not any(rx.match(t) for rx in covered)]
     offset = fam.get("offset", 0)
     flags = {k: cfg[k] for k in FLAG_KEYS if k in cfg}
     norms = []

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from .dtypes import DTYPES
-from .fold import Scratch, matvec_rows, scale_chunk
+from .fold import Scratch, fold_bias_rows, scale_chunk
 from .reader import pread_into
 from .tasks import DEFAULT_BUDGET, Chunk, Op, Task, chunk_bytes_for, default_workers
 from .writer import pwrite_all
@@ -363,26 +363,27 @@ class Engine:
 
     @staticmethod
     def _bias(task: Task, c: Chunk, src_fds: dict[str, int], paths: dict[str, Path]) -> np.ndarray:
-        """``b + W @ beta`` for a consumer of a LayerNorm with a non-zero bias (W unscaled)."""
+        """``b + W @ beta`` for a consumer of a LayerNorm with a non-zero bias (W unscaled), each element
+        the exact sum rounded once (:func:`fold.fold_bias_rows`)."""
         wfile, wbegin, wdtype, wshape = c.weight
         beta = task.norms[c.norm]["shift"]
+        b = _read(src_fds[c.src], c.src_off, c.src_dtype, c.shape, paths[c.src]).reshape(-1)
         isz = DTYPES[wdtype].itemsize
         if c.axis == len(wshape) - 1:
             cols = wshape[-1]
             rows = (int(np.prod(wshape)) // cols) if cols else 0
-            acc = np.empty(rows, dtype=np.float64)
+            res = np.empty(rows, dtype=DTYPES[c.out_dtype])
             buf = np.empty(c.step * cols * isz, dtype=np.uint8)
             for i in range(0, rows, c.step):
                 n = min(c.step, rows - i)
                 chunk = buf[: n * cols * isz]
                 pread_into(src_fds[wfile], chunk, wbegin + i * cols * isz, paths[wfile])
-                acc[i:i + n] = matvec_rows(chunk.view(DTYPES[wdtype]).reshape(n, cols), wdtype, beta)
-            acc = acc.reshape(wshape[:-1])
+                res[i:i + n] = fold_bias_rows(chunk.view(DTYPES[wdtype]).reshape(n, cols), wdtype, beta, b[i:i + n],
+                                              c.out_dtype)
         else:  # fused/transposed consumers with biases behind a biased LayerNorm: none known; small
-            w = _read(src_fds[wfile], wbegin, wdtype, wshape, paths[wfile])
-            acc = np.tensordot(w.astype(np.float64), beta.astype(np.float64), axes=([c.axis], [0]))
-        b = _read(src_fds[c.src], c.src_off, c.src_dtype, c.shape, paths[c.src]).astype(np.float64)
-        return (b + acc).astype(DTYPES[c.out_dtype])
+            full = np.moveaxis(_read(src_fds[wfile], wbegin, wdtype, wshape, paths[wfile]), c.axis, -1)
+            res = fold_bias_rows(full.reshape(-1, full.shape[-1]), wdtype, beta, b, c.out_dtype)
+        return res.reshape(c.shape)
 
 
 def _read(fd: int, offset: int, dtype: str, shape: tuple[int, ...], path) -> np.ndarray:

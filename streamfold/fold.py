@@ -1,12 +1,19 @@
-"""The fold kernel: multiply a chunk of a weight by a norm vector in float32, round back once.
+"""The fold kernel: multiply a chunk of a weight by a norm vector, round the exact product once.
 
-Exactness: for a bf16 source, bf16 x bf16 (or float32 ``1 + w``) products are computed in float32
-and rounded once, to nearest-even, to the stored dtype; kept in float32 there is no rounding at all.
-The bf16 path works on the raw uint16/uint32 bit patterns (faster than a dtype cast and identical
-to ml_dtypes' round-to-nearest-even, NaN and infinity included: an upshifted bf16 has zero low bits,
-so the rounding add never carries out of a NaN payload).
+Exactness: every folded element is the exact product ``w x g`` rounded once, to nearest-even, to the
+stored dtype (``g`` is the float32 multiplier the plan gives: the norm weight, or ``1 + w`` formed in
+float32 as the models compute it). The common case, a bf16 norm and bf16 weights, is exact in float32
+and runs on the raw uint16/uint32 bit patterns (faster than a dtype cast); any other multiplier (a
+float32 norm with more than 16 significant bits, a float32 ``1 + w``, NaN or infinity) or a float16
+weight is multiplied in float64, where the product is exact, and rounded once from there. NaN stays a
+quiet NaN with its sign; infinity stays infinity; finite products beyond the output range become
+infinity, as round-to-nearest-even says. Not exact: a float64 norm vector is rounded to float32 by the
+plan before folding (no float64 checkpoint with float64 norms is known).
 """
 from __future__ import annotations
+
+import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -41,55 +48,135 @@ class Scratch:
         return hit[1]
 
 
-@np.errstate(over="ignore", invalid="ignore")
+def fast_bf16_ok(mult: np.ndarray) -> bool:
+    """True when ``bf16 x mult`` is exact in float32 for every element of ``mult`` (float32) that is
+    finite and has at most 16 significant bits (its low 8 mantissa bits zero): 8 + 16 bits fit a
+    float32 significand, so only an underflow to a subnormal can round, and the kernel catches that.
+    bf16, and float16 values in the bf16 range, and small integers all qualify; ``1 + w`` in float32
+    usually does not. A NaN or infinite multiplier takes the float64 path (its payload could carry
+    into the sign bit in the bit-pattern rounding)."""
+    bits = mult.view(np.uint32)
+    return not np.any(bits & 0xFF) and not np.any((bits & 0x7F800000) == 0x7F800000)
+
+
+def round_f64_to_bf16(x: np.ndarray, out: np.ndarray) -> None:
+    """``out`` (uint16 bf16 bits) = ``x`` (float64) rounded once to nearest-even bf16.
+
+    Rounds to float32 *to odd* first (truncate, then set the last bit if anything was dropped): with 16
+    more bits than bf16, round-to-odd followed by round-to-nearest-even is a single correct rounding
+    (Boldo & Melquiond), subnormals and overflow included. NaN stays a quiet NaN with its sign."""
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        f = x.astype(np.float32)  # round to nearest (hardware); overflow -> inf
+        back = f.astype(np.float64)
+        b = f.view(np.uint32)
+        inexact = back != x  # NaN too, fixed below
+        np.subtract(b, inexact & (np.abs(back) > np.abs(x)), out=b, casting="unsafe")  # toward zero
+        np.bitwise_or(b, inexact, out=b, casting="unsafe")  # sticky odd bit
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        nan = np.isnan(x)
+        if nan.any():
+            r[nan] = (b[nan] >> 16) | 0x0040
+    np.copyto(out, r, casting="unsafe")
+
+
+def round_f64(x: np.ndarray, out_dtype: str, out: np.ndarray) -> None:
+    """``out`` (viewed as ``out_dtype``) = ``x`` (float64) rounded once to nearest-even."""
+    if out_dtype == "BF16":
+        round_f64_to_bf16(x, out.view(np.uint16))
+    else:  # numpy's float64 -> float32/float16 casts round once, directly from the float64 bits
+        with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+            np.copyto(out.view(DTYPES[out_dtype]), x, casting="unsafe")
+
+
+def _widen_f64(src: np.ndarray, src_dtype: str) -> np.ndarray:
+    if src_dtype == "BF16":
+        return widen_bf16(src).astype(np.float64)
+    return src.astype(np.float64)
+
+
+@np.errstate(over="ignore", invalid="ignore", under="ignore")
+def _scale_f64(src, mult, src_dtype, out_dtype, out) -> None:
+    """The exact path: the product in float64 (exact for any bf16/f16/f32 x float32 pair: at most 48
+    significant bits, and no underflow or overflow in float64's range), rounded once to ``out_dtype``.
+    A float64 weight's product is the float64 multiply, itself one correct rounding."""
+    rows, cols = src.shape
+    step = max(1, BLOCK_ELEMS // max(cols, 1))
+    per_row = mult.shape[0] != 1
+    m64 = mult.astype(np.float64)
+    for r in range(0, rows, step):
+        e = min(rows, r + step)
+        p = _widen_f64(src[r:e], src_dtype)
+        np.multiply(p, m64[r:e] if per_row else m64, out=p)
+        round_f64(p, out_dtype, out[r:e])
+
+
+@np.errstate(over="ignore", invalid="ignore", under="ignore")
 def scale_chunk(src: np.ndarray, mult: np.ndarray, src_dtype: str, out_dtype: str,
                 out: np.ndarray, scratch: Scratch) -> None:
-    """``out = round(src * mult)``: ``src`` is ``[rows, cols]`` raw bytes viewed as ``src_dtype``,
-    ``mult`` float32 broadcastable to it (``[1, cols]`` or ``[rows, 1]``), ``out`` the same
-    shape in ``out_dtype``."""
+    """``out = round(src * mult)``, the exact product rounded once to nearest-even: ``src`` is
+    ``[rows, cols]`` raw bytes viewed as ``src_dtype``, ``mult`` float32 broadcastable to it
+    (``[1, cols]`` or ``[rows, 1]``), ``out`` the same shape in ``out_dtype``.
+
+    Which arithmetic: a float32 output of a bf16/f16/f32 weight is one float32 multiply (IEEE rounds
+    the exact product once); a bf16 output of a bf16 weight uses the float32 bit-pattern kernel when
+    :func:`fast_bf16_ok` (the float32 product is exact, so its rounding to bf16 is the only one; a
+    block whose product underflows inexactly is redone in float64); everything else is formed in
+    float64, where it is exact, and rounded once."""
     rows, cols = src.shape
     step = max(1, BLOCK_ELEMS // max(cols, 1))  # rows per cache-sized block
-    per_row = mult.shape[0] != 1
+    # a [rows, 1] multiplier, even for a one-row chunk ([1, 1] against cols > 1: not a column vector)
+    per_row = mult.shape[0] != 1 or mult.shape[1] != cols
     if src_dtype != "BF16":
-        compute = np.float64 if src_dtype == "F64" else np.float32
-        target = DTYPES[out_dtype]
-        for r in range(0, rows, step):
-            e = min(rows, r + step)
-            m = mult[r:e] if per_row else mult
-            out[r:e] = (src[r:e].astype(compute) * m.astype(compute, copy=False)).astype(target)
+        if out_dtype == "F32" and src_dtype in ("F16", "F32"):
+            for r in range(0, rows, step):
+                e = min(rows, r + step)
+                m = mult[r:e] if per_row else mult
+                np.multiply(src[r:e], m, out=out[r:e], dtype=np.float32)
+            return
+        _scale_f64(src, mult, src_dtype, out_dtype, out)
+        return
+    to_bf16 = out_dtype == "BF16"
+    if out_dtype not in ("BF16", "F32") or (to_bf16 and not fast_bf16_ok(mult)):
+        _scale_f64(src, mult, src_dtype, out_dtype, out)
         return
     if not per_row:
         # A flat multiplier for a whole block (the row vector tiled): 1-D ufuncs without
         # broadcasting run about 1.5x faster than broadcasting [step, cols] by [1, cols].
         tiled = scratch.tiled(mult, step)
     u16 = src.view(np.uint16).reshape(-1)
-    to_bf16 = out_dtype == "BF16"
     o = out.view(np.uint16 if to_bf16 else np.uint32).reshape(-1)
     size = step * cols
     work = scratch.get("u32", size * 4).view(np.uint32)
     tmp = scratch.get("tmp", size * 4).view(np.uint32)
-    for r in range(0, rows, step):
-        e = min(rows, r + step)
-        k = (e - r) * cols
-        w, t = work[:k], tmp[:k]
-        f = w.view(np.float32)
-        np.copyto(w, u16[r * cols:e * cols])  # bf16 bits -> high half of a float32
-        np.left_shift(w, 16, out=w)
-        if per_row:
-            np.multiply(f.reshape(e - r, cols), mult[r:e], out=f.reshape(e - r, cols))
-        else:
-            np.multiply(f, tiled[:k], out=f)
-        dst = o[r * cols:e * cols]
-        if to_bf16:
-            # round to nearest even: add 0x7FFF plus the lowest kept bit, then truncate
-            np.right_shift(w, 16, out=t)
-            np.bitwise_and(t, 1, out=t)
-            np.add(w, 0x7FFF, out=w)
-            np.add(w, t, out=w)
-            np.right_shift(w, 16, out=w)
-            np.copyto(dst, w, casting="unsafe")
-        else:
-            np.copyto(dst, w)
+    with np.errstate(under="raise" if to_bf16 else "ignore"):
+        for r in range(0, rows, step):
+            e = min(rows, r + step)
+            k = (e - r) * cols
+            w, t = work[:k], tmp[:k]
+            f = w.view(np.float32)
+            np.copyto(w, u16[r * cols:e * cols])  # bf16 bits -> high half of a float32
+            np.left_shift(w, 16, out=w)
+            try:
+                if per_row:
+                    np.multiply(f.reshape(e - r, cols), mult[r:e], out=f.reshape(e - r, cols))
+                else:
+                    np.multiply(f, tiled[:k], out=f)
+            except FloatingPointError:  # a product underflowed inexactly: float32 rounded it once already
+                _scale_f64(src[r:e], mult[r:e] if per_row else mult, src_dtype, out_dtype, out[r:e])
+                continue
+            dst = o[r * cols:e * cols]
+            if to_bf16:
+                # round to nearest even: add 0x7FFF plus the lowest kept bit, then truncate. Exact
+                # products of finite multipliers carry a NaN payload only in the high 16 bits
+                # (a quieted bf16 NaN, or the default NaN of 0 x inf), so the add never reaches the sign.
+                np.right_shift(w, 16, out=t)
+                np.bitwise_and(t, 1, out=t)
+                np.add(w, 0x7FFF, out=w)
+                np.add(w, t, out=w)
+                np.right_shift(w, 16, out=w)
+                np.copyto(dst, w, casting="unsafe")
+            else:
+                np.copyto(dst, w)
 
 
 def merged_out_dtype(src_dtype: str, merged_dtype: str) -> str:
@@ -100,6 +187,56 @@ def merged_out_dtype(src_dtype: str, merged_dtype: str) -> str:
 
 
 def matvec_rows(w: np.ndarray, src_dtype: str, vec: np.ndarray) -> np.ndarray:
-    """``w @ vec`` for a ``[rows, cols]`` chunk, accumulated in float64 (for LayerNorm bias folds)."""
-    f = widen_bf16(w) if src_dtype == "BF16" else w
-    return f.astype(np.float64) @ vec.astype(np.float64)
+    """``w @ vec`` for a ``[rows, cols]`` chunk, accumulated in float64 (every product is exact, the
+    sum is rounded in BLAS's order). For a bias fold use :func:`fold_bias_rows`, which is exact."""
+    return _widen_f64(w, src_dtype) @ vec.astype(np.float64)
+
+
+def fold_bias_rows(w: np.ndarray, src_dtype: str, beta: np.ndarray, bias: np.ndarray,
+                   out_dtype: str) -> np.ndarray:
+    """``bias + w @ beta`` for a ``[rows, cols]`` chunk of a consumer weight and its ``rows`` bias
+    values, each element the exact sum rounded once to ``out_dtype`` (a LayerNorm bias fold).
+
+    Every product ``w[i, j] * beta[j]`` is exact in float64 (bf16/f16/f32 times float32). Their float64
+    sum (BLAS) is within ``(cols + 1) * 2^-53 * (|b| + |w| @ |beta|)`` of the exact sum; a row whose
+    whole error interval rounds to one ``out_dtype`` value gets it, and the rare row whose interval
+    straddles a rounding boundary is summed exactly in integers and rounded once. Rows holding NaN or
+    infinity get the IEEE float64 result. Not exact for float64 weights (their products are float64
+    multiplies, each rounded once)."""
+    p = _widen_f64(w, src_dtype)
+    b64 = bias.astype(np.float64).reshape(-1)
+    beta64 = beta.astype(np.float64)
+    rows, cols = p.shape
+    out = np.empty(rows, dtype=DTYPES[out_dtype])
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = b64 + p @ beta64
+        mag = np.abs(b64) + np.abs(p) @ np.abs(beta64)
+        err = mag * (2.0 * (cols + 2) * 2.0 ** -53)
+        lo = np.nextafter(s - err, -np.inf)
+        hi = np.nextafter(s + err, np.inf)
+    round_f64(s, out_dtype, out)
+    rlo, rhi = np.empty_like(out), np.empty_like(out)
+    round_f64(lo, out_dtype, rlo)
+    round_f64(hi, out_dtype, rhi)
+    u = {2: np.uint16, 4: np.uint32, 8: np.uint64}[out.itemsize]
+    finite = np.isfinite(s) & np.isfinite(mag)
+    for i in np.flatnonzero(finite & (rlo.view(u) != rhi.view(u))):
+        round_f64(np.array([_exact_sum_odd(b64[i], p[i] * beta64)]), out_dtype, out[i:i + 1])
+    return out
+
+
+def _exact_sum_odd(b: float, products: np.ndarray) -> float:
+    """The exact sum of ``b`` and ``products`` (finite float64s) rounded to float64 *to odd*: a
+    following round-to-nearest to 24 bits or fewer is then a single correct rounding."""
+    terms = np.append(products, b)
+    mant, exp = np.frexp(terms)  # terms = mant * 2**exp, |mant| in [0.5, 1): mant * 2**53 is an integer
+    ints = (mant * 2.0 ** 53).astype(np.int64)
+    e0 = int(exp.min()) - 53
+    total = sum(int(m) << (int(e) - 53 - e0) for m, e in zip(ints, exp) if m)
+    exact = Fraction(total) * Fraction(2) ** e0
+    f = float(exact)  # correctly rounded to nearest
+    if Fraction(f) == exact:
+        return f
+    if abs(Fraction(f)) > abs(exact):
+        f = math.nextafter(f, 0.0)
+    return float(np.array([f]).view(np.uint64).__or__(1).view(np.float64)[0])

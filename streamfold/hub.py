@@ -109,20 +109,26 @@ def _cache_dir() -> str:
 
 @contextlib.contextmanager
 def _quiet_bars(quiet: bool) -> Iterator[None]:
-    """Silence huggingface_hub's progress bars for the block (restoring the previous state)."""
+    """Silence huggingface_hub for the block: its progress bars (downloads, LFS and Xet uploads) and its
+    log warnings (e.g. "Could not reach the Hub ... Using cached commit hash"); the previous state is
+    restored afterwards."""
     if not quiet:
         yield
         return
     from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
                                        enable_progress_bars)
+    from huggingface_hub.utils import logging as hf_logging  # imported first: it sets the level on import
     was = are_progress_bars_disabled()
+    level = hf_logging.get_verbosity()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if not was:
             disable_progress_bars()
+    hf_logging.set_verbosity(hf_logging.ERROR)
     try:
         yield
     finally:
+        hf_logging.set_verbosity(level)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if not was:
@@ -130,6 +136,8 @@ def _quiet_bars(quiet: bool) -> Iterator[None]:
 
 
 def _is_network_error(e: BaseException) -> bool:
+    if type(e).__name__ == "RevisionResolutionError":  # resolve_revision: unreachable and no cached ref
+        return e.__cause__ is None or _is_network_error(e.__cause__)
     mod = type(e).__module__.split(".")[0]
     return (isinstance(e, (ConnectionError, TimeoutError))
             or mod in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
@@ -143,7 +151,7 @@ def _hub_error(e: BaseException, repo_id: str, revision: str | None, what: str) 
     rev = f" at revision {revision!r}" if revision else ""
     first = str(e).strip().splitlines()[0] if str(e).strip() else name
     if name == "GatedRepoError":
-        return StreamfoldError(f"{repo_id}: gated repo; accept its terms on https://huggingface.co/{repo_id} "
+        return StreamfoldError(f"{repo_id}: gated repo; accept its terms on {_constants().ENDPOINT}/{repo_id} "
                                "and set HF_TOKEN (or run `hf auth login`)")
     if name == "RepositoryNotFoundError":
         return StreamfoldError(f"{repo_id}: no such local folder and no such Hub repo (or it is private: set "
@@ -193,11 +201,25 @@ def _guard(repo_id: str, revision: str | None, what: str):
         except (ValueError, OSError, ConnectionError, TimeoutError) as e:
             raise _hub_error(e, repo_id, revision, what) from None
         except Exception as e:
-            if type(e).__module__.startswith(("huggingface_hub", "httpx", "httpx2", "httpcore",
-                                              "requests", "urllib3")):
-                raise _hub_error(e, repo_id, revision, what) from None
+            cause = _hub_cause(e)
+            if cause is not None:
+                raise _hub_error(cause, repo_id, revision, what) from None
             raise
     return cm()
+
+
+_HUB_MODULES = ("huggingface_hub", "httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
+def _hub_cause(e: BaseException) -> BaseException | None:
+    """The huggingface_hub / HTTP error behind ``e``: itself, or what it wraps (LFS uploads raise
+    ``RuntimeError("Error while uploading ...")`` from the HTTP error); None if it is not one."""
+    seen = 0
+    while e is not None and seen < 8:
+        if type(e).__module__.startswith(_HUB_MODULES) or isinstance(e, (ConnectionError, TimeoutError)):
+            return e
+        e, seen = e.__cause__, seen + 1
+    return None
 
 
 # --- resolving SRC ----------------------------------------------------------------------------------
@@ -265,21 +287,36 @@ def _from_cache(repo_id: str, revision: str | None) -> Source:
                   files=set(take), skipped=skipped, offline=True)
 
 
+def _resolved_info(api, repo_id: str, revision: str | None, token, files_metadata: bool = False):
+    """The repo's info at the commit ``revision`` (a branch, tag or commit; default the main branch) names.
+
+    ``resolve_revision`` records ``revision -> commit`` in the cache's ``refs/`` as huggingface_hub does for
+    its own downloads. Without it the cache would never learn which commit ``main`` is (downloads pinned
+    to a commit record no ref), and offline runs or the fall back to the cache would not find the snapshot.
+    """
+    resolved = api.resolve_revision(repo_id, revision=revision, token=token)
+    return api.model_info(repo_id, revision=resolved.resolved, files_metadata=files_metadata, token=token)
+
+
+def _unreachable(e: BaseException, repo_id: str, revision: str | None) -> Source:
+    """The Hub cannot be reached: the cached snapshot, as huggingface_hub falls back to, or one line."""
+    try:
+        return _from_cache(repo_id, revision)
+    except StreamfoldError:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise StreamfoldError(f"{repo_id}: cannot reach the Hub ({type(e).__name__}: {first}) and the repo is not "
+                              f"(completely) in the local cache ({_cache_dir()}); check the network connection") from None
+
+
 def _download(repo_id: str, revision: str | None, token) -> Source:
     """Online: resolve the revision to a commit, pick the files, download them into the cache."""
     api = _api(token)
     with _guard(repo_id, revision, "fetching repo info"):
         try:
-            info = api.model_info(repo_id, revision=revision, token=token)
+            info = _resolved_info(api, repo_id, revision, token)
         except Exception as e:
-            if _is_network_error(e):  # the Hub is unreachable: fall back to the cache, as huggingface_hub does
-                try:
-                    return _from_cache(repo_id, revision)
-                except StreamfoldError:
-                    first = (str(e).strip().splitlines() or [""])[0]
-                    raise StreamfoldError(f"{repo_id}: cannot reach the Hub ({type(e).__name__}: {first}) and the "
-                                          f"repo is not (completely) in the local cache ({_cache_dir()}); check "
-                                          "the network connection") from None
+            if _is_network_error(e):
+                return _unreachable(e, repo_id, revision)
             raise
     commit = info.sha
     listing = sorted(s.rfilename for s in (info.siblings or []))
@@ -336,22 +373,29 @@ class PushResult:
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
-                commit_message: str | None = None, token: str | bool | None = None) -> PushResult:
-    """Create ``repo_id`` (a model repo) if needed and upload ``folder`` in one commit.
+                commit_message: str | None = None, token: str | bool | None = None,
+                quiet: bool = True) -> PushResult:
+    """Create ``repo_id`` (a model repo) if needed and upload every file of ``folder`` in one commit.
 
-    ``private`` applies only when the repo is created. Large files are uploaded in chunks by
-    huggingface_hub (LFS / Xet).
+    ``private`` applies only when the repo is created. ``create_commit`` uploads the large files first
+    (LFS, or Xet when ``hf_xet`` is installed; nothing in the repo refers to them yet) and then makes one
+    commit naming every file, so a failed push leaves the repo as it was. ``upload_folder`` is not used:
+    with ``hf_xet`` installed it commits a large folder in several batches (each a commit), and a push
+    that fails part way would leave a repo mixing new and old files.
     """
     folder = Path(folder)
     api = _api(token)
     msg = commit_message or "Upload FlashNorm checkpoint (streamfold)"
     try:
-        with _guard(repo_id, None, "creating the repo"):
-            repo_url = api.create_repo(repo_id, repo_type="model", private=True if private else None,
-                                       exist_ok=True, token=token)
-        with _guard(repo_id, None, "uploading"):
-            info = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
-                                     commit_message=msg, token=token)
+        with _quiet_bars(quiet):
+            with _guard(repo_id, None, "creating the repo"):
+                repo_url = api.create_repo(repo_id, repo_type="model", private=True if private else None,
+                                           exist_ok=True, token=token)
+            ops = [_hf().CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel))
+                   for rel in _listing(folder)]
+            with _guard(repo_id, None, "uploading"):
+                info = api.create_commit(repo_id=repo_id, repo_type="model", operations=ops, commit_message=msg,
+                                         token=token)
     except StreamfoldError as e:
         raise StreamfoldError(f"{e} (pushing {folder}; the converted checkpoint is complete there, retry with: "
                               f"hf upload {repo_id} {folder} .)") from None

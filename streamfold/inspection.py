@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .conversion import load_plan
 from .errors import AlreadyFlashNorm, StreamfoldError
-from .hub import Source, _api, _guard, _offline, _quiet_bars, is_repo_id, resolve_source, select_files
+from .hub import (Source, _api, _guard, _is_network_error, _offline, _quiet_bars, _resolved_info, _unreachable,
+                  is_repo_id, resolve_source, select_files)
 from .plan import Kind
 from .reader import INDEX_NAME, Checkpoint, TensorInfo
 from .units import human_bytes
@@ -105,37 +106,48 @@ def inspect(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: st
     """
     text = os.fspath(src)
     if Path(text).exists() or not is_repo_id(text) or _offline():
-        source = resolve_source(text, revision=revision, token=token)
-        try:
-            ckpt, _, plan = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, label=text)
-        except AlreadyFlashNorm as e:
-            plan, state, ckpt = None, e.state, Checkpoint(source.path)
-        else:
-            state = plan.flashnorm
-        try:
-            tensors = dict(ckpt.tensors)
-            shards = len(ckpt.shards)
-        finally:
-            ckpt.close()
-        hub = source.repo_id is not None
-        return Inspection(plan=plan, source=source if hub else None, src=text, how="cache" if hub else "local",
-                          shards=shards, tensors=len(tensors), bytes_in=sum(t.nbytes for t in tensors.values()),
-                          bytes_out=_out_bytes(plan, tensors),
-                          download_files=sorted(source.files) if hub else None,
-                          skipped_files=source.skipped, state=state)
+        return _inspect_folder(resolve_source(text, revision=revision, token=token), text, mode=mode,
+                               merged_dtype=merged_dtype, rules=rules)
     with _quiet_bars(True):
-        return _inspect_remote(text, mode=mode, merged_dtype=merged_dtype, rules=rules, revision=revision,
-                               token=token)
+        found = _inspect_remote(text, mode=mode, merged_dtype=merged_dtype, rules=rules, revision=revision,
+                                token=token)
+    if isinstance(found, Source):  # the Hub is unreachable: the cached snapshot, as converting would use
+        return _inspect_folder(found, text, mode=mode, merged_dtype=merged_dtype, rules=rules)
+    return found
 
 
-def _inspect_remote(repo_id: str, *, mode, merged_dtype, rules, revision, token) -> Inspection:
+def _inspect_folder(source: Source, text: str, *, mode, merged_dtype, rules) -> Inspection:
+    try:
+        ckpt, _, plan = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, label=text)
+    except AlreadyFlashNorm as e:  # nothing to fold: its FlashNorm state instead of a plan
+        plan, state, ckpt = None, e.state, Checkpoint(source.path)
+    else:
+        state = plan.flashnorm
+    try:
+        tensors = dict(ckpt.tensors)
+        shards = len(ckpt.shards)
+    finally:
+        ckpt.close()
+    hub = source.repo_id is not None
+    return Inspection(plan=plan, source=source if hub else None, src=text, how="cache" if hub else "local",
+                      shards=shards, tensors=len(tensors), bytes_in=sum(t.nbytes for t in tensors.values()),
+                      bytes_out=_out_bytes(plan, tensors), download_files=sorted(source.files) if hub else None,
+                      skipped_files=source.skipped, state=state)
+
+
+def _inspect_remote(repo_id: str, *, mode, merged_dtype, rules, revision, token) -> Inspection | Source:
     from .dtypes import DTYPES
     from .reader import read_config
     from .remode import plan_checkpoint
     from .rules import load_rules_file
     api = _api(token)
     with _guard(repo_id, revision, "fetching repo info"):
-        info = api.model_info(repo_id, revision=revision, files_metadata=True, token=token)
+        try:
+            info = _resolved_info(api, repo_id, revision, token, files_metadata=True)
+        except Exception as e:
+            if _is_network_error(e):
+                return _unreachable(e, repo_id, revision)
+            raise
     commit = info.sha
     sizes = {s.rfilename: s.size for s in (info.siblings or [])}
     if "config.json" not in sizes:

@@ -3,7 +3,8 @@
 Each line is ``<64 hex digits>  <relative/path>`` (two spaces, POSIX separators, sorted by path), so
 ``cd DST && sha256sum -c SHA256SUMS`` checks a checkpoint with no Python at all. The manifest lists
 every file under the folder except itself and hidden files and folders (``.git``, ``.cache``, ...:
-the file policy in ``files.py``; convert never writes them). ``streamfold verify`` checks it, and reports files it does not list.
+the file policy in ``files.py``; convert never writes them). ``streamfold verify`` checks it, and
+reports files it does not list.
 """
 from __future__ import annotations
 

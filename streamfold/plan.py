@@ -59,6 +59,7 @@ class NormPlan:
     reason: str = ""
     consumers: list[Consumer] = field(default_factory=list)
     scale: np.ndarray | None = None  # float32 ``offset + w``
+    offset: int | None = None  # the rule's own convention, when it differs from the family's
     shift: np.ndarray | None = None  # LayerNorm bias to fold into consumer biases, if non-zero
 
 
@@ -240,8 +241,9 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     names = sorted(tensors)  # for prefix look-ups (bisect)
     norms: list[NormPlan] = []
     claimed: dict[str, str] = {}
+    defaults = fam.get("defaults", {})
     for rule in fam["folds"]:
-        if not all(_config_get(cfg, k) in v for k, v in rule.get("when", {}).items()):
+        if not all(_config_get(cfg, k, defaults.get(k)) in v for k, v in rule.get("when", {}).items()):
             continue
         rx = _regex(rule["norm"] + ".weight")
         found = False
@@ -257,6 +259,15 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
         raise StreamfoldError(f"no tensor matches a norm rule of family {family!r} (model_type {model_type!r}); "
                               "the checkpoint's tensor names do not match its config.json")
     for k in fam.get("keep", []):
+        if "under" in k:  # every norm of a subtree (vision/audio towers)
+            for tname in ordered:
+                if tname.startswith(k["under"]) and tname.endswith(".weight") and _looks_like_norm(tname) \
+                        and tname not in claimed:
+                    name = tname[: -len(".weight")]
+                    claimed[tname] = name
+                    norms.append(NormPlan(k["under"] + "*", name, tname, _opt(name + ".bias", tensors), "keep",
+                                          k["why"]))
+            continue
         rx = _regex(k["norm"] + ".weight")
         for tname in ordered:
             if rx.match(tname) and tname not in claimed:
@@ -267,7 +278,7 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     actions: dict[str, Action] = {}
     for n in norms:
         if n.status == "fold":
-            _fold_norm(n, tensors, read, offset, mode, merged_dtype, actions)
+            _fold_norm(n, tensors, read, n.offset if n.offset is not None else offset, mode, merged_dtype, actions)
     if want == "bf16":
         narrow = next((n for n, a in actions.items() if a.kind == "scale" and a.out_dtype != "BF16"), None)
         if narrow is not None:
@@ -308,7 +319,8 @@ def _apply_layout(fam: dict, tensors: dict) -> dict:
                               else [[consumer(c, lay) for c in v] for v in f[key]])
             folds.append(g)
         return {**fam, "folds": folds,
-                "keep": [{**k, "norm": spell(k["norm"], lay)} for k in fam.get("keep", [])]}
+                "keep": [{**k, **{key: spell(k[key], lay) for key in ("norm", "under") if key in k}}
+                         for k in fam.get("keep", [])]}
 
     for lay in layouts:
         cand = relaid(lay)
@@ -394,7 +406,7 @@ def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, names: list[st
                     raise StreamfoldError(f"rules: tensor {c.weight!r} is claimed by both {claimed[c.weight]!r} "
                                           f"and {name!r}")
                 claimed[c.weight] = name
-            return NormPlan(rule["norm"], name, tname, bias, "fold", consumers=consumers)
+            return NormPlan(rule["norm"], name, tname, bias, "fold", consumers=consumers, offset=rule.get("offset"))
     raise StreamfoldError(f"tensor {tname!r}: its consumer {first_missing!r} is not in the checkpoint; "
                           "the checkpoint does not match the architecture in config.json")
 

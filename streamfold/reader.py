@@ -23,6 +23,36 @@ SINGLE_NAME = "model.safetensors"
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
+class DuplicateKey(ValueError):
+    """A JSON object names the same key twice (``json`` would silently keep the last one)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def loads_strict(text: str):
+    """``json.loads`` that refuses duplicate keys in any object (raises :class:`DuplicateKey`).
+
+    Duplicates make a file ambiguous: Python keeps the last value, other readers may keep the first,
+    so a tensor entry, an index entry or a config key could mean two different things."""
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
+def _is_count(x) -> bool:
+    """A non-negative JSON integer (``true``/``false`` are ints in Python, not here)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives: absolute byte range ``[begin, end)`` in ``path``."""
@@ -75,7 +105,9 @@ class SafetensorsFile:
         except OSError as e:
             raise self._fail(f"cannot read ({e.strerror or e})") from None
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = loads_strict(raw.decode("utf-8"))
+        except DuplicateKey as e:
+            raise self._fail(f"corrupt header ({e}: the header names it twice); re-download the file") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise self._fail(f"corrupt header (invalid JSON: {e}); re-download the file") from None
         if not isinstance(header, dict):
@@ -93,11 +125,11 @@ class SafetensorsFile:
             if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
                 raise self._fail(f"corrupt header entry for tensor {name!r}")
             dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-            if dtype not in DTYPES:
-                raise self._fail(f"tensor {name!r} has unknown dtype {dtype!r}")
-            if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+            if not isinstance(dtype, str) or dtype not in DTYPES:
+                raise self._fail(f"tensor {name!r} has unknown dtype {json.dumps(dtype)[:40]}")
+            if (not isinstance(shape, list) or not all(_is_count(d) for d in shape)
                     or not isinstance(offs, list) or len(offs) != 2
-                    or not all(isinstance(o, int) for o in offs)):
+                    or not all(_is_count(o) for o in offs)):
                 raise self._fail(f"corrupt shape or data_offsets for tensor {name!r}")
             entries.append((offs[0], offs[1], name, dtype, tuple(shape)))
         entries.sort(key=lambda t: (t[0], t[1]))
@@ -152,7 +184,10 @@ def read_config(src: Path) -> dict:
     if not path.is_file():
         raise StreamfoldError(f"{path}: missing; a Hugging Face checkpoint needs its config.json")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = loads_strict(path.read_text(encoding="utf-8"))
+    except DuplicateKey as e:
+        raise StreamfoldError(f"{path}: {e} (ambiguous: loaders disagree on which value wins); "
+                              "remove one") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StreamfoldError(f"{path}: invalid JSON ({e}); fix or re-download it") from None
     if not isinstance(cfg, dict):
@@ -171,11 +206,14 @@ class Checkpoint:
         self.index_metadata: dict = {}
         if index_path.is_file():
             try:
-                index = json.loads(index_path.read_text(encoding="utf-8"))
+                index = loads_strict(index_path.read_text(encoding="utf-8"))
                 weight_map = index["weight_map"]
                 if not isinstance(weight_map, dict) or not all(
                         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
                     raise TypeError
+            except DuplicateKey as e:
+                raise StreamfoldError(f"{index_path}: {e} (the index names it twice, so its shard is "
+                                      "ambiguous); re-download it") from None
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
                 raise StreamfoldError(f"{index_path}: not a valid index (needs a \"weight_map\" of "
                                       "tensor name -> shard file); re-download it") from None

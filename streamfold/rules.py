@@ -1,4 +1,35 @@
-"""Load and validate architecture rules: the built-in families and user ``--rules`` files."""
+"""Load and validate architecture rules: the built-in families and user ``--rules`` files.
+
+One schema for both (built-ins are ``streamfold/families/*.toml``, one family per file):
+
+- ``model_types``: config ``model_type`` values it covers.
+- ``offset``: the norm multiplies by ``offset + w`` (0 for ``w``; 1 for Gemma-style ``1 + w``).
+  The fold scales by ``offset + w`` and the identity weight is ``1 - offset``. A fold rule may carry
+  its own ``offset`` (a family whose norms differ in convention).
+- ``folds``: ``{"norm": pattern, "into": [consumer, ...]}``. A consumer is a module pattern whose
+  ``.weight`` input columns (last axis) are scaled and whose ``.bias`` (if present) absorbs a
+  LayerNorm bias, or ``{"weight": tensor, "axis": k, "bias": tensor}`` for fused or transposed
+  layouts. ``"untied_head": true`` marks the final norm, which folds only into an untied head
+  (kept when embeddings are tied or the head tensor is absent). ``"variants"`` (instead of
+  ``into``) lists alternative consumer sets, the first one fully present is used (dense vs. MoE
+  layers, hybrid layer kinds). ``"when": {config_key: [accepted values]}`` applies a rule only when
+  the config (or its ``text_config``) matches; a missing key takes the family's ``defaults`` value
+  (``null``, JSON only, accepts a missing key).
+- ``keep``: ``{"norm": pattern, "why": reason}`` norms that must stay (post-norms, q/k norms, ...), or
+  ``{"under": prefix, "why": reason}``: every norm whose name starts with ``prefix`` (vision towers).
+- ``tie_default``: whether embeddings are tied when ``config.json`` does not say (``true``/``false``,
+  or the list of this family's model types whose config class defaults to tied).
+- ``layouts``: alternative tensor-name layouts (multimodal checkpoints nest the language model).
+  Each maps a pattern prefix, as written in the rules, to the checkpoint's spelling (the longest
+  matching prefix wins); the first layout in which a fold norm exists is used.
+- ``strict_refused``: why strict mode (folded norms removed) would not load as the identity;
+  strict conversions of the family are refused with that reason.
+- ``description``, ``derived``: for people (README table; the generator's record of the
+  transformers version and measured logit errors); not used by the conversion.
+
+Patterns: ``{n}`` is a layer index (shared between a norm and its consumers), ``{e}`` matches
+every expert index present, ``{h}`` a head index (keep rules).
+"""
 from __future__ import annotations
 
 import json
@@ -10,8 +41,8 @@ from .architectures import FAMILIES
 from .errors import StreamfoldError
 
 _FAMILY_KEYS = {"model_types", "offset", "folds", "keep", "tie_default", "description", "layouts",
-                "strict_refused"}
-_FOLD_KEYS = {"norm", "into", "variants", "untied_head", "when"}
+                "strict_refused", "defaults", "derived"}
+_FOLD_KEYS = {"norm", "into", "variants", "untied_head", "when", "offset"}
 _CONSUMER_KEYS = {"weight", "axis", "bias"}
 _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")
 
@@ -54,6 +85,10 @@ def validate_family(name: str, fam: object, source: str) -> dict:
         raise StreamfoldError(f"{where}: \"model_types\" must be a non-empty list of strings")
     if fam.get("offset", 0) not in (0, 1):
         raise StreamfoldError(f"{where}: \"offset\" must be 0 (norm scales by w) or 1 (by 1 + w)")
+    if not isinstance(fam.get("derived", {}), dict):
+        raise StreamfoldError(f"{where}: \"derived\" is the generator's record (a table)")
+    if not isinstance(fam.get("defaults", {}), dict):
+        raise StreamfoldError(f"{where}: \"defaults\" maps config keys to the value a missing key means")
     tie = fam.get("tie_default", False)
     if not isinstance(tie, bool) and not (isinstance(tie, list) and all(isinstance(m, str) for m in tie)):
         raise StreamfoldError(f"{where}: \"tie_default\" must be true, false or a list of model types")
@@ -72,6 +107,8 @@ def validate_family(name: str, fam: object, source: str) -> dict:
         if not isinstance(f, dict) or set(f) - _FOLD_KEYS or "norm" not in f:
             raise StreamfoldError(f"{w}: needs \"norm\" and \"into\" (or \"variants\"), got {f!r}")
         _check_pattern(f["norm"], w)
+        if f.get("offset", 0) not in (0, 1):
+            raise StreamfoldError(f"{w}: \"offset\" must be 0 (norm scales by w) or 1 (by 1 + w)")
         when = f.get("when", {})
         if not isinstance(when, dict) or not all(isinstance(v, list) for v in when.values()):
             raise StreamfoldError(f"{w}: \"when\" maps config keys to lists of accepted values")
@@ -84,9 +121,10 @@ def validate_family(name: str, fam: object, source: str) -> dict:
             for c in v:
                 _check_consumer(c, w)
     for i, k in enumerate(fam.get("keep", [])):
-        if not isinstance(k, dict) or set(k) != {"norm", "why"}:
-            raise StreamfoldError(f"{where} keep #{i + 1}: needs exactly \"norm\" and \"why\"")
-        _check_pattern(k["norm"], f"{where} keep #{i + 1}")
+        if not isinstance(k, dict) or set(k) not in ({"norm", "why"}, {"under", "why"}):
+            raise StreamfoldError(f"{where} keep #{i + 1}: needs exactly \"norm\" (or \"under\", a name prefix "
+                                  "whose norms all stay) and \"why\"")
+        _check_pattern(k.get("norm") or k["under"], f"{where} keep #{i + 1}")
     return fam
 
 
@@ -126,4 +164,4 @@ def family_for(model_type: str, extra: dict[str, dict] | None = None) -> tuple[s
 
 
 for _name, _fam in FAMILIES.items():
-    validate_family(_name, _fam, "streamfold/architectures.py")
+    validate_family(_name, _fam, f"streamfold/families/{_name}.toml")

@@ -2,7 +2,7 @@
 
 The same records the engine executed, checked independently of how it executed them: the header
 bytes are the task's; copied ranges are byte-identical to the source; every folded element is the
-float32 product rounded once (``verify.check_scaled``, the element check ``verify`` uses); identity
+float32 product rounded once (``oracle.check_scaled``, the element check ``verify`` uses); identity
 fills are exact; folded biases equal ``b + W @ beta`` (float64) to within one rounding. Used by the
 streaming Hub path (``--stream --verify``), which checks each shard before uploading it and deleting
 its source.
@@ -24,7 +24,7 @@ PIECE = 8 << 20
 
 def check_task(task: Task, out_path: Path, sources: dict[str, Path]) -> list[str]:
     """Problems found in ``out_path`` (the shard ``task`` wrote), one line each; empty when correct."""
-    from .verify import check_scaled  # the element check verify uses (rounding bound + exact re-check)
+    from .oracle import check_scaled  # the element check verify uses (independent of fold.py)
     lay = task.layout()
     problems: list[str] = []
     size = out_path.stat().st_size

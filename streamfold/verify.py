@@ -5,13 +5,13 @@ declares) and every output tensor is compared with what the plan says it must be
 
 - unchanged tensors (including norms that cannot fold) are byte-identical to the source, compared
   chunk by chunk (a direct byte comparison: stronger than comparing hashes, and cheaper);
-- folded weights equal ``source x norm`` to within one rounding to their stored dtype, checked for
-  every element: the product is formed in float32 (float64 for float64 weights), exactly as FlashNorm
-  defines it, and the stored value must lie within half a unit in the last place of it (float32-merged
-  and float32/float64 outputs must equal it exactly). Elements outside that bound are re-checked against
-  the round-to-nearest-even result, so only genuine errors are reported, each with its size in ulps;
+- folded weights are, element by element and bit for bit, the exact product ``source x multiplier``
+  rounded once to nearest-even to their stored dtype (any NaN matches any NaN), recomputed
+  independently of the kernel (:mod:`streamfold.oracle`: float64 product, ml_dtypes/numpy rounding);
+  wrong elements are reported with their distance from the exact product in ulps;
 - folded norms are the identity (compat) or absent (strict); LayerNorm biases folded into consumer
-  biases equal ``b + W @ beta`` to within one rounding;
+  biases equal ``b + W @ beta`` to within one rounding (half an ulp of the stored value plus a
+  1e-12 x ``|b| + |W| @ |beta|`` allowance for the float64 summation: not bit-exact);
 - ``config.json`` carries the FlashNorm flags and is otherwise the source's; every tensor sits in the
   shard the source has it in with the planned dtype and shape; the index matches the shard headers;
   the other files are the source's; no other weight format of the unfolded model was left behind;
@@ -20,6 +20,13 @@ declares) and every output tensor is compared with what the plan says it must be
 Output shards are read exactly once, sequentially per file (each chunk feeds both the manifest hash
 and the tensor check), source tensors once, all through bounded reused buffers (never memory-mapped),
 so peak memory is the conversion's buffer budget whatever the model size.
+
+What this proves, and what it does not: the source is re-planned with the same planner and rules
+convert used, so a pass means "DST is exactly this plan executed on SRC" (every byte accounted for).
+It does not prove the plan is right for the model (that a norm really feeds only those linears, that
+the rules match the architecture): that is what ``forward=True`` (an independent numpy forward pass of
+both checkpoints, for the decoders :mod:`streamfold.forward` supports) and the transformers test suite
+(``tests/test_architectures.py``: logits of the converted model in stock transformers) check.
 
 ``forward=True`` also runs :mod:`streamfold.forward` (float32 numpy) on both checkpoints and compares
 the logits.
@@ -43,6 +50,7 @@ from .dtypes import DTYPES, widen_bf16
 from .files import FLASHNORM_VERSION, other_files
 from .errors import AlreadyFlashNorm, StreamfoldError
 from .fold import Scratch
+from .oracle import FoldTally, check_scaled, uint_of
 from .manifest import MANIFEST_NAME, OrderedHasher, hash_file, list_files, parse_manifest
 from .plan import MERGED_ALIASES, MODES, Action, Kind, Plan, make_plan, natural_key
 from .reader import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, pread_into, read_config
@@ -51,7 +59,6 @@ from .rules import load_rules_file
 from .tasks import DEFAULT_BUDGET, default_workers
 
 EXIT_FAILED = 3  # CLI exit status when verification finds problems
-BLOCK_ELEMS = 1 << 15  # elements per compute block (float32 scratch stays in cache)
 # --forward: every position's logits must have at least this cosine to the source's. Folds rounded to
 # bf16/fp16 perturb every folded weight by up to half an ulp, so only a gross error is a failure (measured
 # on correct bf16 conversions: 0.99988 on SmolLM2-135M, 0.99917 on a random-weight 8B; a tensor left
@@ -85,7 +92,6 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
-    max_fold_error_ulp: float = 0.0
     bytes_read: int = 0
     seconds: float = 0.0
     workers: int = 1
@@ -113,7 +119,7 @@ class VerifyReport:
             lines.append(f"  ... and {len(self.problems) - len(shown)} more problems (use --json for all)")
         lines.append(f"  checked: {c.get('unchanged', 0)} tensors byte-identical (of them "
                      f"{c.get('kept_norms', 0)} norms that cannot fold), {c.get('folded', 0)} folded "
-                     f"(max error {self.max_fold_error_ulp:.2f} ulp; one rounding is <= 0.5), "
+                     f"(every element bit-identical to the exact product rounded once), "
                      f"{c.get('identity', 0)} norms identity, {c.get('absent', 0)} absent, "
                      f"{c.get('biases', 0)} biases, {c.get('files', 0)} other files; "
                      f"manifest {self.manifest}")
@@ -129,138 +135,6 @@ class VerifyReport:
         lines.append(f"{verdict}  ({human_bytes(self.bytes_read)} read in {self.seconds:.2f} s, "
                      f"{self.workers} worker{'s' if self.workers != 1 else ''})")
         return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Element checks
-# --------------------------------------------------------------------------------------------------------
-def _to_f32(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
-    """``raw`` (any float dtype view) into the float32 buffer ``out`` (same shape)."""
-    if dtype == "BF16":
-        return widen_bf16(raw, out)
-    out[...] = raw
-    return out
-
-
-def _half_ulp(d: np.ndarray, out_dtype: str, work: np.ndarray) -> np.ndarray:
-    """Half a unit in the last place of each stored value ``d`` (float32 copies of ``out_dtype`` values).
-
-    For bf16 this comes straight from the exponent bits (exact for normal numbers; tiny and subnormal
-    values get 2^-134, which is stricter and then settled by the exact re-check). Infinity gets a
-    finite bound, so an infinity where the product is finite is caught."""
-    if out_dtype == "BF16":
-        h = work.view(np.int32)
-        np.bitwise_and(d.view(np.int32), 0x7F800000, out=h)
-        np.subtract(h, 8 << 23, out=h)
-        np.maximum(h, 1 << 15, out=h)
-        return work
-    if out_dtype == "F16":
-        work[...] = np.abs(np.spacing(d.astype(np.float16))).astype(np.float32) * np.float32(0.5)
-        return work
-    raise AssertionError(out_dtype)
-
-
-@dataclass
-class _FoldTally:
-    """Per folded tensor accumulation across chunks (merged under a lock)."""
-
-    bad: int = 0
-    max_ratio: float = 0.0  # max |stored - product| / half ulp over good elements
-    worst_ulp: float = 0.0  # max error in ulps over bad elements
-    first: tuple | None = None  # (flat index, stored, expected)
-    bad_equal_source: int = 0
-
-
-def check_scaled(src: np.ndarray, dst: np.ndarray, mult: np.ndarray, src_dtype: str, out_dtype: str,
-                 scratch: Scratch, base_index: int = 0) -> _FoldTally:
-    """Check ``dst == round(src * mult)`` element-wise for a ``[rows, cols]`` chunk.
-
-    ``src``/``dst`` are raw views in their dtypes, ``mult`` float32 ``[1, cols]`` or ``[rows, 1]``.
-    Returns the chunk's tally; ``first`` indexes are flat over the chunk plus ``base_index``."""
-    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, NaN: settled by the exact re-check
-        return _check_scaled(src, dst, mult, src_dtype, out_dtype, scratch, base_index)
-
-
-def _check_scaled(src, dst, mult, src_dtype, out_dtype, scratch, base_index) -> _FoldTally:
-    rows, cols = src.shape
-    tally = _FoldTally()
-    step = max(1, BLOCK_ELEMS // max(cols, 1))
-    exact = out_dtype in ("F32", "F64")
-    compute = np.float64 if "F64" in (src_dtype, out_dtype) else np.float32
-    for r in range(0, rows, step):
-        e = min(rows, r + step)
-        n = (e - r) * cols
-        m = mult if mult.shape[0] == 1 else mult[r:e]
-        if compute is np.float64:
-            p = src[r:e].astype(np.float64) * m.astype(np.float64)
-            d = dst[r:e].astype(np.float64)
-        else:
-            p = _to_f32(src[r:e], src_dtype, scratch.get("p", n * 4).view(np.float32).reshape(e - r, cols))
-            np.multiply(p, m, out=p)
-            d = _to_f32(dst[r:e], out_dtype, scratch.get("d", n * 4).view(np.float32).reshape(e - r, cols))
-        if exact:
-            if np.array_equal(p.view(np.uint64 if compute is np.float64 else np.uint32),
-                              d.view(np.uint64 if compute is np.float64 else np.uint32)):
-                continue
-            flagged = np.flatnonzero(p.view(np.uint32 if compute is np.float32 else np.uint64).ravel()
-                                     != d.view(np.uint32 if compute is np.float32 else np.uint64).ravel())
-        else:
-            h = _half_ulp(d, out_dtype, scratch.get("h", n * 4).view(np.float32).reshape(e - r, cols))
-            rbuf = scratch.get("r", n * 4).view(np.float32).reshape(e - r, cols)
-            np.subtract(d, p, out=rbuf)
-            np.abs(rbuf, out=rbuf)
-            np.divide(rbuf, h, out=rbuf)
-            mx = float(rbuf.max())
-            if mx <= 1.0:
-                tally.max_ratio = max(tally.max_ratio, mx)
-                continue
-            flat_ratio = rbuf.ravel()
-            flagged = np.flatnonzero(~(flat_ratio <= 1.0))
-            ok_part = np.delete(flat_ratio, flagged)
-            if ok_part.size:
-                tally.max_ratio = max(tally.max_ratio, float(ok_part.max()))
-        # exact re-check of the flagged elements: the stored value must be the rounded product
-        pv = p.ravel()[flagged]
-        dv = d.ravel()[flagged]
-        raw_d = dst[r:e].reshape(-1)[flagged]
-        if exact:
-            good = (pv == dv) | (np.isnan(pv) & np.isnan(dv))
-        else:
-            ref = pv.astype(DTYPES[out_dtype])  # round to nearest even (ml_dtypes / numpy casts)
-            good = (ref.view(np.uint16) == raw_d.view(np.uint16)) | (np.isnan(pv) & np.isnan(dv))
-        bad = np.flatnonzero(~good)
-        if not bad.size:
-            continue
-        idx = flagged[bad]
-        pb, db = pv[bad].astype(np.float64), dv[bad].astype(np.float64)
-        if exact:
-            ulp = np.abs(np.spacing(pv[bad])).astype(np.float64)
-        else:
-            ulp = 2.0 * h.ravel()[idx].astype(np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            err = np.abs(db - pb) / ulp
-        err = np.where(np.isnan(err), np.inf, err)
-        tally.bad += int(bad.size)
-        tally.worst_ulp = max(tally.worst_ulp, float(err.max()))
-        if src_dtype == out_dtype:  # diagnosis: wrong elements that are simply the source's
-            u = _uint(src_dtype)
-            tally.bad_equal_source += int(np.sum(src[r:e].reshape(-1)[idx].view(u) == raw_d[bad].view(u)))
-        if tally.first is None:
-            tally.first = (base_index + r * cols + int(idx[0]), float(db[0]), float(pb[0]))
-    return tally
-
-
-def _uint(dtype: str):
-    return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[DTYPES[dtype].itemsize]
-
-
-def _merge(into: _FoldTally, t: _FoldTally) -> None:
-    into.bad += t.bad
-    into.max_ratio = max(into.max_ratio, t.max_ratio)
-    into.worst_ulp = max(into.worst_ulp, t.worst_ulp)
-    into.bad_equal_source += t.bad_equal_source
-    if t.first is not None and (into.first is None or t.first[0] < into.first[0]):
-        into.first = t.first
 
 
 def _fmt_index(flat: int, shape: tuple[int, ...]) -> str:
@@ -291,7 +165,6 @@ class _Verifier:
         self.counts = {"unchanged": 0, "kept_norms": 0, "folded": 0, "identity": 0, "absent": 0, "biases": 0,
                        "files": 0}
         self.kept: set[str] = set()
-        self.max_ratio = 0.0
         self.fds: dict[str, int] = {}
 
     # -- bookkeeping --------------------------------------------------------------------------------------
@@ -536,7 +409,7 @@ class _Verifier:
         report = VerifyReport(
             src=str(self.src), dst=str(self.dst), mode=mode, merged_dtype=merged, family=plan.family,
             model_type=plan.model_type, problems=self.problems, notes=self.notes, counts=self.counts,
-            max_fold_error_ulp=round(self.max_ratio * 0.5, 4), bytes_read=self.bytes_read,
+            bytes_read=self.bytes_read,
             folds_rounded=any(a.kind == Kind.SCALE and a.out_dtype in ("BF16", "F16") for a in plan.actions.values()),
             workers=self.workers, manifest=manifest_state)
         report.seconds = time.perf_counter() - t0
@@ -652,7 +525,7 @@ class _Verifier:
         rows = st.numel // max(cols, 1)
         isz, osz = DTYPES[st.dtype].itemsize, DTYPES[t.dtype].itemsize
         step = max(1, self.chunk_bytes // max(1, cols * max(isz, osz)))
-        tally = _FoldTally()
+        tally = FoldTally()
         pending = {"n": max(1, -(-rows // step))}
 
         def finish() -> None:
@@ -662,13 +535,12 @@ class _Verifier:
                 if tally.bad_equal_source == tally.bad:
                     hint = "; every wrong element equals the source (left unfolded?)"
                 self.fail("tensor", t.name,
-                          f"is not source x {a.norm.weight} within one rounding: {tally.bad} of {st.numel} elements "
+                          f"is not source x {a.norm.weight} rounded once: {tally.bad} of {st.numel} elements "
                           f"wrong (worst {_ulps(tally.worst_ulp)}), first at {_fmt_index(idx, shape)}: "
                           f"{got:.6g}, expected {want:.6g}{hint}")
             else:
                 with self.lock:
                     self.counts["folded"] += 1
-                    self.max_ratio = max(self.max_ratio, tally.max_ratio)
 
         jobs = []
         for r0 in range(0, max(rows, 1), step):
@@ -686,7 +558,7 @@ class _Verifier:
                                         d.view(DTYPES[t.dtype]).reshape(n, cols), m, st.dtype, t.dtype, s,
                                         base_index=r0 * cols)
                     with self.lock:
-                        _merge(tally, part)
+                        tally.merge(part)
                 self._countdown(pending, finish if ok else None)
             jobs.append(_Job((r1 - r0) * cols * osz, run))
         return jobs
@@ -700,7 +572,7 @@ class _Verifier:
 
     def _check_fill(self, t: TensorInfo, st: TensorInfo, a: Action, got: np.ndarray) -> None:
         want = np.full(t.shape, a.value, dtype=DTYPES[t.dtype])
-        u = _uint(t.dtype)
+        u = uint_of(t.dtype)
         wrong = np.flatnonzero(got.reshape(-1).view(u) != want.reshape(-1).view(u))
         if wrong.size:
             i = int(wrong[0])

@@ -116,8 +116,77 @@ def shape_mismatch(src):
     return name
 
 
+def rewrite_header_text(path: Path, text: str) -> None:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    new = text.encode()
+    new += b" " * (-(8 + len(new)) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+def dtype_not_a_string(src):
+    p = src / SHARD2
+    hdr, _ = header(p)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    hdr[name]["dtype"] = ["BF16"]  # unhashable: was a TypeError (internal error)
+    rewrite_header(p, hdr)
+    return name
+
+
+def bool_shape_dimension(src):
+    # [64, 128] -> [true, 64, 128]: the same element count (True == 1 in Python); o_proj is copied,
+    # so nothing downstream looks at its shape and the `true` used to be written back
+    p = src / SHARD2
+    hdr, _ = header(p)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    hdr[name]["shape"] = [True] + hdr[name]["shape"]
+    rewrite_header(p, hdr)
+    return name
+
+
+def bool_offset(src):
+    p = src / SHARD1
+    hdr, _ = header(p)
+    name = "model.layers.0.input_layernorm.weight"
+    assert hdr[name]["data_offsets"][0] == 0
+    hdr[name]["data_offsets"][0] = False  # False == 0
+    rewrite_header(p, hdr)
+    return name
+
+
+def duplicate_header_key(src):
+    # the same tensor listed twice (identical entries): json would silently keep the last
+    p = src / SHARD2
+    hdr, _ = header(p)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    text = json.dumps(hdr)
+    entry = json.dumps({name: hdr[name]})[1:-1]
+    rewrite_header_text(p, text[:-1] + ", " + entry + "}")
+    return name
+
+
+def duplicate_index_key(src):
+    path = src / "model.safetensors.index.json"
+    idx = json.loads(path.read_text())
+    name = "model.layers.0.self_attn.k_proj.weight"
+    text = json.dumps(idx)
+    entry = json.dumps({name: idx["weight_map"][name]})[1:-1]
+    wm_start = text.index('"weight_map": {') + len('"weight_map": {')
+    path.write_text(text[:wm_start] + entry + ", " + text[wm_start:])
+    return name
+
+
+def duplicate_config_key(src):
+    path = src / "config.json"
+    text = path.read_text().strip()
+    path.write_text(text[:-1].rstrip() + ', "hidden_size": 64}')
+    return "hidden_size"
+
+
 FAULTS = [truncate, corrupt_header, bad_offsets, missing_shard, index_names_absent_tensor,
-          missing_config, corrupt_config, unknown_arch, quantized, shape_mismatch]
+          missing_config, corrupt_config, unknown_arch, quantized, shape_mismatch,
+          dtype_not_a_string, bool_shape_dimension, bool_offset, duplicate_header_key,
+          duplicate_index_key, duplicate_config_key]
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.__name__ for f in FAULTS])

@@ -117,9 +117,9 @@ def test_custom_rules_fold_exactly(toy, tmp_path):
         np.testing.assert_array_equal(out.array(f"layers.{n}.post_norm.weight"), s1[f"layers.{n}.post_norm.weight"])
         np.testing.assert_array_equal(out.array(f"layers.{n}.router.bias"), s2[f"layers.{n}.router.bias"])
         for name in (f"layers.{n}.router.weight", *(f"layers.{n}.experts.{e}.w1.weight" for e in range(3))):
-            want = (s2[name].astype(np.float32) * g).astype(BF16)
+            want = (s2[name].astype(np.float64) * g.astype(np.float64)).astype(BF16)  # exact, rounded once
             np.testing.assert_array_equal(out.array(name).view(np.uint16), want.view(np.uint16))
-        up = s2[f"layers.{n}.experts.up"].astype(np.float32) * g[None, :, None]
+        up = s2[f"layers.{n}.experts.up"].astype(np.float64) * g.astype(np.float64)[None, :, None]
         np.testing.assert_array_equal(out.array(f"layers.{n}.experts.up").view(np.uint16),
                                       up.astype(BF16).view(np.uint16))
         np.testing.assert_array_equal(out.array(f"layers.{n}.down.weight"), s2[f"layers.{n}.down.weight"])

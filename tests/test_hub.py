@@ -1,5 +1,8 @@
-"""Hub-native paths: repo ids in (from a locally populated huggingface_hub cache, offline), remote
-header-only plans, and pushes (intercepted at the HfApi boundary: the public Hub is not reachable here).
+"""Hub-native paths: repo ids in (from a locally populated huggingface_hub cache, offline, and online
+from tests/hubserver.py, a local Hub the real huggingface_hub client talks HTTP to), remote header-only
+plans (Range reads), and pushes (create_repo, preupload, LFS upload, one commit). Nothing is patched at
+the HfApi boundary: every online test runs the client's own code over HTTP. Xet storage is the one
+protocol not served locally; the tests that let the client use Xet check what happens when it fails.
 
 The cache fixture lays the bundled sample checkpoint out exactly as huggingface_hub stores downloads
 (``$HF_HOME/hub/models--org--name/{blobs,snapshots/<commit>,refs/main}``), plus decoys a real repo has:
@@ -14,14 +17,13 @@ import os
 import shutil
 import subprocess
 import sys
-from fnmatch import fnmatchcase
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 import streamfold
 from streamfold import cli, hub
+from tests.hubserver import GITATTRIBUTES, hub_server  # noqa: F401  (hub_server is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "streamfold" / "sample"
@@ -269,158 +271,160 @@ def test_select_files_real_listings(listing, shards, expected):
         assert not p.startswith("original/")
 
 
-class FakeHub:
-    """Serves a repo from a folder at the HfApi boundary, recording every call."""
+# --- online: the real huggingface_hub client over HTTP, against tests/hubserver.py ----------------
 
-    def __init__(self, monkeypatch, folder: Path, repo_id: str = REPO, commit: str = COMMIT):
-        import huggingface_hub
-        self.folder, self.repo_id, self.commit = folder, repo_id, commit
-        self.calls: list[tuple[str, dict]] = []
-        for name in ("model_info", "hf_hub_download", "snapshot_download", "get_safetensors_metadata",
-                     "create_repo", "upload_folder", "create_commit", "repo_info"):
-            monkeypatch.setattr(huggingface_hub.HfApi, name, self._make(name))
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-
-    def _make(self, name):
-        def method(api, *args, **kwargs):
-            self.calls.append((name, {"args": args, **kwargs}))
-            return getattr(self, name)(*args, **kwargs)
-        return method
-
-    def names(self):
-        return [c[0] for c in self.calls]
-
-    def listing(self):
-        return sorted(p.relative_to(self.folder).as_posix() for p in self.folder.rglob("*") if p.is_file())
-
-    def model_info(self, repo_id, revision=None, files_metadata=False, **kw):
-        assert repo_id == self.repo_id
-        siblings = [SimpleNamespace(rfilename=p, size=(self.folder / p).stat().st_size if files_metadata else None)
-                    for p in self.listing()]
-        return SimpleNamespace(sha=self.commit, siblings=siblings)
-
-    def hf_hub_download(self, repo_id, filename, revision=None, **kw):
-        assert revision == self.commit, "downloads must be pinned to the resolved commit"
-        return str(self.folder / filename)
-
-    def snapshot_download(self, repo_id, revision=None, allow_patterns=None, ignore_patterns=None, **kw):
-        assert revision == self.commit
-        self.downloaded = [p for p in self.listing()
-                           if allow_patterns is None or any(fnmatchcase(p, pat) for pat in allow_patterns)]
-        return str(self.folder)
-
-    def get_safetensors_metadata(self, repo_id, revision=None, **kw):
-        raise AssertionError("not expected")
-
-    def create_repo(self, repo_id, **kw):
-        raise AssertionError("not expected")
-
-    upload_folder = create_commit = repo_info = create_repo
+def _resolve_gets(server, repo_id: str = REPO) -> list[str]:
+    """The files fetched whole (GET resolve without a Range header)."""
+    prefix = f"/{repo_id}/resolve/"
+    return sorted(r.path.split("/", 5)[5] for r in server.requests
+                  if r.method == "GET" and r.path.startswith(prefix) and "range" not in r.headers)
 
 
-def test_online_download_fetches_only_needed_files(tmp_path, hf_home, local_reference):
-    snap = hf_home / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / COMMIT
-    mp = pytest.MonkeyPatch()
-    try:
-        fake = FakeHub(mp, snap)
-        report = streamfold.convert(REPO, tmp_path / "out", revision="main")
-    finally:
-        mp.undo()
-    assert fake.names() == ["model_info", "hf_hub_download", "snapshot_download"]
-    assert fake.calls[0][1]["revision"] == "main"
-    assert sorted(fake.downloaded) == sorted(NEEDED)
-    assert report.src == REPO and report.source_commit == COMMIT
+def _refs(hf_home: Path, repo_id: str = REPO) -> dict[str, str]:
+    refs = hf_home / "hub" / ("models--" + repo_id.replace("/", "--")) / "refs"
+    return {p.name: p.read_text() for p in refs.iterdir()} if refs.is_dir() else {}
+
+
+def test_online_download_fetches_only_needed_files(tmp_path, hub_server, local_reference):
+    sha = hub_server.add_repo(REPO, _files())
+    report = streamfold.convert(REPO, tmp_path / "out", revision="main")
+    assert _resolve_gets(hub_server) == sorted(NEEDED)  # no decoy is fetched, not even its first bytes
+    touched = {r.path for r in hub_server.requests if "/resolve/" in r.path}
+    assert not any(p.endswith(d) for p in touched for d in DECOYS if d != ".gitattributes")
+    # everything after the revision is resolved is pinned to the commit
+    assert all(f"/resolve/{sha}/" in p for p in touched)
+    assert report.src == REPO and report.source_commit == sha
     assert sorted(report.skipped_files) == sorted(LISTED_DECOYS)
     out = tree(tmp_path / "out")
     assert output_files(tmp_path / "out") == sorted(NEEDED)
-    assert all(out[s] == tree(local_reference)[s] for s in SHARDS)
+    ref = tree(local_reference)
+    assert all(out[s] == ref[s] for s in [*SHARDS, "model.safetensors.index.json", "config.json"])
 
 
-def test_online_repo_without_safetensors_is_refused(tmp_path):
-    folder = tmp_path / "repo"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    (folder / "pytorch_model.bin").write_bytes(b"x")
-    mp = pytest.MonkeyPatch()
-    try:
-        fake = FakeHub(mp, folder)
-        with pytest.raises(streamfold.StreamfoldError, match="no model.safetensors.*pytorch_model.bin"):
-            streamfold.convert(REPO, tmp_path / "out")
-    finally:
-        mp.undo()
-    assert "snapshot_download" not in fake.names()
+def test_convert_online_then_offline_from_the_same_cache(tmp_path, hub_server):
+    """The bug of issue 13: the cache must learn which commit `main` is, or offline runs cannot find it."""
+    sha = hub_server.add_repo(REPO, _files())
+    r = run_cli(REPO, tmp_path / "online" / "out", "--json", env=hub_server.env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["source_commit"] == sha
+    assert _refs(hub_server.hf_home) == {"main": sha}
+    n = len(hub_server.requests)
+    offline = hub_server.offline_env()
+    r = run_cli(REPO, tmp_path / "offline" / "out", "--json", env=offline)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["source_commit"] == sha
+    assert tree(tmp_path / "offline" / "out") == tree(tmp_path / "online" / "out")
+    r = run_cli("inspect", REPO, "--json", env=offline)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["source"] == {"src": REPO, "how": "cache", "repo_id": REPO, "commit": sha}
+    assert len(hub_server.requests) == n  # offline: not one request
+
+
+def test_tag_revision_is_recorded_and_converts_offline(tmp_path, hub_server):
+    v1 = hub_server.add_repo(REPO, _files(), tags=("v1",))
+    files = _files()
+    files["README.md"] = SOURCE_CARD.replace("apache-2.0", "mit").encode()
+    main = hub_server.add_commit(REPO, files, message="relicense")
+    for rev, sha, lic in (("v1", v1, "apache-2.0"), (None, main, "mit")):
+        dst = tmp_path / f"on-{rev}"
+        assert run_cli(REPO, dst, *(["--revision", rev] if rev else []), env=hub_server.env).returncode == 0
+    assert _refs(hub_server.hf_home) == {"main": main, "v1": v1}
+    for rev, sha, lic in (("v1", v1, "apache-2.0"), (None, main, "mit")):
+        dst = tmp_path / f"off-{rev}"
+        r = run_cli(REPO, dst, "--json", *(["--revision", rev] if rev else []), env=hub_server.offline_env())
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["source_commit"] == sha
+        assert f"license: {lic}" in (dst / "README.md").read_text()
+
+
+def test_unreachable_hub_falls_back_to_the_cache(tmp_path, hub_server):
+    sha = hub_server.add_repo(REPO, _files())
+    hub_server.add_repo("tiny-org/never-downloaded", _files())
+    first = streamfold.convert(REPO, tmp_path / "first" / "out")
+    hub_server.stop()  # connection refused from now on
+    again = streamfold.convert(REPO, tmp_path / "again" / "out")
+    assert again.source_commit == sha == first.source_commit
+    assert tree(tmp_path / "again" / "out") == tree(tmp_path / "first" / "out")
+    found = streamfold.inspect(REPO)
+    assert found.how == "cache" and found.source.commit == sha and found.bytes_in == first.bytes_in
+    with pytest.raises(streamfold.StreamfoldError) as info:
+        streamfold.convert("tiny-org/never-downloaded", tmp_path / "never")
+    msg = str(info.value)
+    assert "\n" not in msg and "cannot reach the Hub" in msg and "not (completely) in the local cache" in msg
+    # and from the CLI, quiet: nothing on stderr (huggingface_hub's own warning is silenced too)
+    r = run_cli(REPO, tmp_path / "cli", "-q", env=hub_server.env)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stderr
+
+
+def test_online_repo_without_safetensors_is_refused(tmp_path, hub_server):
+    hub_server.add_repo(REPO, {"config.json": b"{}", "pytorch_model.bin": b"\0pickle"})
+    with pytest.raises(streamfold.StreamfoldError, match="no model.safetensors.*pytorch_model.bin"):
+        streamfold.convert(REPO, tmp_path / "out")
+    assert _resolve_gets(hub_server) == []
     assert not (tmp_path / "out").exists()
 
 
-def test_hub_errors_are_one_line(tmp_path, monkeypatch):
-    import huggingface_hub
-    from huggingface_hub import errors
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-
-    def boom(exc):
-        def method(api, *a, **k):
-            raise exc
-        return method
-    resp = SimpleNamespace(status_code=404, headers={}, url="https://huggingface.co/api/models/x",
-                           request=None, text="")
-    cases = [
-        (errors.RepositoryNotFoundError("404 Client Error. Repository Not Found", response=resp),
-         "no such Hub repo"),
-        (errors.GatedRepoError("403 gated", response=resp), "gated repo"),
-        (errors.RevisionNotFoundError("404 revision", response=resp), "revision"),
-        (ConnectionError("Connection refused"), "cannot reach the Hub"),
-    ]
-    for exc, expected in cases:
-        monkeypatch.setattr(huggingface_hub.HfApi, "model_info", boom(exc))
-        with pytest.raises(streamfold.StreamfoldError) as info:
-            streamfold.convert(REPO, tmp_path / "out", revision="v9")
-        msg = str(info.value)
-        assert "\n" not in msg and REPO in msg and expected in msg, msg
+def test_hub_errors_are_one_line(tmp_path, hub_server):
+    hub_server.add_repo(REPO, _files())
+    hub_server.add_repo("tiny-org/gated", _files(), gated=True)
+    hub_server.add_repo("tiny-org/private", _files(), private=True)
+    cases = [("tiny-org/nope", None, "no such Hub repo"), (REPO, "v9", "revision 'v9' not found"),
+             ("tiny-org/gated", None, "gated repo"), ("tiny-org/private", None, "no such Hub repo")]
+    for repo_id, rev, expected in cases:
+        r = run_cli(repo_id, tmp_path / "out", *(["--revision", rev] if rev else []),
+                    env={k: v for k, v in hub_server.env.items() if k != "HF_TOKEN"})
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert repo_id in lines[0] and expected in lines[0], lines[0]
+    assert f"{hub_server.url}/tiny-org/gated" in run_cli("tiny-org/gated", tmp_path / "o", env=hub_server.env).stderr
+    assert not (tmp_path / "out").exists()
 
 
-# --- remote plans: headers only -------------------------------------------------------------------
-
-def _remote_metadata(folder: Path):
-    """What HfApi.get_safetensors_metadata returns, built from real headers with huggingface_hub's types."""
-    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
-    from streamfold.reader import SafetensorsFile
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    files = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        f = SafetensorsFile(folder / shard)
-        files[shard] = SafetensorsFileMetadata(
-            metadata=f.metadata or {},
-            tensors={n: TensorInfo(dtype=t.dtype, shape=list(t.shape),
-                                   data_offsets=(t.begin - f.header_size, t.end - f.header_size))
-                     for n, t in f.tensors.items()})
-    return SafetensorsRepoMetadata(metadata=index.get("metadata"), sharded=True, weight_map=index["weight_map"],
-                                   files_metadata=files)
+def test_quiet_download_prints_nothing(tmp_path, hub_server):
+    hub_server.add_repo(REPO, _files())
+    r = run_cli(REPO, tmp_path / "out", "-q", env=hub_server.env)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stderr
+    r = run_cli(REPO, tmp_path / "out2", "--json", env=hub_server.env)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
-class RemoteHub(FakeHub):
-    def hf_hub_download(self, repo_id, filename, revision=None, **kw):
-        assert filename == "config.json", f"only config.json may be downloaded, not {filename}"
-        return super().hf_hub_download(repo_id, filename, revision=revision)
+def test_card_links_name_the_configured_endpoint(tmp_path, hub_server):
+    hub_server.add_repo(REPO, _files())
+    streamfold.convert(REPO, tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"]({hub_server.url}/{REPO})" in card
+    assert "https://huggingface.co/" not in card
 
-    def snapshot_download(self, *a, **kw):
-        raise AssertionError("a remote plan must not download the snapshot")
 
-    def get_safetensors_metadata(self, repo_id, revision=None, **kw):
-        assert revision == self.commit
-        return _remote_metadata(self.folder)
+def test_gitattributes_is_not_reported_as_skipped(tmp_path, hub_server):
+    """Every Hub repo has a .gitattributes (git metadata, not another weight format): it is neither
+    copied nor listed under "not copied (other weight formats)"."""
+    files = {name: (SAMPLE / name).read_bytes() for name in [*SHARDS, "model.safetensors.index.json", "config.json"]}
+    files[".gitattributes"] = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+    hub_server.add_repo(REPO, files)
+    report = streamfold.convert(REPO, tmp_path / "out")
+    assert ".gitattributes" not in report.skipped_files and ".gitattributes" not in report.copied_files
+    assert not (tmp_path / "out" / ".gitattributes").exists()
+    assert ".gitattributes" not in streamfold.inspect(REPO).describe()
 
+
+# --- remote plans: headers only (Range reads) -----------------------------------------------------
 
 @pytest.mark.parametrize("mode,merged", [("compat", "source"), ("strict", "float32")])
-def test_remote_plan_matches_local_plan_and_sizes(tmp_path, hf_home, mode, merged):
-    snap = hf_home / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / COMMIT
-    mp = pytest.MonkeyPatch()
-    try:
-        fake = RemoteHub(mp, snap)
-        remote = streamfold.inspect(REPO, mode=mode, merged_dtype=merged)
-    finally:
-        mp.undo()
-    assert fake.names() == ["model_info", "hf_hub_download", "get_safetensors_metadata"]
-    assert remote.how == "remote" and remote.source.commit == COMMIT
+def test_remote_plan_matches_local_plan_and_sizes(tmp_path, hub_server, mode, merged):
+    sha = hub_server.add_repo(REPO, _files())
+    remote = streamfold.inspect(REPO, mode=mode, merged_dtype=merged)
+    # headers only: config.json and the index whole, each shard through Range reads of its first bytes
+    assert _resolve_gets(hub_server) == ["config.json", "model.safetensors.index.json"]
+    ranged = sorted((r.path.rsplit("/", 1)[1], r.headers["range"]) for r in hub_server.requests
+                    if r.method == "GET" and "range" in r.headers)
+    assert ranged == [(s, "bytes=0-100000") for s in SHARDS]
+    assert remote.how == "remote" and remote.source.commit == sha
+    assert _refs(hub_server.hf_home) == {"main": sha}
+    snap = tmp_path / "snap"
+    for name, data in _files().items():
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
+        (snap / name).write_bytes(data)
     local = streamfold.inspect(snap, mode=mode, merged_dtype=merged)
     assert local.how == "local"
     r, l = remote.to_dict(), local.to_dict()
@@ -432,25 +436,35 @@ def test_remote_plan_matches_local_plan_and_sizes(tmp_path, hf_home, mode, merge
     assert (remote.bytes_out > remote.bytes_in) == (merged == "float32")
     assert sorted(remote.download_files) == sorted(NEEDED)
     assert sorted(remote.skipped_files) == sorted(LISTED_DECOYS)
-    assert remote.download_bytes == sum((snap / p).stat().st_size for p in NEEDED)
+    assert remote.download_bytes == sum(len(_files()[p]) for p in NEEDED)
 
 
-def test_inspect_cli_remote_and_plan_flag(tmp_path, hf_home, capsys):
-    snap = hf_home / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / COMMIT
-    mp = pytest.MonkeyPatch()
-    try:
-        RemoteHub(mp, snap)
-        assert cli.main(["inspect", REPO]) == 0
-        text = capsys.readouterr().out
-        assert cli.main([REPO, "--plan", "--json", "--merged-dtype", "float32"]) == 0
-        data = json.loads(capsys.readouterr().out)
-    finally:
-        mp.undo()
-    assert f"source: {REPO} @ {COMMIT[:12]} (remote safetensors headers; no weights downloaded)" in text
+def test_remote_header_larger_than_the_first_read(tmp_path, hub_server):
+    """A safetensors header over 100 kB takes a second Range read (bytes=8-...): served as 206 too."""
+    import numpy as np
+    from safetensors.numpy import save
+    cfg = json.loads((SAMPLE / "config.json").read_text())
+    blob = save({f"extra.{i:05d}.weight": np.zeros(1, np.float32) for i in range(2000)} |
+                {"model.norm.weight": np.ones(cfg["hidden_size"], np.float32)})
+    hub_server.add_repo(REPO, {"config.json": (SAMPLE / "config.json").read_bytes(), "model.safetensors": blob})
+    meta = __import__("huggingface_hub").HfApi().get_safetensors_metadata(REPO)
+    assert len(meta.files_metadata["model.safetensors"].tensors) == 2001
+    ranges = [r.headers.get("range") for r in hub_server.requests if r.method == "GET"]
+    header_len = int.from_bytes(blob[:8], "little")
+    assert header_len > 100000 and ranges == ["bytes=0-100000", f"bytes=8-{header_len + 7}"]
+
+
+def test_inspect_cli_remote_and_plan_flag(hub_server, capsys):
+    sha = hub_server.add_repo(REPO, _files())
+    assert cli.main(["inspect", REPO]) == 0
+    text = capsys.readouterr().out
+    assert cli.main([REPO, "--plan", "--json", "--merged-dtype", "float32"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert f"source: {REPO} @ {sha[:12]} (remote safetensors headers; no weights downloaded)" in text
     assert "FOLD  model.layers.*.input_layernorm  x2" in text
     n = len(json.loads((SAMPLE / "model.safetensors.index.json").read_text())["weight_map"])
     assert f"sizes: {n} tensors in 3 shard(s)" in text and "not downloaded" in text
-    assert data["source"] == {"src": REPO, "how": "remote", "repo_id": REPO, "commit": COMMIT}
+    assert data["source"] == {"src": REPO, "how": "remote", "repo_id": REPO, "commit": sha}
     assert data["sizes"]["bytes_out"] > data["sizes"]["bytes_in"]
     assert "pytorch_model.bin" in data["download"]["not_downloaded"]
 
@@ -479,82 +493,70 @@ def test_header_only_plan_defers_layernorm_bias_decision():
     assert "bias fold decided at conversion" in plan.describe()
 
 
-# --- push ------------------------------------------------------------------------------------------
+# --- push: create_repo, preupload, LFS upload and one commit, over HTTP -----------------------------
 
-class PushHub:
-    def __init__(self, monkeypatch, fail_upload: Exception | None = None):
-        import huggingface_hub
-        from huggingface_hub.hf_api import RepoUrl
-        self.calls = []
-        self.uploaded: dict[str, bytes] = {}
-
-        def create_repo(api, repo_id, **kw):
-            self.calls.append(("create_repo", {"repo_id": repo_id, **kw}))
-            return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-        def upload_folder(api, **kw):
-            self.calls.append(("upload_folder", kw))
-            if fail_upload is not None:
-                raise fail_upload
-            self.uploaded = tree(Path(kw["folder_path"]))
-            return SimpleNamespace(commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/abc123",
-                                   oid="abc123")
-        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-        for other in ("create_commit", "upload_file"):
-            monkeypatch.setattr(huggingface_hub.HfApi, other, lambda *a, **k: pytest.fail("unexpected call"))
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
+def _pushed(server, repo_id: str) -> list:
+    """The commits a push made: all but the Hub's initial commit of a new repo."""
+    commits = server.commits(repo_id)
+    assert commits[0].message == "initial commit" and list(commits[0].files) == [".gitattributes"]
+    return commits[1:]
 
 
-def test_push_to_hub_cli(tmp_path, monkeypatch, capsys):
-    fake = PushHub(monkeypatch)
+def test_push_to_hub_cli(tmp_path, hub_server, capsys):
     dst = tmp_path / "out"
     assert cli.main([str(SAMPLE), str(dst), "--push-to-hub", "me/tiny-FlashNorm", "--private",
                      "--commit-message", "fold it"]) == 0
     out = capsys.readouterr().out
-    assert [c[0] for c in fake.calls] == ["create_repo", "upload_folder"]
-    create, upload = fake.calls[0][1], fake.calls[1][1]
-    assert create["repo_id"] == "me/tiny-FlashNorm" and create["repo_type"] == "model"
-    assert create["private"] is True and create["exist_ok"] is True
-    assert upload["repo_id"] == "me/tiny-FlashNorm" and upload["repo_type"] == "model"
-    assert Path(upload["folder_path"]) == dst and upload["commit_message"] == "fold it"
-    assert "pushed to https://huggingface.co/me/tiny-FlashNorm" in out
-    # the complete output, card included, was uploaded in that one commit
-    assert fake.uploaded == tree(dst)
-    card = fake.uploaded["README.md"].decode()
+    assert f"pushed to {hub_server.url}/me/tiny-FlashNorm" in out
+    (commit,) = _pushed(hub_server, "me/tiny-FlashNorm")  # one commit
+    assert commit.message == "fold it" and hub_server.repos["me/tiny-FlashNorm"].private is True
+    # the complete output, card included, is in that commit, byte for byte; the shards went through LFS
+    pushed = hub_server.files("me/tiny-FlashNorm")
+    assert pushed.pop(".gitattributes") == GITATTRIBUTES and pushed == tree(dst)
+    assert all(commit.files[s].lfs for s in SHARDS) and not commit.files["config.json"].lfs
+    puts = sorted(r.path.rsplit("/", 1)[1] for r in hub_server.requests if r.method == "PUT")
+    assert puts == sorted(hashlib.sha256(tree(dst)[s]).hexdigest() for s in SHARDS)
+    card = pushed["README.md"].decode()
     assert "\n# tiny-FlashNorm\n" in card and "model_id = 'me/tiny-FlashNorm'\n" in card
     assert "vllm serve me/tiny-FlashNorm" in card
     assert "--push-to-hub me/tiny-FlashNorm --private" in card
 
 
-def test_push_library_defaults(tmp_path, monkeypatch):
-    fake = PushHub(monkeypatch)
+def test_push_again_is_one_more_commit(tmp_path, hub_server):
+    streamfold.convert(SAMPLE, tmp_path / "a", push_to_hub="me/x")
+    streamfold.convert(SAMPLE, tmp_path / "b", mode="strict", push_to_hub="me/x")
+    first, second = _pushed(hub_server, "me/x")
+    assert second.parent == first.sha
+    assert {k: v for k, v in hub_server.files("me/x").items() if k != ".gitattributes"} == tree(tmp_path / "b")
+
+
+def test_push_library_defaults(tmp_path, hub_server):
     report = streamfold.convert(SAMPLE, tmp_path / "out", mode="strict", push_to_hub="me/x")
-    assert report.hub_url == "https://huggingface.co/me/x"
-    create, upload = fake.calls[0][1], fake.calls[1][1]
-    assert create["private"] is None  # public unless asked (or the org's default)
-    assert upload["commit_message"] == \
-        f"FlashNorm (strict) conversion of sample with streamfold {streamfold.__version__}"
+    assert report.hub_url == f"{hub_server.url}/me/x"
+    (commit,) = _pushed(hub_server, "me/x")
+    assert hub_server.repos["me/x"].private is False  # public unless asked (or the org's default)
+    assert commit.message == f"FlashNorm (strict) conversion of sample with streamfold {streamfold.__version__}"
 
 
-def test_push_quiet_prints_only_url(tmp_path, monkeypatch, capsys):
-    PushHub(monkeypatch)
-    assert cli.main([str(SAMPLE), str(tmp_path / "out"), "-q", "--push-to-hub", "me/x"]) == 0
-    assert capsys.readouterr().out == "https://huggingface.co/me/x\n"
+def test_push_quiet_prints_only_url(tmp_path, hub_server):
+    hub_server.add_repo(REPO, _files())
+    r = run_cli(REPO, tmp_path / "out", "-q", "--push-to-hub", "me/x", env=hub_server.env)
+    assert r.returncode == 0, r.stderr
+    # nothing on stderr: huggingface_hub's download and upload progress bars are silenced too
+    assert r.stdout == f"{hub_server.url}/me/x\n" and r.stderr == ""
+    r = run_cli(REPO, tmp_path / "out2", "--json", "--push-to-hub", "me/y", env=hub_server.env)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert json.loads(r.stdout)["hub_url"] == f"{hub_server.url}/me/y"
+    assert len(_pushed(hub_server, "me/x")) == len(_pushed(hub_server, "me/y")) == 1
 
 
-def test_push_preflight_fails_before_converting(tmp_path, monkeypatch, capsys):
+def test_push_preflight_fails_before_converting(tmp_path, hub_server, monkeypatch, capsys):
     import huggingface_hub
-    fake = PushHub(monkeypatch)
     dst = tmp_path / "out"
     monkeypatch.delenv("HF_TOKEN")
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     assert cli.main([str(SAMPLE), str(dst), "--push-to-hub", "me/x"]) == 2
     assert "no Hugging Face token" in capsys.readouterr().err
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert cli.main([str(SAMPLE), str(dst), "--push-to-hub", "me/x"]) == 2
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
@@ -563,18 +565,97 @@ def test_push_preflight_fails_before_converting(tmp_path, monkeypatch, capsys):
         assert cli.main([str(SAMPLE), str(dst), *bad]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1, err
-    assert fake.calls == [] and not dst.exists()
+    assert hub_server.requests == [] and not dst.exists()
 
 
-def test_push_failure_keeps_output_and_says_how_to_retry(tmp_path, monkeypatch, capsys):
-    fake = PushHub(monkeypatch, fail_upload=ConnectionError("connection reset"))
+def test_failed_upload_of_one_file_leaves_no_commit(tmp_path, hub_server, capsys):
+    """create_commit uploads every large file before the one commit: when one upload fails, the others
+    are in storage but nothing refers to them, and the repo is as it was."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text('{"model_type": "an earlier push"}')
+    hub.push_folder(tmp_path / "old", "me/x")
+    before = hub_server.files("me/x")
+    streamfold.convert(SAMPLE, tmp_path / "probe")  # what the push uploads: the same bytes
+    new = {s: hashlib.sha256((tmp_path / "probe" / s).read_bytes()).hexdigest() for s in SHARDS}
+    hub_server.fail("PUT", new[SHARDS[2]], 400)  # a 4xx: the client retries 5xx answers with backoff
     dst = tmp_path / "out"
-    assert cli.main([str(SAMPLE), str(dst), "--push-to-hub", "me/x"]) == 2
+    assert cli.main([str(SAMPLE), str(dst), "-q", "--push-to-hub", "me/x"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert "me/x" in err and f"hf upload me/x {dst} ." in err
-    assert (dst / "README.md").is_file() and (dst / SHARDS[0]).is_file()
-    assert [c[0] for c in fake.calls] == ["create_repo", "upload_folder"]
+    assert len(err.splitlines()) == 1 and err.startswith("streamfold: error: me/x: uploading: "), err
+    assert f"hf upload me/x {dst} ." in err
+    assert all(tree(dst)[s] == tree(tmp_path / "probe")[s] for s in SHARDS)  # the output is complete
+    stored = set(hub_server.repos["me/x"].lfs)
+    assert {new[SHARDS[0]], new[SHARDS[1]]} <= stored and new[SHARDS[2]] not in stored  # two went up
+    assert len(_pushed(hub_server, "me/x")) == 1 and hub_server.files("me/x") == before  # no commit
+
+
+def test_push_with_xet_on_a_hub_without_xet_leaves_no_commit(tmp_path, hub_server):
+    """With hf_xet (the default install) large files go through Xet; when that fails, nothing is committed."""
+    pytest.importorskip("hf_xet")
+    hub_server.xet(True)
+    with pytest.raises(streamfold.StreamfoldError, match="me/x: uploading: .*xet-write-token"):
+        streamfold.convert(SAMPLE, tmp_path / "out", push_to_hub="me/x")
+    assert _pushed(hub_server, "me/x") == []
+    assert [p for p in hub_server.paths() if "/commit/" in p] == []
+
+
+def test_push_of_many_files_is_one_commit_even_with_xet(tmp_path, hub_server):
+    """upload_folder, with hf_xet installed, commits a folder in batches of 250 files (each a commit);
+    push_folder makes one commit whatever the count. Small text files are regular git files: no Xet
+    storage is needed to serve them, so the Xet code path of the client runs here as it does for real."""
+    pytest.importorskip("hf_xet")
+    hub_server.xet(True)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(300):
+        (folder / f"f{i:03d}.json").write_text(json.dumps({"i": i}))
+    hub.push_folder(folder, "me/many", token=None)
+    (commit,) = _pushed(hub_server, "me/many")
+    assert len(commit.files) == 301
+    # the hazard this rules out, in the installed client:
+    import huggingface_hub
+    huggingface_hub.HfApi().create_repo("me/many2")
+    huggingface_hub.HfApi().upload_folder(repo_id="me/many2", folder_path=str(folder))
+    assert len(_pushed(hub_server, "me/many2")) > 1
+
+
+def test_preupload_then_one_commit_with_objects_on_disk(tmp_path, monkeypatch):
+    """The pre-upload API (what bounded-disk streaming builds on): files uploaded one by one with
+    preupload_lfs_files, each deletable locally once uploaded, then one commit naming them all. The
+    server streams uploads to disk here (HubServer(storage=...))."""
+    import huggingface_hub
+    from tests.hubserver import HubServer, point_client_at
+    server = HubServer(storage=tmp_path / "store").start()
+    try:
+        point_client_at(monkeypatch, server.url, tmp_path / "hf", token=server.token)
+        api = huggingface_hub.HfApi()
+        api.create_repo("me/streamed")
+        ops = []
+        for shard in SHARDS:
+            local = tmp_path / shard
+            local.write_bytes((SAMPLE / shard).read_bytes())
+            op = huggingface_hub.CommitOperationAdd(path_in_repo=shard, path_or_fileobj=str(local))
+            api.preupload_lfs_files("me/streamed", additions=[op])
+            local.unlink()  # uploaded: the local copy is no longer needed
+            ops.append(op)
+            assert len(server.commits("me/streamed")) == 1  # nothing committed yet
+        ops.append(huggingface_hub.CommitOperationAdd(path_in_repo="config.json",
+                                                      path_or_fileobj=(SAMPLE / "config.json").read_bytes()))
+        api.create_commit("me/streamed", operations=ops, commit_message="all shards")
+        initial, commit = server.commits("me/streamed")
+        assert commit.message == "all shards" and commit.parent == initial.sha
+        files = server.files("me/streamed")
+        assert all(files[s] == (SAMPLE / s).read_bytes() for s in SHARDS)
+        assert sorted(p.name for p in (tmp_path / "store" / "lfs").iterdir()) == \
+            sorted(hashlib.sha256((SAMPLE / s).read_bytes()).hexdigest() for s in SHARDS)
+        # a commit naming an object that was never uploaded is refused, and commits nothing
+        bogus = huggingface_hub.CommitOperationAdd(path_in_repo="x.safetensors", path_or_fileobj=b"\0" * 64)
+        bogus._upload_mode, bogus._is_uploaded = "lfs", True  # pretend it was pre-uploaded
+        with pytest.raises(huggingface_hub.errors.HfHubHTTPError, match="does not exist"):
+            api.create_commit("me/streamed", operations=[bogus], commit_message="bogus")
+        assert len(server.commits("me/streamed")) == 2
+    finally:
+        server.stop()
 
 
 def test_help_documents_hub_usage():

@@ -110,12 +110,13 @@ def wait_for_shards(partial: Path, proc, timeout=60.0) -> None:
 
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory):
-    """Two different complete checkpoints: 'old' (strict) and 'new' (compat, what the tests write)."""
+    """Two different complete checkpoints: 'old' (strict) and 'new' (compat, what the tests write), in
+    folders named "out" as the tests' DST (the model card names DST's folder)."""
     root = tmp_path_factory.mktemp("versions")
     for name, mode in (("old", "strict"), ("new", "compat")):
-        r = cli(SAMPLE, root / name, "--mode", mode, "-q")
+        r = cli(SAMPLE, root / name / "out", "--mode", mode, "-q")
         assert r.returncode == 0, r.stderr
-    return {name: tree_hash(root / name) for name in ("old", "new")}, root
+    return {name: tree_hash(root / name / "out") for name in ("old", "new")}, root
 
 
 def leftovers(parent: Path, keep=("out",)) -> list[str]:
@@ -132,10 +133,10 @@ def test_dst_dot_and_relative_paths(tmp_path, versions):
     assert r.returncode == 0, r.stderr
     assert tree_hash(here) == hashes["new"]
     assert leftovers(tmp_path) == []  # no stray staging folder or lock
-    r = cli(SAMPLE, "rel/out2", "-q", cwd=tmp_path)
+    r = cli(SAMPLE, "rel/out", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert tree_hash(tmp_path / "rel" / "out2") == hashes["new"]
-    assert leftovers(tmp_path / "rel", keep=("out2",)) == []
+    assert tree_hash(tmp_path / "rel" / "out") == hashes["new"]
+    assert leftovers(tmp_path / "rel") == []
     r = cli(SAMPLE, ".", "--overwrite", cwd=here)  # replacing the current folder: it follows, one note
     assert r.returncode == 0, r.stderr
     assert "was the current folder" in r.stderr and tree_hash(here) == hashes["new"]
@@ -247,7 +248,7 @@ def test_sigkill_then_rerun_reclaims(tmp_path, versions):
 
 def _old_dst(root: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "out"
-    shutil.copytree(root / "old", dst)
+    shutil.copytree(root / "old" / "out", dst)
     return dst
 
 
@@ -326,3 +327,24 @@ def test_library_staging_publish_and_exchange(tmp_path, monkeypatch):
         assert sorted(os.listdir(tmp_path)) == [f"d{i}" for i in range(int(fallback) + 1)]
     report = streamfold.convert(SAMPLE, tmp_path / "d0", overwrite=True)
     assert report.dst == str(tmp_path / "d0") and (tmp_path / "d0" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_interrupt_in_process_stops_every_thread(tmp_path, workers):
+    """Terminated raised mid-run (as the SIGTERM handler does): no thread survives, nothing is left."""
+    import threading
+    before = set(threading.enumerate())
+    calls = []
+
+    def progress(total):
+        def tick(n):
+            calls.append(n)
+            if len(calls) == 3:
+                raise staging.Terminated()
+        return tick
+    with pytest.raises(staging.Terminated):
+        streamfold.convert(SAMPLE, tmp_path / "out", workers=workers, memory_budget=1 << 20, manifest=True,
+                           progress=progress)
+    assert len(calls) == 3
+    assert set(threading.enumerate()) <= before
+    assert os.listdir(tmp_path) == []

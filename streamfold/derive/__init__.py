@@ -1,0 +1,1 @@
+"""Rule derivation from transformers (development-time; imports torch/transformers)."""

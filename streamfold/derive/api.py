@@ -1,0 +1,80 @@
+"""Derive one family end to end: tiny models -> traced facts -> rules -> numerical check.
+
+``derive_family(model_type)`` is what ``tools/derive_rules.py`` and ``python -m streamfold
+derive-rules`` call. Imports torch and transformers (the ``derive`` extra).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .build import assemble
+from .check import CheckResult, check_family
+from .family import derive_model
+
+
+def _text(cfg):
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _class_default(model_type: str, key: str):
+    from transformers.models.auto import configuration_auto
+    cfg = configuration_auto.CONFIG_MAPPING[model_type]()
+    return getattr(_text(cfg), key, getattr(cfg, key, None))
+
+
+def tie_default(model_type: str) -> bool:
+    """Whether a config of ``model_type`` that omits ``tie_word_embeddings`` ties them."""
+    from transformers.models.auto import configuration_auto
+    cfg = configuration_auto.CONFIG_MAPPING[model_type]()
+    for c in (cfg, _text(cfg)):
+        v = getattr(c, "tie_word_embeddings", None)
+        if v is not None:
+            return bool(v)
+    return False
+
+
+def derive_family(model_type: str, variants: list[dict] | None = None, *, config=None,
+                  check: bool = True) -> tuple[dict, list[CheckResult]]:
+    """The family of ``model_type`` derived under each config variant (overrides; ``{}`` first) and,
+    with ``check``, the numerical check of every variant. ``config``: a (shrunk) config to use as the
+    base instead of ``tiny_config(model_type)``. The family's ``model_types`` is ``[model_type]``."""
+    from . import tiny
+    variants = [{}] + [v for v in (variants or []) if v]
+    derived, models = [], []
+    for ov in variants:
+        if config is not None:
+            cfg = config.__class__.from_dict({**config.to_dict(), **ov, "tie_word_embeddings": False})
+        else:
+            cfg = tiny.tiny_config(model_type, **{"tie_word_embeddings": False, **ov})
+        model = tiny.build_tiny_model(config=cfg)
+        derived.append((ov, derive_model(model, tiny.example_inputs(model))))
+        models.append(model)
+    base = _text(models[0].config)
+    keys = {k for ov in variants for k in ov}
+    fam = assemble([model_type], derived, {k: getattr(base, k, None) for k in keys})
+    whens = {k for f in fam["folds"] for k in f.get("when", {})}
+    if whens:
+        fam["defaults"] = {k: _class_default(model_type, k) for k in sorted(whens)}
+    if tie_default(model_type):
+        fam["tie_default"] = True
+    results = []
+    if check:
+        for model, (ov, d) in zip(models, derived):
+            r = check_family(model, fam, d)
+            results.append(r)
+            if r.strict_refused and "strict_refused" not in fam:
+                fam["strict_refused"] = r.strict_refused
+    return fam, results
+
+
+def local_config(model_dir: str | Path):
+    """A local model's config shrunk to tiny sizes: the tiny config of its model type with every
+    boolean and null setting of the local config copied (structural switches such as
+    ``use_qk_norm``, ``attention_bias``, ``q_lora_rank: null``, ``tie_word_embeddings``)."""
+    from . import tiny
+    raw = json.loads((Path(model_dir) / "config.json").read_text())
+    mt = raw.get("model_type")
+    flags = {k: v for k, v in raw.items() if (isinstance(v, bool) or v is None) and not k.startswith("_")
+             and k not in ("torch_dtype", "dtype", "use_cache", "return_dict")}
+    return mt, tiny.tiny_config(mt, **flags)

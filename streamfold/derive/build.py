@@ -1,0 +1,145 @@
+"""Assemble a family (the ``--rules`` schema) from the ``Derived`` facts of one or more tiny models.
+
+Several tiny models of one model type (config variants: dense/MoE, optional q/k norms, parallel
+residual, ...) are merged: a norm pattern whose consumer sets differ gets ``variants`` (longest first),
+unless a longer set would also be present in a checkpoint where it does not apply (StableLM's
+parallel block: gate/up exist either way), in which case the rules are split with ``when`` on the
+config keys that differ. Pure Python on the ``Derived`` data; no torch.
+"""
+from __future__ import annotations
+
+import re
+
+from .family import Derived, consumer_entry, consumer_pattern, generalize_why, norm_pattern
+
+def _rx(pattern: str) -> re.Pattern:
+    return re.compile(re.escape(pattern).replace(r"\{e\}", r"\d+") + r"\Z")
+
+
+def _present(entries: tuple, n: str | None, names: list[str]) -> bool:
+    for c in entries:
+        w = c + ".weight" if isinstance(c, str) else c["weight"]
+        w = w.replace("{n}", n) if n is not None else w
+        rx = _rx(w)
+        if not any(rx.match(t) for t in names):
+            return False
+    return True
+
+
+def _freeze(entries) -> tuple:
+    return tuple(c if isinstance(c, str) else tuple(sorted(c.items())) for c in entries)
+
+
+def _instances(d: Derived):
+    """(norm pattern, layer index, outcome) per in-scope instance; outcome ("fold", entries, head) or
+    ("keep", why)."""
+    for inst in d.instances:
+        if inst.why and not inst.fold and inst.why.startswith("vision/audio side"):
+            continue
+        pat, pre, n = norm_pattern(inst.weight)
+        if inst.fold:
+            entries = []
+            for w, axis, ndim, bias in inst.consumers:
+                wp = consumer_pattern(w, pre, n)
+                bp = consumer_pattern(bias, pre, n) if bias else None
+                e = consumer_entry(wp, axis, bp, axis == ndim - 1)
+                if e not in entries:
+                    entries.append(e)
+            yield pat, n, ("fold", tuple(entries), inst.head, inst.offset)
+        else:
+            yield pat, n, ("keep", generalize_why(inst.why), inst.offset)
+
+
+def assemble(model_types: list[str], variants: list[tuple[dict, Derived]], base_values: dict) -> dict:
+    """One family from ``variants`` = [(config overrides, Derived), ...]; the first has no overrides.
+
+    ``base_values`` maps each overridden config key to its value in the base tiny config (a key the
+    overrides do not set)."""
+    order: list[str] = []
+    outcomes: dict[str, list] = {}  # pattern -> [(variant index, layer n, outcome)]
+    for vi, (_, d) in enumerate(variants):
+        for pat, n, oc in _instances(d):
+            if pat not in outcomes:
+                order.append(pat)
+            outcomes.setdefault(pat, []).append((vi, n, oc))
+    offsets = [oc[-1] for pat in order for _, _, oc in outcomes[pat] if oc[0] == "fold"]
+    fam_offset = max(set(offsets), key=offsets.count) if offsets else 0
+    folds, keeps = [], []
+    for pat in order:
+        ocs = outcomes[pat]
+        fold_sets = list(dict.fromkeys(_freeze(oc[1]) for _, _, oc in ocs if oc[0] == "fold"))
+        entries_of = {_freeze(oc[1]): oc[1] for _, _, oc in ocs if oc[0] == "fold"}
+        keep_why = [oc[1] for _, _, oc in ocs if oc[0] == "keep"]
+        if keep_why and fold_sets:
+            keeps.append({"norm": pat, "why": "folds in some layers or configs but not in others, kept whole: "
+                                              + keep_why[0]})
+            continue
+        if keep_why:
+            keeps.append({"norm": pat, "why": keep_why[0]})
+            continue
+        head = any(oc[2] for _, _, oc in ocs)
+        offset = next(oc[3] for _, _, oc in ocs)
+        sets = sorted(fold_sets, key=len, reverse=True)  # stable: first seen first among equals
+        rules = _split(pat, sets, entries_of, ocs, variants, base_values)
+        for when, chosen in rules:
+            r = {"norm": pat}
+            lists = [list(entries_of[s]) for s in chosen]
+            if len(lists) == 1:
+                r["into"] = lists[0]
+            else:
+                r["variants"] = lists
+            if head:
+                r["untied_head"] = True
+            if offset != fam_offset:
+                r["offset"] = offset
+            if when:
+                r["when"] = when
+            folds.append(r)
+    fam = {"model_types": list(model_types), "offset": fam_offset, "folds": folds}
+    if keeps:
+        fam["keep"] = keeps
+    under = list(dict.fromkeys(p for _, d in variants for p in d.outside))
+    if under:
+        fam.setdefault("keep", []).extend({"under": p, "why": "vision/audio side: outside FlashNorm's "
+                                           "language-model scope, left untouched"} for p in under)
+    prefixes = {}
+    for _, d in variants:
+        for k, v in d.prefixes.items():
+            prefixes.setdefault(k, v)
+    if prefixes:
+        fam["layouts"] = [{}, dict(sorted(prefixes.items()))]
+    return fam
+
+
+def _split(pat, sets, entries_of, ocs, variants, base_values):
+    """[(when, [consumer sets])]: one rule with every set as variants when first-present picks the right
+    one in every tiny model; else one rule per config variant value, with ``when``."""
+    def picks_right(chosen, vis):
+        for vi, n, oc in ocs:
+            if vi not in vis:
+                continue
+            names = variants[vi][1].saved
+            first = next((s for s in chosen if _present(entries_of[s], n, names)), None)
+            if first != _freeze(oc[1]):
+                return False
+        return True
+
+    all_v = set(range(len(variants)))
+    if picks_right(sets, all_v):
+        return [(None, sets)]
+    per_v = {vi: {_freeze(oc[1]) for v2, _, oc in ocs if v2 == vi} for vi in all_v}
+    base = per_v.get(0, set())
+    keys = sorted({k for vi, (ov, _) in enumerate(variants) if per_v[vi] and per_v[vi] != base for k in ov})
+    rules = []
+    groups: dict[tuple, set] = {}
+    for vi, (ov, _) in enumerate(variants):
+        if not per_v[vi]:
+            continue
+        vals = tuple(ov.get(k, base_values.get(k)) for k in keys)
+        groups.setdefault(vals, set()).add(vi)
+    for vals, vis in groups.items():
+        mine = [s for s in sets if any(vi in vis and _freeze(oc[1]) == s for vi, _, oc in ocs)]
+        if not picks_right(mine, vis):
+            raise ValueError(f"{pat}: no consumer choice is right in every layer: {mine}")
+        rules.append(({k: [v] for k, v in zip(keys, vals)}, mine))
+    return rules

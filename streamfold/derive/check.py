@@ -1,0 +1,136 @@
+"""Check a derived family numerically before it is written (development time; torch + transformers).
+
+The tiny model is saved sharded (bf16, norms in a shard of their own), converted by streamfold itself
+with the family as a rules file (compat and strict, float32 merged tensors), loaded in stock
+transformers and its float32 logits compared with the source's: max relative error must be <= 1e-5.
+The plan must fold exactly the derived norms into exactly the derived consumers. Strict mode is tried
+for real: when transformers does not load a removed norm as the identity (it fills a missing weight
+with ones, wrong for ``1 + w`` norms) the family gets ``strict_refused`` with the measured reason.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+MAX_REL = 1e-5
+
+
+@dataclass
+class CheckResult:
+    model_type: str
+    compat_rel: float | None = None
+    strict_rel: float | None = None
+    strict_refused: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _load(path, auto):
+    lg = logging.getLogger("transformers")
+    was = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        return auto.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager",
+                                    output_loading_info=True)
+    finally:
+        lg.setLevel(was)
+
+
+@torch.no_grad()
+def _logits(model, inputs):
+    return model(**inputs).logits.float()
+
+
+def _applicable(fam: dict, names: list[str]) -> dict:
+    """The family without the fold rules that match no norm of this checkpoint (another config
+    variant's norms): a rules file must match every rule, a built-in family need not."""
+    from streamfold.plan import _apply_layout, _regex
+    laid = _apply_layout(fam, dict.fromkeys(names))
+    keep = [f for f, lf in zip(fam["folds"], laid["folds"])
+            if any(_regex(lf["norm"] + ".weight").match(t) for t in names)]
+    return {**fam, "folds": keep}
+
+
+def check_family(model, fam: dict, derived, root: Path | None = None) -> CheckResult:
+    """Convert ``model`` (tiny, float32) with ``fam`` and compare logits in transformers."""
+    import streamfold
+    fam = _applicable(fam, derived.saved)
+    from . import tiny
+    mt = model.config.model_type
+    res = CheckResult(mt)
+    auto = tiny.auto_class(mt)
+    inputs = tiny.example_inputs(model)
+    with tempfile.TemporaryDirectory(prefix="sf_check_", dir=root) as td:
+        td = Path(td)
+        src = tiny.save_sharded(model, td / "src", dtype="bfloat16")
+        ref_model, _ = _load(src, auto)
+        ref = _logits(ref_model.eval(), inputs)
+        del ref_model
+        rules = td / "rules.json"
+        rules.write_text(json.dumps({"families": {"derived": {**fam, "model_types": [mt]}}}))
+        _, _, plan = streamfold.load_plan(src, rules=rules)
+        _compare_plan(plan, derived, res)
+        if plan.unknown_norms:
+            res.errors.append(f"norms no rule covers: {plan.unknown_norms[:3]}")
+        streamfold.convert(src, td / "compat", merged_dtype="float32", rules=rules)
+        m, info = _load(td / "compat", auto)
+        res.compat_rel = _rel(_logits(m.eval(), inputs), ref)
+        del m
+        if res.compat_rel > MAX_REL:
+            res.errors.append(f"compat float32-merged logits max rel err {res.compat_rel:.2e} > {MAX_REL}")
+        if info.get("missing_keys") or info.get("unexpected_keys"):
+            res.errors.append(f"compat loads with missing {info.get('missing_keys')} / unexpected "
+                              f"{info.get('unexpected_keys')}")
+        if plan.folded:
+            res.strict_rel, res.strict_refused = _strict(model, fam, plan, rules, src, td, auto, inputs, ref)
+    return res
+
+
+def _strict(model, fam, plan, rules, src, td, auto, inputs, ref):
+    import streamfold
+    fam_strict = {k: v for k, v in fam.items() if k != "strict_refused"}
+    rules_s = td / "rules_strict.json"
+    rules_s.write_text(json.dumps({"families": {"derived": {**fam_strict, "model_types": [model.config.model_type]}}}))
+    streamfold.convert(src, td / "strict", mode="strict", merged_dtype="float32", rules=rules_s)
+    m, _ = _load(td / "strict", auto)
+    rel = _rel(_logits(m.eval(), inputs), ref)
+    if rel <= MAX_REL:
+        return rel, None
+    params = dict(m.named_parameters())
+    n = plan.folded[0]
+    mem = next((k for k in params if k.endswith(n.weight.split(".", 1)[-1])), None)
+    filled = float(params[mem].reshape(-1)[0]) if mem else float("nan")
+    offset = n.offset if n.offset is not None else fam.get("offset", 0)
+    conv = "1 + w" if offset else "w"
+    return rel, (f"transformers fills a missing norm weight with {filled:g}, but this norm multiplies by {conv}, "
+                 f"so a removed norm would load as a scale of {filled + offset:g}, not 1 (measured: strict "
+                 f"logits max rel err {rel:.1e})")
+
+
+def _compare_plan(plan, derived, res: CheckResult) -> None:
+    # a LayerNorm bias with a consumer lacking a bias keeps the norm (the plan says why): not folded here
+    want = {i.weight: i for i in derived.instances
+            if i.fold and not (i.has_bias and any(b is None for *_, b in i.consumers))}
+    got = {n.weight: n for n in plan.folded}
+    if set(want) != set(got):
+        res.errors.append(f"plan folds {sorted(set(got) - set(want))[:3]} extra, misses "
+                          f"{sorted(set(want) - set(got))[:3]}")
+        return
+    for w, inst in want.items():
+        pc = sorted((c.weight, c.axis % inst_nd) for c, inst_nd in
+                    ((c, next((nd for cw, _, nd, _ in inst.consumers if cw == c.weight), 1)) for c in got[w].consumers))
+        dc = sorted((cw, ax) for cw, ax, _, _ in inst.consumers)
+        if pc != dc:
+            res.errors.append(f"{w}: plan consumers {pc[:3]} != derived {dc[:3]}")

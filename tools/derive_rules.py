@@ -1,0 +1,213 @@
+"""Regenerate streamfold/families/*.toml from transformers' computation, or check them for drift.
+
+    python tools/derive_rules.py                 # derive + check every family, rewrite the data files
+    python tools/derive_rules.py --check         # derive + check, report families whose rules differ (exit 1)
+    python tools/derive_rules.py --only llama    # just these families
+    python tools/derive_rules.py --readme        # rewrite README.md's architecture table from the files
+
+Each model type is derived from a tiny random model (streamfold.derive.tiny) under the config variants
+below, checked numerically (convert with streamfold, load in transformers, float32-merged logits within
+1e-5), and model types whose derived rules are identical share a file. A rule that fails its check is
+not written (exit 1 with the reason). What is hand-written here is only data: which model types a file
+groups, the config variants worth deriving under (switches that change which tensors exist), a
+description for the README, and norms transformers never instantiates (DeepSeek's MTP layer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+FAMILY_DIR = ROOT / "streamfold" / "families"
+README = ROOT / "README.md"
+
+# file name -> (description, model types)
+FAMILIES: dict[str, tuple[str, list[str]]] = {
+    "llama": ("Llama, Mistral, Qwen2/2.5, SmolLM/2/3, Granite, Ernie 4.5",
+              ["llama", "mistral", "qwen2", "smollm3", "granite", "ernie4_5"]),
+    "qwen3": ("Qwen3", ["qwen3"]),
+    "phi3": ("Phi-3 (fused projections)", ["phi3"]),
+    "gemma": ("Gemma (1 + w)", ["gemma"]),
+    "gemma2": ("Gemma2, Gemma3 text (1 + w, sandwich norms)", ["gemma2", "gemma3_text"]),
+    "gemma3": ("Gemma3 multimodal (language model nested; vision tower untouched)", ["gemma3"]),
+    "mixtral": ("Mixtral", ["mixtral"]),
+    "qwen2_moe": ("Qwen2-MoE (shared expert and its gate)", ["qwen2_moe"]),
+    "qwen3_moe": ("Qwen3-MoE", ["qwen3_moe"]),
+    "gpt_oss": ("GPT-OSS (fused [experts, in, out] expert tensors, router bias)", ["gpt_oss"]),
+    "deepseek": ("DeepSeek-V2/V3 (MLA latent norms; dense and MoE layers; shared experts)",
+                 ["deepseek_v2", "deepseek_v3"]),
+    "olmo2": ("OLMo2 (post-norms)", ["olmo2"]),
+    "glm4": ("GLM4 (fused gate_up_proj, sandwich post-norms)", ["glm4"]),
+    "cohere": ("Cohere / Command-R (bias-free LayerNorm, parallel block)", ["cohere"]),
+    "gpt_neox": ("GPT-NeoX / Pythia (LayerNorm with bias)", ["gpt_neox"]),
+    "phi": ("Phi-1/1.5/2 (LayerNorm with bias, parallel block, lm_head bias)", ["phi"]),
+    "starcoder2": ("StarCoder2 (LayerNorm with bias)", ["starcoder2"]),
+    "stablelm": ("StableLM (LayerNorm with bias; sequential or parallel residual)", ["stablelm"]),
+    "nemotron": ("Nemotron / Minitron (1 + w LayerNorm with bias)", ["nemotron"]),
+    # -- derived from the start (issue 10) --
+    "gemma4_text": ("Gemma 4 text (plain w norms, sandwich and per-layer-input norms)", ["gemma4_text"]),
+    "gemma4": ("Gemma 4 multimodal (language model nested; towers untouched)", ["gemma4"]),
+    "gemma3n": ("Gemma 3n (AltUp, per-layer inputs)", ["gemma3n"]),
+    "gemma3n_text": ("Gemma 3n text (AltUp, per-layer inputs)", ["gemma3n_text"]),
+    "llama4_text": ("Llama 4 text (fused experts and a shared expert)", ["llama4_text"]),
+    "llama4": ("Llama 4 multimodal (language model nested; vision tower untouched)", ["llama4"]),
+    "qwen3_next": ("Qwen3-Next (1 + w; hybrid Gated DeltaNet / attention layers; MoE)", ["qwen3_next"]),
+    "qwen3_5_text": ("Qwen3.5 text (1 + w; hybrid Gated DeltaNet / attention layers)", ["qwen3_5_text"]),
+    "qwen3_5": ("Qwen3.5 multimodal (language model nested; vision tower untouched)", ["qwen3_5"]),
+    "qwen3_5_moe_text": ("Qwen3.5-MoE text (1 + w; hybrid layers; MoE with shared expert)", ["qwen3_5_moe_text"]),
+    "qwen3_5_moe": ("Qwen3.5-MoE multimodal (language model nested)", ["qwen3_5_moe"]),
+    "qwen3_vl": ("Qwen3-VL (language model nested; vision tower untouched)", ["qwen3_vl"]),
+    "qwen3_vl_moe": ("Qwen3-VL-MoE (language model nested; vision tower untouched)", ["qwen3_vl_moe"]),
+    "olmo3": ("OLMo 3 (post-norms)", ["olmo3"]),
+    "olmoe": ("OLMoE (q/k norms over the full projection, MoE)", ["olmoe"]),
+    "glm4_moe": ("GLM-4.5 / GLM4-MoE", ["glm4_moe"]),
+    "deepseek_v32": ("DeepSeek-V3.2 (MLA, sparse-attention indexer)", ["deepseek_v32"]),
+    "exaone4": ("EXAONE 4 (post-norms)", ["exaone4"]),
+    "seed_oss": ("Seed-OSS", ["seed_oss"]),
+    "hunyuan_v1_dense": ("Hunyuan v1 dense", ["hunyuan_v1_dense"]),
+    "hunyuan_v1_moe": ("Hunyuan v1 MoE", ["hunyuan_v1_moe"]),
+    "apertus": ("Apertus (attention_layernorm / feedforward_layernorm, xIELU MLP)", ["apertus"]),
+    "arcee": ("Arcee AFM (ReLU² MLP, no gate)", ["arcee"]),
+    "granitemoe": ("Granite MoE", ["granitemoe"]),
+    "granitemoeshared": ("Granite MoE with shared experts", ["granitemoeshared"]),
+    "granitemoehybrid": ("Granite 4 hybrid (Mamba2 / attention layers, MoE)", ["granitemoehybrid"]),
+    "ernie4_5_moe": ("Ernie 4.5 MoE", ["ernie4_5_moe"]),
+    "ministral": ("Ministral", ["ministral"]),
+    "ministral3": ("Ministral 3", ["ministral3"]),
+    "mistral3": ("Mistral 3 multimodal (language model nested; vision tower untouched)", ["mistral3"]),
+    "minimax": ("MiniMax-01 (lightning attention hybrid)", ["minimax"]),
+    "minimax_m2": ("MiniMax-M2", ["minimax_m2"]),
+    "phimoe": ("Phi-3.5-MoE (LayerNorm with bias)", ["phimoe"]),
+    "cohere2": ("Cohere2 / Command-R7B (LayerNorm, parallel block)", ["cohere2"]),
+    "lfm2": ("LFM2 (hybrid short-conv / attention layers)", ["lfm2"]),
+    "falcon_h1": ("Falcon-H1 (attention and Mamba2 in parallel)", ["falcon_h1"]),
+}
+
+# config switches that change which tensors exist or where a norm's output goes: derive under each
+VARIANTS: dict[str, list[dict]] = {
+    # biased consumers let a LayerNorm with bias fold, so its strict mode is tried for real
+    "stablelm": [{"use_parallel_residual": True}, {"qk_layernorm": True}, {"use_qkv_bias": True}],
+    "nemotron": [{"attention_bias": True, "mlp_bias": True}],
+    "phimoe": [{"attention_bias": True, "lm_head_bias": True}],
+    "phi": [{"qk_layernorm": True}],
+    "cohere": [{"use_qk_norm": True}],
+    "qwen2_moe": [{"mlp_only_layers": [0]}],
+    "qwen3_moe": [{"mlp_only_layers": [0]}],
+    "deepseek_v2": [{"q_lora_rank": None}],
+    "deepseek_v3": [{"q_lora_rank": None}],
+}
+
+_MTP_WHY = ("multi-token-prediction module: eh_proj reads the concatenation of two norms; transformers does "
+            "not instantiate it, so this rule is hand-written")
+# norms of checkpoints that transformers never builds (so no trace can see them)
+EXTRA_KEEP: dict[str, list[dict]] = {
+    "deepseek_v2": [{"norm": f"model.layers.{{n}}.{x}", "why": _MTP_WHY} for x in ("enorm", "hnorm", "shared_head.norm")],
+    "deepseek_v3": [{"norm": f"model.layers.{{n}}.{x}", "why": _MTP_WHY} for x in ("enorm", "hnorm", "shared_head.norm")],
+}
+
+
+def _rules_only(fam: dict) -> dict:
+    """What drift compares: everything but the description and the measurement record."""
+    return {k: v for k, v in fam.items() if k not in ("description", "derived")}
+
+
+class DeriveError(Exception):
+    """A model type whose rules could not be derived or failed their check."""
+
+
+def derive_group(name: str, description: str, model_types: list[str], log) -> dict[str, dict]:
+    """{file name: family} for one group: members with identical rules share a file."""
+    import transformers
+
+    from streamfold.derive.api import derive_family, tie_default
+    out: dict[str, dict] = {}
+    for mt in model_types:
+        try:
+            fam, results = derive_family(mt, VARIANTS.get(mt))
+        except Exception as e:  # a model transformers cannot build or run tiny: reported, not written
+            raise DeriveError(f"{mt}: cannot derive: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        for r in results:
+            if not r.ok:
+                raise DeriveError(f"{mt}: check failed, not written: {'; '.join(r.errors)}")
+        if mt in EXTRA_KEEP:
+            fam.setdefault("keep", []).extend(EXTRA_KEEP[mt])
+        rel = max(r.compat_rel for r in results)
+        strict = [r.strict_rel for r in results if r.strict_rel is not None]
+        log(f"{mt}: compat {rel:.1e}" + (f", strict {max(strict):.1e}" if strict else "")
+            + (" (strict refused)" if fam.get("strict_refused") else ""))
+        fam.pop("tie_default", None)
+        key = json.dumps(_rules_only({**fam, "model_types": []}), sort_keys=True)
+        target = next((n for n, f in out.items() if f["_key"] == key), None)
+        if target is None:
+            target = name if not out else mt
+            out[target] = {"_key": key, "description": description if not out else mt, **fam,
+                           "model_types": [], "derived": {"transformers": transformers.__version__,
+                                                          "compat_max_rel_err": {}, "strict_max_rel_err": {}}}
+        f = out[target]
+        f["model_types"].append(mt)
+        f["derived"]["compat_max_rel_err"][mt] = float(f"{rel:.2e}")
+        if strict:
+            f["derived"]["strict_max_rel_err"][mt] = float(f"{max(strict):.2e}")
+    for f in out.values():
+        del f["_key"]
+        tied = [m for m in f["model_types"] if tie_default(m)]
+        if tied:
+            f["tie_default"] = True if tied == f["model_types"] else tied
+        if not f["derived"]["strict_max_rel_err"]:
+            del f["derived"]["strict_max_rel_err"]
+    return out
+
+
+def _stored(folder: Path = FAMILY_DIR) -> dict[str, dict]:
+    from streamfold.rules import load_rules_file
+    return {p.stem: load_rules_file(p)[p.stem] for p in sorted(folder.glob("*.toml"))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="report drift against the stored files; write nothing")
+    ap.add_argument("--readme", action="store_true", help="only regenerate README.md's table from the files")
+    ap.add_argument("--only", nargs="+", metavar="FAMILY", help="just these families")
+    ap.add_argument("--families-dir", type=Path, default=FAMILY_DIR, help="the data files (default: streamfold's)")
+    args = ap.parse_args(argv)
+    folder = args.families_dir
+    if args.readme:
+        from streamfold.derive.readme import update_readme
+        update_readme(README, _stored(folder))
+        return 0
+    from streamfold.derive.tomlout import family_toml
+    names = args.only or list(FAMILIES)
+    stored = _stored(folder)
+    drift, failed = [], []
+    for name in names:
+        desc, mts = FAMILIES[name]
+        try:
+            got = derive_group(name, desc, mts, lambda m: print(f"  {m}", file=sys.stderr))
+        except DeriveError as e:
+            failed.append(name)
+            print(f"FAILED {e}", file=sys.stderr)
+            continue
+        for fname, fam in got.items():
+            if args.check:
+                if fname not in stored or _rules_only(stored[fname]) != _rules_only(fam):
+                    drift.append(fname)
+                    print(f"DRIFT {fname}: derived rules differ from {folder / (fname + '.toml')}", file=sys.stderr)
+                continue
+            header = ("Generated by tools/derive_rules.py from transformers' computation; review like code.\n"
+                      "Regenerate with `python tools/derive_rules.py --only " + name + "`.")
+            (folder / f"{fname}.toml").write_text(family_toml(fam, header))
+            print(f"wrote streamfold/families/{fname}.toml", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} families not derived: {', '.join(failed)}")
+    if args.check:
+        print(f"{len(drift)} of {len(names)} families drifted" + (f": {', '.join(drift)}" if drift else ""))
+        return 1 if drift or failed else 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
