@@ -132,7 +132,7 @@ def stream_convert(repo: str, dst: Path, *, push_to_hub: str, revision=None, tok
         small = sorted(p for p in out.rglob("*") if p.is_file())
         from huggingface_hub import CommitOperationAdd
         ops += [CommitOperationAdd(path_in_repo=p.relative_to(out).as_posix(), path_or_fileobj=str(p)) for p in small]
-        msg = commit_message or f"FlashNorm ({mode}) conversion of {repo} with streamfold {__version__}"
+        msg = commit_message or f"FlashNorm ({cplan.plan.mode}) conversion of {repo} with streamfold {__version__}"
         result = hub.commit(push_to_hub, ops, msg, private=private, token=token)
         for p in small:  # DST keeps the small files (index, config, card, tokenizer, manifest)
             (dst / p.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)

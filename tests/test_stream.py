@@ -173,3 +173,31 @@ def test_stream_needs_a_repo_and_a_target(layered, tmp_path, monkeypatch):
         streamfold.convert(REPO, tmp_path / "o", stream=True)
     with pytest.raises(streamfold.StreamfoldError, match="not a local folder"):
         streamfold.convert(layered, tmp_path / "o", stream=True, push_to_hub=DEST)
+
+
+# --- over real HTTP: the real huggingface_hub client against tests/hubserver.py ---------------------------
+from tests.hubserver import hub_server  # noqa: E402,F401  (a fixture)
+
+
+def test_stream_over_http_commits_once_what_convert_writes(layered, tmp_path, hub_server):  # noqa: F811
+    hub_server.add_repo(REPO, layered)
+    ref = tmp_path / "ref" / "small"  # the same folder name: the card names it
+    streamfold.convert(layered, ref, rules=RULES, manifest=True)
+    before = len(hub_server.requests)
+    report = streamfold.convert(REPO, tmp_path / "small", rules=RULES, push_to_hub=DEST, stream=True,
+                                manifest=True, verify=True)
+    commits = hub_server.commits(DEST)
+    assert len(commits) == 2 and commits[-1].message.startswith("FlashNorm (compat) conversion of org/toy")
+    got = hub_server.files(DEST)
+    want = _files(ref)
+    strip = lambda fs: {k: v for k, v in fs.items() if k not in ("README.md", "SHA256SUMS", ".gitattributes")}  # noqa: E731
+    assert strip(got) == strip(want)
+    assert got["SHA256SUMS"].splitlines()[1:] == want["SHA256SUMS"].splitlines()[1:]  # all but README's line
+    reqs = hub_server.requests[before:]
+    shard_gets = [r for r in reqs if r.method == "GET" and "/resolve/" in r.path and r.path.endswith(".safetensors")]
+    full = [r for r in shard_gets if "range" not in r.headers]
+    ranged = [r for r in shard_gets if "range" in r.headers]
+    assert len(full) == 4 and len(ranged) >= 8  # each shard downloaded once; headers + norm vectors by Range
+    assert not any(r.path.endswith(".bin") for r in reqs)
+    shard = max((layered / s).stat().st_size for s in got if s.endswith(".safetensors"))
+    assert report.peak_disk < 2 * shard + 64 * 1024
