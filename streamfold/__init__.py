@@ -4,6 +4,13 @@
 >>> report = streamfold.convert("Llama-3.2-1B", "Llama-3.2-1B-FlashNorm")   # doctest: +SKIP
 >>> print(report.summary())                                                 # doctest: +SKIP
 
+The same, step by step (each task is one output shard, a JSON-serialisable value):
+
+>>> p = streamfold.plan("Llama-3.2-1B")                                     # doctest: +SKIP
+>>> for task in p.tasks:                                                    # doctest: +SKIP
+...     streamfold.run_task(task, "out", src=p.src)
+>>> streamfold.finish(p, "out")                                             # doctest: +SKIP
+
 Hub repo ids work as sources, and the output can be pushed (huggingface_hub is imported only then):
 
 >>> print(streamfold.inspect("HuggingFaceTB/SmolLM2-135M").describe())      # doctest: +SKIP
@@ -12,10 +19,19 @@ Hub repo ids work as sources, and the output can be pushed (huggingface_hub is i
 """
 __version__ = "0.1.0"
 
-from .convert import ConversionReport, convert, load_plan  # noqa: E402
+from .conversion import ConversionPlan, ShardResult, finish, load_plan, run_task  # noqa: E402
+from .conversion import plan as _plan  # noqa: E402
+from .convert import ConversionReport, convert  # noqa: E402
 from .errors import AlreadyFlashNorm, StreamfoldError  # noqa: E402
-from .hub import Inspection, inspect  # noqa: E402
+from .inspection import Inspection, inspect  # noqa: E402
+from .plan import Kind  # noqa: E402
+from .tasks import Chunk, Op, Task  # noqa: E402
 from .verify import VerifyReport, verify  # noqa: E402
 
-__all__ = ["convert", "load_plan", "inspect", "Inspection", "verify", "VerifyReport", "ConversionReport",
+# ``streamfold.plan(src)`` is the function; the module stays importable as ``streamfold.plan`` for
+# ``from streamfold.plan import ...`` (submodule imports go through sys.modules).
+plan = _plan
+
+__all__ = ["convert", "plan", "run_task", "finish", "ConversionPlan", "ShardResult", "Task", "Chunk", "Op",
+           "Kind", "load_plan", "inspect", "Inspection", "verify", "VerifyReport", "ConversionReport",
            "StreamfoldError", "AlreadyFlashNorm", "__version__"]

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from .errors import StreamfoldError
 from .files import CARD_NAME
+from .plan import Kind
+from .units import human_bytes
+
 PAPER = "https://arxiv.org/abs/2407.09577"
 TRICKS = "https://github.com/OpenMachine-ai/transformer-tricks"
 # The Hub's model tree knows four relations: adapter, merge, quantized, finetune. A FlashNorm checkpoint
@@ -187,7 +190,7 @@ def change_rows(plan, tensors) -> list[tuple[str, str, str]]:
         g = f"g_{_short(rule)}"
         rows.append((", ".join(f"`{p}`" for p in pats), f"`W` ({src_dt})", f"`W · diag({g})` ({out_dt})"))
         biases = [c.bias for n in norms for c in n.consumers
-                  if c.bias and plan.actions.get(c.bias) is not None and plan.actions[c.bias].kind == "bias"]
+                  if c.bias and plan.actions.get(c.bias) is not None and plan.actions[c.bias].kind == Kind.BIAS]
         if biases:
             bp = merge_patterns([re.sub(r"\.\d+\.", ".*.", re.sub(r"\.\d+\.", ".*.", b)) for b in biases])
             rows.append((", ".join(f"`{p}`" for p in bp), "`b`", "`b + W · β` (the norm's bias, folded)"))
@@ -262,7 +265,6 @@ def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_displ
     """The full ``README.md`` text."""
     import yaml
 
-    from .convert import human_bytes
     src_meta, _ = front_matter(source_card)
     meta = metadata(source_meta=src_meta, cfg=cfg, base_model=base_model, mode=plan.mode)
     head = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
@@ -274,8 +276,8 @@ def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_displ
         of = f"{_hub_link(base_model)} (converted from a local copy, `{source_display}`)"
     else:
         of = f"`{source_display}`"
-    merged = {a.out_dtype for a in plan.actions.values() if a.kind == "scale"}
-    src_dtypes = {tensors[n].dtype for n, a in plan.actions.items() if a.kind == "scale"}
+    merged = {a.out_dtype for a in plan.actions.values() if a.kind == Kind.SCALE}
+    src_dtypes = {tensors[n].dtype for n, a in plan.actions.items() if a.kind == Kind.SCALE}
     if merged and merged != src_dtypes:
         rounding = (f"Merged weights are stored in {_dt(merged)} (the source stores {_dt(src_dtypes)}): no "
                     "rounding at all, which keeps full precision for lower-precision inference later.")
@@ -326,7 +328,7 @@ def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_displ
           "float rounding. Lower-precision kernels (fp16/bf16, vLLM) compute `x̂ · W*` instead of "
           "`(x̂ ⊙ g) · W`, so logits can differ in the last bits and greedy decoding can diverge at near-ties; "
           "this holds for any checkpoint with precomputed folded weights, not only FlashNorm.", ""]
-    tcount = {k: plan.count(k) for k in ("scale", "fill", "drop", "bias", "copy")}
+    tcount = {k: plan.count(k) for k in (Kind.SCALE, Kind.FILL, Kind.DROP, Kind.BIAS, Kind.COPY)}
     L += ["## How this checkpoint was made", "",
           f"Converted with streamfold {version} (streaming, torch-free) from {of}, by the equivalent of "
           "(the output folder's name aside):", "",

@@ -143,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the fold plan and output sizes and exit; writes nothing (reads headers only)")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     _resource_options(c)
+    c.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run one Ray task per output shard (pip install \"streamfold[ray]\"): join the cluster "
+                        "at ADDRESS, or start a local one; source and DST's folder must be on storage every "
+                        "node sees. Each task uses --workers CPUs (default 2) and --memory-budget")
+    res = c.add_mutually_exclusive_group()
+    res.add_argument("--resume", dest="resume", action="store_true", default=True,
+                     help="continue an interrupted conversion into DST, re-using its completed shards after "
+                          "checking them (the default: the same command resumes; a changed source or option "
+                          "starts fresh and says why)")
+    res.add_argument("--no-resume", dest="resume", action="store_false",
+                     help="discard an interrupted conversion's completed shards and start fresh")
+    c.add_argument("--stream", action="store_true",
+                   help="with a Hub repo id SRC and --push-to-hub: fetch, convert, upload and delete one shard "
+                        "at a time (peak disk a few shards), one commit at the end; DST keeps the small files")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     c.add_argument("--verify", action="store_true",
                    help="verify the output tensor by tensor right after converting (exit 3 on problems; "
@@ -230,7 +244,7 @@ def _close_bars() -> None:
 
 
 def _print_plan(args) -> int:
-    from .hub import inspect
+    from .inspection import inspect
     found = inspect(args.src, mode=args.mode, merged_dtype=args.merged_dtype, rules=args.rules,
                     revision=args.revision)
     print(json.dumps(found.to_dict(), indent=2) if args.json else found.describe(args.all))
@@ -249,7 +263,9 @@ def _convert(args) -> int:
                      overwrite=args.overwrite, workers=args.workers, memory_budget=args.memory_budget,
                      rules=args.rules, progress=_progress(args.quiet or args.json), revision=args.revision,
                      base_model=args.base_model, push_to_hub=args.push_to_hub, private=args.private,
-                     commit_message=args.commit_message, manifest=args.manifest, verify=args.verify)
+                     commit_message=args.commit_message, manifest=args.manifest, verify=args.verify,
+                     executor="local" if args.ray is None else "ray", ray_address=args.ray or None,
+                     stream=args.stream, resume=args.resume)
     v = report.verification
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -354,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StreamfoldError as e:
         _close_bars()
         print(f"streamfold: error: {e}", file=sys.stderr)
-        return 2
+        return 3 if type(e).__name__ == "StreamVerifyFailed" else 2  # no import of stream.py for the check
     except KeyboardInterrupt:
         _close_bars()
         print(f"streamfold: interrupted{cleaned}", file=sys.stderr)

@@ -1,27 +1,26 @@
-"""convert(): read -> plan -> fold -> write, into a staging folder published in one step (staging.py)."""
+"""convert(): plan -> run the tasks (local threads or Ray) into a staging folder -> finish -> publish."""
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .conversion import ConversionPlan, finish, load_plan, plan
 from .engine import Engine
 from .errors import StreamfoldError
-from .files import other_files
-from .manifest import write_manifest
-from .plan import Plan
-from .reader import INDEX_NAME, Checkpoint, read_config
-from .remode import FLASHNORM_VERSION, plan_checkpoint
-from .rules import load_rules_file
+from .files import FLASHNORM_VERSION, flashnorm_config  # noqa: F401 - re-exported
+from .journal import Journal
 from .staging import Staging, check_destination
+from .plan import Kind
+from .units import human_bytes
 
 if TYPE_CHECKING:
     from .verify import VerifyReport
 
+EXECUTORS = ("local", "ray")
+__all__ = ["ConversionReport", "convert", "load_plan", "human_bytes", "EXECUTORS"]
 
 
 @dataclass
@@ -55,6 +54,8 @@ class ConversionReport:
     manifest: bool = False  # SHA256SUMS written
     manifest_seconds: float = 0.0
     verification: "VerifyReport | None" = None  # convert(verify=True): the tensor-level verification
+    peak_disk: int | None = None  # stream=True: most local disk in use at once (source + output shards)
+    resumed_shards: int = 0  # shards re-used from an interrupted run of the same conversion
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,46 +88,13 @@ class ConversionReport:
             lines.append(f"  not copied (other weight formats): {', '.join(self.skipped_files)}")
         lines.append(f"  {human_bytes(self.bytes_in)} in, {human_bytes(self.bytes_out)} out, "
                      f"{self.seconds:.2f} s ({rate}{self.workers} worker{'s' if self.workers != 1 else ''})")
+        if self.resumed_shards:
+            lines.append(f"  resumed: {self.resumed_shards} shard(s) re-used from the interrupted run")
+        if self.peak_disk is not None:
+            lines.append(f"  streamed shard by shard: peak local disk {human_bytes(self.peak_disk)}")
         if self.hub_url:
             lines.append(f"  pushed to {self.hub_url}")
         return "\n".join(lines)
-
-
-def human_bytes(n: int) -> str:
-    """``1234567`` -> ``"1.23 MB"`` (decimal units, as download sizes are quoted)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
-def flashnorm_config(cfg: dict, mode: str) -> dict:
-    out = dict(cfg)
-    out.update({"flashnorm": True, "flashnorm_mode": mode, "flashnorm_version": FLASHNORM_VERSION})
-    return out
-
-
-def load_plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str | None = None,
-              rules: str | os.PathLike | dict | None = None,
-              label: str | None = None) -> tuple[Checkpoint, dict, Plan]:
-    """Open and validate a local checkpoint and plan its conversion (headers and norms only).
-
-    An already-FlashNorm ``src`` raises :class:`AlreadyFlashNorm` (closing it) or plans a mode change;
-    see :func:`streamfold.remode.plan_checkpoint` (``label`` names ``src`` in its messages)."""
-    src = Path(src)
-    ckpt = Checkpoint(src)
-    cfg = read_config(src)
-    extra = load_rules_file(rules) if isinstance(rules, (str, os.PathLike)) else rules
-
-    def read(name: str):
-        return ckpt.read(name)
-    try:
-        plan = plan_checkpoint(cfg, ckpt.tensors, read, mode=mode, merged_dtype=merged_dtype, rules=extra,
-                               shard_of=ckpt.shard_of, src=label or str(src))
-    except BaseException:
-        ckpt.close()
-        raise
-    return ckpt, cfg, plan
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None = None,
@@ -135,7 +103,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
             progress: Callable[[int, int], Callable[[int], None]] | None = None,
             revision: str | None = None, token: str | bool | None = None, base_model: str | None = None,
             push_to_hub: str | None = None, private: bool = False,
-            commit_message: str | None = None, manifest: bool = False, verify: bool = False,
+            commit_message: str | None = None, manifest: bool = False,
+            verify: bool = False, executor: str = "local", ray_address: str | None = None,
+            stream: bool = False, resume: bool = True,
             log: Callable[[str], None] | None = None) -> ConversionReport:
     """Convert checkpoint ``src`` into a FlashNorm checkpoint at ``dst``.
 
@@ -152,10 +122,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
     given byte counts as work completes. Raises :class:`StreamfoldError` on bad input, leaving
     ``dst`` untouched.
 
-    The output is built beside ``dst`` and published in one step (:mod:`streamfold.staging`): an existing
-    ``dst`` (replaced only with ``overwrite``) stays complete until then. ``log`` receives one-line notes,
-    such as a killed run's partial output being removed (default: the ``streamfold`` logger).
-
     ``src`` may be a Hub repo id (``org/name``, at ``revision``): only the files the output needs are
     downloaded, through huggingface_hub's cache (``HF_HOME``, ``HF_HUB_OFFLINE``, ``HF_TOKEN`` or
     ``token``). ``dst`` gets a model card (``README.md``; ``base_model`` overrides its base model).
@@ -165,74 +131,67 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
     ``manifest=True`` writes ``SHA256SUMS`` (``sha256sum -c`` format) covering every output
     file. ``verify=True`` runs :func:`streamfold.verify` on the result (before any push) and stores it
     in ``report.verification``; when it finds problems nothing is pushed.
+
+    ``executor="ray"`` runs one Ray task per output shard (``ray_address``: a running cluster; None
+    starts or joins a local one); each writes its shard into the staging folder beside ``dst``, which
+    every worker must see (shared storage).
+
+    ``stream=True`` (a Hub repo id ``src`` and ``push_to_hub``): fetch one source shard at a time,
+    convert it, pre-upload the output shard, delete both, and commit everything at the end; ``dst``
+    keeps only the small files. ``report.peak_disk`` is the most local disk used at once.
+
+    The output is built beside ``dst`` and published in one step (:mod:`streamfold.staging`): an existing
+    ``dst`` (replaced only with ``overwrite``) stays complete until then. ``log`` receives one-line notes
+    (default: the ``streamfold`` logger), such as a killed run's partial output being removed or resumed:
+    the staging folder keeps a journal of completed shards (:mod:`streamfold.journal`), and when a
+    conversion is killed the same call re-uses the shards that check out (``resume=False`` discards them).
     """
     t0 = time.perf_counter()
     from . import __version__
-    from .card import write_card
-    from .remode_card import write_remode_card
     from .hub import is_repo_id, preflight, push_folder, resolve_source  # huggingface_hub: repo ids, pushes
+    if executor not in EXECUTORS:
+        raise StreamfoldError(f"executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
     preflight(push_to_hub=push_to_hub, base_model=base_model, token=token)
     local = not is_repo_id(os.fspath(src)) or Path(src).exists()
     check_destination(src if local else None, dst, overwrite)  # before any download
+    if stream:
+        return _stream(src, Path(dst), t0, locals())
     source = resolve_source(src, revision=revision, token=token, quiet=progress is None)
-    src = source.path
-    if not src.is_dir():
-        raise StreamfoldError(f"{src}: not a folder (give a local checkpoint folder or a Hub repo id)")
+    if not source.path.is_dir():
+        raise StreamfoldError(f"{source.path}: not a folder (give a local checkpoint folder or a Hub repo id)")
     try:
-        os.listdir(src)
+        os.listdir(source.path)
     except OSError as e:
-        raise StreamfoldError(f"{src}: cannot read the folder ({e.strerror or e})") from None
-    check_destination(src, dst, overwrite)
-    ckpt, cfg, plan = load_plan(src, mode=mode, merged_dtype=merged_dtype, rules=rules, label=source.display)
-    mode, merged_dtype = plan.mode, plan.merged_dtype
-    engine = Engine(ckpt, plan, workers=workers, memory_budget=memory_budget)
-    files, skipped = other_files(src, set(ckpt.shards))
-    if source.files is not None:  # a Hub snapshot: only the files selected for download
-        files, skipped = [f for f in files if f.as_posix() in source.files], source.skipped
-    try:
-        with Staging(dst, overwrite=overwrite, src=src, log=log) as st:
-            tmp = st.path
-            tick = progress(ckpt.total_bytes) if progress else None
-            try:
-                shard_digests = engine.run(tmp, tick, hash_outputs=manifest)
-            except OSError as e:
-                raise StreamfoldError(f"{e.filename or dst}: write failed ({e.strerror or e})") from None
-            if ckpt.sharded:
-                index = {"metadata": {"total_size": engine.output_bytes},
-                         "weight_map": {n: s for s, f in ckpt.shards.items() for n in f.tensors
-                                        if plan.actions[n].kind != "drop"}}
-                index["weight_map"].update({t.name: t.shard for t in plan.added})
-                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-            (tmp / "config.json").write_text(json.dumps(flashnorm_config(cfg, mode), indent=2) + "\n",
-                                             encoding="utf-8")
-            for rel in files:  # contents only: modes come from the umask, as with cp
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src / rel, tmp / rel)
-            card = write_card if plan.flashnorm is None else write_remode_card  # remode: a card of its own
-            card(tmp, plan=plan, tensors=ckpt.tensors, cfg=cfg, source=source, dst=dst, version=__version__,
-                 bytes_in=ckpt.total_bytes, bytes_out=engine.output_bytes, push_to_hub=push_to_hub,
-                 base_model=base_model, rules=rules, private=private)
-            t_manifest = time.perf_counter()
-            if manifest:  # shards were hashed while they were written; the small files now
-                write_manifest(tmp, digests=shard_digests, workers=engine.workers)
-            t_manifest = time.perf_counter() - t_manifest
-            st.publish()
-    finally:
-        ckpt.close()
-    report = ConversionReport(
-        src=source.display, dst=str(dst), mode=mode, merged_dtype=plan.merged_dtype, family=plan.family,
-        model_type=plan.model_type, norms_folded=len(plan.folded), norms_kept=len(plan.kept),
-        tensors_folded=plan.count("scale"), tensors_identity=plan.count("fill"),
-        tensors_dropped=plan.count("drop"), tensors_copied=plan.count("copy"),
-        biases_updated=plan.count("bias"), bytes_in=ckpt.total_bytes, bytes_out=engine.output_bytes,
-        seconds=time.perf_counter() - t0, workers=engine.workers, groups=plan.groups(),
-        skipped_files=skipped, copied_files=[r.as_posix() for r in files], source_commit=source.commit,
-        manifest=manifest, manifest_seconds=round(t_manifest, 3),
-        mode_change=f"{plan.flashnorm.mode} -> {mode}" if plan.flashnorm is not None else None,
-        tensors_restored=len(plan.added))
+        raise StreamfoldError(f"{source.path}: cannot read the folder ({e.strerror or e})") from None
+    dst = Path(dst)
+    check_destination(source.path, dst, overwrite)
+    if executor == "ray":
+        from .ray_executor import require_ray
+        require_ray()  # before any work: one line naming the extra when Ray is missing
+    cplan = plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, workers=workers,
+                 memory_budget=memory_budget, source=source, label=source.display)
+    mode = cplan.plan.mode
+    journal = Journal(cplan.fingerprint(), log=log)
+    with Staging(dst, overwrite=overwrite, src=source.path, log=log, adopt=journal.adopt if resume else None) as st:
+        journal.start(st.path)
+        resumed = len(journal.done)
+        todo = [t for t in cplan.tasks if t.shard not in journal.done]
+        try:
+            digests = run_tasks(cplan, st.path, executor=executor, ray_address=ray_address, workers=workers,
+                                memory_budget=memory_budget, hash_outputs=manifest, progress=progress, tasks=todo,
+                                on_done=journal.record)
+        except OSError as e:
+            raise StreamfoldError(f"{e.filename or dst}: write failed ({e.strerror or e})") from None
+        digests = {**journal.digests(), **digests}  # re-used shards without a digest are hashed by finish
+        journal.seal()
+        t_manifest = finish(cplan, st.path, digests=digests, manifest=manifest, base_model=base_model,
+                            push_to_hub=push_to_hub, private=private, workers=workers, dst=st.dst)
+        st.publish()
+    report = _report(cplan, dst, t0, Engine(workers).workers, manifest, t_manifest)
+    report.resumed_shards = resumed
     if verify:
         from .verify import verify as run_verify
-        report.verification = run_verify(src, dst, mode=mode, merged_dtype=plan.merged_dtype, rules=rules,
+        report.verification = run_verify(source.path, dst, mode=mode, merged_dtype=cplan.plan.merged_dtype, rules=rules,
                                          workers=workers, memory_budget=memory_budget)
         if not report.verification.ok:
             return report  # not pushed: the caller sees report.verification.problems
@@ -242,3 +201,52 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
             or f"FlashNorm ({mode}) conversion of {source.label} with streamfold {__version__}").url
     return report
 
+
+def _stream(src, dst: Path, t0: float, opts: dict) -> ConversionReport:
+    from .hub import is_repo_id
+    from .stream import stream_convert
+    if not opts["push_to_hub"]:
+        raise StreamfoldError("--stream converts Hub to Hub: give --push-to-hub ORG/NAME")
+    if Path(src).exists() or not is_repo_id(str(src)):
+        raise StreamfoldError(f"{src}: --stream reads a Hub repo id (org/name), not a local folder")
+    if opts["executor"] != "local":
+        raise StreamfoldError("--stream runs on this machine; it cannot be combined with --ray")
+    out = stream_convert(str(src), dst, push_to_hub=opts["push_to_hub"], revision=opts["revision"],
+                         token=opts["token"], mode=opts["mode"], merged_dtype=opts["merged_dtype"],
+                         rules=opts["rules"], workers=opts["workers"], memory_budget=opts["memory_budget"],
+                         manifest=opts["manifest"], verify=opts["verify"], base_model=opts["base_model"],
+                         private=opts["private"], commit_message=opts["commit_message"], progress=opts["progress"])
+    report = _report(out["plan"], dst, t0, Engine(opts["workers"]).workers, opts["manifest"], 0.0)
+    report.hub_url, report.peak_disk = out["url"], out["peak_disk"]
+    return report
+
+
+def run_tasks(cplan: ConversionPlan, out_dir: Path, *, executor: str = "local", ray_address: str | None = None,
+              workers: int | None = None, memory_budget: int | None = None, hash_outputs: bool = False,
+              progress: Callable[[int], Callable[[int], None]] | None = None, tasks=None,
+              on_done=None) -> dict[str, str]:
+    """Run ``tasks`` (default: all of the plan's) into ``out_dir``; returns shard sha256s when hashed."""
+    tasks = cplan.tasks if tasks is None else tasks
+    if executor == "ray":
+        from .ray_executor import run_on_ray
+        return run_on_ray(tasks, cplan.src, out_dir, address=ray_address, workers=workers,
+                          memory_budget=memory_budget, hash_outputs=hash_outputs, on_done=on_done)
+    tick = progress(sum(t.src_bytes for t in tasks)) if progress else None
+    return Engine(workers, memory_budget).run(tasks, cplan.src, out_dir, tick, hash_outputs=hash_outputs,
+                                              on_done=on_done)
+
+
+def _report(cplan: ConversionPlan, dst: Path, t0: float, workers: int, manifest: bool,
+            t_manifest: float) -> ConversionReport:
+    p = cplan.plan
+    return ConversionReport(
+        src=cplan.source.display, dst=str(dst), mode=p.mode, merged_dtype=p.merged_dtype, family=p.family,
+        model_type=p.model_type, norms_folded=len(p.folded), norms_kept=len(p.kept),
+        tensors_folded=p.count(Kind.SCALE), tensors_identity=p.count(Kind.FILL),
+        tensors_dropped=p.count(Kind.DROP), tensors_copied=p.count(Kind.COPY),
+        biases_updated=p.count(Kind.BIAS), bytes_in=cplan.bytes_in, bytes_out=cplan.output_bytes,
+        seconds=time.perf_counter() - t0, workers=workers, groups=p.groups(),
+        skipped_files=cplan.skipped, copied_files=list(cplan.files), source_commit=cplan.source.commit,
+        manifest=manifest, manifest_seconds=round(t_manifest, 3),
+        mode_change=f"{p.flashnorm.mode} -> {p.mode}" if p.flashnorm is not None else None,
+        tensors_restored=len(p.added))

@@ -1,4 +1,4 @@
-"""Execute a plan: fold on worker threads, write from one thread, through bounded buffers.
+"""Execute tasks: fold on worker threads, write from one thread, through bounded buffers.
 
 Every job is a positional write of a fixed byte range into a preallocated output shard, so the
 output does not depend on scheduling. Measured on ext4: buffered writes into the page cache do not
@@ -13,7 +13,6 @@ not by tensor or model size. numpy and the ``os`` calls release the GIL, so the 
 from __future__ import annotations
 
 import hashlib
-import math
 import mmap
 import os
 import queue
@@ -21,24 +20,28 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .dtypes import DTYPES
 from .fold import Scratch, fold_bias_rows, scale_chunk
-from .plan import Action, Plan
-from .reader import Checkpoint, TensorInfo, pread_into
-from .writer import ShardLayout, pwrite_all
+from .reader import pread_into
+from .tasks import DEFAULT_BUDGET, Chunk, Op, Task, chunk_bytes_for, default_workers
+from .writer import pwrite_all
 
-COPY_BLOCK = 64 << 20
 WRITEBACK_STEP = 64 << 20
-DEFAULT_BUDGET = 96 << 20
-MAX_CHUNK = 8 << 20  # larger chunks buy nothing (measured) and delay the first write
+PARTIAL_SUFFIX = ".partial"
+# on_done(shard, size, sha256 or None): a shard is complete and has its final name
+ShardDone = Callable[[str, int, "str | None"], None]
+
+__all__ = ["Engine", "DEFAULT_BUDGET", "default_workers", "partial_name", "PARTIAL_SUFFIX"]
 
 
-def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+def partial_name(shard: str) -> str:
+    """The name a shard is written under until it is complete (never mistaken for a finished shard)."""
+    return f".{shard}.{os.getpid()}{PARTIAL_SUFFIX}"
 
 
 @dataclass
@@ -112,28 +115,31 @@ class TrailingHasher:
         self.thread = threading.Thread(target=self._loop, name="streamfold-sha", daemon=True)
         self.thread.start()
 
-    def written(self, shard: str, end: int) -> None:
-        self.todo.put((shard, end))
+    def written(self, shard: str, end: int, complete: Callable[[str], None] | None = None) -> None:
+        """Hash ``shard`` up to ``end``; then, if given, call ``complete(hexdigest)`` on this thread."""
+        self.todo.put((shard, end, complete))
 
     def _loop(self) -> None:
         buf = np.empty(8 << 20, dtype=np.uint8)
         while (item := self.todo.get()) is not None:
             if self.error is not None:
                 continue
-            shard, end = item
+            shard, end, complete = item
             try:
                 while self.pos[shard] < end:
                     n = min(buf.nbytes, end - self.pos[shard])
                     pread_into(self.fds[shard], buf[:n], self.pos[shard], shard)
                     self.hashes[shard].update(memoryview(buf)[:n])
                     self.pos[shard] += n
+                if complete is not None:
+                    complete(self.hashes[shard].hexdigest())
             except BaseException as e:  # surfaced by finish()
                 self.error = e
 
     def finish(self, sizes: dict[str, int]) -> dict[str, str]:
         """Hash each shard to its full size and return the hex digests."""
         for shard, size in sizes.items():
-            self.todo.put((shard, size))
+            self.todo.put((shard, size, None))
         self.todo.put(None)
         self.thread.join()
         if self.error is not None:
@@ -147,54 +153,74 @@ class TrailingHasher:
 
 
 class Engine:
-    """Turns a plan into jobs over open source and output files, and runs them."""
+    """Runs tasks: opens their source and output files, turns chunk records into jobs, runs them.
 
-    def __init__(self, ckpt: Checkpoint, plan: Plan, workers: int | None = None,
-                 memory_budget: int | None = None) -> None:
-        self.ckpt, self.plan = ckpt, plan
+    The output depends only on the tasks and the source bytes, never on ``workers``, the budget or
+    the order tasks are given in. Each shard is written under a temporary name
+    (:func:`partial_name`) and renamed to its own name once every byte of it is written.
+    """
+
+    def __init__(self, workers: int | None = None, memory_budget: int | None = None) -> None:
         self.workers = max(1, workers or default_workers())
         budget = memory_budget or DEFAULT_BUDGET
         # Buffers: one source chunk per folding thread, plus `slots` output chunks (up to 2x a
         # source chunk for float32 merged) queued for the writer.
         folders = max(1, self.workers - 1)
-        self.chunk_bytes = max(1 << 16, min(MAX_CHUNK, budget // (3 * folders + 6)))
+        self.chunk_bytes = chunk_bytes_for(self.workers, budget)
         # Every output slot the budget allows: folding runs further ahead while the writer is busy
         # with a long kernel copy, and the writer rarely waits for a fold (measured: fewer idle gaps).
         self.slots = max(folders + 2, (budget - folders * self.chunk_bytes) // (2 * self.chunk_bytes))
-        self.layouts: dict[str, ShardLayout] = {}
-        for shard, f in ckpt.shards.items():
-            out = []
-            for t in f.tensors.values():
-                a = plan.actions[t.name]
-                if a.kind != "drop":
-                    out.append((t.name, a.out_dtype, t.shape))
-            out += [(t.name, t.dtype, t.shape) for t in plan.added if t.shard == shard]  # restored norms
-            self.layouts[shard] = ShardLayout(out, f.metadata)
 
-    @property
-    def output_bytes(self) -> int:
-        return sum(l.data_bytes for l in self.layouts.values())
+    def run(self, tasks: list[Task], sources: Path | dict[str, Path], out_dir: Path,
+            progress: Callable[[int], None] | None = None, hash_outputs: bool = False,
+            on_done: ShardDone | None = None, check_sources: bool = True) -> dict[str, str]:
+        """Write every task's shard into ``out_dir``; with ``hash_outputs``, return their sha256.
 
-    def run(self, out_dir, progress: Callable[[int], None] | None = None,
-            hash_outputs: bool = False) -> dict[str, str]:
-        """Write every output shard into ``out_dir``; with ``hash_outputs``, return their sha256."""
-        biases = self._fold_biases()
+        ``sources`` is the source folder, or a map of source file name -> path. ``on_done`` is called
+        as each shard is completed (on the writer or hashing thread)."""
+        out_dir = Path(out_dir)
+        names = sorted({s for t in tasks for s in t.sources})
+        paths = {s: (sources[s] if isinstance(sources, dict) else Path(sources) / s) for s in names}
+        if check_sources:
+            for t in tasks:
+                t.check_sources(paths)
+        layouts = {t.shard: t.layout() for t in tasks}
         src_fds: dict[str, int] = {}
         dst_fds: dict[str, int] = {}
+        partials: dict[str, Path] = {}
         hasher = None
         try:
-            for shard, f in self.ckpt.shards.items():
-                src_fds[shard] = os.open(f.path, os.O_RDONLY)
-                dst_fds[shard] = self.layouts[shard].create(out_dir / shard)
-            jobs = []
-            for shard, f in self.ckpt.shards.items():
-                for job in self._jobs(f.tensors.values(), self.layouts[shard], src_fds[shard],
-                                      dst_fds[shard], biases) + self._added_jobs(shard, dst_fds[shard]):
-                    job.shard = shard
-                    jobs.append(job)
+            for s in names:
+                src_fds[s] = os.open(paths[s], os.O_RDONLY)
+            for t in tasks:
+                partials[t.shard] = out_dir / partial_name(t.shard)
+                dst_fds[t.shard] = layouts[t.shard].create(partials[t.shard])
+            jobs: list[Job] = []
+            for t in tasks:
+                before = len(jobs)
+                jobs.extend(self._jobs(t, src_fds, dst_fds[t.shard], paths))
+                for j in jobs[before:]:
+                    j.shard = t.shard
             hasher = TrailingHasher(dst_fds) if hash_outputs else None
-
+            left = dict.fromkeys(dst_fds, 0)
+            for j in jobs:
+                left[j.shard] += 1
             flushed = dict.fromkeys(dst_fds, 0)
+
+            def complete(shard: str, digest: str | None = None) -> None:
+                os.rename(partials.pop(shard), out_dir / shard)
+                if on_done is not None:
+                    on_done(shard, layouts[shard].file_bytes, digest)
+
+            def finished(shard: str) -> None:
+                if hasher is not None:
+                    hasher.written(shard, layouts[shard].file_bytes, lambda d, s=shard: complete(s, d))
+                else:
+                    complete(shard)
+
+            for shard, n in left.items():
+                if n == 0:  # a shard with no tensor data (header only)
+                    finished(shard)
 
             def done(job: Job) -> None:
                 if hasher is not None:
@@ -206,13 +232,16 @@ class Engine:
                     os.posix_fadvise(dst_fds[job.shard], flushed[job.shard], job.end - flushed[job.shard],
                                      os.POSIX_FADV_DONTNEED)
                     flushed[job.shard] = job.end
+                left[job.shard] -= 1
+                if left[job.shard] == 0:
+                    finished(job.shard)
                 if progress is not None:
                     progress(job.nbytes)
             if self.workers == 1:
                 self._run_serial(jobs, done)
             else:
                 self._run_pipelined(jobs, done)
-            digests = hasher.finish({s: l.file_bytes for s, l in self.layouts.items()}) if hasher else {}
+            digests = hasher.finish({s: l.file_bytes for s, l in layouts.items()}) if hasher else {}
             hasher = None
             return digests
         finally:
@@ -220,6 +249,11 @@ class Engine:
                 hasher.abort()
             for fd in (*src_fds.values(), *dst_fds.values()):
                 os.close(fd)
+            for p in partials.values():  # shards not completed: nothing half-written is left
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
 
     def _run_serial(self, jobs: list[Job], done: Callable[[Job], None]) -> None:
         """The single-threaded reference path: every job computed and written in order."""
@@ -285,110 +319,74 @@ class Engine:
         done(job)
         return held
 
-    def _jobs(self, tensors, layout: ShardLayout, src_fd: int, dst_fd: int,
-              biases: dict[str, np.ndarray]) -> list[Job]:
+    def _jobs(self, task: Task, src_fds: dict[str, int], dst_fd: int, paths: dict[str, Path]) -> list[Job]:
         jobs: list[Job] = []
-        run: list[TensorInfo] = []
         copy_scratch = Scratch()
-
-        def flush() -> None:
-            if not run:
-                return
-            begin, end = run[0].begin, run[-1].end
-            dst = layout.tensors[run[0].name].begin
-            for off in range(0, end - begin, COPY_BLOCK):
-                n = min(COPY_BLOCK, end - begin - off)
-                jobs.append(Job(n, lambda _, o=off, n=n: copy_range(src_fd, dst_fd, begin + o, dst + o, n,
-                                                                     copy_scratch), end=dst + off + n))
-            run.clear()
-
-        for t in tensors:
-            a = self.plan.actions[t.name]
-            if a.kind == "copy":
-                run.append(t)
-                continue
-            flush()
-            if a.kind == "drop":
-                continue
-            out = layout.tensors[t.name]
-            if a.kind == "scale":
-                jobs.extend(self._scale_jobs(t, a, out.begin, src_fd, dst_fd))
-            elif a.kind == "fill":
-                data = np.full(t.shape, a.value, dtype=DTYPES[a.out_dtype])
-                jobs.append(Job(t.nbytes, lambda _, d=data, o=out.begin: pwrite_all(dst_fd, d, o), end=out.end))
-            elif a.kind == "bias":
-                data = biases[t.name]
-                jobs.append(Job(t.nbytes, lambda _, d=data, o=out.begin: pwrite_all(dst_fd, d, o), end=out.end))
-        flush()
+        # one multiplier object per norm: Scratch caches the tiled vector by identity
+        rowvec = {k: v["scale"].reshape(1, -1) for k, v in task.norms.items() if "scale" in v}
+        biases = {c.tensor: self._bias(task, c, src_fds, paths) for c in task.chunks if c.op == Op.BIAS}
+        for c in task.chunks:
+            if c.op == Op.COPY:
+                fd = src_fds[c.src]
+                jobs.append(Job(c.src_bytes, lambda _, c=c, fd=fd: copy_range(fd, dst_fd, c.src_off, c.dst, c.size,
+                                                                              copy_scratch), end=c.dst + c.size))
+            elif c.op == Op.FOLD:
+                jobs.append(self._fold_job(c, task.norms[c.norm]["scale"], rowvec[c.norm], src_fds[c.src],
+                                           dst_fd, paths[c.src]))
+            elif c.op == Op.FILL:
+                data = np.full(c.shape, c.value, dtype=DTYPES[c.out_dtype])
+                jobs.append(Job(c.src_bytes, lambda _, d=data, o=c.dst: pwrite_all(dst_fd, d, o), end=c.dst + c.size))
+            elif c.op == Op.BIAS:
+                data = biases[c.tensor]
+                jobs.append(Job(c.src_bytes, lambda _, d=data, o=c.dst: pwrite_all(dst_fd, d, o), end=c.dst + c.size))
+            else:  # pragma: no cover
+                raise AssertionError(c.op)
         return jobs
 
-    def _added_jobs(self, shard: str, dst_fd: int) -> list[Job]:
-        """Fill the tensors the plan adds to ``shard`` (laid out after its source tensors)."""
-        jobs = []
-        for t in self.plan.added:
-            if t.shard == shard:
-                out = self.layouts[shard].tensors[t.name]
-                data = np.full(t.shape, t.value, dtype=DTYPES[t.dtype])
-                jobs.append(Job(0, lambda _, d=data, o=out.begin: pwrite_all(dst_fd, d, o), end=out.end))
-        return jobs
+    @staticmethod
+    def _fold_job(c: Chunk, scale: np.ndarray, rowvec: np.ndarray, src_fd: int, dst_fd: int, path) -> Job:
+        r0, r1 = c.rows
+        n, cols = r1 - r0, c.cols
+        sdt, odt = DTYPES[c.src_dtype], DTYPES[c.out_dtype]
 
-    def _scale_jobs(self, t: TensorInfo, a: Action, dst_begin: int, src_fd: int, dst_fd: int) -> list[Job]:
-        shape, axis = t.shape, a.axis
-        width = shape[axis]
-        if axis == len(shape) - 1:
-            cols = width
-            row_mult = None
-            mult = a.norm.scale.reshape(1, cols)
-        else:  # e.g. fused experts [E, in, out]: each row of length prod(shape[axis+1:]) has one scale
-            cols = math.prod(shape[axis + 1:])
-            row_mult = a.norm.scale
-            mult = None
-        rows = t.numel // max(cols, 1)
-        isz, osz = DTYPES[t.dtype].itemsize, DTYPES[a.out_dtype].itemsize
-        step = max(1, self.chunk_bytes // max(1, cols * max(isz, osz)))
-        jobs = []
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            n = r1 - r0
+        def compute(s: Scratch, out: np.ndarray) -> None:
+            m = scale[np.arange(r0, r1) % c.width].reshape(n, 1) if c.per_row else rowvec
 
-            def compute(s: Scratch, out: np.ndarray, r0=r0, r1=r1, n=n) -> None:
-                m = mult if row_mult is None else row_mult[np.arange(r0, r1) % width].reshape(n, 1)
-                def fold(src: np.ndarray) -> None:
-                    scale_chunk(src.view(DTYPES[t.dtype]).reshape(n, cols), m, t.dtype, a.out_dtype,
-                                out.view(DTYPES[a.out_dtype]).reshape(n, cols), s)
-                with_source_window(src_fd, t.begin + r0 * cols * isz, n * cols * isz, t.path, fold)
+            def fold(src: np.ndarray) -> None:
+                scale_chunk(src.view(sdt).reshape(n, cols), m, c.src_dtype, c.out_dtype,
+                            out.view(odt).reshape(n, cols), s)
+            with_source_window(src_fd, c.src_off, c.src_bytes, path, fold)
 
-            def write(out: np.ndarray, r0=r0) -> None:
-                pwrite_all(dst_fd, out, dst_begin + r0 * cols * osz)
-            jobs.append(Job(n * cols * isz, write, compute, n * cols * osz, end=dst_begin + r1 * cols * osz))
-        return jobs
+        def write(out: np.ndarray) -> None:
+            pwrite_all(dst_fd, out, c.dst)
+        return Job(c.src_bytes, write, compute, c.size, end=c.dst + c.size)
 
-    def _fold_biases(self) -> dict[str, np.ndarray]:
-        """``b + W @ beta`` for consumers of LayerNorms with a non-zero bias (W unscaled), each element
+    @staticmethod
+    def _bias(task: Task, c: Chunk, src_fds: dict[str, int], paths: dict[str, Path]) -> np.ndarray:
+        """``b + W @ beta`` for a consumer of a LayerNorm with a non-zero bias (W unscaled), each element
         the exact sum rounded once (:func:`fold.fold_bias_rows`)."""
-        out: dict[str, np.ndarray] = {}
-        for name, a in self.plan.actions.items():
-            if a.kind != "bias":
-                continue
-            w = self.ckpt.tensors[a.source]
-            beta = a.norm.shift
-            b = self.ckpt.read(name).reshape(-1)
-            if a.axis == len(w.shape) - 1:
-                cols = w.shape[-1]
-                rows = w.numel // cols
-                isz = DTYPES[w.dtype].itemsize
-                res = np.empty(rows, dtype=DTYPES[a.out_dtype])
-                step = max(1, self.chunk_bytes // max(1, cols * isz))
-                buf = np.empty(step * cols * isz, dtype=np.uint8)
-                with open(w.path, "rb", buffering=0) as f:
-                    for i in range(0, rows, step):
-                        n = min(step, rows - i)
-                        chunk = buf[: n * cols * isz]
-                        pread_into(f.fileno(), chunk, w.begin + i * cols * isz, w.path)
-                        res[i:i + n] = fold_bias_rows(chunk.view(DTYPES[w.dtype]).reshape(n, cols), w.dtype,
-                                                      beta, b[i:i + n], a.out_dtype)
-            else:  # fused/transposed consumers with biases behind a biased LayerNorm: none known; small
-                full = np.moveaxis(self.ckpt.read(a.source), a.axis, -1)
-                res = fold_bias_rows(full.reshape(-1, full.shape[-1]), w.dtype, beta, b, a.out_dtype)
-            out[name] = res.reshape(self.ckpt.tensors[name].shape)
-        return out
+        wfile, wbegin, wdtype, wshape = c.weight
+        beta = task.norms[c.norm]["shift"]
+        b = _read(src_fds[c.src], c.src_off, c.src_dtype, c.shape, paths[c.src]).reshape(-1)
+        isz = DTYPES[wdtype].itemsize
+        if c.axis == len(wshape) - 1:
+            cols = wshape[-1]
+            rows = (int(np.prod(wshape)) // cols) if cols else 0
+            res = np.empty(rows, dtype=DTYPES[c.out_dtype])
+            buf = np.empty(c.step * cols * isz, dtype=np.uint8)
+            for i in range(0, rows, c.step):
+                n = min(c.step, rows - i)
+                chunk = buf[: n * cols * isz]
+                pread_into(src_fds[wfile], chunk, wbegin + i * cols * isz, paths[wfile])
+                res[i:i + n] = fold_bias_rows(chunk.view(DTYPES[wdtype]).reshape(n, cols), wdtype, beta, b[i:i + n],
+                                              c.out_dtype)
+        else:  # fused/transposed consumers with biases behind a biased LayerNorm: none known; small
+            full = np.moveaxis(_read(src_fds[wfile], wbegin, wdtype, wshape, paths[wfile]), c.axis, -1)
+            res = fold_bias_rows(full.reshape(-1, full.shape[-1]), wdtype, beta, b, c.out_dtype)
+        return res.reshape(c.shape)
+
+
+def _read(fd: int, offset: int, dtype: str, shape: tuple[int, ...], path) -> np.ndarray:
+    buf = np.empty(int(np.prod(shape)) * DTYPES[dtype].itemsize, dtype=np.uint8)
+    pread_into(fd, buf, offset, path)
+    return buf.view(DTYPES[dtype]).reshape(shape)

@@ -71,3 +71,13 @@ def other_files(src: str | os.PathLike, shards: set[str]) -> tuple[list[Path], l
             else:
                 keep.append(rel)
     return keep, skipped
+
+
+from .remode import FLASHNORM_VERSION  # noqa: E402 - the version this streamfold writes and understands
+
+
+def flashnorm_config(cfg: dict, mode: str) -> dict:
+    """The source ``config.json`` with the FlashNorm flags added."""
+    out = dict(cfg)
+    out.update({"flashnorm": True, "flashnorm_mode": mode, "flashnorm_version": FLASHNORM_VERSION})
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Callable
 
 import numpy as np
@@ -62,15 +63,21 @@ class NormPlan:
     shift: np.ndarray | None = None  # LayerNorm bias to fold into consumer biases, if non-zero
 
 
+class Kind(StrEnum):
+    """What happens to one source tensor (a ``str``, so it prints and serialises as its value)."""
+
+    COPY = "copy"  # bytes unchanged
+    SCALE = "scale"  # multiplied by ``norm.scale`` along ``axis``
+    FILL = "fill"  # set to ``value`` (a folded norm's identity, compat mode)
+    BIAS = "bias"  # source bias + W @ shift (W = ``norm``'s consumer weight ``source``)
+    DROP = "drop"  # removed (a folded norm, strict mode)
+
+
 @dataclass
 class Action:
-    """What the writer does with one source tensor.
+    """What the writer does with one source tensor (see :class:`Kind`)."""
 
-    kind: ``copy`` bytes; ``scale`` by ``norm.scale`` along ``axis``; ``fill`` with ``value``;
-    ``bias`` = source bias + W @ shift (W = ``norm``'s consumer weight ``source``); ``drop``.
-    """
-
-    kind: str
+    kind: Kind
     out_dtype: str
     norm: NormPlan | None = None
     axis: int = -1
@@ -104,7 +111,7 @@ class Plan:
     def kept(self) -> list[NormPlan]:
         return [n for n in self.norms if n.status == "keep"]
 
-    def count(self, kind: str) -> int:
+    def count(self, kind: Kind) -> int:
         return sum(1 for a in self.actions.values() if a.kind == kind)
 
     def groups(self) -> list[dict]:
@@ -130,7 +137,7 @@ class Plan:
             "each_norm": [{"norm": n.name, "status": n.status, "reason": n.reason,
                            "consumers": [c.weight for c in n.consumers]} for n in self.norms],
             "unknown_norms": self.unknown_norms,
-            "tensors": {k: self.count(k) for k in ("scale", "bias", "fill", "drop", "copy")},
+            "tensors": {str(k): self.count(k) for k in (Kind.SCALE, Kind.BIAS, Kind.FILL, Kind.DROP, Kind.COPY)},
         }
 
     def describe(self, each: bool = False) -> str:
@@ -278,10 +285,10 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
             raise StreamfoldError(f"merged dtype bf16: {narrow} is stored in {tensors[narrow].dtype}, and streamfold "
                                   "never narrows weights; use source or float32")
     for name, t in tensors.items():
-        actions.setdefault(name, Action("copy", t.dtype))
+        actions.setdefault(name, Action(Kind.COPY, t.dtype))
     covered = {x for n in norms for x in (n.weight, n.bias) if x}
     unknown = sorted((t for t in tensors if _looks_like_norm(t) and t not in claimed and t not in covered
-                      and actions[t].kind == "copy"), key=natural_key)
+                      and actions[t].kind == Kind.COPY), key=natural_key)
     return Plan(family, model_type, offset, tied, mode, merged_dtype, norms, actions, unknown)
 
 
@@ -441,15 +448,15 @@ def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, m
     for c in n.consumers:
         ct = tensors[c.weight]
         axis = c.axis % len(ct.shape)
-        actions[c.weight] = Action("scale", merged_out_dtype(ct.dtype, merged_dtype), n, axis=axis)
+        actions[c.weight] = Action(Kind.SCALE, merged_out_dtype(ct.dtype, merged_dtype), n, axis=axis)
         if n.shift is not None and c.bias is not None:
-            actions[c.bias] = Action("bias", merged_out_dtype(tensors[c.bias].dtype, merged_dtype), n, axis=axis,
+            actions[c.bias] = Action(Kind.BIAS, merged_out_dtype(tensors[c.bias].dtype, merged_dtype), n, axis=axis,
                                      source=c.weight)
     identity = 1.0 - offset
     for tname, value in ((n.weight, identity), (n.bias, 0.0)):
         if tname is not None:
-            actions[tname] = (Action("drop", tensors[tname].dtype) if mode == "strict"
-                              else Action("fill", tensors[tname].dtype, n, value=value))
+            actions[tname] = (Action(Kind.DROP, tensors[tname].dtype) if mode == "strict"
+                              else Action(Kind.FILL, tensors[tname].dtype, n, value=value))
 
 
 def dtype_size(dtype: str) -> int:

@@ -28,7 +28,7 @@ def write_remode_card(folder: str | os.PathLike, *, plan, tensors, cfg: dict, so
     """Write ``folder/README.md`` for a mode change (``plan.flashnorm`` is the source's state)."""
     import yaml
 
-    from .convert import human_bytes
+    from .units import human_bytes
     folder, state, strict = Path(folder), plan.flashnorm, plan.mode == "strict"
     src_meta, _ = front_matter(source.card_text)
     tags = src_meta.get("tags") if isinstance(src_meta.get("tags"), list) else []

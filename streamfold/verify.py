@@ -47,16 +47,16 @@ from typing import Callable
 import numpy as np
 
 from .dtypes import DTYPES, widen_bf16
-from .engine import DEFAULT_BUDGET, default_workers
-from .convert import FLASHNORM_VERSION
+from .files import FLASHNORM_VERSION, other_files
 from .errors import AlreadyFlashNorm, StreamfoldError
 from .fold import Scratch
 from .oracle import FoldTally, check_scaled, uint_of
 from .manifest import MANIFEST_NAME, OrderedHasher, hash_file, list_files, parse_manifest
-from .plan import MERGED_ALIASES, MODES, Action, Plan, make_plan, natural_key
+from .plan import MERGED_ALIASES, MODES, Action, Kind, Plan, make_plan, natural_key
 from .reader import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, pread_into, read_config
 from .remode import plan_checkpoint
 from .rules import load_rules_file
+from .tasks import DEFAULT_BUDGET, default_workers
 
 EXIT_FAILED = 3  # CLI exit status when verification finds problems
 # --forward: every position's logits must have at least this cosine to the source's. Folds rounded to
@@ -131,7 +131,7 @@ class VerifyReport:
                          f"{f['max_abs_error']:.3g} (relative {f['max_rel_error']:.3g}), min cosine "
                          f"{f['min_cosine']:.6f}, argmax agreement {f['argmax_agreement'] * 100:.1f}%")
         verdict = "PASS" if self.ok else f"FAIL ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''})"
-        from .convert import human_bytes
+        from .units import human_bytes
         lines.append(f"{verdict}  ({human_bytes(self.bytes_read)} read in {self.seconds:.2f} s, "
                      f"{self.workers} worker{'s' if self.workers != 1 else ''})")
         return "\n".join(lines)
@@ -316,7 +316,7 @@ class _Verifier:
         if merged is None:
             merged = "source"
             for name, a in plan.actions.items():
-                if a.kind == "scale" and src_ckpt.tensors[name].dtype in ("BF16", "F16") \
+                if a.kind == Kind.SCALE and src_ckpt.tensors[name].dtype in ("BF16", "F16") \
                         and name in dst_tensors and dst_tensors[name].dtype == "F32":
                     merged = "float32"
                     break
@@ -336,7 +336,7 @@ class _Verifier:
         lost: dict[str, list[str]] = {}
         for name, a in plan.actions.items():
             st = src_ckpt.tensors[name]
-            if a.kind == "drop":
+            if a.kind == Kind.DROP:
                 if name in dst_tensors:
                     self.fail("tensor", name, "folded norm must be absent in strict mode, but is present")
                 else:
@@ -364,7 +364,7 @@ class _Verifier:
         for name in sorted(set(dst_tensors) - set(plan.actions) - set(added)):
             self.fail("tensor", name, "not in the source checkpoint")
         for name, t in added.items():
-            a, dt = Action("fill", t.dtype, value=t.value), dst_tensors.get(name)
+            a, dt = Action(Kind.FILL, t.dtype, value=t.value), dst_tensors.get(name)
             if dt is None or where[name] != t.shard or dt.dtype != t.dtype or dt.shape != t.shape:
                 got = "missing" if dt is None else f"{dt.dtype} {list(dt.shape)} in {where[name]}"
                 self.fail("tensor", name, f"restored identity norm is {got}, expected {t.dtype} {list(t.shape)} "
@@ -410,7 +410,7 @@ class _Verifier:
             src=str(self.src), dst=str(self.dst), mode=mode, merged_dtype=merged, family=plan.family,
             model_type=plan.model_type, problems=self.problems, notes=self.notes, counts=self.counts,
             bytes_read=self.bytes_read,
-            folds_rounded=any(a.kind == "scale" and a.out_dtype in ("BF16", "F16") for a in plan.actions.values()),
+            folds_rounded=any(a.kind == Kind.SCALE and a.out_dtype in ("BF16", "F16") for a in plan.actions.values()),
             workers=self.workers, manifest=manifest_state)
         report.seconds = time.perf_counter() - t0
         return report
@@ -434,13 +434,13 @@ class _Verifier:
                     jobs.append(self._hash_job(path, t.begin + off, min(self.chunk_bytes, t.nbytes - off), hasher))
                 continue
             st = src_ckpt.tensors.get(t.name)  # None for a restored norm (a fill)
-            if a.kind == "copy":
+            if a.kind == Kind.COPY:
                 jobs.extend(self._copy_jobs(t, st, hasher))
-            elif a.kind == "scale":
+            elif a.kind == Kind.SCALE:
                 jobs.extend(self._scale_jobs(t, st, a, hasher))
-            elif a.kind == "fill":
+            elif a.kind == Kind.FILL:
                 jobs.append(self._small_job(t, st, a, hasher, self._check_fill))
-            elif a.kind == "bias":
+            elif a.kind == Kind.BIAS:
                 jobs.append(self._small_job(t, st, a, hasher, self._check_bias))
             else:
                 raise AssertionError(a.kind)
@@ -640,7 +640,6 @@ class _Verifier:
 
     # -- files --------------------------------------------------------------------------------------------
     def _check_other_files(self, src_ckpt: Checkpoint) -> None:
-        from .files import other_files
         files, skipped = other_files(self.src, set(src_ckpt.shards))  # the card is convert's own
         for rel in files:
             d = self.dst / rel
@@ -699,9 +698,9 @@ def _ulps(x: float) -> str:
 
 
 def _what(a: Action) -> str:
-    return {"copy": "unchanged", "scale": f"folded with {a.norm.weight if a.norm else '?'}",
-            "fill": "folded norm set to identity", "bias": "bias with the norm's shift folded in",
-            "drop": "removed"}[a.kind]
+    return {Kind.COPY: "unchanged", Kind.SCALE: f"folded with {a.norm.weight if a.norm else '?'}",
+            Kind.FILL: "folded norm set to identity", Kind.BIAS: "bias with the norm's shift folded in",
+            Kind.DROP: "removed"}[a.kind]
 
 
 def _round_robin(groups: list[list[_Job]]) -> list[list[_Job]]:

@@ -132,9 +132,7 @@ def test_folds_are_correctly_rounded(toy, tmp_path, merged, workers):
     out = tmp_path / "out"
     streamfold.convert(d, out, rules=RULES, memory_budget=BUDGET, workers=workers, merged_dtype=merged)
     ckpt = Checkpoint(out)
-    src = Checkpoint(d)
-    plan = streamfold.load_plan(d, merged_dtype=merged, rules=RULES)[2]
-    chunk = Engine(src, plan, workers=workers, memory_budget=BUDGET).chunk_bytes
+    chunk = Engine(workers=workers, memory_budget=BUDGET).chunk_bytes  # the chunking the tasks were cut with
     for n, (ndt, wdt) in enumerate(LAYERS):
         g = norms[f"layers.{n}.norm.weight"]
         out_dt = "F32" if merged == "float32" and wdt != "F32" else wdt

@@ -1,0 +1,305 @@
+"""The plan as data: one independent, JSON-serialisable Task per output shard.
+
+A Task names everything needed to write one output shard and nothing else: the shard's header
+(tensor names, dtypes, shapes, offsets), the source files it reads (with their sizes and header
+hashes, so a task refuses a source that changed since planning), the chunk records, and the norm
+vectors the folds need (tiny; carried as exact bit patterns). Any process on any machine that sees
+the same source bytes writes the same output bytes from it: the engine (local threads), a Ray worker,
+``verify`` and ``inspect`` all read these records, and nothing downstream re-derives chunking or bias
+math.
+
+Chunk records (``Op``):
+
+- ``copy``: ``size`` bytes from ``src`` at ``src_off`` to ``dst`` (a run of unchanged tensors);
+- ``fold``: rows ``r0..r1`` of a ``[rows, cols]`` view of a weight, multiplied by the norm vector
+  ``norm``: along the columns (``per_row`` false: the multiplier is ``scale[None, :]``) or, for
+  fused ``[E, in, out]`` layouts scaled on a middle axis, one scale per row (``scale[r % width]``);
+- ``fill``: ``count`` elements of ``dtype`` set to ``value`` (a folded norm's identity);
+- ``bias``: a consumer bias plus ``W @ shift`` (LayerNorm bias fold), ``W`` read in ``step``-row
+  chunks.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+
+from .dtypes import DTYPES
+from .errors import StreamfoldError
+from .plan import Kind, Plan
+from .reader import Checkpoint
+from .writer import ShardLayout
+
+SCHEMA = 1
+COPY_BLOCK = 64 << 20  # one copy record: larger kernel copies buy nothing and delay progress
+MAX_CHUNK = 8 << 20  # larger fold chunks buy nothing (measured) and delay the first write
+DEFAULT_BUDGET = 96 << 20
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def chunk_bytes_for(workers: int | None, memory_budget: int | None) -> int:
+    """Source bytes per fold chunk: one chunk per folding thread plus the writer's slots fit the budget."""
+    folders = max(1, (workers or default_workers()) - 1)
+    return max(1 << 16, min(MAX_CHUNK, (memory_budget or DEFAULT_BUDGET) // (3 * folders + 6)))
+
+
+class Op(StrEnum):
+    COPY = "copy"
+    FOLD = "fold"
+    FILL = "fill"
+    BIAS = "bias"
+
+
+@dataclass
+class Chunk:
+    """One byte range of an output shard and how to produce it (fields unused by ``op`` stay default)."""
+
+    op: Op
+    tensor: str  # the tensor it belongs to (copy: the first tensor of the run)
+    dst: int  # absolute offset in the output shard
+    size: int  # output bytes
+    src: str = ""  # source file name (relative to the source folder)
+    src_off: int = 0
+    src_bytes: int = 0  # source bytes this chunk accounts for (progress)
+    rows: tuple[int, int] = (0, 0)  # fold: r0, r1 / bias: the weight's rows
+    cols: int = 0
+    width: int = 0  # the norm's length
+    per_row: bool = False
+    norm: str = ""  # key into Task.norms
+    src_dtype: str = ""
+    out_dtype: str = ""
+    value: float = 0.0  # fill
+    shape: tuple[int, ...] = ()  # bias: the bias shape; fill: the tensor shape
+    weight: tuple = ()  # bias: (file, offset, dtype, shape) of the consumer weight W
+    axis: int = -1  # bias: the axis of W that meets the norm
+    step: int = 0  # bias: rows of W per read
+
+    def to_dict(self) -> dict:
+        d = {"op": str(self.op), "tensor": self.tensor, "dst": self.dst, "size": self.size}
+        for k, default in _CHUNK_DEFAULTS.items():
+            v = getattr(self, k)
+            if v != default:
+                d[k] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Chunk":
+        kw = dict(d)
+        kw["op"] = Op(kw["op"])
+        for k in ("rows", "shape"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        if "weight" in kw:
+            f, off, dt, shape = kw["weight"]
+            kw["weight"] = (f, off, dt, tuple(shape))
+        return cls(**kw)
+
+
+_CHUNK_DEFAULTS = {k: v.default for k, v in Chunk.__dataclass_fields__.items()
+                   if k not in ("op", "tensor", "dst", "size")}
+
+
+@dataclass
+class SourceFile:
+    """A source file as planned: its size and the sha256 of its header."""
+
+    size: int
+    header_sha256: str
+
+
+@dataclass
+class Task:
+    """Everything needed to write one output shard (see the module docstring)."""
+
+    shard: str
+    tensors: list[tuple[str, str, tuple[int, ...]]]  # output header order: name, dtype, shape
+    metadata: dict[str, str] | None
+    sources: dict[str, SourceFile]
+    chunks: list[Chunk]
+    norms: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # norm -> {"scale", "shift"}
+    schema: int = SCHEMA
+
+    def layout(self) -> ShardLayout:
+        """The output shard's byte layout (header and every tensor's range)."""
+        return ShardLayout(self.tensors, self.metadata)
+
+    @property
+    def file_bytes(self) -> int:
+        return self.layout().file_bytes
+
+    @property
+    def src_bytes(self) -> int:
+        return sum(c.src_bytes for c in self.chunks)
+
+    def count(self, op: Op) -> int:
+        return sum(1 for c in self.chunks if c.op == op)
+
+    def to_dict(self) -> dict:
+        lay = self.layout()
+        return {
+            "schema": self.schema, "shard": self.shard, "metadata": self.metadata,
+            "header": [{"name": n, "dtype": dt, "shape": list(sh),
+                        "offsets": [lay.tensors[n].begin - len(lay.header), lay.tensors[n].end - len(lay.header)]}
+                       for n, dt, sh in self.tensors],
+            "file_bytes": lay.file_bytes,
+            "sources": {k: {"size": v.size, "header_sha256": v.header_sha256} for k, v in self.sources.items()},
+            "norms": {k: {part: array_to_dict(a) for part, a in v.items()} for k, v in self.norms.items()},
+            "chunks": [c.to_dict() for c in self.chunks],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Task":
+        if d.get("schema") != SCHEMA:
+            raise StreamfoldError(f"task for {d.get('shard')!r}: schema {d.get('schema')!r}, this streamfold "
+                                  f"reads schema {SCHEMA}")
+        task = cls(shard=d["shard"], tensors=[(t["name"], t["dtype"], tuple(t["shape"])) for t in d["header"]],
+                   metadata=d["metadata"],
+                   sources={k: SourceFile(v["size"], v["header_sha256"]) for k, v in d["sources"].items()},
+                   chunks=[Chunk.from_dict(c) for c in d["chunks"]],
+                   norms={k: {part: array_from_dict(a) for part, a in v.items()} for k, v in d["norms"].items()})
+        lay = task.layout()  # the header offsets must be the ones this layout computes
+        base = len(lay.header)
+        for t in d["header"]:
+            o = lay.tensors[t["name"]]
+            if [o.begin - base, o.end - base] != t["offsets"]:
+                raise StreamfoldError(f"task for {task.shard!r}: tensor {t['name']!r} offsets {t['offsets']} "
+                                      "do not match its header")
+        if lay.file_bytes != d["file_bytes"]:
+            raise StreamfoldError(f"task for {task.shard!r}: file_bytes {d['file_bytes']} do not match its header")
+        return task
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Task":
+        return cls.from_dict(json.loads(text))
+
+    def check_sources(self, paths: dict[str, Path]) -> None:
+        """Refuse to run on source files whose size or header differ from what was planned."""
+        for name, want in self.sources.items():
+            p = paths[name]
+            got = source_file(p)
+            if got != want:
+                what = "size" if got.size != want.size else "header"
+                raise StreamfoldError(f"{p}: source {what} changed since the conversion was planned "
+                                      f"({name}); plan again")
+
+
+def array_to_dict(a: np.ndarray) -> dict:
+    """An array as its exact bytes (base64), dtype and shape."""
+    a = np.ascontiguousarray(a)
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def array_from_dict(d: dict) -> np.ndarray:
+    raw = base64.b64decode(d["b64"])
+    return np.frombuffer(raw, dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
+
+
+def source_file(path: Path) -> SourceFile:
+    """Size and header sha256 of a safetensors file (reads only the header)."""
+    try:
+        size = os.stat(path).st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+            raw = head + f.read(min(n, max(0, size - 8)))
+    except OSError as e:
+        raise StreamfoldError(f"{path}: cannot read ({e.strerror or e})") from None
+    return SourceFile(size, hashlib.sha256(raw).hexdigest())
+
+
+def build_tasks(ckpt: Checkpoint, plan: Plan, chunk_bytes: int) -> list[Task]:
+    """One task per output shard (output shards mirror the source's), in source shard order."""
+    files = {shard: source_file(f.path) for shard, f in ckpt.shards.items()}
+    return [_shard_task(ckpt, plan, shard, files, chunk_bytes) for shard in ckpt.shards]
+
+
+def _shard_task(ckpt: Checkpoint, plan: Plan, shard: str, files: dict[str, SourceFile], chunk_bytes: int) -> Task:
+    f = ckpt.shards[shard]
+    out = [(t.name, plan.actions[t.name].out_dtype, t.shape) for t in f.tensors.values()
+           if plan.actions[t.name].kind != Kind.DROP]
+    added = [t for t in getattr(plan, "added", ()) if t.shard == shard]  # identity norms a mode change restores
+    out += [(t.name, t.dtype, tuple(t.shape)) for t in added]
+    task = Task(shard=shard, tensors=out, metadata=f.metadata, sources={}, chunks=[])
+    layout = task.layout()
+    used = {shard}
+    run: list = []
+
+    def flush() -> None:
+        if not run:
+            return
+        begin, end = run[0].begin, run[-1].end
+        dst = layout.tensors[run[0].name].begin
+        for off in range(0, end - begin, COPY_BLOCK):
+            n = min(COPY_BLOCK, end - begin - off)
+            task.chunks.append(Chunk(Op.COPY, run[0].name, dst + off, n, src=shard, src_off=begin + off, src_bytes=n))
+        run.clear()
+
+    for t in f.tensors.values():  # file order
+        a = plan.actions[t.name]
+        if a.kind == Kind.COPY:
+            run.append(t)
+            continue
+        flush()
+        if a.kind == Kind.DROP:
+            continue
+        o = layout.tensors[t.name]
+        if a.kind == Kind.SCALE:
+            task.norms.setdefault(a.norm.weight, {})["scale"] = a.norm.scale
+            task.chunks.extend(_fold_chunks(t, a, o.begin, shard, chunk_bytes))
+        elif a.kind == Kind.FILL:
+            task.chunks.append(Chunk(Op.FILL, t.name, o.begin, o.end - o.begin, src_bytes=t.nbytes,
+                                     out_dtype=a.out_dtype, value=float(a.value), shape=t.shape))
+        elif a.kind == Kind.BIAS:
+            w = ckpt.tensors[a.source]
+            wshard = ckpt.shard_of[a.source]
+            used.add(wshard)
+            task.norms.setdefault(a.norm.weight, {})["shift"] = a.norm.shift
+            cols = w.shape[-1]
+            step = max(1, chunk_bytes // max(1, cols * DTYPES[w.dtype].itemsize))
+            task.chunks.append(Chunk(Op.BIAS, t.name, o.begin, o.end - o.begin, src=shard, src_off=t.begin,
+                                     src_bytes=t.nbytes, src_dtype=t.dtype, out_dtype=a.out_dtype,
+                                     shape=t.shape, weight=(wshard, w.begin, w.dtype, w.shape), axis=a.axis,
+                                     norm=a.norm.weight, step=step))
+        else:  # pragma: no cover - every Kind is handled above
+            raise AssertionError(a.kind)
+    flush()
+    for t in added:  # laid out after the source's tensors
+        o = layout.tensors[t.name]
+        task.chunks.append(Chunk(Op.FILL, t.name, o.begin, o.end - o.begin, out_dtype=t.dtype, value=float(t.value),
+                                 shape=tuple(t.shape)))
+    task.sources = {s: files[s] for s in sorted(used)}
+    return task
+
+
+def _fold_chunks(t, a, dst_begin: int, shard: str, chunk_bytes: int) -> list[Chunk]:
+    shape, axis = t.shape, a.axis
+    width = shape[axis]
+    per_row = axis != len(shape) - 1
+    # fused experts [E, in, out] scaled on axis 1: each row of prod(shape[axis+1:]) has one scale
+    cols = math.prod(shape[axis + 1:]) if per_row else width
+    rows = t.numel // max(cols, 1)
+    isz, osz = DTYPES[t.dtype].itemsize, DTYPES[a.out_dtype].itemsize
+    step = max(1, chunk_bytes // max(1, cols * max(isz, osz)))
+    out = []
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        n = r1 - r0
+        out.append(Chunk(Op.FOLD, t.name, dst_begin + r0 * cols * osz, n * cols * osz, src=shard,
+                         src_off=t.begin + r0 * cols * isz, src_bytes=n * cols * isz, rows=(r0, r1), cols=cols,
+                         width=width, per_row=per_row, norm=a.norm.weight, src_dtype=t.dtype,
+                         out_dtype=a.out_dtype))
+    return out
