@@ -263,6 +263,10 @@ def test_tensors_untouched_except_folds(case):
     src = Checkpoint(case.src)
     towers = {t for t in src.tensors if any(p in t for p in TOWER_PARTS)}
     assert not towers & (norm_t | consumers), f"tower tensors changed: {sorted(towers & (norm_t | consumers))[:4]}"
+    # a wrapper's kept subtrees (vision tower) are really in the checkpoint: the byte checks below cover them
+    for k in case.fam.get("keep", []):
+        if "under" in k:
+            assert any(t.startswith(p) for t in src.tensors for p in _spellings(case.fam, k["under"])), k["under"]
     mods = {n.weight: case.norm_info[case.param_of[n.weight][: -len(".weight")]] for n in case.plan.folded}
     try:
         for key, out_dir in case.outs.items():

@@ -48,9 +48,9 @@ def _load(path, auto):
         lg.setLevel(was)
 
 
-@torch.no_grad()
 def _logits(model, inputs):
-    return model(**inputs).logits.float()
+    from .tiny import forward_logits  # through the text path (tiny.text_forward_module)
+    return forward_logits(model, inputs)
 
 
 def _applicable(fam: dict, names: list[str]) -> dict:

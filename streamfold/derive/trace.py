@@ -357,9 +357,10 @@ def trace(model: torch.nn.Module, norm_names: list[str], inputs: dict) -> dict[s
     the uses of every norm in ``norm_names``."""
     if hasattr(model.config, "use_cache"):
         inputs = {"use_cache": False, **inputs}
+    from .tiny import text_forward_module  # the text path (Llama 4's wrapper forward is broken)
     tracer = Tracer(model, norm_names)
     with tracer:
-        model(**inputs)
+        text_forward_module(model)(**inputs)
     for tr in tracer.norms.values():
         if tr.calls and not tr.uses:
             tr.uses.append(Use("block", why="its output is not used"))
