@@ -60,8 +60,8 @@ real_rename = os.rename
 calls = []
 def rename(a, b, *args, **kw):
     real_rename(a, b, *args, **kw)
-    calls.append(a)
-    if len(calls) == 1:
+    if str(b).endswith(staging.OLD_SUFFIX):  # the fallback's first rename: DST -> .NAME.streamfold-old
+        calls.append(a)
         time.sleep(pause); die("fallback-between")
 staging.os.rename = rename
 
@@ -102,7 +102,8 @@ def tree_hash(root: Path) -> dict:
 def wait_for_shards(partial: Path, proc, timeout=60.0) -> None:
     """Until the child has created its output shards in the staging folder."""
     t0 = time.monotonic()
-    while not (partial.is_dir() and any(partial.glob("*.safetensors"))):
+    # shards are written as ``NAME.partial`` and renamed when complete (engine.partial_name)
+    while not (partial.is_dir() and any(partial.glob("*.safetensors*"))):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() - t0 < timeout, "conversion never started"
         time.sleep(0.02)
@@ -235,7 +236,7 @@ def test_sigkill_then_rerun_reclaims(tmp_path, versions):
     proc.kill()
     proc.communicate()
     assert partial.is_dir() and (tmp_path / ".out.streamfold-lock").is_file() and not dst.exists()
-    r = cli(SAMPLE, dst)
+    r = cli(SAMPLE, dst, "--no-resume")  # reclaimed, not resumed (resuming it: tests/test_resume.py)
     assert r.returncode == 0, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"streamfold: removed {partial}, partial output of a killed "
