@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .plan import Consumer, _apply_layout, _config_get, _expand, _looks_like_norm, _regex, natural_key
+from .plan import Consumer, _apply_layout, _config_get, _expand, is_tied, _looks_like_norm, _regex, natural_key
 from .reader import TensorInfo
 from .rules import family_for
 
@@ -170,10 +170,7 @@ def foldable(cfg: dict, tensors: dict[str, TensorInfo], rules: dict | None = Non
     every norm the rules fold in this checkpoint, whether the norm tensor is present or not."""
     model_type = cfg.get("model_type")
     family, fam = family_for(model_type, rules)
-    tie_default = fam.get("tie_default", False)
-    if isinstance(tie_default, list):
-        tie_default = model_type in tie_default
-    tied = bool(_config_get(cfg, "tie_word_embeddings", tie_default))
+    tied = is_tied(cfg, model_type, fam)
     names = sorted(tensors)
     found: list = []
     for lay in fam.get("layouts") or [None]:  # the first layout under which any norm is found

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import warnings
@@ -298,6 +297,17 @@ def _resolved_info(api, repo_id: str, revision: str | None, token, files_metadat
     return api.model_info(repo_id, revision=resolved.resolved, files_metadata=files_metadata, token=token)
 
 
+def _info_or_cache(api, repo_id: str, revision: str | None, token, files_metadata: bool = False):
+    """:func:`_resolved_info`, or, when the Hub cannot be reached, the cached snapshot (a Source)."""
+    with _guard(repo_id, revision, "fetching repo info"):
+        try:
+            return _resolved_info(api, repo_id, revision, token, files_metadata=files_metadata)
+        except Exception as e:
+            if _is_network_error(e):
+                return _unreachable(e, repo_id, revision)
+            raise
+
+
 def _unreachable(e: BaseException, repo_id: str, revision: str | None) -> Source:
     """The Hub cannot be reached: the cached snapshot, as huggingface_hub falls back to, or one line."""
     try:
@@ -311,13 +321,9 @@ def _unreachable(e: BaseException, repo_id: str, revision: str | None) -> Source
 def _download(repo_id: str, revision: str | None, token) -> Source:
     """Online: resolve the revision to a commit, pick the files, download them into the cache."""
     api = _api(token)
-    with _guard(repo_id, revision, "fetching repo info"):
-        try:
-            info = _resolved_info(api, repo_id, revision, token)
-        except Exception as e:
-            if _is_network_error(e):
-                return _unreachable(e, repo_id, revision)
-            raise
+    info = _info_or_cache(api, repo_id, revision, token)
+    if isinstance(info, Source):  # unreachable: the cached snapshot
+        return info
     commit = info.sha
     listing = sorted(s.rfilename for s in (info.siblings or []))
     if INDEX_NAME in listing:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .conversion import load_plan
 from .errors import AlreadyFlashNorm, StreamfoldError
-from .hub import (Source, _api, _guard, _is_network_error, _offline, _quiet_bars, _resolved_info, _unreachable,
+from .hub import (Source, _api, _guard, _offline, _quiet_bars, _info_or_cache,
                   is_repo_id, resolve_source, select_files)
 from .plan import Kind
 from .reader import INDEX_NAME, Checkpoint, TensorInfo
@@ -141,13 +141,9 @@ def _inspect_remote(repo_id: str, *, mode, merged_dtype, rules, revision, token)
     from .remode import plan_checkpoint
     from .rules import load_rules_file
     api = _api(token)
-    with _guard(repo_id, revision, "fetching repo info"):
-        try:
-            info = _resolved_info(api, repo_id, revision, token, files_metadata=True)
-        except Exception as e:
-            if _is_network_error(e):
-                return _unreachable(e, repo_id, revision)
-            raise
+    info = _info_or_cache(api, repo_id, revision, token, files_metadata=True)
+    if isinstance(info, Source):  # unreachable: the cached snapshot
+        return info
     commit = info.sha
     sizes = {s.rfilename: s.size for s in (info.siblings or [])}
     if "config.json" not in sizes:

@@ -231,10 +231,7 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
                               f"({fam['strict_refused']}); use --mode compat")
     check_not_quantized(cfg, tensors)
     offset = fam.get("offset", 0)
-    tie_default = fam.get("tie_default", False)
-    if isinstance(tie_default, list):
-        tie_default = model_type in tie_default
-    tied = bool(_config_get(cfg, "tie_word_embeddings", tie_default))
+    tied = is_tied(cfg, model_type, fam)
     fam = _apply_layout(fam, tensors)
 
     ordered = sorted(tensors, key=natural_key)  # plan and report in layer order
@@ -290,6 +287,14 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     unknown = sorted((t for t in tensors if _looks_like_norm(t) and t not in claimed and t not in covered
                       and actions[t].kind == Kind.COPY), key=natural_key)
     return Plan(family, model_type, offset, tied, mode, merged_dtype, norms, actions, unknown)
+
+
+def is_tied(cfg: dict, model_type: str, fam: dict) -> bool:
+    """Whether the embeddings are tied: config.json (or its text_config), else the family's default."""
+    tie_default = fam.get("tie_default", False)
+    if isinstance(tie_default, list):
+        tie_default = model_type in tie_default
+    return bool(_config_get(cfg, "tie_word_embeddings", tie_default))
 
 
 def _apply_layout(fam: dict, tensors: dict) -> dict:
