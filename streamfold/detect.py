@@ -24,7 +24,8 @@ from typing import Callable
 
 import numpy as np
 
-from .plan import Consumer, _apply_layout, _config_get, _expand, is_tied, _looks_like_norm, _regex, natural_key
+from .patterns import Consumer, apply_layout, config_get, expand_consumer, looks_like_norm, natural_key, pattern_regex
+from .plan import is_tied
 from .reader import TensorInfo
 from .rules import family_for
 
@@ -174,7 +175,7 @@ def foldable(cfg: dict, tensors: dict[str, TensorInfo], rules: dict | None = Non
     names = sorted(tensors)
     found: list = []
     for lay in fam.get("layouts") or [None]:  # the first layout under which any norm is found
-        laid = fam if lay is None else _apply_layout({**fam, "layouts": [lay]}, tensors)
+        laid = fam if lay is None else apply_layout({**fam, "layouts": [lay]}, tensors)
         found = [x for rule in laid["folds"] for x in _instances(rule, cfg, tensors, names, tied)]
         if found:
             break
@@ -186,7 +187,7 @@ def foldable(cfg: dict, tensors: dict[str, TensorInfo], rules: dict | None = Non
 
 
 def _instances(rule: dict, cfg: dict, tensors: dict, names: list[str], tied: bool) -> list:
-    if not all(_config_get(cfg, k) in v for k, v in rule.get("when", {}).items()):
+    if not all(config_get(cfg, k) in v for k, v in rule.get("when", {}).items()):
         return []
     keys = set(_PLACEHOLDER.findall(rule["norm"]))
     variants = rule.get("variants", [rule.get("into")])
@@ -198,14 +199,14 @@ def _instances(rule: dict, cfg: dict, tensors: dict, names: list[str], tied: boo
         for k, v in g.items():
             name = name.replace("{" + k + "}", v)
         seen.setdefault(name, g)
-    rx = _regex(rule["norm"] + ".weight")
+    rx = pattern_regex(rule["norm"] + ".weight")
     for t in names:
         m = rx.match(t)
         if m:
             note(m.groupdict())
     for v in variants:  # norms known by their consumers (absent norms: strict checkpoints)
         c = v[0]
-        cx = _regex(c + ".weight" if isinstance(c, str) else c["weight"])
+        cx = pattern_regex(c + ".weight" if isinstance(c, str) else c["weight"])
         for t in names:
             m = cx.match(t)
             if m:
@@ -215,7 +216,7 @@ def _instances(rule: dict, cfg: dict, tensors: dict, names: list[str], tied: boo
     out = []
     for name in sorted(seen, key=natural_key):
         for v in variants:
-            got = [_expand(c, seen[name], tensors, names) for c in v]
+            got = [expand_consumer(c, seen[name], tensors, names) for c in v]
             if all(got):
                 out.append((rule["norm"], name, [c for g in got for c in g]))
                 break
@@ -227,10 +228,10 @@ def detect(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.n
     """The FlashNorm state of a checkpoint. ``read(name)`` returns a small tensor's values (norm
     vectors only); ``read=None`` decides from headers and flags alone (status ``present``)."""
     family, fam, tied, found = foldable(cfg, tensors, rules)
-    covered = [_regex(r["norm"] + sfx) for r in fam["folds"] + fam.get("keep", []) if "norm" in r
+    covered = [pattern_regex(r["norm"] + sfx) for r in fam["folds"] + fam.get("keep", []) if "norm" in r
                for sfx in (".weight", ".bias")]
     subtrees = tuple(k["under"] for k in fam.get("keep", []) if "under" in k)  # towers kept whole
-    stray = [t for t in names_sorted(tensors) if _looks_like_norm(t) and not t.startswith(subtrees)
+    stray = [t for t in names_sorted(tensors) if looks_like_norm(t) and not t.startswith(subtrees)
              and not any(rx.match(t) for rx in covered)]
     offset = fam.get("offset", 0)
     flags = {k: cfg[k] for k in FLAG_KEYS if k in cfg}

@@ -6,8 +6,6 @@ output exists.
 """
 from __future__ import annotations
 
-import bisect
-import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Callable
@@ -18,6 +16,8 @@ from .dtypes import DTYPES, FOLDABLE, QUANTIZED
 from .errors import StreamfoldError
 from .fold import merged_out_dtype
 from .reader import TensorInfo
+from .patterns import Consumer, apply_layout, config_get, expand_consumer, generalize, looks_like_norm, \
+    natural_key, pattern_regex, present, stars
 from .rules import family_for
 
 MODES = ("compat", "strict")
@@ -36,15 +36,6 @@ _QUANT_KINDS = (
 )
 _QUANT_WHY = ("the stored values are quantized codes with separate scales, so multiplying them by a norm is "
               "not the fold; convert the unquantized (bf16/fp16/fp32) checkpoint")
-
-
-@dataclass
-class Consumer:
-    """A linear that reads a norm's output: its weight is scaled along ``axis``."""
-
-    weight: str
-    axis: int
-    bias: str | None = None
 
 
 @dataclass
@@ -119,11 +110,11 @@ class Plan:
         out: dict[tuple, dict] = {}
         for n in self.norms:
             key = (n.rule, n.status, n.reason)
-            g = out.setdefault(key, {"norm": _stars(n.rule), "status": n.status, "reason": n.reason,
+            g = out.setdefault(key, {"norm": stars(n.rule), "status": n.status, "reason": n.reason,
                                      "count": 0, "consumers": []})
             g["count"] += 1
             for c in n.consumers:
-                pat = _generalize(c.weight)
+                pat = generalize(c.weight)
                 if pat not in g["consumers"]:
                     g["consumers"].append(pat)
         return list(out.values())
@@ -165,39 +156,9 @@ class Plan:
         return "\n".join(lines)
 
 
-def _stars(rule: str) -> str:
-    """A rule's pattern in the notation of consumer patterns: ``layers.{n}.norm`` -> ``layers.*.norm``."""
-    return re.sub(r"\{[a-z]+\}", "*", rule)
-
-
-def _generalize(name: str) -> str:
-    return re.sub(r"\.\d+\.", ".*.", re.sub(r"\.\d+\.", ".*.", name))
-
-
-def _regex(pattern: str) -> re.Pattern:
-    seen: set[str] = set()
-
-    def sub(m: re.Match) -> str:
-        key = m.group(1)
-        if key in seen:
-            return f"(?P={key})"
-        seen.add(key)
-        return f"(?P<{key}>\\d+)"
-    return re.compile(re.sub(r"\\\{([a-z]+)\\\}", sub, re.escape(pattern)) + r"\Z")
-
-
-def _config_get(cfg: dict, key: str, default=None):
-    if key in cfg:
-        return cfg[key]
-    text = cfg.get("text_config")
-    if isinstance(text, dict) and key in text:
-        return text[key]
-    return default
-
-
 def check_not_quantized(cfg: dict, tensors: dict[str, TensorInfo]) -> None:
     """Refuse checkpoints whose stored values are not the weights (a multiply would be wrong)."""
-    q = _config_get(cfg, "quantization_config")
+    q = config_get(cfg, "quantization_config")
     if q:
         method = q.get("quant_method", "unknown") if isinstance(q, dict) else "unknown"
         raise StreamfoldError(f"config.json: quantized checkpoint (quantization_config, method {method!r}): "
@@ -232,7 +193,7 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     check_not_quantized(cfg, tensors)
     offset = fam.get("offset", 0)
     tied = is_tied(cfg, model_type, fam)
-    fam = _apply_layout(fam, tensors)
+    fam = apply_layout(fam, tensors)
 
     ordered = sorted(tensors, key=natural_key)  # plan and report in layer order
     names = sorted(tensors)  # for prefix look-ups (bisect)
@@ -240,9 +201,9 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     claimed: dict[str, str] = {}
     defaults = fam.get("defaults", {})
     for rule in fam["folds"]:
-        if not all(_config_get(cfg, k, defaults.get(k)) in v for k, v in rule.get("when", {}).items()):
+        if not all(config_get(cfg, k, defaults.get(k)) in v for k, v in rule.get("when", {}).items()):
             continue
-        rx = _regex(rule["norm"] + ".weight")
+        rx = pattern_regex(rule["norm"] + ".weight")
         found = False
         for tname in ordered:
             m = rx.match(tname)
@@ -258,19 +219,19 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     for k in fam.get("keep", []):
         if "under" in k:  # every norm of a subtree (vision/audio towers)
             for tname in ordered:
-                if tname.startswith(k["under"]) and tname.endswith(".weight") and _looks_like_norm(tname) \
+                if tname.startswith(k["under"]) and tname.endswith(".weight") and looks_like_norm(tname) \
                         and tname not in claimed:
                     name = tname[: -len(".weight")]
                     claimed[tname] = name
-                    norms.append(NormPlan(k["under"] + "*", name, tname, _opt(name + ".bias", tensors), "keep",
+                    norms.append(NormPlan(k["under"] + "*", name, tname, present(name + ".bias", tensors), "keep",
                                           k["why"]))
             continue
-        rx = _regex(k["norm"] + ".weight")
+        rx = pattern_regex(k["norm"] + ".weight")
         for tname in ordered:
             if rx.match(tname) and tname not in claimed:
                 name = tname[: -len(".weight")]
                 claimed[tname] = name
-                norms.append(NormPlan(k["norm"], name, tname, _opt(name + ".bias", tensors), "keep", k["why"]))
+                norms.append(NormPlan(k["norm"], name, tname, present(name + ".bias", tensors), "keep", k["why"]))
 
     actions: dict[str, Action] = {}
     for n in norms:
@@ -284,7 +245,7 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     for name, t in tensors.items():
         actions.setdefault(name, Action(Kind.COPY, t.dtype))
     covered = {x for n in norms for x in (n.weight, n.bias) if x}
-    unknown = sorted((t for t in tensors if _looks_like_norm(t) and t not in claimed and t not in covered
+    unknown = sorted((t for t in tensors if looks_like_norm(t) and t not in claimed and t not in covered
                       and actions[t].kind == Kind.COPY), key=natural_key)
     return Plan(family, model_type, offset, tied, mode, merged_dtype, norms, actions, unknown)
 
@@ -294,100 +255,20 @@ def is_tied(cfg: dict, model_type: str, fam: dict) -> bool:
     tie_default = fam.get("tie_default", False)
     if isinstance(tie_default, list):
         tie_default = model_type in tie_default
-    return bool(_config_get(cfg, "tie_word_embeddings", tie_default))
-
-
-def _apply_layout(fam: dict, tensors: dict) -> dict:
-    """The family with its patterns spelled as in this checkpoint: the first of ``layouts`` (prefix
-    maps; the longest matching prefix wins) under which some fold norm exists."""
-    layouts = fam.get("layouts")
-    if not layouts:
-        return fam
-
-    def spell(p: str, lay: dict) -> str:
-        key = max((k for k in lay if p.startswith(k)), key=len, default=None)
-        return p if key is None else lay[key] + p[len(key):]
-
-    def consumer(c, lay):
-        if isinstance(c, str):
-            return spell(c, lay)
-        return {**c, "weight": spell(c["weight"], lay),
-                **({"bias": spell(c["bias"], lay)} if c.get("bias") else {})}
-
-    def relaid(lay: dict) -> dict:
-        folds = []
-        for f in fam["folds"]:
-            g = {**f, "norm": spell(f["norm"], lay)}
-            for key in ("into", "variants"):
-                if key in f:
-                    g[key] = ([consumer(c, lay) for c in f[key]] if key == "into"
-                              else [[consumer(c, lay) for c in v] for v in f[key]])
-            folds.append(g)
-        return {**fam, "folds": folds,
-                "keep": [{**k, **{key: spell(k[key], lay) for key in ("norm", "under") if key in k}}
-                         for k in fam.get("keep", [])]}
-
-    for lay in layouts:
-        cand = relaid(lay)
-        rxs = [_regex(f["norm"] + ".weight") for f in cand["folds"]]
-        if any(rx.match(t) for rx in rxs for t in tensors):
-            return cand
-    return relaid(layouts[0])
-
-
-def natural_key(name: str) -> list:
-    """Sort key that orders ``layers.2`` before ``layers.10`` (digit runs compare as numbers)."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def _opt(name: str, tensors: dict) -> str | None:
-    return name if name in tensors else None
-
-
-def _looks_like_norm(name: str) -> bool:
-    parts = name.split(".")
-    return len(parts) >= 2 and ("norm" in parts[-2] or parts[-2].startswith("ln")) \
-        and parts[-1] in ("weight", "bias")
-
-
-def _expand(consumer, groups: dict, tensors: dict[str, TensorInfo], names: list[str]) -> list[Consumer] | None:
-    """Concrete consumers for one pattern, or None when absent from the checkpoint. ``names`` is the
-    sorted tensor names: an ``{e}`` pattern scans only those sharing its literal prefix."""
-    if isinstance(consumer, str):
-        weight, axis, bias = consumer + ".weight", -1, consumer + ".bias"
-    else:
-        weight, axis, bias = consumer["weight"], consumer.get("axis", -1), consumer.get("bias")
-    for key, val in groups.items():
-        if val is not None:
-            weight = weight.replace("{" + key + "}", val)
-            bias = bias.replace("{" + key + "}", val) if bias else bias
-    if "{e}" not in weight:
-        return [Consumer(weight, axis, bias if bias in tensors else None)] if weight in tensors else None
-    rx = _regex(weight)
-    prefix = weight.split("{e}", 1)[0]
-    found = []
-    for t in names[bisect.bisect_left(names, prefix):]:
-        if not t.startswith(prefix):
-            break
-        m = rx.match(t)
-        if m:
-            b = bias.replace("{e}", m.group("e")) if bias else None
-            found.append(Consumer(t, axis, b if b in tensors else None))
-    found.sort(key=lambda c: natural_key(c.weight))
-    return found or None
+    return bool(config_get(cfg, "tie_word_embeddings", tie_default))
 
 
 def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, names: list[str], tied: bool,
              claimed: dict) -> NormPlan:
     name = tname[: -len(".weight")]
-    bias = _opt(name + ".bias", tensors)
+    bias = present(name + ".bias", tensors)
     claimed[tname] = name
     if rule.get("untied_head"):
         heads = rule.get("into") or rule["variants"][0]
         if tied:
             return NormPlan(rule["norm"], name, tname, bias, "keep",
                             "tied embeddings: lm_head is the input embedding matrix")
-        missing = [c if isinstance(c, str) else c["weight"] for c in heads if not _expand(c, groups, tensors, names)]
+        missing = [c if isinstance(c, str) else c["weight"] for c in heads if not expand_consumer(c, groups, tensors, names)]
         if missing:
             return NormPlan(rule["norm"], name, tname, bias, "keep",
                             f"no {missing[0]!r} tensor: the head reuses the input embedding matrix")
@@ -396,7 +277,7 @@ def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, names: list[st
     for v in variants:
         consumers: list[Consumer] = []
         for c in v:
-            got = _expand(c, groups, tensors, names)
+            got = expand_consumer(c, groups, tensors, names)
             if got is None:
                 if first_missing is None:
                     first_missing = c if isinstance(c, str) else c["weight"]
@@ -446,7 +327,7 @@ def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, m
             lacking = [c.weight for c in n.consumers if c.bias is None]
             if lacking:
                 n.status, n.consumers = "keep", []
-                n.reason = f"LayerNorm bias cannot fold: consumer {_generalize(lacking[0])!r} has no bias"
+                n.reason = f"LayerNorm bias cannot fold: consumer {generalize(lacking[0])!r} has no bias"
                 n.scale = None
                 return
             n.shift = beta

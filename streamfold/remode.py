@@ -25,8 +25,8 @@ import numpy as np
 
 from .detect import NORM_BIAS_FAMILIES, FlashNormState, detect
 from .errors import AlreadyFlashNorm, StreamfoldError
-from .plan import MERGED_ALIASES, MODES, Action, NormPlan, Plan, _config_get, _looks_like_norm, \
-    check_not_quantized, make_plan
+from .patterns import config_get, looks_like_norm
+from .plan import MERGED_ALIASES, MODES, Action, NormPlan, Plan, check_not_quantized, make_plan
 from .reader import TensorInfo
 from .rules import family_for
 
@@ -100,12 +100,12 @@ def _norm_dtype(state: FlashNormState, rule: str, cfg: dict, tensors: dict[str, 
     if present:
         return present[0]
     consumers = {c.weight for n in state.norms for c in n.consumers}
-    kept = [t.dtype for name, t in tensors.items() if _looks_like_norm(name) and len(t.shape) == 1
+    kept = [t.dtype for name, t in tensors.items() if looks_like_norm(name) and len(t.shape) == 1
             and name not in consumers]
     if kept:
         return Counter(kept).most_common(1)[0][0]
     for key in ("torch_dtype", "dtype"):
-        got = _TORCH_DTYPES.get(str(_config_get(cfg, key)).replace("torch.", ""))
+        got = _TORCH_DTYPES.get(str(config_get(cfg, key)).replace("torch.", ""))
         if got:
             return got
     rest = Counter(t.dtype for name, t in tensors.items() if name not in consumers and t.dtype in _TORCH_DTYPES.values())

@@ -52,7 +52,8 @@ from .errors import AlreadyFlashNorm, StreamfoldError
 from .fold import Scratch
 from .oracle import FoldTally, check_scaled, uint_of
 from .manifest import MANIFEST_NAME, OrderedHasher, hash_file, list_files, parse_manifest
-from .plan import MERGED_ALIASES, MODES, Action, Kind, Plan, make_plan, natural_key
+from .patterns import natural_key
+from .plan import MERGED_ALIASES, MODES, Action, Kind, Plan, make_plan
 from .reader import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, pread_into, read_config
 from .remode import plan_checkpoint
 from .rules import load_rules_file

@@ -56,10 +56,10 @@ def _logits(model, inputs):
 def _applicable(fam: dict, names: list[str]) -> dict:
     """The family without the fold rules that match no norm of this checkpoint (another config
     variant's norms): a rules file must match every rule, a built-in family need not."""
-    from streamfold.plan import _apply_layout, _regex
-    laid = _apply_layout(fam, dict.fromkeys(names))
+    from streamfold.patterns import apply_layout, pattern_regex
+    laid = apply_layout(fam, dict.fromkeys(names))
     keep = [f for f, lf in zip(fam["folds"], laid["folds"])
-            if any(_regex(lf["norm"] + ".weight").match(t) for t in names)]
+            if any(pattern_regex(lf["norm"] + ".weight").match(t) for t in names)]
     return {**fam, "folds": keep}
 
 

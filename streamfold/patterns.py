@@ -1,0 +1,138 @@
+"""Rule patterns against tensor names: ``{n}``/``{e}`` placeholders, layouts, consumer expansion.
+
+A family's rules (:mod:`streamfold.rules`) name tensors by patterns such as
+``model.layers.{n}.mlp.experts.{e}.up_proj``; the planner and ``detect`` both match them against a
+checkpoint's tensor names with these helpers, so the two never disagree on what a pattern means.
+"""
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass
+
+from .reader import TensorInfo
+
+
+@dataclass
+class Consumer:
+    """A linear that reads a norm's output: its weight is scaled along ``axis``."""
+
+    weight: str
+    axis: int
+    bias: str | None = None
+
+
+
+def stars(rule: str) -> str:
+    """A rule's pattern in the notation of consumer patterns: ``layers.{n}.norm`` -> ``layers.*.norm``."""
+    return re.sub(r"\{[a-z]+\}", "*", rule)
+
+
+def generalize(name: str) -> str:
+    """A tensor name with its layer/expert numbers as ``*``: ``layers.3.mlp`` -> ``layers.*.mlp``."""
+    return re.sub(r"\.\d+\.", ".*.", re.sub(r"\.\d+\.", ".*.", name))
+
+
+def pattern_regex(pattern: str) -> re.Pattern:
+    """A compiled pattern: each ``{key}`` matches digits; a key used twice must match the same digits."""
+    seen: set[str] = set()
+
+    def sub(m: re.Match) -> str:
+        key = m.group(1)
+        if key in seen:
+            return f"(?P={key})"
+        seen.add(key)
+        return f"(?P<{key}>\\d+)"
+    return re.compile(re.sub(r"\\\{([a-z]+)\\\}", sub, re.escape(pattern)) + r"\Z")
+
+
+def config_get(cfg: dict, key: str, default=None):
+    """``cfg[key]``, else the multimodal wrapper's ``text_config[key]``, else ``default``."""
+    if key in cfg:
+        return cfg[key]
+    text = cfg.get("text_config")
+    if isinstance(text, dict) and key in text:
+        return text[key]
+    return default
+
+
+def apply_layout(fam: dict, tensors: dict) -> dict:
+    """The family with its patterns spelled as in this checkpoint: the first of ``layouts`` (prefix
+    maps; the longest matching prefix wins) under which some fold norm exists."""
+    layouts = fam.get("layouts")
+    if not layouts:
+        return fam
+
+    def spell(p: str, lay: dict) -> str:
+        key = max((k for k in lay if p.startswith(k)), key=len, default=None)
+        return p if key is None else lay[key] + p[len(key):]
+
+    def consumer(c, lay):
+        if isinstance(c, str):
+            return spell(c, lay)
+        return {**c, "weight": spell(c["weight"], lay),
+                **({"bias": spell(c["bias"], lay)} if c.get("bias") else {})}
+
+    def relaid(lay: dict) -> dict:
+        folds = []
+        for f in fam["folds"]:
+            g = {**f, "norm": spell(f["norm"], lay)}
+            for key in ("into", "variants"):
+                if key in f:
+                    g[key] = ([consumer(c, lay) for c in f[key]] if key == "into"
+                              else [[consumer(c, lay) for c in v] for v in f[key]])
+            folds.append(g)
+        return {**fam, "folds": folds,
+                "keep": [{**k, **{key: spell(k[key], lay) for key in ("norm", "under") if key in k}}
+                         for k in fam.get("keep", [])]}
+
+    for lay in layouts:
+        cand = relaid(lay)
+        rxs = [pattern_regex(f["norm"] + ".weight") for f in cand["folds"]]
+        if any(rx.match(t) for rx in rxs for t in tensors):
+            return cand
+    return relaid(layouts[0])
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders ``layers.2`` before ``layers.10`` (digit runs compare as numbers)."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def present(name: str, tensors: dict) -> str | None:
+    """``name`` if the checkpoint has that tensor, else None."""
+    return name if name in tensors else None
+
+
+def looks_like_norm(name: str) -> bool:
+    """Whether a tensor name reads as a norm's weight or bias (``...norm.weight``, ``ln_f.bias``)."""
+    parts = name.split(".")
+    return len(parts) >= 2 and ("norm" in parts[-2] or parts[-2].startswith("ln")) \
+        and parts[-1] in ("weight", "bias")
+
+
+def expand_consumer(consumer, groups: dict, tensors: dict[str, TensorInfo], names: list[str]) -> list[Consumer] | None:
+    """Concrete consumers for one pattern, or None when absent from the checkpoint. ``names`` is the
+    sorted tensor names: an ``{e}`` pattern scans only those sharing its literal prefix."""
+    if isinstance(consumer, str):
+        weight, axis, bias = consumer + ".weight", -1, consumer + ".bias"
+    else:
+        weight, axis, bias = consumer["weight"], consumer.get("axis", -1), consumer.get("bias")
+    for key, val in groups.items():
+        if val is not None:
+            weight = weight.replace("{" + key + "}", val)
+            bias = bias.replace("{" + key + "}", val) if bias else bias
+    if "{e}" not in weight:
+        return [Consumer(weight, axis, bias if bias in tensors else None)] if weight in tensors else None
+    rx = pattern_regex(weight)
+    prefix = weight.split("{e}", 1)[0]
+    found = []
+    for t in names[bisect.bisect_left(names, prefix):]:
+        if not t.startswith(prefix):
+            break
+        m = rx.match(t)
+        if m:
+            b = bias.replace("{e}", m.group("e")) if bias else None
+            found.append(Consumer(t, axis, b if b in tensors else None))
+    found.sort(key=lambda c: natural_key(c.weight))
+    return found or None
