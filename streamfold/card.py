@@ -15,6 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .card_table import change_rows, dtype_names
 from .errors import StreamfoldError
 from .files import CARD_NAME
 from .plan import Kind
@@ -32,7 +33,6 @@ BASE_MODEL_RELATION = "finetune"
 TAGS = ["flashnorm", "streamfold", "efficient-inference"]
 _FRONT = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.S)
 _CACHE_PATH = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
-_DTYPE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
 CITATION = """\
 @misc{graef2024flashnormfastnormalizationtransformers,
   title={FlashNorm: Fast Normalization for Transformers},
@@ -109,92 +109,6 @@ def command_line(src: str, dst: str | os.PathLike, *, mode: str, merged_dtype: s
     if push_to_hub:
         args += ["--push-to-hub", push_to_hub] + (["--private"] if private else [])
     return shlex.join(args)
-
-
-# --- the table of changes ---------------------------------------------------------------------------
-
-def _star(pattern: str) -> str:
-    return re.sub(r"\{[a-z]+\}", "*", pattern)
-
-
-def _brace_values(values: list[str]) -> str:
-    pre = os.path.commonprefix(values)
-    suf = os.path.commonprefix([v[len(pre):][::-1] for v in values])[::-1]
-    mids = [v[len(pre):len(v) - len(suf)] for v in values]
-    if any(not m for m in mids):
-        pre, suf, mids = "", "", values
-    return f"{pre}{{{','.join(mids)}}}{suf}"
-
-
-def merge_patterns(patterns: list[str]) -> list[str]:
-    """Merge names that differ in one dotted component: ``a.q_proj.w, a.k_proj.w`` -> ``a.{q,k}_proj.w``."""
-    items = [p.split(".") for p in dict.fromkeys(patterns)]
-    changed = True
-    while changed:
-        changed = False
-        for i in range(max((len(p) for p in items), default=0) - 1, -1, -1):
-            groups: dict[tuple, list[list[str]]] = {}
-            order: list[tuple] = []
-            for p in items:
-                key = (len(p), tuple(p[:i]), tuple(p[i + 1:])) if i < len(p) else (len(p), tuple(p), None)
-                if key not in groups:
-                    order.append(key)
-                groups.setdefault(key, []).append(p)
-            merged = []
-            for key in order:
-                g = groups[key]
-                if len(g) > 1 and key[2] is not None:
-                    merged.append(g[0][:i] + [_brace_values([p[i] for p in g])] + g[0][i + 1:])
-                    changed = True
-                else:
-                    merged.extend(g)
-            items = merged
-    return [".".join(p) for p in items]
-
-
-def _dt(dtypes) -> str:
-    return "/".join(sorted(_DTYPE.get(d, d.lower()) for d in set(dtypes)))
-
-
-def _short(rule: str) -> str:
-    parts = [p for p in rule.split(".") if not re.fullmatch(r"\{[a-z]+\}|model|layers|\d+", p)]
-    if not parts:
-        return rule
-    return "_".join(parts[-2:]) if parts[-1] == "norm" and len(parts) > 1 else (
-        "model_norm" if parts[-1] == "norm" else parts[-1])
-
-
-def change_rows(plan, tensors) -> list[tuple[str, str, str]]:
-    """(tensor, source, this checkpoint) rows describing every change the plan makes."""
-    groups: dict[tuple, list] = {}
-    for n in plan.norms:
-        groups.setdefault((n.rule, n.status, n.reason), []).append(n)
-    identity = "all ones" if plan.offset == 0 else "all zeros (the norm computes `(1 + w) * x`)"
-    rows = []
-    for (rule, status, reason), norms in groups.items():
-        count = f" (x{len(norms)})" if len(norms) > 1 else ""
-        norm_t = f"`{_star(rule)}.weight`{count}"
-        g_dt = _dt(tensors[n.weight].dtype for n in norms)
-        if status != "fold":
-            rows.append((norm_t, f"learned `g` ({g_dt})", f"unchanged: {reason}"))
-            continue
-        rows.append((norm_t, f"learned per-channel `g` ({g_dt})",
-                     "removed" if plan.mode == "strict" else f"{identity} ({g_dt})"))
-        if any(n.bias for n in norms):
-            rows.append((f"`{_star(rule)}.bias`", "learned `β`",
-                         "removed" if plan.mode == "strict" else "all zeros"))
-        weights = [c.weight for n in norms for c in n.consumers]
-        pats = merge_patterns([re.sub(r"\.\d+\.", ".*.", re.sub(r"\.\d+\.", ".*.", w)) for w in weights])
-        src_dt = _dt(tensors[w].dtype for w in weights)
-        out_dt = _dt(plan.actions[w].out_dtype for w in weights)
-        g = f"g_{_short(rule)}"
-        rows.append((", ".join(f"`{p}`" for p in pats), f"`W` ({src_dt})", f"`W · diag({g})` ({out_dt})"))
-        biases = [c.bias for n in norms for c in n.consumers
-                  if c.bias and plan.actions.get(c.bias) is not None and plan.actions[c.bias].kind == Kind.BIAS]
-        if biases:
-            bp = merge_patterns([re.sub(r"\.\d+\.", ".*.", re.sub(r"\.\d+\.", ".*.", b)) for b in biases])
-            rows.append((", ".join(f"`{p}`" for p in bp), "`b`", "`b + W · β` (the norm's bias, folded)"))
-    return rows
 
 
 # --- the card ---------------------------------------------------------------------------------------
@@ -279,11 +193,11 @@ def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_displ
     merged = {a.out_dtype for a in plan.actions.values() if a.kind == Kind.SCALE}
     src_dtypes = {tensors[n].dtype for n, a in plan.actions.items() if a.kind == Kind.SCALE}
     if merged and merged != src_dtypes:
-        rounding = (f"Merged weights are stored in {_dt(merged)} (the source stores {_dt(src_dtypes)}): no "
+        rounding = (f"Merged weights are stored in {dtype_names(merged)} (the source stores {dtype_names(src_dtypes)}): no "
                     "rounding at all, which keeps full precision for lower-precision inference later.")
     elif merged:
-        rounding = (f"Merged weights are computed in float32 and rounded once (round-to-nearest-even) back to "
-                    f"the source dtype, {_dt(merged)}.")
+        rounding = (f"Merged weights are the exact products `w · g` rounded once (round-to-nearest-even) to the "
+                    f"source dtype, {dtype_names(merged)}.")
     else:
         rounding = "No weights needed merging."
     if compat:

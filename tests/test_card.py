@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import streamfold
-from streamfold import card
+from streamfold import card, card_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "streamfold" / "sample"
@@ -169,12 +169,12 @@ def test_malformed_source_front_matter_is_ignored(tmp_path, src):
 
 
 def test_merge_patterns():
-    assert card.merge_patterns(["a.*.q_proj.weight", "a.*.k_proj.weight", "a.*.v_proj.weight"]) == \
+    assert card_table.merge_patterns(["a.*.q_proj.weight", "a.*.k_proj.weight", "a.*.v_proj.weight"]) == \
         ["a.*.{q,k,v}_proj.weight"]
-    assert card.merge_patterns(["m.experts.*.w1.weight", "m.experts.*.w3.weight", "m.gate.weight"]) == \
+    assert card_table.merge_patterns(["m.experts.*.w1.weight", "m.experts.*.w3.weight", "m.gate.weight"]) == \
         ["m.experts.*.w{1,3}.weight", "m.gate.weight"]
-    assert card.merge_patterns(["x.weight"]) == ["x.weight"]
-    assert card.merge_patterns(["p.a", "p.ab"]) == ["p.{a,ab}"]
+    assert card_table.merge_patterns(["x.weight"]) == ["x.weight"]
+    assert card_table.merge_patterns(["p.a", "p.ab"]) == ["p.{a,ab}"]
 
 
 def test_front_matter_reader():
