@@ -1,6 +1,7 @@
 """Generate synthetic bf16 checkpoints shaped exactly like real Hugging Face models.
 
-    python benchmarks/make_synthetic.py {llama-1b,llama-8b,qwen3-8b} OUT_DIR [--seed N] [--force]
+    python benchmarks/make_synthetic.py {llama-1b,llama-8b,qwen3-8b,llama-405b} OUT_DIR [--seed N] [--force]
+                                        [--sparse]
 
 The output has the tensor names, shapes, dtype (bf16), shard file names and
 tensor-to-shard layout of the real repositories:
@@ -8,6 +9,11 @@ tensor-to-shard layout of the real repositories:
 * llama-1b  -> meta-llama/Llama-3.2-1B: one ``model.safetensors`` (no index), tied embeddings.
 * llama-8b  -> meta-llama/Llama-3.1-8B: ``model-0000X-of-00004.safetensors`` + index.
 * qwen3-8b  -> Qwen/Qwen3-8B: ``model-0000X-of-00005.safetensors`` + index.
+* llama-405b -> meta-llama/Llama-3.1-405B shapes (810 GB), shards cut at 5 GB; use ``--sparse``.
+
+``--sparse`` writes headers and norm vectors only and leaves every other tensor's bytes a hole
+(zeros that take no disk): a 400B-class checkpoint to plan, inspect or run single tasks on, in a few
+MB of real disk. Its weights are all zero, so it is for planning and I/O, not for checking values.
 
 Shard layout: tensors are taken in the model's state-dict order and a new shard is
 started when the next tensor would push the current one past ``max_shard_size``
@@ -167,6 +173,44 @@ SPECS = {
                               "temperature": 0.6, "top_k": 20, "top_p": 0.95,
                               "transformers_version": "4.51.0"},
     },
+    "llama-405b": {
+        # Shapes of meta-llama/Llama-3.1-405B (810 GB of bf16). Shards are cut by the save_pretrained
+        # algorithm at 5 GB (the published checkpoint has 191 files; its index was not available here).
+        # Meant for --sparse: planning a 400B-class conversion without 810 GB of disk.
+        "repo": "meta-llama/Llama-3.1-405B",
+        "layers": 126, "hidden": 16384, "inter": 53248, "heads": 128, "kv_heads": 8,
+        "head_dim": 128, "vocab": 128256, "tied": False, "qk_norm": False,
+        "max_shard_bytes": 5 * 10**9,
+        "config": {
+            "architectures": ["LlamaForCausalLM"],
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "bos_token_id": 128000,
+            "eos_token_id": 128001,
+            "hidden_act": "silu",
+            "hidden_size": 16384,
+            "initializer_range": 0.02,
+            "intermediate_size": 53248,
+            "max_position_embeddings": 131072,
+            "mlp_bias": False,
+            "model_type": "llama",
+            "num_attention_heads": 128,
+            "num_hidden_layers": 126,
+            "num_key_value_heads": 8,
+            "pretraining_tp": 1,
+            "rms_norm_eps": 1e-05,
+            "rope_scaling": _LLAMA_ROPE_8B,
+            "rope_theta": 500000.0,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+            "transformers_version": "4.43.0.dev0",
+            "use_cache": True,
+            "vocab_size": 128256,
+        },
+        "generation_config": {"bos_token_id": 128000, "do_sample": True,
+                              "eos_token_id": 128001, "temperature": 0.6,
+                              "top_p": 0.9, "transformers_version": "4.43.0.dev0"},
+    },
 }
 
 
@@ -251,7 +295,7 @@ def safetensors_header(tensors: list[tuple[str, tuple[int, ...]]]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def write_shard(path: str, tensors, rng: np.random.Generator, pool2: np.ndarray) -> int:
+def write_shard(path: str, tensors, rng: np.random.Generator, pool2: np.ndarray, sparse: bool = False) -> int:
     tensors = sorted(tensors, key=lambda t: t[0])  # safetensors stores by name
     written = 0
     with open(path, "wb", buffering=0) as f:
@@ -261,6 +305,8 @@ def write_shard(path: str, tensors, rng: np.random.Generator, pool2: np.ndarray)
             if is_norm(name):
                 vals = f32_to_bf16_bits(rng.uniform(0.5, 2.0, size=n).astype(np.float32))
                 f.write(memoryview(vals).cast("B"))
+            elif sparse:
+                f.seek(n * 2, os.SEEK_CUR)  # a hole: reads as zeros, takes no disk
             else:
                 left = n
                 while left:
@@ -269,6 +315,7 @@ def write_shard(path: str, tensors, rng: np.random.Generator, pool2: np.ndarray)
                     f.write(memoryview(pool2[r:r + k]).cast("B"))
                     left -= k
             written += n * 2
+        f.truncate()  # a trailing hole still counts in the file size
     return written
 
 
@@ -296,7 +343,8 @@ def tokenizer_files() -> dict[str, dict]:
     return {"tokenizer.json": tok, "tokenizer_config.json": cfg}
 
 
-def make(model: str, out_dir: str, seed: int = 0, force: bool = False, quiet: bool = False) -> dict:
+def make(model: str, out_dir: str, seed: int = 0, force: bool = False, quiet: bool = False,
+         sparse: bool = False) -> dict:
     spec = SPECS[model]
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise SystemExit(f"{out_dir} exists and is not empty (use --force)")
@@ -315,7 +363,7 @@ def make(model: str, out_dir: str, seed: int = 0, force: bool = False, quiet: bo
     total = 0
     for fname, tensors in layout.items():
         t = time.perf_counter()
-        b = write_shard(os.path.join(out_dir, fname), tensors, rng, pool2)
+        b = write_shard(os.path.join(out_dir, fname), tensors, rng, pool2, sparse)
         total += b
         if not quiet:
             dt = time.perf_counter() - t
@@ -355,8 +403,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--sparse", action="store_true", help="headers and norms only; other tensors are holes")
     args = ap.parse_args(argv)
-    info = make(args.model, args.out_dir, seed=args.seed, force=args.force, quiet=args.quiet)
+    info = make(args.model, args.out_dir, seed=args.seed, force=args.force, quiet=args.quiet, sparse=args.sparse)
     print(json.dumps(info))
     return 0
 
