@@ -21,7 +21,6 @@ Adding a family is a data file: its model types are picked up here automatically
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -44,13 +43,6 @@ OUTPUTS = {"compat": ("compat", "source"), "strict": ("strict", "source"),
            "compat_f32": ("compat", "float32"), "strict_f32": ("strict", "float32")}
 # Tensor-name fragments of non-language towers in multimodal wrappers (left byte-identical).
 TOWER_PARTS = ("vision", "visual", "audio", "multi_modal_projector", "embed_vision", "embed_audio")
-
-# Model types tiny.py cannot build here, with why (checked: the reason must still hold).
-CANNOT_BUILD = {
-    "gemma3n": ("timm", "the vision tower is a TimmWrapper (MobileNetV5): needs the timm package, which is "
-                        "not a test dependency; the text model is covered by gemma3n_text"),
-}
-
 
 # Kept norms left far from the identity (not calmed), with why: DeepSeek-V3.2's sparse-attention indexer
 # picks the top index_topk keys by a score its k_norm feeds; calmed, the tiny model's top-k margins become
@@ -94,10 +86,7 @@ def _min_cos(a, b) -> float:
 
 
 def _load(path: Path, model_type: str):
-    with tiny._quiet():
-        model, info = tiny.auto_class(model_type).from_pretrained(
-            str(path), dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
-    return model.eval(), {k: sorted(v) if isinstance(v, (set, list)) else v for k, v in dict(info).items()}
+    return tiny.load_pretrained(path, model_type)
 
 
 class Case:
@@ -153,10 +142,6 @@ NUMBERS: dict[str, dict] = {}
 @pytest.fixture(scope="module", params=_model_types())
 def case(request, tmp_path_factory):
     mt = request.param
-    if mt.partition("+")[0] in CANNOT_BUILD:
-        mod, why = CANNOT_BUILD[mt.partition("+")[0]]
-        if importlib.util.find_spec(mod) is None:
-            pytest.skip(f"{mt}: {why}")
     if mt not in _CASES:
         _CASES.clear()  # one model type's files and models at a time
         _CASES[mt] = Case(mt, tmp_path_factory.mktemp(mt))

@@ -51,7 +51,8 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     # -- derived from the start (issue 10) --
     "gemma4_text": ("Gemma 4 text (plain w norms, sandwich and per-layer-input norms)", ["gemma4_text"]),
     "gemma4": ("Gemma 4 multimodal (language model nested; towers untouched)", ["gemma4"]),
-    "gemma3n": ("Gemma 3n (AltUp, per-layer inputs)", ["gemma3n"]),
+    "gemma3n": ("Gemma 3n multimodal (language model nested; vision and audio towers untouched; derived and "
+                "tested with a stand-in vision tower)", ["gemma3n"]),
     "gemma3n_text": ("Gemma 3n text (AltUp, per-layer inputs)", ["gemma3n_text"]),
     "llama4_text": ("Llama 4 text (fused experts and a shared expert)", ["llama4_text"]),
     "llama4": ("Llama 4 multimodal (language model nested; vision tower untouched)", ["llama4"]),
@@ -109,6 +110,12 @@ EXTRA_KEEP: dict[str, list[dict]] = {
     "deepseek_v3": [{"norm": f"model.layers.{{n}}.{x}", "why": _MTP_WHY} for x in ("enorm", "hnorm", "shared_head.norm")],
 }
 
+# appended to the why of a wrapper's `keep {under}` rule (data the trace cannot see)
+_STANDIN_WHY = ("; transformers builds it with timm (MobileNetV5), which cannot be imported here, so the tiny "
+                "model derived and tested has a small stand-in tower in its place (streamfold/derive/standin.py); "
+                "kept whole by prefix, its contents are never inspected")
+UNDER_NOTES: dict[str, dict[str, str]] = {"gemma3n": {"model.vision_tower.": _STANDIN_WHY}}
+
 
 def _rules_only(fam: dict) -> dict:
     """What drift compares: everything but the description and the measurement record."""
@@ -135,6 +142,9 @@ def derive_group(name: str, description: str, model_types: list[str], log) -> di
                 raise DeriveError(f"{mt}: check failed, not written: {'; '.join(r.errors)}")
         if mt in EXTRA_KEEP:
             fam.setdefault("keep", []).extend(EXTRA_KEEP[mt])
+        for k in fam.get("keep", []):
+            if k.get("under") in UNDER_NOTES.get(mt, {}):
+                k["why"] += UNDER_NOTES[mt][k["under"]]
         rel = max(r.compat_rel for r in results)
         strict = [r.strict_rel for r in results if r.strict_rel is not None]
         log(f"{mt}: compat {rel:.1e}" + (f", strict {max(strict):.1e}" if strict else "")
