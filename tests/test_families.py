@@ -16,6 +16,9 @@ converted in compat and strict mode with source and float32 merged dtypes, and:
   bf16-merged cosine >= 0.9999 at every position, greedy tokens identical for a few steps;
 - families with ``strict_refused`` refuse strict with a one-line reason.
 
+Models are built, saved and loaded under ``standin.towers``: Gemma 3n's timm vision tower (not buildable
+here) is a small stand-in module; its language model, audio tower and embedders are transformers' own.
+
 Adding a family is a data file: its model types are picked up here automatically. Set
 ``SF_FAMILY_NUMBERS=path.json`` to record the measured errors per model type.
 """
