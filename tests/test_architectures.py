@@ -377,6 +377,72 @@ def test_deepseek_v3_mtp_layer_norms_are_kept_and_explained():
     assert plan.actions[L + "mlp.gate.e_score_correction_bias"].kind == "copy"
 
 
+
+# Tensor names of the published Gemma 3n checkpoints (google/gemma-3n-E2B / -E4B, -it): as public readers
+# of their model.safetensors.index.json spell them (ollama's and fairseq2's converters, an XLA loader
+# checked against the real index). One decoder layer and a few tensors of each tower, hand-written here.
+_G3N = "model.language_model."
+_G3N_L = _G3N + "layers.0."
+GEMMA3N_HUB_NAMES = {
+    **{_G3N + k: s for k, s in {"embed_tokens.weight": (32, 8), "embed_tokens_per_layer.weight": (32, 4),
+                               "per_layer_model_projection.weight": (4, 8), "per_layer_projection_norm.weight": (4,),
+                               "norm.weight": (8,), "altup_projections.0.weight": (8, 8),
+                               "altup_unembed_projections.0.weight": (8, 8)}.items()},
+    **{_G3N_L + k: s for k, s in {
+        "input_layernorm.weight": (8,), "self_attn.q_proj.weight": (8, 8), "self_attn.k_proj.weight": (4, 8),
+        "self_attn.v_proj.weight": (4, 8), "self_attn.o_proj.weight": (8, 8), "self_attn.q_norm.weight": (4,),
+        "self_attn.k_norm.weight": (4,), "post_attention_layernorm.weight": (8,),
+        "pre_feedforward_layernorm.weight": (8,), "mlp.gate_proj.weight": (16, 8), "mlp.up_proj.weight": (16, 8),
+        "mlp.down_proj.weight": (8, 16), "post_feedforward_layernorm.weight": (8,),
+        "altup.correct_output_scale": (8,), "altup.correction_coefs.weight": (4, 4),
+        "altup.prediction_coefs.weight": (16, 4), "altup.modality_router.weight": (4, 8),
+        "altup.router_norm.weight": (8,), "laurel.linear_left.weight": (2, 8), "laurel.linear_right.weight": (8, 2),
+        "laurel.post_laurel_norm.weight": (8,), "per_layer_input_gate.weight": (4, 8),
+        "per_layer_projection.weight": (8, 4), "post_per_layer_input_norm.weight": (8,)}.items()},
+    **{"model.vision_tower.timm_model." + k: s for k, s in {
+        "conv_stem.conv.weight": (4, 3, 3, 3), "conv_stem.conv.bias": (4,), "conv_stem.bn.weight": (4,),
+        "blocks.0.0.conv_exp.weight": (8, 4, 3, 3), "blocks.0.0.bn1.weight": (8,),
+        "blocks.3.0.attn.key.norm.weight": (8,), "blocks.3.0.attn.query.proj.weight": (8, 8, 1, 1),
+        "blocks.3.0.layer_scale.gamma": (8,), "msfa.ffn.pw_exp.conv.weight": (8, 8, 1, 1),
+        "msfa.ffn.pw_exp.bn.weight": (8,), "msfa.norm.weight": (8,)}.items()},
+    **{"model.audio_tower." + k: s for k, s in {
+        "subsample_conv_projection.conv_0.conv.weight": (4, 1, 3, 3),
+        "subsample_conv_projection.conv_0.norm.weight": (4,),
+        "subsample_conv_projection.input_proj_linear.weight": (8, 16),
+        "conformer.0.attention.pre_attn_norm.weight": (8,), "conformer.0.attention.attn.q_proj.weight": (8, 8),
+        "conformer.0.attention.attn.per_dim_scale": (4,), "conformer.0.attention.post.weight": (8, 8),
+        "conformer.0.attention.post_norm.weight": (8,), "conformer.0.ffw_layer_start.pre_layer_norm.weight": (8,),
+        "conformer.0.ffw_layer_start.ffw_layer_1.weight": (16, 8),
+        "conformer.0.ffw_layer_start.post_layer_norm.weight": (8,), "conformer.0.lconv1d.pre_layer_norm.weight": (8,),
+        "conformer.0.lconv1d.linear_start.weight": (16, 8), "conformer.0.lconv1d.conv_norm.weight": (8,),
+        "conformer.0.norm.weight": (8,)}.items()},
+    **{f"model.embed_{m}.{k}": s for m in ("vision", "audio") for k, s in {
+        "embedding.weight": (4, 8), "hard_embedding_norm.weight": (8,), "soft_embedding_norm.weight": (8,),
+        "embedding_projection.weight": (8, 8)}.items()},
+}
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_gemma3n_family_matches_the_hub_checkpoint_names(untied):
+    """The gemma3n data file (derived from save_pretrained of a tiny Gemma3nForConditionalGeneration) plans
+    the published checkpoints' names: every norm accounted for, the two derived decoder folds (and the
+    head's when untied), every vision/audio/embedder tensor copied."""
+    from streamfold.plan import make_plan
+    shapes = dict(GEMMA3N_HUB_NAMES, **({"lm_head.weight": (32, 8)} if untied else {}))
+    cfg = {"model_type": "gemma3n", "text_config": {"model_type": "gemma3n_text"}}
+    if untied:
+        cfg["text_config"]["tie_word_embeddings"] = False
+    plan = make_plan(cfg, _header_tensors(shapes), None)
+    assert plan.unknown_norms == []
+    want = {_G3N_L + "pre_feedforward_layernorm.weight", _G3N_L + "altup.router_norm.weight"}
+    assert {n.weight for n in plan.folded} == want | ({_G3N + "norm.weight"} if untied else set())
+    towers = [t for t in shapes if t.startswith(("model.vision_tower.", "model.audio_tower.", "model.embed_"))]
+    assert all(plan.actions[t].kind == "copy" for t in towers)
+    kept = {n.weight for n in plan.kept}
+    assert {"model.vision_tower.timm_model.msfa.norm.weight", "model.vision_tower.timm_model.blocks.3.0.attn.key.norm.weight",
+            "model.audio_tower.conformer.0.lconv1d.conv_norm.weight", "model.embed_vision.hard_embedding_norm.weight",
+            "model.embed_audio.soft_embedding_norm.weight"} <= kept
+
 # -- user rules files ----------------------------------------------------------------------------------------
 LLAMA_RULES = {
     "model_types": ["mymodel"],

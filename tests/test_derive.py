@@ -144,3 +144,27 @@ def test_drift_check(tmp_path):
     assert r.returncode == 1, r.stderr[-2000:]
     assert "1 of 6 families drifted: phi3" in r.stdout, r.stdout + r.stderr[-2000:]
     assert "DRIFT phi3" in r.stderr and "FAILED" not in r.stderr
+
+
+# -- stand-in towers ---------------------------------------------------------------------------------------
+def test_gemma3n_stand_in_replaces_only_the_vision_tower():
+    """Under standin.towers("gemma3n") only the timm vision tower is replaced; the language model, audio
+    tower and embedders are transformers' own classes, and the patch is undone afterwards."""
+    from transformers import AutoModel
+    from transformers.models.gemma3n import modeling_gemma3n as mg
+
+    from streamfold.derive import standin, tiny
+    model = tiny.build_tiny_model("gemma3n")
+    inner = model.model
+    assert type(inner.vision_tower) is standin.Gemma3nVisionStandIn
+    assert type(inner.audio_tower) is mg.Gemma3nAudioEncoder
+    assert type(inner.language_model) is mg.Gemma3nTextModel
+    assert type(inner.embed_vision) is type(inner.embed_audio) is mg.Gemma3nMultimodalEmbedder
+    assert mg.AutoModel is AutoModel  # no patch left behind
+    names = [n for n, _ in inner.vision_tower.named_parameters()]
+    assert names and all(n.startswith("timm_model.") for n in names)
+    # the stand-in's output has the tower's layout: [batch, hidden, 16, 16] -> 256 soft tokens
+    feats = inner.get_image_features(torch.randn(1, 3, 32, 32)).pooler_output
+    assert feats.shape == (1, 256, model.config.text_config.hidden_size)
+    with standin.towers("llama"):  # other types: untouched
+        assert mg.AutoModel is AutoModel

@@ -10,12 +10,10 @@ with ones, wrong for ``1 + w`` norms) the family gets ``strict_refused`` with th
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 MAX_REL = 1e-5
 
@@ -37,15 +35,9 @@ def _rel(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def _load(path, auto):
-    lg = logging.getLogger("transformers")
-    was = lg.level
-    lg.setLevel(logging.ERROR)
-    try:
-        return auto.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager",
-                                    output_loading_info=True)
-    finally:
-        lg.setLevel(was)
+def _load(path, model_type: str):
+    from .tiny import load_pretrained  # stand-in towers, eager attention, quiet
+    return load_pretrained(path, model_type)
 
 
 def _logits(model, inputs):
@@ -70,12 +62,11 @@ def check_family(model, fam: dict, derived, root: Path | None = None) -> CheckRe
     from . import tiny
     mt = model.config.model_type
     res = CheckResult(mt)
-    auto = tiny.auto_class(mt)
     inputs = tiny.example_inputs(model)
     with tempfile.TemporaryDirectory(prefix="sf_check_", dir=root) as td:
         td = Path(td)
         src = tiny.save_sharded(model, td / "src", dtype="bfloat16")
-        ref_model, _ = _load(src, auto)
+        ref_model, _ = _load(src, mt)
         ref = _logits(ref_model.eval(), inputs)
         del ref_model
         rules = td / "rules.json"
@@ -85,7 +76,7 @@ def check_family(model, fam: dict, derived, root: Path | None = None) -> CheckRe
         if plan.unknown_norms:
             res.errors.append(f"norms no rule covers: {plan.unknown_norms[:3]}")
         streamfold.convert(src, td / "compat", merged_dtype="float32", rules=rules)
-        m, info = _load(td / "compat", auto)
+        m, info = _load(td / "compat", mt)
         res.compat_rel = _rel(_logits(m.eval(), inputs), ref)
         del m
         if res.compat_rel > MAX_REL:
@@ -94,17 +85,17 @@ def check_family(model, fam: dict, derived, root: Path | None = None) -> CheckRe
             res.errors.append(f"compat loads with missing {info.get('missing_keys')} / unexpected "
                               f"{info.get('unexpected_keys')}")
         if plan.folded:
-            res.strict_rel, res.strict_refused = _strict(model, fam, plan, rules, src, td, auto, inputs, ref)
+            res.strict_rel, res.strict_refused = _strict(model, fam, plan, rules, src, td, inputs, ref)
     return res
 
 
-def _strict(model, fam, plan, rules, src, td, auto, inputs, ref):
+def _strict(model, fam, plan, rules, src, td, inputs, ref):
     import streamfold
     fam_strict = {k: v for k, v in fam.items() if k != "strict_refused"}
     rules_s = td / "rules_strict.json"
     rules_s.write_text(json.dumps({"families": {"derived": {**fam_strict, "model_types": [model.config.model_type]}}}))
     streamfold.convert(src, td / "strict", mode="strict", merged_dtype="float32", rules=rules_s)
-    m, _ = _load(td / "strict", auto)
+    m, _ = _load(td / "strict", model.config.model_type)
     rel = _rel(_logits(m.eval(), inputs), ref)
     if rel <= MAX_REL:
         return rel, None

@@ -1,0 +1,193 @@
+"""Tiny configs for deriving and testing FlashNorm rules (development time only; transformers).
+
+``tiny_config(model_type, **overrides)``: the config class's own defaults shrunk to tiny dimensions
+(hidden 64, 2-4 layers, 4 heads, vocab 256, 4 experts), eager attention, every layer kind of a hybrid
+present, tiny vision/audio towers for multimodal wrappers.  Per-type overrides live in ``_PER_TYPE``
+(data).  ``auto_class(model_type)``: the Auto class that loads a whole checkpoint of the type.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import transformers
+from transformers.models.auto import configuration_auto, modeling_auto
+
+
+# Generic shrinking: config field -> tiny value, applied where the config class has the field.
+_TEXT_SHRINK: dict[str, Any] = {
+    "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512,
+    "initializer_range": 0.05,
+    # mixture of experts
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "moe_k": 2, "moe_topk": 2, "top_k_experts": 2, "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 64, "shared_intermediate_size": 64, "intermediate_size_mlp": 128,
+    "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1, "moe_layer_start_index": 1,
+    # MLA / sparse attention indexers
+    "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
+    "qk_head_dim": 16, "index_topk": 4, "index_head_dim": 16, "index_n_heads": 2,
+    # linear attention (Gated DeltaNet), Mamba
+    "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16,
+    "mamba_chunk_size": 8, "mamba_d_ssm": 128, "mamba_n_groups": 1,
+    # Gemma 3n / 4 extras
+    "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 256, "laurel_rank": 8,
+    "num_kv_shared_layers": 0,
+    # windows and chunks small enough that a 12-token input exercises them
+    "sliding_window": 8, "attention_chunk_size": 8, "block_size": 8,
+    "block_multiple_of": 16,
+}
+_VISION_SHRINK: dict[str, Any] = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "depth": 2, "num_attention_heads": 2,
+    "num_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "image_size": 32, "patch_size": 8,
+    "initializer_range": 0.05, "vision_output_dim": 64, "projector_input_dim": 64, "projector_output_dim": 64,
+    "num_position_embeddings": 16, "position_embedding_size": 64, "max_position_embeddings": 64,
+    "vocab_size": 8, "output_proj_dims": 64, "num_global_heads": 2,
+}
+_AUDIO_SHRINK: dict[str, Any] = {
+    **_VISION_SHRINK, "conf_num_hidden_layers": 2, "conf_num_attention_heads": 2, "input_feat_size": 16,
+    "sscp_conv_channel_size": [8, 4], "subsampling_conv_channels": [8, 4],
+}
+# Fields whose default None means "feature off": shrunk only when the default turns the feature on.
+_KEEP_NONE = {"q_lora_rank", "sliding_window", "attention_chunk_size", "block_size",
+              "index_topk", "first_k_dense_replace", "moe_layer_start_index"}
+_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+# Multimodal special tokens: inside the tiny vocab, at its top (text inputs stay below 250).
+_SPECIAL_TOKENS = ("image_token_id", "image_token_index", "video_token_id", "audio_token_id",
+                   "boi_token_id", "boi_token_index", "eoi_token_id", "eoi_token_index",
+                   "vision_start_token_id", "vision_end_token_id", "boa_token_id", "eoa_token_id")
+
+# Per-type overrides (data; "wrapper.sub_config" keys apply to a wrapper's sub-config): layer counts that make every layer kind appear, fallbacks to torch code paths.
+_PER_TYPE: dict[str, dict[str, Any]] = {
+    "qwen3_next": {"num_hidden_layers": 4},  # full_attention_interval 4: layers 0-2 DeltaNet, 3 attention
+    "qwen3_5_text": {"num_hidden_layers": 4},
+    "qwen3_5_moe_text": {"num_hidden_layers": 4},
+    "llama4_text": {"num_hidden_layers": 4, "interleave_moe_layer_step": 2},  # NoPE layer 3; dense + MoE
+    "exaone4": {"num_hidden_layers": 4},  # sliding_window_pattern 4
+    "lfm2": {"num_hidden_layers": 3, "full_attn_idxs": [1]},  # conv, attention, conv
+    "granitemoehybrid": {"num_hidden_layers": 3, "layer_types": ["mamba", "attention", "mamba"]},
+    "minimax": {"num_hidden_layers": 2, "layer_types": ["linear_attention", "full_attention"]},
+    "deepseek_v32": {"num_hidden_layers": 2},
+    "glm4_moe": {"num_hidden_layers": 2},
+    "ernie4_5_moe": {"moe_layer_end_index": 1},
+    "hunyuan_v1_moe": {"num_experts": 4},
+    "gemma3": {"mm_tokens_per_image": 4},  # 32x32 image, 8x8 patches: 16 patches pooled to 4 tokens
+    "gemma3.vision_config": {"vision_use_head": False},  # as published Gemma 3 checkpoints
+    # Conditioning (values only, no effect on which tensors exist or how they are used): Gemma 4 uses
+    # attention scaling 1, so scores grow like sqrt(head_dim) and the default global_head_dim 512 saturates
+    # a random model's softmax, amplifying bf16 rounding of folded weights (min bf16-merged cosine 0.990).
+    # Head dims 8 / 16 keep the real 1:2 sliding/global ratio; with init 0.02 the cosine is >= 0.99993.
+    "gemma4_text": {"head_dim": 8, "global_head_dim": 16, "initializer_range": 0.02},
+}
+# Gated DeltaNet hybrids amplify weight rounding through the recurrence at the shared default init 0.05
+# (min logit cosine under 2^-9 relative weight noise 0.96-0.999); at 0.02 it is 0.99999, as llama at 0.05.
+for _mt in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"):
+    _PER_TYPE[_mt] = {**_PER_TYPE.get(_mt, {}), "initializer_range": 0.02}
+
+
+def _fields(cfg) -> set[str]:
+    return set(cfg.to_dict()) | set(getattr(type(cfg), "attribute_map", {}) or {})
+
+
+def _shrunk(cls, table: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    default = cls()
+    have = _fields(default) | set(getattr(cls, "__dataclass_fields__", {}))
+    kw = {k: v for k, v in table.items()
+          if k in have and (k not in _KEEP_NONE or getattr(default, k, None) is not None)}
+    if "kv_lora_rank" in kw:  # MLA: head_dim is the rotary part, one kv head per query head
+        kw["head_dim"] = kw.get("qk_rope_head_dim", kw.get("head_dim"))
+        kw["num_key_value_heads"] = kw.get("num_attention_heads")
+    for k, v in _TOKEN_IDS.items():
+        if k in have:
+            kw[k] = v
+    return {**kw, **extra}
+
+
+def _sub_model_type(parent_cls, key: str) -> str | None:
+    sub = parent_cls.sub_configs.get(key)
+    mt = getattr(sub, "model_type", None)
+    return mt or None
+
+
+def tiny_config(model_type: str, **overrides) -> "transformers.PretrainedConfig":
+    """A tiny config of ``model_type``: the class defaults shrunk (``_TEXT_SHRINK``), per-type
+    overrides (``_PER_TYPE``), then ``overrides``; sub-configs of multimodal wrappers shrunk too."""
+    cls = configuration_auto.CONFIG_MAPPING[model_type]
+    subs = dict(getattr(cls, "sub_configs", {}) or {})
+    if not subs:
+        kw = _shrunk(cls, _TEXT_SHRINK, _PER_TYPE.get(model_type, {}))
+        kw.update(overrides)
+        return _finish(_with_all_layer_kinds(cls, kw, cls(**kw)))
+    kw: dict[str, Any] = {}
+    default = cls()
+    for key in subs:
+        sub_mt = getattr(getattr(default, key, None), "model_type", None) or _sub_model_type(cls, key)
+        if sub_mt is None:
+            continue
+        if key == "text_config":
+            sub = tiny_config(sub_mt, **overrides.pop("text_config", {}))
+        else:
+            table = _AUDIO_SHRINK if "audio" in key else _VISION_SHRINK
+            scls = configuration_auto.CONFIG_MAPPING[sub_mt]
+            skw = _shrunk(scls, table, {**_PER_TYPE.get(sub_mt, {}), **_PER_TYPE.get(f"{model_type}.{key}", {})})
+            skw.update(overrides.pop(key, {}))
+            sub = scls(**skw)
+        kw[key] = sub.to_dict()
+    text = kw.get("text_config", {})
+    for key in ("vision_config",):
+        vc = kw.get(key)
+        if vc is not None and "out_hidden_size" in vc:
+            vc["out_hidden_size"] = text.get("hidden_size", 64)  # the merger's output feeds the text model
+    for k in _SPECIAL_TOKENS:
+        kw[k] = 250 + _SPECIAL_TOKENS.index(k) % 6
+    kw.update(_PER_TYPE.get(model_type, {}))
+    kw.update(overrides)
+    fields = set(getattr(cls, "__dataclass_fields__", {})) | _fields(cls())
+    kw = {k: v for k, v in kw.items() if k in fields or k.endswith("_config")}
+    return _finish(cls(**kw))
+
+
+def _missing_kinds(cfg, default) -> list[str]:
+    want = list(dict.fromkeys(getattr(default, "layer_types", None) or []))
+    have = getattr(cfg, "layer_types", None) or []
+    return [k for k in want if k not in have]
+
+
+def _with_all_layer_kinds(cls, kw: dict[str, Any], cfg):
+    """Hybrids: every layer kind of the full-size default config must appear in the tiny one.  When the
+    shrunk config lost some (e.g. Gemma 3's full-attention layer every 6th), its last layers take them."""
+    missing = _missing_kinds(cfg, cls())
+    if not missing:
+        return cfg
+    if "layer_types" in kw:
+        raise ValueError(f"tiny {cfg.model_type}: layer kinds {missing} missing from {cfg.layer_types}")
+    types = list(cfg.layer_types)
+    if len(types) <= len(missing):
+        types = [types[0]] + types
+    types[len(types) - len(missing):] = missing
+    cfg = cls(**{**kw, "num_hidden_layers": len(types), "layer_types": types})
+    if _missing_kinds(cfg, cls()):
+        raise ValueError(f"tiny {cfg.model_type}: cannot make every layer kind appear ({cfg.layer_types})")
+    return cfg
+
+
+def _finish(cfg):
+    cfg._attn_implementation = "eager"
+    for c in [cfg] + [getattr(cfg, k) for k in getattr(cfg, "sub_configs", {}) if getattr(cfg, k, None) is not None]:
+        c._attn_implementation = "eager"
+        if hasattr(c, "use_cache"):
+            pass
+    return cfg
+
+
+def auto_class(model_type: str):
+    """The Auto class that loads a whole checkpoint of ``model_type`` (multimodal wrappers included)."""
+    if model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and \
+            configuration_auto.CONFIG_MAPPING[model_type].sub_configs.get("vision_config") is not None:
+        return transformers.AutoModelForImageTextToText
+    if model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForCausalLM
+    if model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return transformers.AutoModelForImageTextToText
+    raise ValueError(f"{model_type}: no causal-LM or image-text-to-text Auto class in transformers "
+                     f"{transformers.__version__}")
