@@ -146,6 +146,32 @@ def test_drift_check(tmp_path):
     assert "DRIFT phi3" in r.stderr and "FAILED" not in r.stderr
 
 
+def test_no_family_drifted():
+    """Every stored family's rules equal what its tiny models derive under the installed transformers
+    (--rules-only: tests/test_families.py checks the stored rules numerically, family by family)."""
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "derive_rules.py"), "--check", "--rules-only"],
+                       capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.startswith("0 of ") and "families drifted" in r.stdout, \
+        r.stdout + r.stderr[-3000:]
+
+
+def test_rules_only_reports_drift(tmp_path):
+    """--rules-only still sees an edited rule (and needs --check)."""
+    import shutil
+    folder = tmp_path / "families"
+    shutil.copytree(FAMILY_DIR, folder)
+    f = folder / "olmo2.toml"
+    f.write_text(f.read_text().replace("post_feedforward_layernorm", "post_ffn_layernorm", 1))
+    assert f.read_text() != (FAMILY_DIR / "olmo2.toml").read_text()
+    tool = [sys.executable, str(ROOT / "tools" / "derive_rules.py")]
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(tool + ["--check", "--rules-only", "--families-dir", str(folder), "--only", "olmo2", "phi3"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "1 of 2 families drifted: olmo2" in r.stdout, r.stdout + r.stderr[-2000:]
+    r = subprocess.run(tool + ["--rules-only"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "--rules-only needs --check" in r.stderr
+
+
 # -- stand-in towers ---------------------------------------------------------------------------------------
 def test_gemma3n_stand_in_replaces_only_the_vision_tower():
     """Under standin.towers("gemma3n") only the timm vision tower is replaced; the language model, audio
