@@ -112,13 +112,13 @@ def tensor_checks(task: Task, piece_bytes: int, labels: dict[str, str] | None = 
     checks = {n: TensorCheck(n, dt, tuple(sh), lay.tensors[n].end - lay.tensors[n].begin,
                              label=(labels or {}).get(n, ""))
               for n, dt, sh in task.tensors}
-    starts = sorted((lay.tensors[n].begin, n) for n in checks)
-    begins = [b for b, _ in starts]
+    starts = sorted((lay.tensors[n].begin, lay.tensors[n].end, n) for n in checks)  # empty ones first
+    begins = [b for b, _, _ in starts]
     for c in task.chunks:
         if c.op == Op.COPY:  # a run of tensors: one piece list per tensor it covers
             i = max(0, bisect.bisect_right(begins, c.dst) - 1)
             while i < len(starts) and starts[i][0] < c.dst + c.size:
-                t = lay.tensors[starts[i][1]]
+                t = lay.tensors[starts[i][2]]
                 lo, hi = max(c.dst, t.begin), min(c.dst + c.size, t.end)
                 for o in range(lo, hi, piece_bytes):
                     n = min(piece_bytes, hi - o)

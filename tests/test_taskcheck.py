@@ -16,7 +16,7 @@ import pytest
 import streamfold
 from streamfold import checkrun, fold, forward_check, oracle, taskcheck, verify, verify_meta, verify_report
 from streamfold.plan import Kind
-from streamfold.tasks import Op, Task
+from streamfold.tasks import Chunk, Op, Task
 from tests.factory import build_checkpoint
 from tests.test_verify import overwrite, read_tensor, span
 
@@ -127,3 +127,13 @@ def test_element_check_is_independent_of_the_kernels(from_json, monkeypatch):
         monkeypatch.setattr(fold, k, broken)
     src, out, _ = from_json
     assert streamfold.verify(src, out).ok
+
+
+def test_copy_run_with_an_empty_tensor_at_the_same_offset():
+    """A zero-size tensor shares its offset with the next one: the copy record still checks the next."""
+    t = Task(shard="s", tensors=[("z", "BF16", (0,)), ("b", "BF16", (4,))], metadata=None, sources={}, chunks=[])
+    begin = t.layout().tensors["z"].begin
+    t.chunks.append(Chunk(Op.COPY, "z", begin, 8, src="s", src_off=100, src_bytes=8))
+    checks = taskcheck.tensor_checks(t, 4)
+    assert checks["z"].pieces == []
+    assert [(p.rel, p.size, p.src_off) for p in checks["b"].pieces] == [(0, 4, 100), (4, 4, 104)]
