@@ -145,9 +145,11 @@ def tensor_checks(task: Task, piece_bytes: int, labels: dict[str, str] | None = 
         tc.pieces.sort(key=lambda p: p.rel)
         pos = 0
         for p in tc.pieces:
-            assert p.rel == pos, f"{task.shard}: chunk records of {tc.name} leave a gap or overlap at {pos}"
+            if p.rel != pos:
+                raise AssertionError(f"{task.shard}: chunk records of {tc.name} leave a gap or overlap at {pos}")
             pos += p.size
-        assert pos == tc.nbytes, f"{task.shard}: chunk records cover {pos} of {tc.nbytes} bytes of {tc.name}"
+        if pos != tc.nbytes:
+            raise AssertionError(f"{task.shard}: chunk records cover {pos} of {tc.nbytes} bytes of {tc.name}")
     return checks
 
 

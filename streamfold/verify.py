@@ -20,9 +20,10 @@ the one element check):
   format of the unfolded model was left behind (:mod:`streamfold.verify_meta`);
 - ``SHA256SUMS`` (written by convert) matches every file and lists all of them, when present.
 
-Output shards are read exactly once, sequentially per file (each piece feeds both the manifest hash
-and the tensor check), source tensors once, all through bounded reused buffers (never memory-mapped),
-so peak memory is set by the buffer budget whatever the model size (:mod:`streamfold.checkrun`).
+Output shards are read once, sequentially per file (each piece feeds both the manifest hash and the
+tensor check; the headers, a few KB, twice), source tensors once, all through bounded reused buffers
+(never memory-mapped), so peak memory is set by the buffer budget whatever the model size
+(:mod:`streamfold.checkrun`).
 
 What this proves, and what it does not: the source is re-planned with the same planner and rules
 convert used, so a pass means "DST is exactly this plan executed on SRC" (every byte accounted for),
