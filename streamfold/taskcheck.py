@@ -1,117 +1,310 @@
-"""Check one written output shard against its task, chunk record by chunk record.
+"""The one element check: output tensors against the chunk records of the task that wrote them.
 
-The same records the engine executed, checked independently of how it executed them: the header
-bytes are the task's; copied ranges are byte-identical to the source; every folded element is the
-float32 product rounded once (``oracle.check_scaled``, the element check ``verify`` uses); identity
-fills are exact; folded biases equal ``b + W @ beta`` (float64) to within one rounding. Used by the
-streaming Hub path (``--stream --verify``), which checks each shard before uploading it and deleting
-its source.
+The same records the engine executed (:mod:`streamfold.tasks`), checked independently of how it
+executed them: copied ranges are byte-identical to the source; every folded element has exactly the
+bits of the exact product rounded once (:func:`streamfold.oracle.check_scaled`: a float64 product and
+ml_dtypes/numpy rounding, not fold.py's kernels); identity fills are exact; folded biases equal
+``b + W @ beta`` (float64) to within one rounding (half an ulp of the stored value plus a
+1e-12 x ``|W| @ |beta|`` allowance for the float64 summation: not bit-exact).
+
+Chunk records are cut into :class:`Piece` s of at most ``piece_bytes`` output bytes, each restricted
+to one tensor (a copy record spans a run of tensors), so memory stays bounded whatever chunking the
+task was planned with, and every problem names its tensor. A tensor is checked wherever the output
+actually holds it (:class:`Target`), so a shard whose header differs from the task's (a tensor
+missing or added) still has its other tensors checked. Used by ``verify`` (every shard, with the
+manifest hash fed from the same reads: :mod:`streamfold.checkrun`) and by the streaming Hub path
+(``--stream --verify``: :func:`check_task`, each shard before it is uploaded).
 """
 from __future__ import annotations
 
-import os
+import bisect
+import math
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .checkrun import Job, Reader, feed, run_jobs
 from .dtypes import DTYPES, widen_bf16
+from .errors import StreamfoldError
 from .fold import Scratch
-from .reader import pread_into
-from .tasks import Op, Task
+from .manifest import OrderedHasher
+from .oracle import FoldTally, check_scaled, uint_of
+from .tasks import Chunk, Op, Task
+from .verify_report import Problem, fmt_index, fmt_ulps
 
-PIECE = 8 << 20
+PIECE = 8 << 20  # check_task's default piece size
 
 
-def check_task(task: Task, out_path: Path, sources: dict[str, Path]) -> list[str]:
-    """Problems found in ``out_path`` (the shard ``task`` wrote), one line each; empty when correct."""
-    from .oracle import check_scaled  # the element check verify uses (independent of fold.py)
+@dataclass(frozen=True)
+class Target:
+    """Where a tensor is in the output: the file and the absolute offset of its data."""
+
+    path: Path
+    begin: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Part of one chunk record, inside one tensor: ``size`` output bytes at ``rel`` within it."""
+
+    chunk: Chunk
+    rel: int
+    size: int
+    src_off: int = 0  # absolute offset in the chunk's source file (copy, fold)
+    rows: tuple[int, int] = (0, 0)  # fold: the rows of this piece
+
+
+@dataclass
+class TensorCheck:
+    """One tensor of a task's header: its pieces and the tally they accumulate."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    op: Op = Op.COPY  # tensors no non-copy record names are copies
+    pieces: list[Piece] = field(default_factory=list)
+    vec: np.ndarray | None = None  # fold: the float32 multiplier; bias: the float64 shift
+    label: str = ""  # what the message says it must be (verify passes names the task does not carry)
+    tally: FoldTally = field(default_factory=FoldTally)
+    unreadable: str | None = None
+    checked: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def problem(self) -> Problem | None:
+        """The tensor's verdict after all its pieces ran (None: correct)."""
+        if self.unreadable is not None:
+            return Problem("tensor", self.name, f"cannot read the output ({self.unreadable})")
+        t = self.tally
+        if not t.bad:
+            return None
+        idx, got, want = t.first
+        c = self.pieces[0].chunk
+        if self.op == Op.COPY:
+            msg = (f"differs from the source ({self.label or 'should be unchanged'}): {t.bad} of {self.nbytes} "
+                   f"bytes differ, first at byte {idx}")
+        elif self.op == Op.FOLD:
+            hint = "; every wrong element equals the source (left unfolded?)" if t.bad_equal_source == t.bad else ""
+            msg = (f"is not source x {c.norm} rounded once: {t.bad} of {self.numel} elements wrong (worst "
+                   f"{fmt_ulps(t.worst_ulp)}), first at {fmt_index(idx, self.shape)}: {got:.6g}, expected "
+                   f"{want:.6g}{hint}")
+        elif self.op == Op.FILL:
+            msg = (f"folded norm is not the identity ({c.value:g}): {t.bad} of {self.numel} elements differ, "
+                   f"first at {fmt_index(idx, self.shape)}: {got:.6g}")
+        else:
+            msg = (f"is not the source bias + {self.label or f'W @ the shift of {c.norm}'} within one rounding: "
+                   f"{t.bad} of {self.numel} elements wrong, first at {fmt_index(idx, self.shape)}: {got:.6g}, "
+                   f"expected {want:.6g}")
+        return Problem("tensor", self.name, msg)
+
+
+def tensor_checks(task: Task, piece_bytes: int, labels: dict[str, str] | None = None) -> dict[str, TensorCheck]:
+    """Every tensor of ``task``'s header with the pieces that check it, in output order.
+
+    Raises AssertionError if the records do not tile every tensor exactly (then some bytes would go
+    unchecked)."""
     lay = task.layout()
-    problems: list[str] = []
+    checks = {n: TensorCheck(n, dt, tuple(sh), lay.tensors[n].end - lay.tensors[n].begin,
+                             label=(labels or {}).get(n, ""))
+              for n, dt, sh in task.tensors}
+    starts = sorted((lay.tensors[n].begin, lay.tensors[n].end, n) for n in checks)  # empty ones first
+    begins = [b for b, _, _ in starts]
+    for c in task.chunks:
+        if c.op == Op.COPY:  # a run of tensors: one piece list per tensor it covers
+            i = max(0, bisect.bisect_right(begins, c.dst) - 1)
+            while i < len(starts) and starts[i][0] < c.dst + c.size:
+                t = lay.tensors[starts[i][2]]
+                lo, hi = max(c.dst, t.begin), min(c.dst + c.size, t.end)
+                for o in range(lo, hi, piece_bytes):
+                    n = min(piece_bytes, hi - o)
+                    checks[t.name].pieces.append(Piece(c, o - t.begin, n, c.src_off + o - c.dst))
+                i += 1
+            continue
+        tc = checks[c.tensor]
+        tc.op = c.op
+        base = lay.tensors[c.tensor].begin
+        if c.op == Op.FOLD:
+            tc.vec = task.norms[c.norm]["scale"].astype(np.float32)
+            isz, osz = DTYPES[c.src_dtype].itemsize, DTYPES[c.out_dtype].itemsize
+            step = max(1, piece_bytes // max(1, c.cols * max(isz, osz)))
+            r0, r1 = c.rows
+            for a in range(r0, r1, step):
+                b = min(r1, a + step)
+                tc.pieces.append(Piece(c, c.dst - base + (a - r0) * c.cols * osz, (b - a) * c.cols * osz,
+                                       c.src_off + (a - r0) * c.cols * isz, (a, b)))
+        else:  # fill, bias: one small tensor (a norm, a bias), in one piece
+            if c.op == Op.BIAS:
+                tc.vec = task.norms[c.norm]["shift"].astype(np.float64)
+            tc.pieces.append(Piece(c, c.dst - base, c.size, c.src_off))
+    for tc in checks.values():
+        tc.pieces.sort(key=lambda p: p.rel)
+        pos = 0
+        for p in tc.pieces:
+            if p.rel != pos:
+                raise AssertionError(f"{task.shard}: chunk records of {tc.name} leave a gap or overlap at {pos}")
+            pos += p.size
+        if pos != tc.nbytes:
+            raise AssertionError(f"{task.shard}: chunk records cover {pos} of {tc.nbytes} bytes of {tc.name}")
+    return checks
+
+
+class Checker:
+    """Runs the pieces of many tensors against the output and tallies them (thread safe)."""
+
+    def __init__(self, sources: dict[str, Path], reader: Reader, piece_bytes: int) -> None:
+        self.sources = sources
+        self.reader = reader
+        self.piece_bytes = piece_bytes
+        self.lock = threading.Lock()
+
+    def file_jobs(self, path: Path, spans: list[tuple[int, int, TensorCheck | None, Target | None]],
+                  hasher: OrderedHasher | None) -> list[Job]:
+        """Jobs reading the output file ``path`` once, in order: ``spans`` are ``(begin, end, check,
+        target)`` ranges (the header, then tensors in file order; ``check`` None: only hashed)."""
+        jobs: list[Job] = []
+        for begin, end, tc, target in spans:
+            if tc is None:
+                if hasher is not None:
+                    for o in range(begin, end, self.piece_bytes):
+                        jobs.append(self._hash_job(path, o, min(self.piece_bytes, end - o), hasher))
+                continue
+            tc.checked = True
+            jobs.extend(Job(p.size, lambda s, p=p, tc=tc, t=target: self._run(p, tc, t, s, hasher)) for p in tc.pieces)
+        return jobs
+
+    def _hash_job(self, path: Path, offset: int, n: int, hasher: OrderedHasher) -> Job:
+        def run(s: Scratch) -> None:
+            buf = s.get("dst", n)
+            try:
+                self.reader.read(path, offset, buf)
+            except (OSError, StreamfoldError) as e:  # a hash waits for every piece: never skip the feed
+                feed(hasher, offset, buf, f"cannot read {path.name}: {e}")
+                return
+            feed(hasher, offset, buf)
+        return Job(n, run)
+
+    def _run(self, p: Piece, tc: TensorCheck, target: Target, s: Scratch, hasher: OrderedHasher | None) -> None:
+        d = s.get("dst", p.size)
+        off = target.begin + p.rel
+        try:
+            self.reader.read(target.path, off, d)
+        except (OSError, StreamfoldError) as e:  # a hash waits for every piece: never skip the feed
+            feed(hasher, off, d, f"cannot read {target.path.name}: {e}")
+            with self.lock:
+                tc.unreadable = tc.unreadable or str(e)
+            return
+        feed(hasher, off, d)
+        part = _CHECKS[p.chunk.op](self, p, tc, d, s)
+        if part.bad:
+            with self.lock:
+                tc.tally.merge(part)
+
+    # -- the element checks, one per record kind --------------------------------------------------------
+    def _copy(self, p: Piece, tc: TensorCheck, d: np.ndarray, s: Scratch) -> FoldTally:
+        sb = s.get("src", p.size)
+        self.reader.read(self.sources[p.chunk.src], p.src_off, sb)
+        t = FoldTally()
+        if not _bytes_equal(d, sb):
+            where = np.flatnonzero(d != sb)
+            t.bad, t.first = int(where.size), (p.rel + int(where[0]), None, None)
+        return t
+
+    def _fold(self, p: Piece, tc: TensorCheck, d: np.ndarray, s: Scratch) -> FoldTally:
+        c, (r0, r1) = p.chunk, p.rows
+        n = r1 - r0
+        sb = s.get("src", n * c.cols * DTYPES[c.src_dtype].itemsize)
+        self.reader.read(self.sources[c.src], p.src_off, sb)
+        m = tc.vec[np.arange(r0, r1) % c.width].reshape(n, 1) if c.per_row else tc.vec.reshape(1, -1)
+        return check_scaled(sb.view(DTYPES[c.src_dtype]).reshape(n, c.cols),
+                            d.view(DTYPES[c.out_dtype]).reshape(n, c.cols), m, c.src_dtype, c.out_dtype,
+                            base_index=r0 * c.cols)
+
+    def _fill(self, p: Piece, tc: TensorCheck, d: np.ndarray, s: Scratch) -> FoldTally:
+        c = p.chunk
+        want = np.full(tc.numel, c.value, dtype=DTYPES[c.out_dtype])
+        got = d.view(DTYPES[c.out_dtype])
+        u = uint_of(c.out_dtype)
+        wrong = np.flatnonzero(got.view(u) != want.view(u))
+        t = FoldTally()
+        if wrong.size:
+            i = int(wrong[0])
+            t.bad, t.first = int(wrong.size), (i, float(got[i]), c.value)
+        return t
+
+    def _bias(self, p: Piece, tc: TensorCheck, d: np.ndarray, s: Scratch) -> FoldTally:
+        """``b + W @ beta`` in float64 (W the unscaled source consumer weight, read in ``step``-row
+        blocks), to within half an ulp of the stored value plus a summation-order allowance."""
+        c, beta = p.chunk, tc.vec
+        wfile, wbegin, wdtype, wshape = c.weight
+        b = s.get("src", tc.numel * DTYPES[c.src_dtype].itemsize)
+        self.reader.read(self.sources[c.src], c.src_off, b)
+        ref = _f64(b, c.src_dtype)
+        wpath, isz = self.sources[wfile], DTYPES[wdtype].itemsize
+        if c.axis == len(wshape) - 1:  # W as [rows, cols]: one bias element per row
+            cols = wshape[-1]
+            rows = math.prod(wshape[:-1])
+            mag = np.empty(rows)
+            step = max(1, min(c.step or rows, self.piece_bytes // max(1, cols * isz)))
+            for i in range(0, rows, step):
+                k = min(step, rows - i)
+                blk = s.get("w", k * cols * isz)
+                self.reader.read(wpath, wbegin + i * cols * isz, blk)
+                w = _f64(blk, wdtype).reshape(k, cols)
+                ref[i:i + k] += w @ beta
+                mag[i:i + k] = np.abs(w) @ np.abs(beta)
+        else:  # fused/transposed consumers behind a biased LayerNorm: none known; read whole
+            raw = np.empty(math.prod(wshape) * isz, np.uint8)
+            self.reader.read(wpath, wbegin, raw)
+            w = _f64(raw, wdtype).reshape(wshape)
+            ref += np.tensordot(w, beta, axes=([c.axis], [0])).reshape(-1)
+            mag = np.tensordot(np.abs(w), np.abs(beta), axes=([c.axis], [0])).reshape(-1)
+        got = _f64(d, c.out_dtype)
+        rounded = np.abs(ref.astype(DTYPES[c.out_dtype]))
+        ulp = np.abs(np.nextafter(rounded, np.inf) - rounded).astype(np.float64) if c.out_dtype != "BF16" else \
+            np.abs(np.spacing(rounded.astype(np.float32))).astype(np.float64) * 65536.0
+        wrong = np.flatnonzero(~(np.abs(got - ref) <= 0.5 * ulp + mag * 1e-12))
+        t = FoldTally()
+        if wrong.size:
+            i = int(wrong[0])
+            t.bad, t.first = int(wrong.size), (i, float(got[i]), float(ref[i]))
+        return t
+
+
+_CHECKS = {Op.COPY: Checker._copy, Op.FOLD: Checker._fold, Op.FILL: Checker._fill, Op.BIAS: Checker._bias}
+
+
+def _f64(raw: np.ndarray, dtype: str) -> np.ndarray:
+    return (widen_bf16(raw) if dtype == "BF16" else raw.view(DTYPES[dtype])).astype(np.float64)
+
+
+def _bytes_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.nbytes % 8 == 0:
+        return bool(np.array_equal(a.view(np.uint64), b.view(np.uint64)))
+    return bool(np.array_equal(a, b))
+
+
+def check_task(task: Task, out_path: Path, sources: dict[str, Path], *, workers: int = 1,
+               piece_bytes: int = PIECE) -> list[Problem]:
+    """Problems found in ``out_path`` (the shard ``task`` wrote); empty when it is correct."""
+    lay = task.layout()
     size = out_path.stat().st_size
     if size != lay.file_bytes:
-        return [f"{task.shard}: {size} bytes, the task lays out {lay.file_bytes}"]
-    fds = {name: os.open(p, os.O_RDONLY) for name, p in sources.items() if name in task.sources}
-    out = os.open(out_path, os.O_RDONLY)
-    scratch = Scratch()
+        return [Problem("layout", task.shard, f"{size} bytes, the task lays out {lay.file_bytes}")]
+    reader = Reader()
     try:
         head = np.empty(len(lay.header), np.uint8)
-        pread_into(out, head, 0, out_path)
+        reader.read(out_path, 0, head)
         if head.tobytes() != lay.header:
-            problems.append(f"{task.shard}: header differs from the task's")
-        bad: dict[str, str] = {}
-        for c in task.chunks:
-            if c.tensor in bad:
-                continue
-            msg = _check_chunk(task, c, out, fds, out_path, scratch, check_scaled)
-            if msg:
-                bad[c.tensor] = msg
-        problems.extend(f"{t}: {m}" for t, m in bad.items())
+            return [Problem("layout", task.shard, "header differs from the task's")]
+        checks = tensor_checks(task, piece_bytes)
+        spans = [(lay.tensors[n].begin, lay.tensors[n].end, checks[n], Target(out_path, lay.tensors[n].begin))
+                 for n, _, _ in task.tensors]
+        run_jobs([Checker(sources, reader, piece_bytes).file_jobs(out_path, spans, None)], workers)
     finally:
-        for fd in (*fds.values(), out):
-            os.close(fd)
-    return problems
-
-
-def _read(fd, off, n, path, scratch, key) -> np.ndarray:
-    buf = scratch.get(key, n)
-    pread_into(fd, buf, off, path)
-    return buf
-
-
-def _check_chunk(task: Task, c, out: int, fds: dict[str, int], out_path: Path, scratch: Scratch,
-                 check_scaled) -> str | None:
-    if c.op == Op.COPY:
-        for o in range(0, c.size, PIECE):
-            n = min(PIECE, c.size - o)
-            d = _read(out, c.dst + o, n, out_path, scratch, "d")
-            s = _read(fds[c.src], c.src_off + o, n, c.src, scratch, "s")
-            if not np.array_equal(d, s):
-                return f"differs from the source (unchanged bytes at output offset {c.dst + o + int(np.flatnonzero(d != s)[0])})"
-        return None
-    if c.op == Op.FOLD:
-        r0, r1 = c.rows
-        n = r1 - r0
-        scale = task.norms[c.norm]["scale"].astype(np.float32)
-        m = scale[np.arange(r0, r1) % c.width].reshape(n, 1) if c.per_row else scale.reshape(1, -1)
-        s = _read(fds[c.src], c.src_off, c.src_bytes, c.src, scratch, "s")
-        d = _read(out, c.dst, c.size, out_path, scratch, "d")
-        tally = check_scaled(s.view(DTYPES[c.src_dtype]).reshape(n, c.cols), d.view(DTYPES[c.out_dtype]).reshape(n, c.cols),
-                             m, c.src_dtype, c.out_dtype, Scratch(), base_index=r0 * c.cols)
-        if tally.bad:
-            return f"{tally.bad} folded elements are not source x {c.norm} rounded once (rows {r0}..{r1})"
-        return None
-    if c.op == Op.FILL:
-        want = np.full(c.shape, c.value, dtype=DTYPES[c.out_dtype]).reshape(-1).view(np.uint8)
-        d = _read(out, c.dst, c.size, out_path, scratch, "d")
-        return None if np.array_equal(d, want) else f"folded norm is not the identity ({c.value:g})"
-    if c.op == Op.BIAS:
-        return _check_bias(task, c, out, fds, out_path)
-    raise AssertionError(c.op)
-
-
-def _f64(raw: np.ndarray, dtype: str, shape) -> np.ndarray:
-    v = widen_bf16(raw) if dtype == "BF16" else raw.view(DTYPES[dtype])
-    return v.astype(np.float64).reshape(shape)
-
-
-def _check_bias(task: Task, c, out: int, fds: dict[str, int], out_path: Path) -> str | None:
-    """``b + W @ beta`` in float64 over the whole W, to within half an ulp of the stored dtype (plus a
-    float64 summation-order allowance)."""
-    wfile, wbegin, wdtype, wshape = c.weight
-    nw = int(np.prod(wshape)) * DTYPES[wdtype].itemsize
-    w = np.empty(nw, np.uint8)
-    pread_into(fds[wfile], w, wbegin, wfile)
-    W = _f64(w, wdtype, wshape)
-    beta = task.norms[c.norm]["shift"].astype(np.float64)
-    b = np.empty(int(np.prod(c.shape)) * DTYPES[c.src_dtype].itemsize, np.uint8)
-    pread_into(fds[c.src], b, c.src_off, c.src)
-    ref = _f64(b, c.src_dtype, c.shape) + np.tensordot(W, beta, axes=([c.axis], [0]))
-    mag = np.tensordot(np.abs(W), np.abs(beta), axes=([c.axis], [0]))
-    d = np.empty(c.size, np.uint8)
-    pread_into(out, d, c.dst, out_path)
-    got = _f64(d, c.out_dtype, c.shape)
-    r = np.abs(ref.astype(np.float32))
-    ulp = np.abs(np.spacing(r)).astype(np.float64) * (65536.0 if c.out_dtype == "BF16" else
-                                                       8192.0 if c.out_dtype == "F16" else 1.0)
-    wrong = int(np.sum(~(np.abs(got - ref) <= 0.5 * ulp + mag * 1e-12)))
-    return f"{wrong} elements are not the source bias + W @ beta within one rounding" if wrong else None
+        reader.close()
+    return [p for tc in checks.values() if (p := tc.problem()) is not None]

@@ -46,6 +46,8 @@ def test_ray_output_is_byte_identical(cluster, neox, local_ref, tmp_path):  # no
     rep = streamfold.convert(neox, out, manifest=True, executor="ray", workers=1, memory_budget=1 << 20)
     assert rep.bytes_out > 0
     assert _files(out) == _files(local_ref)
+    v = streamfold.verify(neox, out)  # checked against the records the driver planned, not the engine's run
+    assert v.ok and v.counts["biases"] == 4 and v.manifest == "ok", v.summary()
 
 
 def test_killed_ray_task_is_retried(cluster, neox, local_ref, tmp_path):  # noqa: F811
