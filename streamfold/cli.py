@@ -55,7 +55,7 @@ VERIFY_PROVES = """\
 Re-plans SRC with the same planner and rules convert uses, then reads both checkpoints once and checks:
 every unchanged tensor byte-identical; every folded element bit-identical to the exact product
 source x norm rounded once to its stored dtype (recomputed independently of the fold kernel); folded
-norms identity (compat) or absent (strict); folded LayerNorm biases within one rounding of b + W @ beta;
+norms identity (compat) or absent (strict); folded LayerNorm biases bit-identical to b + W @ beta rounded once;
 config flags, shard layout, index, other files and SHA256SUMS.
 
 A pass proves DST is this plan executed exactly on SRC. It does not prove the plan is right for the

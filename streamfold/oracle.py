@@ -89,3 +89,40 @@ def _check(src, dst, mult, src_dtype, out_dtype, base_index) -> FoldTally:
         if tally.first is None:
             tally.first = (base_index + r * cols + int(idx[0]), float(got64[0]), float(exp64[0]))
     return tally
+
+
+def expected_bias(b: np.ndarray, w: np.ndarray, beta: np.ndarray, out_dtype: str) -> np.ndarray:
+    """``b + w @ beta`` for ``[rows]`` biases, ``[rows, cols]`` weights and a ``[cols]`` shift, each
+    element the exact sum rounded once to ``out_dtype`` (what a LayerNorm bias fold must store).
+
+    All three in float64; each product of a bf16/f16/f32 weight and a float32 shift is exact there.
+    A row whose float64 sum's error interval (at most ``(cols + 2) 2^-53 (|b| + |w| @ |beta|)`` wide,
+    whatever order BLAS sums in) rounds to one value gets it. Any other row is summed by
+    :func:`math.fsum` (the correctly rounded float64 sum ``r``); if ``r``'s two float64 neighbours round
+    to different values, ``r`` is a rounding boundary and the sign of the exact remainder (``fsum``
+    again, with ``-r``) decides. Rounding is ml_dtypes'/numpy's cast from float64. Rows holding NaN or
+    infinity get the IEEE float64 sum, rounded. (The kernel, :func:`streamfold.fold.fold_bias_rows`,
+    settles its boundary rows by exact integer summation instead.)"""
+    import math
+    target = DTYPES[out_dtype]
+    rows, cols = w.shape
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = b + w @ beta
+        err = (np.abs(b) + np.abs(w) @ np.abs(beta)) * ((cols + 2) * 2.0 ** -53 * 2.0)
+        lo, hi = (s - err).astype(target), (s + err).astype(target)
+    out = s.astype(target)
+    u = uint_of(out_dtype)
+    for i in np.flatnonzero(np.isfinite(s) & np.isfinite(err) & (lo.view(u) != hi.view(u))):
+        terms = [float(b[i])] + (w[i] * beta).tolist()
+        r = math.fsum(terms)
+        if out_dtype == "F64":  # no second rounding: the correctly rounded sum is the answer
+            out[i] = r
+            continue
+        below = np.array([np.nextafter(r, -np.inf)]).astype(target)
+        above = np.array([np.nextafter(r, np.inf)]).astype(target)
+        if below.view(u)[0] == above.view(u)[0]:
+            out[i] = np.array([r]).astype(target)[0]  # not a boundary: r rounds as the exact sum does
+        else:
+            rest = math.fsum(terms + [-r])  # exact sum - r, correctly rounded: its sign is exact
+            out[i] = above[0] if rest > 0 else below[0] if rest < 0 else np.array([r]).astype(target)[0]
+    return out

@@ -12,8 +12,8 @@ the one element check):
   independently of the kernel (:mod:`streamfold.oracle`: float64 product, ml_dtypes/numpy rounding);
   wrong elements are reported with their index and distance from the exact product in ulps;
 - folded norms are the identity (compat) or absent (strict); LayerNorm biases folded into consumer
-  biases equal ``b + W @ beta`` to within one rounding (half an ulp of the stored value plus a
-  1e-12 x ``|W| @ |beta|`` allowance for the float64 summation: not bit-exact);
+  biases have exactly the bits of ``b + W @ beta``, the exact sum rounded once
+  (:func:`streamfold.oracle.expected_bias`);
 - ``config.json`` carries the FlashNorm flags and is otherwise the source's; every tensor sits in the
   shard the source has it in with the planned dtype and shape; each shard header is byte for byte the
   task's; the index matches the shard headers; the other files are the source's; no other weight

@@ -268,3 +268,57 @@ def test_bias_fold_rounds_once(tmp_path):
         exact = Fraction(float(b[i])) + sum(Fraction(float(w[i, j])) * Fraction(float(beta[j])) for j in range(50))
         assert int(bits(got[i:i + 1], "BF16")[0]) == _round_exact(exact, "BF16"), i
     assert float(got[0]) == 1 + 2 ** -7 and float(got[1]) == 1.0
+
+
+@pytest.mark.parametrize("dt", ["BF16", "F16", "F32"])
+def test_oracle_bias_is_the_exact_sum_rounded_once(dt):
+    """oracle.expected_bias against Fractions: random rows, and rows whose exact sum lies 2^-60 above,
+    2^-60 below or exactly on a rounding midpoint (where a float64 sum rounded again goes wrong)."""
+    from streamfold.oracle import expected_bias
+    rng = np.random.default_rng(11)
+    rows, cols = 40, 24
+    w = rng.standard_normal((rows, cols)).astype(BF16).astype(np.float64)
+    beta = rng.standard_normal(cols).astype(np.float32).astype(np.float64)
+    b = rng.standard_normal(rows).astype(NP[dt]).astype(np.float64)
+    one = 1.0
+    half_ulp = {"BF16": 2.0 ** -8, "F16": 2.0 ** -11, "F32": 2.0 ** -24}[dt]
+    for i, tail in enumerate([2.0 ** -60, -(2.0 ** -60), 0.0, 3 * 2.0 ** -70]):
+        w[i] = 0
+        w[i, :2] = [1.0, tail]
+        beta[:2] = [1.0, 1.0]
+        b[i] = half_ulp  # 1 + half an ulp of 1: a midpoint
+    got = expected_bias(b, w, beta, dt)
+    for i in range(rows):
+        exact = Fraction(b[i]) + sum(Fraction(w[i, j]) * Fraction(beta[j]) for j in range(cols))
+        assert int(bits(got[i:i + 1], dt)[0]) == _round_exact(exact, dt), (i, float(exact))
+    assert float(got[0]) > one and float(got[1]) == one and float(got[2]) == one  # the tie goes to even
+
+
+def test_verify_rejects_the_wrong_neighbour_of_a_bias_fold(tmp_path):
+    """A folded bias one ulp off where the exact sum lies just above a midpoint: within one rounding of
+    the float64 sum (verify's old bias check accepted it), and not the exact sum rounded once."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 50)).astype(BF16)
+    beta = rng.standard_normal(50).astype(BF16)
+    b = rng.standard_normal(64).astype(BF16)
+    w[0] = 0
+    w[0, :2] = [1.0, 2.0 ** -60]
+    beta[:2] = [1.0, 0.5]
+    b[0] = 2.0 ** -8
+    src = tmp_path / "src"
+    src.mkdir()
+    save(src / "model.safetensors", {"l.norm.weight": rng.uniform(0.5, 2, 50).astype(BF16),
+                                     "l.norm.bias": beta, "l.lin.weight": w, "l.lin.bias": b})
+    (src / "config.json").write_text(json.dumps({"model_type": "biastoy"}))
+    rules = {"biastoy": {"model_types": ["biastoy"], "folds": [{"norm": "l.norm", "into": ["l.lin"]}]}}
+    out = tmp_path / "out"
+    streamfold.convert(src, out, rules=rules, memory_budget=BUDGET)
+    assert streamfold.verify(src, out, rules=rules).ok
+    t = Checkpoint(out).tensors["l.lin.bias"]
+    assert float(Checkpoint(out).array("l.lin.bias")[0]) == 1 + 2 ** -7
+    with open(t.path, "r+b") as f:
+        f.seek(t.begin)
+        f.write(np.array([1.0], BF16).tobytes())  # the neighbour below: half an ulp + 2^-61 away
+    r = streamfold.verify(src, out, rules=rules)
+    assert not r.ok and any(p.subject == "l.lin.bias" and "first at [0]" in p.message for p in r.problems), \
+        r.summary()
