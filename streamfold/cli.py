@@ -301,7 +301,7 @@ def _tokens(text: str | None):
 
 
 def _verify(args) -> int:
-    from .hub import resolve_source
+    from .hub_source import resolve_source
     from .verify import verify
     tokens = _tokens(args.tokens)
     src = resolve_source(args.src, revision=args.revision, quiet=args.quiet or args.json).path
