@@ -58,6 +58,7 @@ class ConversionReport:
     verification: "VerifyReport | None" = None  # convert(verify=True): the tensor-level verification
     peak_disk: int | None = None  # stream=True: most local disk in use at once (source + output shards)
     resumed_shards: int = 0  # shards re-used from an interrupted run of the same conversion
+    executor: str = "local"  # "ray": one Ray task per output shard (peak_disk is then the largest task's)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -93,7 +94,8 @@ class ConversionReport:
         if self.resumed_shards:
             lines.append(f"  resumed: {self.resumed_shards} shard(s) re-used from the interrupted run")
         if self.peak_disk is not None:
-            lines.append(f"  streamed shard by shard: peak local disk {human_bytes(self.peak_disk)}")
+            lines.append(f"  streamed shard by shard: peak local disk {human_bytes(self.peak_disk)}"
+                         + (" (per Ray task, on its worker)" if self.executor == "ray" else ""))
         if self.hub_url:
             lines.append(f"  pushed to {self.hub_url}")
         return "\n".join(lines)
@@ -136,11 +138,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
 
     ``executor="ray"`` runs one Ray task per output shard (``ray_address``: a running cluster; None
     starts or joins a local one); each writes its shard into the staging folder beside ``dst``, which
-    every worker must see (shared storage).
+    every worker must see (shared storage). From a Hub repo id the driver downloads no weights (it
+    plans from remote headers) and each task downloads only its own source shards, into its worker's
+    temporary directory, deleted when its shard is written (``verify``: each task checks its shard).
 
     ``stream=True`` (a Hub repo id ``src`` and ``push_to_hub``): fetch one source shard at a time,
     convert it, pre-upload the output shard, delete both, and commit everything at the end; ``dst``
-    keeps only the small files. ``report.peak_disk`` is the most local disk used at once.
+    keeps only the small files. ``report.peak_disk`` is the most local disk used at once. With
+    ``executor="ray"`` each task does that on its worker and returns the upload; the driver makes the
+    one commit (``report.peak_disk``: the largest task's).
 
     The output is built beside ``dst`` and published in one step (:mod:`streamfold.staging`): an existing
     ``dst`` (replaced only with ``overwrite``) stays complete until then. ``log`` receives one-line notes
@@ -220,7 +226,7 @@ def _convert(cplan: ConversionPlan, hub, dst: Path, t0: float, opts: dict) -> Co
                             push_to_hub=push_to_hub, private=private, workers=workers, dst=st.dst)
         st.publish()
     report = _report(cplan, dst, t0, Engine(workers).workers, manifest, t_manifest)
-    report.resumed_shards = resumed
+    report.resumed_shards, report.executor = resumed, opts["executor"]
     if opts["verify"] and hub is None:  # from the Hub each Ray task checked its shard against its sources
         from .verify import verify as run_verify
         report.verification = run_verify(source.path, dst, mode=mode, merged_dtype=cplan.plan.merged_dtype,
@@ -249,7 +255,7 @@ def _stream(src, dst: Path, t0: float, opts: dict) -> ConversionReport:
                          private=opts["private"], commit_message=opts["commit_message"], progress=opts["progress"],
                          executor=opts["executor"], ray_address=opts["ray_address"])
     report = _report(out["plan"], dst, t0, Engine(opts["workers"]).workers, opts["manifest"], 0.0)
-    report.hub_url, report.peak_disk = out["url"], out["peak_disk"]
+    report.hub_url, report.peak_disk, report.executor = out["url"], out["peak_disk"], opts["executor"]
     return report
 
 

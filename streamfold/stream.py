@@ -51,7 +51,7 @@ def check_shard(task: Task, path: Path, sources: dict[str, Path]) -> None:
     problems = check_task(task, path, sources)
     if problems:
         path.unlink(missing_ok=True)  # never left under its final name for a later run to adopt
-        raise StreamVerifyFailed(f"verification of {task.shard} failed, nothing committed: {problems[0]}"
+        raise StreamVerifyFailed(f"verification of {task.shard} failed, nothing committed or published: {problems[0]}"
                                  + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
 

@@ -185,6 +185,7 @@ def test_stream_ray_makes_one_commit_equal_to_local_stream(cluster, faults, laye
     assert sorted(_shard_gets(hub.requests[before:], whole=True)) == shards
     shard = max(p.stat().st_size for p in layered.glob("*.safetensors"))
     assert rep.peak_disk < 2 * shard + 64 * 1024  # per task: its source shard + its output shard
+    assert "peak local disk" in rep.summary() and "(per Ray task, on its worker)" in rep.summary()
     ray_files = hub.files(dest)
     hub.add_commit(dest, {}, delete=[p for p in ray_files if p != ".gitattributes"])  # so the next one differs
     streamfold.convert(REPO, tmp_path / "l" / "small", rules=RULES, push_to_hub=dest, stream=True,
@@ -216,3 +217,14 @@ def test_stream_ray_commits_nothing_when_a_task_fails(cluster, faults, layered, 
     assert len(err) == 1 and err[0].startswith(message), err
     assert len(hub.commits(dest)) == 1  # only the new repo's initial commit: nothing of ours
     assert not list(tmp_path.glob(".*"))
+
+
+def test_ray_from_hub_verify_checks_each_shard_in_its_task(cluster, faults, layered, tmp_path):  # noqa: F811
+    _hub_repo(cluster, layered)
+    (faults / "wrong").write_text("")
+    out = tmp_path / "out"
+    with pytest.raises(streamfold.StreamfoldError, match=r"verification of model-0000\d-of-00004.safetensors failed"):
+        streamfold.convert(REPO, out, rules=RULES, executor="ray", verify=True, workers=1, memory_budget=1 << 20)
+    assert not out.exists()  # nothing published
+    staged = [p for p in tmp_path.rglob("model-*.safetensors")]
+    assert not staged  # a shard that failed its check never stays under its name (a resume would adopt it)
