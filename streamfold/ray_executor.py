@@ -12,11 +12,12 @@ plus the worker's own footprint.
 From a Hub repo id the driver downloads no weights (it plans from remote headers, see
 :mod:`streamfold.hub_remote`): each task downloads only its own source shard(s), pinned to the
 planned commit and endpoint, into ``streamfold-<run>-<shard>`` in its worker's temporary directory
-(``TMPDIR``; not the Hugging Face cache, which would grow to the whole model on every node), and
+(``TMPDIR``; not into the Hugging Face cache, which would grow to the whole model on every node;
+huggingface_hub copies a file from the worker's cache when it is already there), and
 removes it when its shard is written; a retried attempt on the same node first removes what a killed
 one fetched. The worker's own ``HF_TOKEN`` (or login) authenticates, unless a token was passed
 explicitly. With ``--push-to-hub --stream`` the task also pre-uploads its shard and returns the commit
-operation (:mod:`streamfold.stream`): nothing reaches shared storage at all.
+operation (:mod:`streamfold.hub_task`): nothing reaches shared storage at all.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def _run_one(task_json: str, src: str | None, out_dir: str | None, workers: int,
         return {"shard": r.shard, "size": r.size, "sha256": r.sha256, "op": None, "peak_disk": None}
     from .hub import _quiet_bars
     from .hub_remote import HubRef
-    from .stream import run_hub_task
+    from .hub_task import run_hub_task
     # a fixed name per run and shard: a retried attempt on the same node removes what a killed one fetched
     work = Path(tempfile.gettempdir()) / f"streamfold-{run_id}-{task.shard}"
     with _quiet_bars(True):  # no download / upload bars in the worker logs Ray forwards to the driver

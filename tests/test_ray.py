@@ -144,7 +144,7 @@ def _cached_weights(cluster, repo: str) -> list[Path]:
 
 
 def test_ray_from_hub_fetches_each_shard_once_in_its_task(cluster, faults, layered, tmp_path):  # noqa: F811
-    repo = "org/toy-fetch"  # a repo of its own: nothing of it in the driver's cache from other tests
+    repo = "org/toy-fetch"  # a repo of its own: nothing of it in the HF cache from other tests
     hub = _hub_repo(cluster, layered, repo)
     before = len(hub.requests)
     out = tmp_path / "a" / "out"
@@ -174,10 +174,11 @@ def test_ray_from_hub_retries_a_killed_task(cluster, faults, layered, tmp_path):
 
 
 def test_stream_ray_makes_one_commit_equal_to_local_stream(cluster, faults, layered, tmp_path):  # noqa: F811
-    hub = _hub_repo(cluster, layered)
+    repo = "org/toy-stream"  # a repo of its own: no other test put its shards in the (shared) HF cache, from
+    hub = _hub_repo(cluster, layered, repo)  # which huggingface_hub would copy them instead of fetching
     dest = "me/ray-stream"
     before = len(hub.requests)
-    rep = streamfold.convert(REPO, tmp_path / "r" / "small", rules=RULES, push_to_hub=dest, stream=True,
+    rep = streamfold.convert(repo, tmp_path / "r" / "small", rules=RULES, push_to_hub=dest, stream=True,
                              executor="ray", manifest=True, verify=True, workers=1, memory_budget=1 << 20)
     commits = hub.commits(dest)
     assert len(commits) == 2  # the repo's initial commit, and ours
@@ -188,7 +189,7 @@ def test_stream_ray_makes_one_commit_equal_to_local_stream(cluster, faults, laye
     assert "peak local disk" in rep.summary() and "(per Ray task, on its worker)" in rep.summary()
     ray_files = hub.files(dest)
     hub.add_commit(dest, {}, delete=[p for p in ray_files if p != ".gitattributes"])  # so the next one differs
-    streamfold.convert(REPO, tmp_path / "l" / "small", rules=RULES, push_to_hub=dest, stream=True,
+    streamfold.convert(repo, tmp_path / "l" / "small", rules=RULES, push_to_hub=dest, stream=True,
                        manifest=True, verify=True, workers=1, memory_budget=1 << 20)
     assert len(hub.commits(dest)) == 4
     assert hub.files(dest) == ray_files  # every file, card and manifest included
