@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run one Ray task per output shard (pip install \"streamfold[ray]\"): join the cluster "
                         "at ADDRESS, or start a local one; source and DST's folder must be on storage every "
-                        "node sees. Each task uses --workers CPUs (default 2) and --memory-budget")
+                        "node sees (from a Hub repo id: only DST's folder; each task downloads its own source "
+                        "shards). Each task uses --workers CPUs (default 2) and --memory-budget")
     res = c.add_mutually_exclusive_group()
     res.add_argument("--resume", dest="resume", action="store_true", default=True,
                      help="continue an interrupted conversion into DST, re-using its completed shards after "
@@ -156,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="discard an interrupted conversion's completed shards and start fresh")
     c.add_argument("--stream", action="store_true",
                    help="with a Hub repo id SRC and --push-to-hub: fetch, convert, upload and delete one shard "
-                        "at a time (peak disk a few shards), one commit at the end; DST keeps the small files")
+                        "at a time (peak disk a few shards), one commit at the end; DST keeps the small files. "
+                        "With --ray: one Ray task per shard does this on its worker")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     c.add_argument("--verify", action="store_true",
                    help="verify the output tensor by tensor right after converting (exit 3 on problems; "
@@ -301,7 +303,7 @@ def _tokens(text: str | None):
 
 
 def _verify(args) -> int:
-    from .hub import resolve_source
+    from .hub_source import resolve_source
     from .verify import verify
     tokens = _tokens(args.tokens)
     src = resolve_source(args.src, revision=args.revision, quiet=args.quiet or args.json).path

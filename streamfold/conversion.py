@@ -20,7 +20,8 @@ from .card import write_card
 from .engine import PARTIAL_SUFFIX, Engine
 from .errors import StreamfoldError
 from .files import CARD_NAME, flashnorm_config, other_files
-from .hub import Source, resolve_source
+from .hub import Source
+from .hub_source import resolve_source
 from .manifest import write_manifest
 from .plan import Kind, Plan
 from .reader import INDEX_NAME, Checkpoint, TensorInfo, read_config
@@ -87,8 +88,9 @@ class ConversionPlan:
         return {name: t.shard for t in self.tasks for name, _, _ in t.tensors}
 
     def fingerprint(self) -> dict:
-        """What the output depends on: every source file's size, header hash and mtime, the norm
-        vectors, the options and the task schema (not the chunking: the bytes do not depend on it)."""
+        """What the output depends on: every source file's size, header hash and mtime (a Hub source:
+        the commit instead), the norm vectors, the options and the task schema (not the chunking: the
+        bytes do not depend on it)."""
         import hashlib
         norms = hashlib.sha256()
         for t in self.tasks:
@@ -99,11 +101,12 @@ class ConversionPlan:
         if isinstance(rules, (str, os.PathLike)):
             rules = load_rules_file(rules)
         sources = {}
+        commit = self.source.commit  # a Hub source: the commit pins the bytes (local stubs' mtimes say nothing)
         for t in self.tasks:
             for s, f in sorted(t.sources.items()):
                 sources[s] = {"size": f.size, "header_sha256": f.header_sha256,
-                              "mtime_ns": os.stat(self.src / s).st_mtime_ns}
-        return {"schema": SCHEMA, "sources": sources,
+                              "mtime_ns": None if commit else os.stat(self.src / s).st_mtime_ns}
+        return {"schema": SCHEMA, "sources": sources, "commit": commit,
                 "options": {"mode": self.plan.mode, "merged_dtype": self.plan.merged_dtype,
                             "rules": json.dumps(rules, sort_keys=True, default=str) if rules else None},
                 "norms_sha256": norms.hexdigest()}

@@ -1,6 +1,7 @@
 """convert(): plan -> run the tasks (local threads or Ray) into a staging folder -> finish -> publish."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ from .plan import Kind
 from .units import human_bytes
 
 if TYPE_CHECKING:
+    from .hub_remote import HubRef
     from .verify import VerifyReport
 
 EXECUTORS = ("local", "ray")
@@ -56,6 +58,7 @@ class ConversionReport:
     verification: "VerifyReport | None" = None  # convert(verify=True): the tensor-level verification
     peak_disk: int | None = None  # stream=True: most local disk in use at once (source + output shards)
     resumed_shards: int = 0  # shards re-used from an interrupted run of the same conversion
+    executor: str = "local"  # "ray": one Ray task per output shard (peak_disk is then the largest task's)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -91,7 +94,8 @@ class ConversionReport:
         if self.resumed_shards:
             lines.append(f"  resumed: {self.resumed_shards} shard(s) re-used from the interrupted run")
         if self.peak_disk is not None:
-            lines.append(f"  streamed shard by shard: peak local disk {human_bytes(self.peak_disk)}")
+            lines.append(f"  streamed shard by shard: peak local disk {human_bytes(self.peak_disk)}"
+                         + (" (per Ray task, on its worker)" if self.executor == "ray" else ""))
         if self.hub_url:
             lines.append(f"  pushed to {self.hub_url}")
         return "\n".join(lines)
@@ -134,11 +138,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
 
     ``executor="ray"`` runs one Ray task per output shard (``ray_address``: a running cluster; None
     starts or joins a local one); each writes its shard into the staging folder beside ``dst``, which
-    every worker must see (shared storage).
+    every worker must see (shared storage). From a Hub repo id the driver downloads no weights (it
+    plans from remote headers) and each task downloads only its own source shards, into its worker's
+    temporary directory, deleted when its shard is written (``verify``: each task checks its shard).
 
     ``stream=True`` (a Hub repo id ``src`` and ``push_to_hub``): fetch one source shard at a time,
     convert it, pre-upload the output shard, delete both, and commit everything at the end; ``dst``
-    keeps only the small files. ``report.peak_disk`` is the most local disk used at once.
+    keeps only the small files. ``report.peak_disk`` is the most local disk used at once. With
+    ``executor="ray"`` each task does that on its worker and returns the upload; the driver makes the
+    one commit (``report.peak_disk``: the largest task's).
 
     The output is built beside ``dst`` and published in one step (:mod:`streamfold.staging`): an existing
     ``dst`` (replaced only with ``overwrite``) stays complete until then. ``log`` receives one-line notes
@@ -147,8 +155,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
     conversion is killed the same call re-uses the shards that check out (``resume=False`` discards them).
     """
     t0 = time.perf_counter()
-    from . import __version__
-    from .hub import is_repo_id, preflight, push_folder, resolve_source  # huggingface_hub: repo ids, pushes
+    from .hub import _offline, is_repo_id  # huggingface_hub (imported lazily): repo ids, pushes
+    from .hub_push import preflight
     if executor not in EXECUTORS:
         raise StreamfoldError(f"executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
     preflight(push_to_hub=push_to_hub, base_model=base_model, token=token)
@@ -156,48 +164,79 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
     check_destination(src if local else None, dst, overwrite)  # before any download
     if stream:
         return _stream(src, Path(dst), t0, locals())
-    source = resolve_source(src, revision=revision, token=token, quiet=progress is None)
+    dst = Path(dst)
+    if executor == "ray":
+        from .ray_executor import require_ray
+        require_ray()  # before any work: one line naming the extra when Ray is missing
+    with contextlib.ExitStack() as cleanup:
+        remote = executor == "ray" and not local and not _offline()  # each Ray task fetches its own shards
+        cplan, hub = _plan(src, dst, cleanup, remote=remote, overwrite=overwrite, revision=revision, token=token,
+                           quiet=progress is None, mode=mode, merged_dtype=merged_dtype, rules=rules,
+                           workers=workers, memory_budget=memory_budget)
+        return _convert(cplan, hub, dst, t0, locals())
+
+
+def _plan(src, dst: Path, cleanup: contextlib.ExitStack, *, remote: bool, overwrite: bool, revision, token, quiet,
+          **options) -> tuple[ConversionPlan, "HubRef | None"]:
+    """The plan, from the resolved source folder, or (``remote``) from a Hub repo's remote headers, in a
+    work folder beside ``dst`` that ``cleanup`` removes (``finish`` copies the small files from it)."""
+    if remote:
+        import shutil
+        import tempfile
+        from .hub_remote import plan_remote
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.remote-", dir=dst.parent))
+        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+        return plan_remote(os.fspath(src), work / "src", revision=revision, token=token, **options)
+    from .hub_source import resolve_source
+    source = resolve_source(src, revision=revision, token=token, quiet=quiet)
     if not source.path.is_dir():
         raise StreamfoldError(f"{source.path}: not a folder (give a local checkpoint folder or a Hub repo id)")
     try:
         os.listdir(source.path)
     except OSError as e:
         raise StreamfoldError(f"{source.path}: cannot read the folder ({e.strerror or e})") from None
-    dst = Path(dst)
     check_destination(source.path, dst, overwrite)
-    if executor == "ray":
-        from .ray_executor import require_ray
-        require_ray()  # before any work: one line naming the extra when Ray is missing
-    cplan = plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, workers=workers,
-                 memory_budget=memory_budget, source=source, label=source.display)
-    mode = cplan.plan.mode
+    return plan(source.path, source=source, label=source.display, **options), None
+
+
+def _convert(cplan: ConversionPlan, hub, dst: Path, t0: float, opts: dict) -> ConversionReport:
+    """Run the plan's tasks into ``dst``'s staging folder, finish, publish, then verify and push."""
+    from . import __version__
+    from .hub_push import push_folder
+    source, mode, log, manifest = cplan.source, cplan.plan.mode, opts["log"], opts["manifest"]
+    workers, memory_budget, push_to_hub, private = (opts["workers"], opts["memory_budget"], opts["push_to_hub"],
+                                                    opts["private"])
     journal = Journal(cplan.fingerprint(), log=log)
-    with Staging(dst, overwrite=overwrite, src=source.path, log=log, adopt=journal.adopt if resume else None) as st:
+    with Staging(dst, overwrite=opts["overwrite"], src=source.path, log=log,
+                 adopt=journal.adopt if opts["resume"] else None) as st:
         journal.start(st.path)
         resumed = len(journal.done)
         todo = [t for t in cplan.tasks if t.shard not in journal.done]
         try:
-            digests = run_tasks(cplan, st.path, executor=executor, ray_address=ray_address, workers=workers,
-                                memory_budget=memory_budget, hash_outputs=manifest, progress=progress, tasks=todo,
-                                on_done=journal.record)
+            digests = run_tasks(cplan, st.path, executor=opts["executor"], ray_address=opts["ray_address"],
+                                workers=workers, memory_budget=memory_budget, hash_outputs=manifest,
+                                progress=opts["progress"], tasks=todo, on_done=journal.record, hub=hub,
+                                verify=opts["verify"])
         except OSError as e:
             raise StreamfoldError(f"{e.filename or dst}: write failed ({e.strerror or e})") from None
         digests = {**journal.digests(), **digests}  # re-used shards without a digest are hashed by finish
         journal.seal()
-        t_manifest = finish(cplan, st.path, digests=digests, manifest=manifest, base_model=base_model,
+        t_manifest = finish(cplan, st.path, digests=digests, manifest=manifest, base_model=opts["base_model"],
                             push_to_hub=push_to_hub, private=private, workers=workers, dst=st.dst)
         st.publish()
     report = _report(cplan, dst, t0, Engine(workers).workers, manifest, t_manifest)
-    report.resumed_shards = resumed
-    if verify:
+    report.resumed_shards, report.executor = resumed, opts["executor"]
+    if opts["verify"] and hub is None:  # from the Hub each Ray task checked its shard against its sources
         from .verify import verify as run_verify
-        report.verification = run_verify(source.path, dst, mode=mode, merged_dtype=cplan.plan.merged_dtype, rules=rules,
-                                         workers=workers, memory_budget=memory_budget)
+        report.verification = run_verify(source.path, dst, mode=mode, merged_dtype=cplan.plan.merged_dtype,
+                                         rules=opts["rules"], workers=workers, memory_budget=memory_budget)
         if not report.verification.ok:
             return report  # not pushed: the caller sees report.verification.problems
     if push_to_hub:
         report.hub_url = push_folder(
-            dst, push_to_hub, private=private, token=token, quiet=progress is None, commit_message=commit_message
+            dst, push_to_hub, private=private, token=opts["token"], quiet=opts["progress"] is None,
+            commit_message=opts["commit_message"]
             or f"FlashNorm ({mode}) conversion of {source.label} with streamfold {__version__}").url
     return report
 
@@ -209,28 +248,32 @@ def _stream(src, dst: Path, t0: float, opts: dict) -> ConversionReport:
         raise StreamfoldError("--stream converts Hub to Hub: give --push-to-hub ORG/NAME")
     if Path(src).exists() or not is_repo_id(str(src)):
         raise StreamfoldError(f"{src}: --stream reads a Hub repo id (org/name), not a local folder")
-    if opts["executor"] != "local":
-        raise StreamfoldError("--stream runs on this machine; it cannot be combined with --ray")
     out = stream_convert(str(src), dst, push_to_hub=opts["push_to_hub"], revision=opts["revision"],
                          token=opts["token"], mode=opts["mode"], merged_dtype=opts["merged_dtype"],
                          rules=opts["rules"], workers=opts["workers"], memory_budget=opts["memory_budget"],
                          manifest=opts["manifest"], verify=opts["verify"], base_model=opts["base_model"],
-                         private=opts["private"], commit_message=opts["commit_message"], progress=opts["progress"])
+                         private=opts["private"], commit_message=opts["commit_message"], progress=opts["progress"],
+                         executor=opts["executor"], ray_address=opts["ray_address"])
     report = _report(out["plan"], dst, t0, Engine(opts["workers"]).workers, opts["manifest"], 0.0)
-    report.hub_url, report.peak_disk = out["url"], out["peak_disk"]
+    report.hub_url, report.peak_disk, report.executor = out["url"], out["peak_disk"], opts["executor"]
     return report
 
 
 def run_tasks(cplan: ConversionPlan, out_dir: Path, *, executor: str = "local", ray_address: str | None = None,
               workers: int | None = None, memory_budget: int | None = None, hash_outputs: bool = False,
               progress: Callable[[int], Callable[[int], None]] | None = None, tasks=None,
-              on_done=None) -> dict[str, str]:
-    """Run ``tasks`` (default: all of the plan's) into ``out_dir``; returns shard sha256s when hashed."""
+              on_done=None, hub=None, verify: bool = False) -> dict[str, str]:
+    """Run ``tasks`` (default: all of the plan's) into ``out_dir``; returns shard sha256s when hashed.
+
+    ``hub`` (Ray only): a :class:`~streamfold.hub_remote.HubRef`; each task fetches its own source
+    shards from it (and, with ``verify``, checks its shard against them)."""
     tasks = cplan.tasks if tasks is None else tasks
     if executor == "ray":
         from .ray_executor import run_on_ray
-        return run_on_ray(tasks, cplan.src, out_dir, address=ray_address, workers=workers,
-                          memory_budget=memory_budget, hash_outputs=hash_outputs, on_done=on_done)
+        results = run_on_ray(tasks, cplan.src if hub is None else None, out_dir, address=ray_address,
+                             workers=workers, memory_budget=memory_budget, hash_outputs=hash_outputs,
+                             on_done=on_done, hub=hub, verify=verify and hub is not None)
+        return {s: r["sha256"] for s, r in results.items() if r["sha256"]}
     tick = progress(sum(t.src_bytes for t in tasks)) if progress else None
     return Engine(workers, memory_budget).run(tasks, cplan.src, out_dir, tick, hash_outputs=hash_outputs,
                                               on_done=on_done)

@@ -1,19 +1,14 @@
-"""Hugging Face Hub I/O: repo ids as sources (resolve, download), remote headers, and pushing the output.
+"""Hugging Face Hub plumbing: repo ids, :class:`Source`, one ``HfApi``, and one-line errors for Hub failures.
 
 Everything that talks to the Hub goes through one ``huggingface_hub.HfApi`` instance, imported
-lazily: converting a local folder never imports huggingface_hub. Downloads go through
-huggingface_hub's cache, so ``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` behave as
-they do everywhere else in the Hugging Face stack.
-
-Only the files a converted checkpoint needs are fetched: the safetensors shards the index names (or
-``model.safetensors``), the index, ``config.json``, tokenizer files and other small files. Other formats
-of the same weights (``*.bin``, ``*.pth``, ``consolidated.*``, ``original/``, ONNX, ...) are never
-downloaded: they would double the download and, copied beside the folded weights, load unfolded.
+lazily: converting a local folder never imports huggingface_hub. The jobs built on this are in their
+own modules: :mod:`streamfold.hub_source` (a repo id as SRC: resolve, download, the cache),
+:mod:`streamfold.hub_push` (the output: one commit, pre-uploads) and :mod:`streamfold.hub_remote`
+(range reads: remote headers, norm vectors, planning without downloading the weights).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import warnings
@@ -42,11 +37,6 @@ def wanted_file(path: str) -> bool:
 def select_files(listing: list[str], shards: list[str]) -> tuple[list[str], list[str]]:
     """Split a repo's files into (to download, other weight formats not downloaded)."""
     return select_repo_files(listing, shards)
-
-
-def _exact_pattern(path: str) -> str:
-    """An fnmatch pattern matching exactly ``path`` (for snapshot_download's allow_patterns)."""
-    return re.sub(r"([*?\[])", r"[\1]", path)
 
 
 @dataclass
@@ -185,8 +175,8 @@ def _hub_error(e: BaseException, repo_id: str, revision: str | None, what: str) 
     return StreamfoldError(f"{repo_id}: {what} failed ({name}: {first})")
 
 
-def _api(token):
-    return _hf().HfApi(token=token)
+def _api(token, endpoint: str | None = None):
+    return _hf().HfApi(endpoint=endpoint, token=token)
 
 
 def _guard(repo_id: str, revision: str | None, what: str):
@@ -221,249 +211,11 @@ def _hub_cause(e: BaseException) -> BaseException | None:
     return None
 
 
-# --- resolving SRC ----------------------------------------------------------------------------------
-
-def resolve_source(src: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
-                   quiet: bool = True) -> Source:
-    """The local folder to read for ``src``: an existing path as is (a local path always wins), or a Hub
-    repo id ``org/name`` downloaded (only the needed files) into huggingface_hub's cache."""
-    text = os.fspath(src)
-    path = Path(text)
-    if path.exists():
-        if revision is not None:
-            raise StreamfoldError(f"{text}: --revision applies to Hub repo ids, but this is a local folder")
-        return Source(path=path, display=str(path))
-    if not is_repo_id(text):
-        raise StreamfoldError(f"{text}: no such folder, and not a Hub repo id (org/name); give a local "
-                              "checkpoint folder or a repo id")
-    if _offline():
-        return _from_cache(text, revision)
-    with _quiet_bars(quiet):
-        return _download(text, revision, token)
-
-
-def _shards_from_index(index_path: Path, repo_id: str) -> list[str]:
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        shards = list(dict.fromkeys(weight_map.values()))
-        if not all(isinstance(s, str) for s in shards):
-            raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise StreamfoldError(f"{repo_id}: {INDEX_NAME} is not a valid index (needs a \"weight_map\" of "
-                              "tensor name -> shard file)") from None
-    return shards
-
-
 def _listing(folder: Path) -> list[str]:
+    """A local folder's files as relative POSIX paths, hidden folders left out (as a repo listing)."""
     out = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in sorted(files):
             out.append((Path(root) / f).relative_to(folder).as_posix())
     return out
-
-
-def _from_cache(repo_id: str, revision: str | None) -> Source:
-    """Offline: the cached snapshot of ``repo_id`` at ``revision`` (a branch, tag or commit)."""
-    api = _api(None)
-    with _guard(repo_id, revision, "reading the local cache"):
-        folder = Path(api.snapshot_download(repo_id, revision=revision, local_files_only=True,
-                                            allow_patterns=["config.json"]))
-    listing = _listing(folder)
-    if INDEX_NAME in listing:
-        shards = _shards_from_index(folder / INDEX_NAME, repo_id)
-    elif SINGLE_NAME in listing:
-        shards = [SINGLE_NAME]
-    else:
-        raise StreamfoldError(f"{repo_id}: the cached snapshot ({folder}) has no {SINGLE_NAME} or {INDEX_NAME} "
-                              "and HF_HUB_OFFLINE is set; download it once online")
-    missing = [s for s in shards if not (folder / s).is_file()]
-    if missing:
-        raise StreamfoldError(f"{repo_id}: the cached snapshot lacks shard {missing[0]} and HF_HUB_OFFLINE is "
-                              "set; download it once online or unset HF_HUB_OFFLINE")
-    take, skipped = select_files(listing, shards)
-    return Source(path=folder, display=repo_id, repo_id=repo_id, revision=revision, commit=folder.name,
-                  files=set(take), skipped=skipped, offline=True)
-
-
-def _resolved_info(api, repo_id: str, revision: str | None, token, files_metadata: bool = False):
-    """The repo's info at the commit ``revision`` (a branch, tag or commit; default the main branch) names.
-
-    ``resolve_revision`` records ``revision -> commit`` in the cache's ``refs/`` as huggingface_hub does for
-    its own downloads. Without it the cache would never learn which commit ``main`` is (downloads pinned
-    to a commit record no ref), and offline runs or the fall back to the cache would not find the snapshot.
-    """
-    resolved = api.resolve_revision(repo_id, revision=revision, token=token)
-    return api.model_info(repo_id, revision=resolved.resolved, files_metadata=files_metadata, token=token)
-
-
-def _info_or_cache(api, repo_id: str, revision: str | None, token, files_metadata: bool = False):
-    """:func:`_resolved_info`, or, when the Hub cannot be reached, the cached snapshot (a Source)."""
-    with _guard(repo_id, revision, "fetching repo info"):
-        try:
-            return _resolved_info(api, repo_id, revision, token, files_metadata=files_metadata)
-        except Exception as e:
-            if _is_network_error(e):
-                return _unreachable(e, repo_id, revision)
-            raise
-
-
-def _unreachable(e: BaseException, repo_id: str, revision: str | None) -> Source:
-    """The Hub cannot be reached: the cached snapshot, as huggingface_hub falls back to, or one line."""
-    try:
-        return _from_cache(repo_id, revision)
-    except StreamfoldError:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise StreamfoldError(f"{repo_id}: cannot reach the Hub ({type(e).__name__}: {first}) and the repo is not "
-                              f"(completely) in the local cache ({_cache_dir()}); check the network connection") from None
-
-
-def _download(repo_id: str, revision: str | None, token) -> Source:
-    """Online: resolve the revision to a commit, pick the files, download them into the cache."""
-    api = _api(token)
-    info = _info_or_cache(api, repo_id, revision, token)
-    if isinstance(info, Source):  # unreachable: the cached snapshot
-        return info
-    commit = info.sha
-    listing = sorted(s.rfilename for s in (info.siblings or []))
-    if INDEX_NAME in listing:
-        with _guard(repo_id, revision, f"downloading {INDEX_NAME}"):
-            index = api.hf_hub_download(repo_id, INDEX_NAME, revision=commit, token=token)
-        shards = _shards_from_index(Path(index), repo_id)
-        absent = [s for s in shards if s not in listing]
-        if absent:
-            raise StreamfoldError(f"{repo_id}: {INDEX_NAME} names shard {absent[0]} that the repo does not have")
-    elif SINGLE_NAME in listing:
-        shards = [SINGLE_NAME]
-    else:
-        other = [p for p in listing if p.endswith((".bin", ".pth", ".pt", ".gguf"))]
-        hint = f" (it has {other[0]}; streamfold converts safetensors checkpoints)" if other else ""
-        raise StreamfoldError(f"{repo_id}: no {SINGLE_NAME} or {INDEX_NAME} in the repo{hint}")
-    if "config.json" not in listing:
-        raise StreamfoldError(f"{repo_id}: no config.json in the repo; a Hugging Face checkpoint needs one")
-    take, skipped = select_files(listing, shards)
-    with _guard(repo_id, revision, "downloading"):
-        folder = Path(api.snapshot_download(repo_id, revision=commit, token=token,
-                                            allow_patterns=[_exact_pattern(p) for p in take]))
-    return Source(path=folder, display=repo_id, repo_id=repo_id, revision=revision, commit=commit,
-                  files=set(take), skipped=skipped)
-
-
-# --- pushing --------------------------------------------------------------------------------------
-
-def preflight(*, push_to_hub: str | None = None, base_model: str | None = None, token=None) -> None:
-    """Fail fast, before any download or conversion, on options that cannot work."""
-    if base_model is not None and not is_repo_id(base_model):
-        raise StreamfoldError(f"--base-model {base_model}: not a Hub repo id (org/name)")
-    if push_to_hub is not None:
-        check_push_target(push_to_hub, token)
-
-
-def check_push_target(repo_id: str, token=None) -> None:
-    """A push to ``repo_id`` can work: valid id, not offline, a token available."""
-    if not is_repo_id(repo_id):
-        raise StreamfoldError(f"--push-to-hub {repo_id}: not a Hub repo id (give org/name or user/name)")
-    if _offline():
-        raise StreamfoldError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set; pushing needs the network")
-    if token is None or token is True:
-        from huggingface_hub import get_token
-        if get_token() is None:
-            raise StreamfoldError(f"--push-to-hub {repo_id}: no Hugging Face token; set HF_TOKEN or run "
-                                  "`hf auth login`")
-
-
-@dataclass
-class PushResult:
-    url: str
-    commit_url: str | None
-
-
-def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False,
-                commit_message: str | None = None, token: str | bool | None = None,
-                quiet: bool = True) -> PushResult:
-    """Create ``repo_id`` (a model repo) if needed and upload every file of ``folder`` in one commit.
-
-    ``private`` applies only when the repo is created. ``create_commit`` uploads the large files first
-    (LFS, or Xet when ``hf_xet`` is installed; nothing in the repo refers to them yet) and then makes one
-    commit naming every file, so a failed push leaves the repo as it was. ``upload_folder`` is not used:
-    with ``hf_xet`` installed it commits a large folder in several batches (each a commit), and a push
-    that fails part way would leave a repo mixing new and old files.
-    """
-    folder = Path(folder)
-    api = _api(token)
-    msg = commit_message or "Upload FlashNorm checkpoint (streamfold)"
-    try:
-        with _quiet_bars(quiet):
-            with _guard(repo_id, None, "creating the repo"):
-                repo_url = api.create_repo(repo_id, repo_type="model", private=True if private else None,
-                                           exist_ok=True, token=token)
-            ops = [_hf().CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel))
-                   for rel in _listing(folder)]
-            with _guard(repo_id, None, "uploading"):
-                info = api.create_commit(repo_id=repo_id, repo_type="model", operations=ops, commit_message=msg,
-                                         token=token)
-    except StreamfoldError as e:
-        raise StreamfoldError(f"{e} (pushing {folder}; the converted checkpoint is complete there, retry with: "
-                              f"hf upload {repo_id} {folder} .)") from None
-    url = getattr(repo_url, "url", None) or str(repo_url)
-    return PushResult(url=url, commit_url=getattr(info, "commit_url", None))
-
-
-# --- byte ranges and pre-uploads (the streaming path) ---------------------------------------------
-
-def read_range(repo_id: str, filename: str, commit: str, start: int, end: int, token=None) -> bytes:
-    """Bytes ``[start, end)`` of one repo file, by an HTTP range request (as huggingface_hub reads
-    safetensors headers): a norm vector or a header without downloading the shard."""
-    hf = _hf()
-    from huggingface_hub.utils import get_session, hf_raise_for_status
-    if end <= start:
-        return b""
-    url = hf.hf_hub_url(repo_id=repo_id, filename=filename, revision=commit, endpoint=_constants().ENDPOINT)
-    headers = {**_api(token)._build_hf_headers(token=token), "range": f"bytes={start}-{end - 1}"}
-    with _guard(repo_id, commit, f"reading {filename} bytes {start}..{end}"):
-        r = get_session().get(url, headers=headers, follow_redirects=True)
-        hf_raise_for_status(r)
-    data = r.content
-    if r.status_code == 200 and len(data) > end - start:  # a server that ignores Range sent the whole file
-        data = data[start:end]
-    if len(data) != end - start:
-        raise StreamfoldError(f"{repo_id}: {filename}: asked for bytes {start}..{end}, got {len(data)} bytes")
-    return data
-
-
-def download_file(repo_id: str, filename: str, commit: str, folder: Path, token=None) -> Path:
-    """Download one repo file into ``folder`` (not the shared cache: the caller deletes it when done)."""
-    api = _api(token)
-    with _guard(repo_id, commit, f"downloading {filename}"):
-        return Path(api.hf_hub_download(repo_id, filename, revision=commit, local_dir=str(folder), token=token))
-
-
-def preupload(repo_id: str, path: Path, path_in_repo: str, token=None):
-    """Upload one file's content ahead of the commit; returns the operation to commit later. Small
-    files the Hub stores as regular (non-LFS) files are kept in memory, so ``path`` may be deleted."""
-    from huggingface_hub import CommitOperationAdd
-    api = _api(token)
-    op = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(path))
-    with _guard(repo_id, None, f"uploading {path_in_repo}"):
-        api.preupload_lfs_files(repo_id, additions=[op], token=token, repo_type="model")
-    if not getattr(op, "_is_uploaded", False):  # a regular file: committed inline, from memory
-        op = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=path.read_bytes())
-    return op
-
-
-def commit(repo_id: str, operations: list, message: str, *, private: bool = False, token=None) -> PushResult:
-    """One commit of pre-uploaded (and small) files; creates the repo if needed."""
-    api = _api(token)
-    url = ensure_repo(repo_id, private=private, token=token)
-    with _guard(repo_id, None, "creating the commit"):
-        info = api.create_commit(repo_id, operations=operations, commit_message=message, token=token,
-                                 repo_type="model")
-    return PushResult(url=url, commit_url=getattr(info, "commit_url", None))
-
-
-def ensure_repo(repo_id: str, *, private: bool = False, token=None) -> str:
-    api = _api(token)
-    with _guard(repo_id, None, "creating the repo"):
-        repo_url = api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True,
-                                   token=token)
-    return getattr(repo_url, "url", None) or str(repo_url)

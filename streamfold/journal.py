@@ -37,6 +37,8 @@ def _why(old: dict, new: dict) -> str:
         a, b = old.get("options", {}).get(k), new.get("options", {}).get(k)
         if a != b:
             return f"option {k} changed ({a!r} -> {b!r})"
+    if old.get("commit") != new.get("commit"):
+        return f"the source commit changed ({old.get('commit')} -> {new.get('commit')})"
     so, sn = old.get("sources", {}), new.get("sources", {})
     for s in sorted(set(so) | set(sn)):
         if so.get(s) != sn.get(s):

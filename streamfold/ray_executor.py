@@ -8,10 +8,21 @@ retries tasks whose worker died (``max_retries``) and tasks that failed with an 
 shared storage); bad input (a changed source) fails at once. A task asks for ``num_cpus`` = its
 engine's threads (``--workers``, default 2: one folds, one writes) and ``memory`` = its buffer budget
 plus the worker's own footprint.
+
+From a Hub repo id the driver downloads no weights (it plans from remote headers, see
+:mod:`streamfold.hub_remote`): each task downloads only its own source shard(s), pinned to the
+planned commit and endpoint, into ``streamfold-<run>-<shard>`` in its worker's temporary directory
+(``TMPDIR``; not into the Hugging Face cache, which would grow to the whole model on every node;
+huggingface_hub copies a file from the worker's cache when it is already there), and
+removes it when its shard is written; a retried attempt on the same node first removes what a killed
+one fetched. The worker's own ``HF_TOKEN`` (or login) authenticates, unless a token was passed
+explicitly. With ``--push-to-hub --stream`` the task also pre-uploads its shard and returns the commit
+operation (:mod:`streamfold.hub_task`): nothing reaches shared storage at all.
 """
 from __future__ import annotations
 
-import os
+import tempfile
+import uuid
 from pathlib import Path
 
 from .errors import StreamfoldError
@@ -20,8 +31,6 @@ from .tasks import DEFAULT_BUDGET
 MAX_RETRIES = 3
 WORKER_OVERHEAD = 256 << 20  # a Python worker with numpy, before any buffer
 DEFAULT_TASK_WORKERS = 2
-# Tests only: a folder; a file "arm" in it makes the next task attempt that finds it die mid-way.
-CRASH_DIR_ENV = "STREAMFOLD_TEST_RAY_CRASH_DIR"
 
 
 def require_ray():
@@ -33,35 +42,39 @@ def require_ray():
     return ray
 
 
-def _crash_hook():
-    """A progress callback that kills this worker process once, after its first write (tests)."""
-    folder = os.environ.get(CRASH_DIR_ENV)
-    if not folder:
-        return None
-    arm = Path(folder) / "arm"
-    try:
-        os.rename(arm, Path(folder) / f"fired-{os.getpid()}")  # atomic: exactly one attempt takes it
-    except OSError:
-        return None
-
-    def tick(_n: int) -> None:
-        os._exit(17)
-    return tick
-
-
-def _run_one(task_json: str, src: str, out_dir: str, workers: int, memory_budget: int,
-             hash_output: bool) -> tuple[str, int, str | None]:
+def _run_one(task_json: str, src: str | None, out_dir: str | None, workers: int, memory_budget: int,
+             hash_output: bool, hub: dict | None = None, run_id: str = "", verify: bool = False,
+             push_to_hub: str | None = None) -> dict:
+    """One task on a Ray worker: from shared storage (``src``), or from the Hub (``hub``: a HubRef)."""
     from .conversion import run_task
     from .tasks import Task
-    r = run_task(Task.from_json(task_json), out_dir, src=src, workers=workers, memory_budget=memory_budget,
-                 hash_output=hash_output, progress=_crash_hook())
-    return r.shard, r.size, r.sha256
+    task = Task.from_json(task_json)
+    if hub is None:
+        r = run_task(task, out_dir, src=src, workers=workers, memory_budget=memory_budget, hash_output=hash_output)
+        return {"shard": r.shard, "size": r.size, "sha256": r.sha256, "op": None, "peak_disk": None}
+    from .hub import _quiet_bars
+    from .hub_remote import HubRef
+    from .hub_task import run_hub_task
+    # a fixed name per run and shard: a retried attempt on the same node removes what a killed one fetched
+    work = Path(tempfile.gettempdir()) / f"streamfold-{run_id}-{task.shard}"
+    with _quiet_bars(True):  # no download / upload bars in the worker logs Ray forwards to the driver
+        return run_hub_task(task, HubRef(**hub), work, Path(out_dir) if out_dir else None, workers=workers,
+                            memory_budget=memory_budget, hash_output=hash_output, verify=verify,
+                            push_to_hub=push_to_hub, push_token=hub.get("token"))
 
 
-def run_on_ray(tasks, src: Path, out_dir: Path, *, address: str | None = None, workers: int | None = None,
-               memory_budget: int | None = None, hash_outputs: bool = False, on_done=None,
-               max_retries: int = MAX_RETRIES) -> dict[str, str]:
-    """Run ``tasks`` as Ray tasks writing into ``out_dir``; returns shard sha256s when hashed.
+def run_on_ray(tasks, src: Path | None, out_dir: Path | None, *, address: str | None = None,
+               workers: int | None = None, memory_budget: int | None = None, hash_outputs: bool = False,
+               on_done=None, max_retries: int = MAX_RETRIES, hub=None, verify: bool = False,
+               push_to_hub: str | None = None) -> dict[str, dict]:
+    """Run ``tasks`` as Ray tasks writing into ``out_dir``; returns ``{shard: {"shard", "size", "sha256",
+    "op", "peak_disk"}}``.
+
+    The sources are the folder ``src`` on shared storage, or, with ``hub`` (a
+    :class:`~streamfold.hub_remote.HubRef`), each task downloads its own source shards from the Hub into
+    its worker's temporary directory and deletes them when its shard is written (``verify``: checked
+    there against them first). With ``push_to_hub`` each task pre-uploads its shard (``out_dir`` None:
+    written in the worker's temporary directory) and returns the commit operation in ``"op"``.
 
     Uses the running Ray session if there is one; otherwise joins ``address`` (or starts a local
     cluster when None) and disconnects at the end."""
@@ -80,39 +93,42 @@ def run_on_ray(tasks, src: Path, out_dir: Path, *, address: str | None = None, w
     budget = memory_budget or DEFAULT_BUDGET
     fn = ray.remote(_run_one).options(num_cpus=workers, memory=budget + WORKER_OVERHEAD, max_retries=max_retries,
                                       retry_exceptions=[OSError], name="streamfold-shard")
-    digests: dict[str, str] = {}
+    results: dict[str, dict] = {}
+    hub_ref, run_id = (hub.to_dict() if hub is not None else None), uuid.uuid4().hex[:12]
+    src_arg = str(Path(src).resolve()) if src is not None else None
+    out_arg = str(Path(out_dir).resolve()) if out_dir is not None else None
     try:
-        refs = {fn.remote(t.to_json(), str(Path(src).resolve()), str(Path(out_dir).resolve()), workers, budget,
-                          hash_outputs): t.shard for t in tasks}
+        refs = {fn.remote(t.to_json(), src_arg, out_arg, workers, budget, hash_outputs, hub_ref, run_id, verify,
+                          push_to_hub): t.shard for t in tasks}
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             for ref in ready:
                 try:
-                    shard, size, digest = ray.get(ref)
+                    r = ray.get(ref)
                 except Exception as e:
                     raise _task_error(e, refs[ref], max_retries) from None
-                if digest is not None:
-                    digests[shard] = digest
+                results[r["shard"]] = r
                 if on_done is not None:
-                    on_done(shard, size, digest)
+                    on_done(r["shard"], r["size"], r["sha256"])
     except BaseException:
         for ref in refs if "refs" in locals() else ():
             try:
-                ray.cancel(ref, force=True)
+                ray.cancel(ref)  # not force: a running task's cleanup (its fetched files) runs
             except Exception:  # already finished
                 pass
         raise
     finally:
         if started:
             ray.shutdown()
-    return digests
+    return results
 
 
 def _task_error(e: BaseException, shard: str, retries: int) -> StreamfoldError:
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, StreamfoldError):
-        return StreamfoldError(str(cause))
-    first = (str(cause or e).strip().splitlines() or [type(e).__name__])[0]
-    return StreamfoldError(f"{shard}: Ray task failed (retried up to {retries} times): {type(cause or e).__name__}: "
-                           f"{first}")
+    cause = getattr(e, "cause", None)  # a RayTaskError: what the task raised
+    if isinstance(cause, StreamfoldError):  # bad input, a failed check: the worker's own one line
+        return cause
+    err = cause or e
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    died = "" if cause is not None else f" (retried up to {retries} times)"  # the worker or its node died
+    return StreamfoldError(f"{shard}: Ray task failed{died}: {type(err).__name__}: {first}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import streamfold
-from streamfold import cli, hub
+from streamfold import cli, hub, hub_push
 from tests.hubserver import GITATTRIBUTES, hub_server  # noqa: F401  (hub_server is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -573,7 +573,7 @@ def test_failed_upload_of_one_file_leaves_no_commit(tmp_path, hub_server, capsys
     are in storage but nothing refers to them, and the repo is as it was."""
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text('{"model_type": "an earlier push"}')
-    hub.push_folder(tmp_path / "old", "me/x")
+    hub_push.push_folder(tmp_path / "old", "me/x")
     before = hub_server.files("me/x")
     streamfold.convert(SAMPLE, tmp_path / "probe")  # what the push uploads: the same bytes
     new = {s: hashlib.sha256((tmp_path / "probe" / s).read_bytes()).hexdigest() for s in SHARDS}
@@ -609,7 +609,7 @@ def test_push_of_many_files_is_one_commit_even_with_xet(tmp_path, hub_server):
     folder.mkdir()
     for i in range(300):
         (folder / f"f{i:03d}.json").write_text(json.dumps({"i": i}))
-    hub.push_folder(folder, "me/many", token=None)
+    hub_push.push_folder(folder, "me/many", token=None)
     (commit,) = _pushed(hub_server, "me/many")
     assert len(commit.files) == 301
     # the hazard this rules out, in the installed client:

@@ -1,6 +1,6 @@
 """--stream: Hub to Hub shard by shard, at the HfApi boundary (model_info, hf_hub_download, create_repo,
 preupload_lfs_files, create_commit patched on huggingface_hub.HfApi; range reads through
-streamfold.hub.read_range served from the same folder). A local HTTP Hub server would run the real
+streamfold.hub_remote.read_range served from the same folder). A local HTTP Hub server would run the real
 client code; none was in the tree when this was written."""
 import json
 from pathlib import Path
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import streamfold
-from streamfold import cli, hub
+from streamfold import cli, hub_remote
 
 from .test_engine import BF16, RULES, write_safetensors
 from .test_tasks import _files
@@ -99,7 +99,7 @@ class StreamHub:
             with open(folder / filename, "rb") as f:
                 f.seek(start)
                 return f.read(end - start)
-        monkeypatch.setattr(hub, "read_range", read_range)
+        monkeypatch.setattr(hub_remote, "read_range", read_range)
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
 
