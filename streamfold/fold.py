@@ -136,9 +136,15 @@ def scale_chunk(src: np.ndarray, mult: np.ndarray, src_dtype: str, out_dtype: st
         _scale_f64(src, mult, src_dtype, out_dtype, out)
         return
     to_bf16 = out_dtype == "BF16"
-    if out_dtype not in ("BF16", "F32") or (to_bf16 and not fast_bf16_ok(mult)):
+    if out_dtype not in ("BF16", "F32"):
         _scale_f64(src, mult, src_dtype, out_dtype, out)
         return
+    exact = not to_bf16 or fast_bf16_ok(mult)
+    if not exact:
+        if not np.isfinite(mult).all():  # NaN payloads could carry into the sign bit
+            _scale_f64(src, mult, src_dtype, out_dtype, out)
+            return
+        wide = (mult.view(np.uint32).reshape(-1) & 0xFF) != 0  # more than 16 significant bits
     if not per_row:
         # A flat multiplier for a whole block (the row vector tiled): 1-D ufuncs without
         # broadcasting run about 1.5x faster than broadcasting [step, cols] by [1, cols].
@@ -148,7 +154,9 @@ def scale_chunk(src: np.ndarray, mult: np.ndarray, src_dtype: str, out_dtype: st
     size = step * cols
     work = scratch.get("u32", size * 4).view(np.uint32)
     tmp = scratch.get("tmp", size * 4).view(np.uint32)
-    with np.errstate(under="raise" if to_bf16 else "ignore"):
+    # The exact bf16 path catches an inexact underflow (the only rounding its float32 product can
+    # make); the midpoint path needs no such catch (see _round_bf16_midpoints).
+    with np.errstate(under="raise" if to_bf16 and exact else "ignore"):
         for r in range(0, rows, step):
             e = min(rows, r + step)
             k = (e - r) * cols
@@ -156,27 +164,76 @@ def scale_chunk(src: np.ndarray, mult: np.ndarray, src_dtype: str, out_dtype: st
             f = w.view(np.float32)
             np.copyto(w, u16[r * cols:e * cols])  # bf16 bits -> high half of a float32
             np.left_shift(w, 16, out=w)
+            m = mult[r:e] if per_row else mult
             try:
                 if per_row:
-                    np.multiply(f.reshape(e - r, cols), mult[r:e], out=f.reshape(e - r, cols))
+                    np.multiply(f.reshape(e - r, cols), m, out=f.reshape(e - r, cols))
                 else:
                     np.multiply(f, tiled[:k], out=f)
             except FloatingPointError:  # a product underflowed inexactly: float32 rounded it once already
-                _scale_f64(src[r:e], mult[r:e] if per_row else mult, src_dtype, out_dtype, out[r:e])
+                _scale_f64(src[r:e], m, src_dtype, out_dtype, out[r:e])
                 continue
             dst = o[r * cols:e * cols]
-            if to_bf16:
-                # round to nearest even: add 0x7FFF plus the lowest kept bit, then truncate. Exact
-                # products of finite multipliers carry a NaN payload only in the high 16 bits
-                # (a quieted bf16 NaN, or the default NaN of 0 x inf), so the add never reaches the sign.
-                np.right_shift(w, 16, out=t)
-                np.bitwise_and(t, 1, out=t)
-                np.add(w, 0x7FFF, out=w)
-                np.add(w, t, out=w)
-                np.right_shift(w, 16, out=w)
-                np.copyto(dst, w, casting="unsafe")
-            else:
+            if not to_bf16:
                 np.copyto(dst, w)
+            elif exact:
+                _round_bf16_even(w, t, dst)
+            else:
+                _round_bf16_midpoints(w, scratch, dst, u16[r * cols:e * cols], m.reshape(-1),
+                                      wide[r:e] if per_row else wide, per_row, cols)
+
+
+def _round_bf16_even(w: np.ndarray, t: np.ndarray, dst: np.ndarray) -> None:
+    """``dst`` (bf16 bits) = the float32 bits ``w`` rounded to nearest-even bf16, in place on ``w``.
+
+    Add 0x7FFF plus the lowest kept bit, then truncate. Exact products of finite multipliers carry a
+    NaN payload only in the high 16 bits (a quieted bf16 NaN, or the default NaN of 0 x inf), so the
+    add never reaches the sign."""
+    np.right_shift(w, 16, out=t)
+    np.bitwise_and(t, 1, out=t)
+    np.add(w, 0x7FFF, out=w)
+    np.add(w, t, out=w)
+    np.right_shift(w, 16, out=w)
+    np.copyto(dst, w, casting="unsafe")
+
+
+def _round_bf16_midpoints(w: np.ndarray, scratch: Scratch, dst: np.ndarray, src16: np.ndarray,
+                          mult: np.ndarray, wide: np.ndarray, per_row: bool, cols: int) -> None:
+    """``dst`` (bf16 bits) = the exact products ``src16 x mult`` rounded once to bf16, given ``w``, the
+    bits of their float32 products (a bf16 weight times a *finite* float32 multiplier); ``wide``
+    marks the multipliers with more than 16 significant bits (per column, or per row if ``per_row``).
+
+    The float32 product ``p`` is the exact ``x`` rounded once to nearest. Every bf16 value and every
+    midpoint between two neighbours (the overflow threshold 0x7F7F8000 too) is a float32, on float32's
+    subnormal grid as well (2^-149, 16 bits finer than bf16's 2^-133), so that rounding never crosses
+    one: ``p`` rounds to the same bf16 as ``x`` unless ``p`` *is* a midpoint (low 16 bits 0x8000).
+    All elements are first rounded half-up in magnitude (add 0x8000, truncate); then each midpoint is
+    settled. A narrow multiplier (at most 16 bits) times a bf16 has at most 24 bits, so ``p == x``
+    unless ``p`` is subnormal: a true tie, to the even neighbour. A wide one (its last set bit among
+    the low 8) times a bf16 has at least 17 significant bits, never a 9-bit midpoint, so ``p != x``:
+    those, and subnormal ``p`` (about 2^-16 of the elements), are redone in float64, where the
+    product is exact: its side of the midpoint picks the neighbour. With a finite multiplier a NaN product is a quieted bf16 NaN or the default NaN,
+    its low 16 bits zero: the add neither changes it nor reaches the sign."""
+    k = w.shape[0]
+    low = scratch.get("low16", k * 2).view(np.uint16)
+    hit = scratch.get("mid", k).view(np.bool_)
+    np.copyto(low, w, casting="unsafe")  # the low 16 bits of each float32 product
+    np.equal(low, 0x8000, out=hit)
+    np.add(w, 0x8000, out=w)
+    np.right_shift(w, 16, out=dst, casting="unsafe")
+    if not hit.any():
+        return
+    idx = np.flatnonzero(hit)
+    d = dst[idx]  # p's high half + 1 (the half-up add carried into it)
+    dst[idx] = d & 0xFFFE  # a tie goes to whichever of the two neighbours has an even bit pattern
+    col = idx // cols if per_row else idx % cols
+    redo = wide[col] | (((d - 1) & 0x7F80) == 0)  # p != x possible: a wide multiplier, or p subnormal
+    if redo.any():
+        idx, col, d = idx[redo], col[redo], d[redo]
+        x = np.abs(widen_bf16(src16[idx]).astype(np.float64) * mult[col].astype(np.float64))  # exact
+        p = np.abs((widen_bf16(d - 1).view(np.uint32) | 0x8000).view(np.float32).astype(np.float64))
+        # x above the midpoint p: away from zero (d); below: toward zero (d - 1); equal: the tie above
+        dst[idx] = np.where(x > p, d, np.where(x < p, d - 1, d & 0xFFFE))
 
 
 def merged_out_dtype(src_dtype: str, merged_dtype: str) -> str:
