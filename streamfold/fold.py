@@ -2,13 +2,30 @@
 
 Exactness: every folded element is the exact product ``w x g`` rounded once, to nearest-even, to the
 stored dtype (``g`` is the float32 multiplier the plan gives: the norm weight, or ``1 + w`` formed in
-float32 as the models compute it). The common case, a bf16 norm and bf16 weights, is exact in float32
-and runs on the raw uint16/uint32 bit patterns (faster than a dtype cast); any other multiplier (a
-float32 norm with more than 16 significant bits, a float32 ``1 + w``, NaN or infinity) or a float16
-weight is multiplied in float64, where the product is exact, and rounded once from there. NaN stays a
-quiet NaN with its sign; infinity stays infinity; finite products beyond the output range become
-infinity, as round-to-nearest-even says. Not exact: a float64 norm vector is rounded to float32 by the
-plan before folding (no float64 checkpoint with float64 norms is known).
+float32 as the models compute it). Three routes, all on the raw uint16/uint32 bit patterns where
+they can (faster than a dtype cast):
+
+- bf16 weights, a multiplier of at most 16 significant bits (a bf16 norm): the float32 product is
+  exact, its rounding to bf16 the only one (a block whose product underflows inexactly is redone).
+- bf16 weights, any other finite float32 multiplier (a float32 norm, ``1 + w`` in float32: Gemma 1-3,
+  Qwen3-Next, Qwen3.5, Nemotron), into bf16: the float32 product rounds the exact one once, and its
+  bf16 rounding is still the correct one except where it lands exactly on a bf16 midpoint. Only
+  those elements are settled again: an exact product on a midpoint (a tie) to even, the others
+  (about 2^-16 of all elements) by the side of the midpoint the exact float64 product lies on
+  (:func:`_round_bf16_midpoints` has the argument, subnormals and overflow included).
+- everything else (a float16 weight into float16, a NaN or infinite multiplier, a float64 weight):
+  multiplied in float64, where the product is exact, and rounded once from there. Float16 stays
+  there: f16 checkpoints are rare, and float16's subnormal range lies inside float32's normal range,
+  so the midpoint is not a fixed bit pattern of the float32 product. A float32 output is one float32
+  multiply (IEEE rounds the exact product once).
+
+Measured (benchmarks/time_kernel.py, 64 MB of bf16, one thread, load average 8-9 on 2 cores, so
++-30%): bf16 norm -> bf16 0.9-1.5 GB/s; float32 norm or float32 ``1 + w`` -> bf16 0.2-0.37 GB/s
+through float64 before the midpoint route, 0.63-1.03 GB/s with it (benchmarks/README.md section 4).
+
+NaN stays a quiet NaN with its sign; infinity stays infinity; finite products beyond the output range
+become infinity, as round-to-nearest-even says. Not exact: a float64 norm vector is rounded to float32
+by the plan before folding (no float64 checkpoint with float64 norms is known).
 """
 from __future__ import annotations
 
@@ -118,10 +135,12 @@ def scale_chunk(src: np.ndarray, mult: np.ndarray, src_dtype: str, out_dtype: st
     (``[1, cols]`` or ``[rows, 1]``), ``out`` the same shape in ``out_dtype``.
 
     Which arithmetic: a float32 output of a bf16/f16/f32 weight is one float32 multiply (IEEE rounds
-    the exact product once); a bf16 output of a bf16 weight uses the float32 bit-pattern kernel when
-    :func:`fast_bf16_ok` (the float32 product is exact, so its rounding to bf16 is the only one; a
-    block whose product underflows inexactly is redone in float64); everything else is formed in
-    float64, where it is exact, and rounded once."""
+    the exact product once); a bf16 output of a bf16 weight uses the float32 bit-pattern kernel: when
+    :func:`fast_bf16_ok` the float32 product is exact, so its rounding to bf16 is the only one (a
+    block whose product underflows inexactly is redone in float64); for any other finite multiplier
+    the float32 product is rounded half-up and the elements on a bf16 midpoint are settled exactly
+    (:func:`_round_bf16_midpoints`); everything else is formed in float64, where it is exact, and
+    rounded once."""
     rows, cols = src.shape
     step = max(1, BLOCK_ELEMS // max(cols, 1))  # rows per cache-sized block
     # a [rows, 1] multiplier, even for a one-row chunk ([1, 1] against cols > 1: not a column vector)

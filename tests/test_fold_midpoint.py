@@ -298,3 +298,80 @@ def test_specials_and_signs():
     assert naive(w[:, 10:], gs[10:])[0, 0] == 0x0002
     big = np.array([[bmax]], BF16)
     assert kernel(big.view(np.uint16), np.array([1.00390625 + 2 ** -20], np.float32))[0, 0] == 0x7F80  # past the threshold
+
+
+def double_rounding_pairs(norms: np.ndarray, offset: int, rng, want: int = 12):
+    """(index into ``norms``, bf16 weight bits in [1, 2)) pairs whose product with the multiplier
+    ``offset + norms[i]`` (float32) the naive rounding gets wrong, judged against the float64 product
+    rounded by ml_dtypes: at most one weight per multiplier, ``want`` of them."""
+    mant = (np.arange(0x3F80, 0x4000, dtype=np.uint32)).astype(np.uint16)  # every bf16 in [1, 2)
+    g = (norms.astype(np.float32) + np.float32(offset)).astype(np.float32)
+    good = np.isfinite(g) & ((g.view(np.uint32) & 0xFF) != 0)  # more than 16 bits
+    w = mant.view(BF16)[None, :]
+    exact = (w.astype(np.float64) * g.astype(np.float64)[:, None]).astype(BF16).view(np.uint16)
+    wrong = (naive(w, g[:, None]) != exact) & good[:, None]
+    rows = np.flatnonzero(wrong.any(1))[:want]
+    assert rows.shape[0] == want, rows.shape
+    return [(int(i), int(mant[np.flatnonzero(wrong[i])[0]])) for i in rows]
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("norm", ["float32 w", "float32 1+w", "bf16 1+w"])
+def test_convert_takes_the_midpoint_kernel(tmp_path, monkeypatch, norm, workers):
+    """Through convert (many chunks, axis 1 and axis 0 consumers): a float32 norm, a float32 norm in
+    the ``1 + w`` convention and a Gemma-style bf16 ``1 + w`` fold on the midpoint kernel (the float64
+    path is refused by the autouse fixture); the output equals the float64 product rounded once, and
+    verify passes. The float32 norms carry planted double-rounding weights (naive rounding fails);
+    bf16 ``1 + w`` has none (for normal products: with |w| >= 2^-9 they are exact, below it they stay
+    about 2^-15 relative away from every bf16 midpoint), only exact ties, which must go to even."""
+    import streamfold
+    from streamfold.reader import Checkpoint
+    from tests.test_exact import save
+
+    calls = []
+    real = fold._round_bf16_midpoints
+    monkeypatch.setattr(fold, "_round_bf16_midpoints", lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(8)
+    h = 256
+    offset = int("1+w" in norm)
+    if norm == "bf16 1+w":
+        g_saved = (rng.standard_normal(h) * 0.3).astype(BF16)
+        g_saved[:8] = (np.array([1, -1, 3, 2, 5, 7, 1.5, 1.25]) * 2.0 ** -12).astype(BF16)  # wide 1 + w
+        pairs = []
+    else:  # channels 0..11 carry multipliers with a double-rounding weight (planted below)
+        pool = rng.uniform(0.5, 2, 40_000).astype(np.float32)
+        if offset:
+            pool = (pool - np.float32(1)).astype(np.float32)  # a stored float32 w of 1 + w
+        pairs = double_rounding_pairs(pool, offset, rng)
+        g_saved = np.concatenate([pool[[i for i, _ in pairs]], pool[12:12 + h - 12]])
+    g = (g_saved.astype(np.float32) + np.float32(offset)).astype(np.float32)
+    assert not fold.fast_bf16_ok(g.reshape(1, -1))
+    lin = (rng.standard_normal((1500, h)) * 0.05).astype(np.float32).astype(BF16)
+    tw = (rng.standard_normal((h, 1100)) * 0.05).astype(np.float32).astype(BF16)
+    for j, (_, wb) in enumerate(pairs):  # times a power of two (2^-3 .. 2^-6): still a midpoint case
+        for lane in (lin[:, j], tw[j, :]):
+            at = rng.choice(lane.shape[0], 3, replace=False)
+            lane[at] = (np.array([wb], np.uint16).view(BF16).astype(np.float32)
+                        * np.float32(2.0) ** -rng.integers(3, 7, 3) * rng.choice([-1, 1], 3)).astype(BF16)
+    d = tmp_path / "src"
+    d.mkdir()
+    save(d / "model.safetensors", {"layers.0.norm.weight": g_saved, "layers.0.lin.weight": lin,
+                                   "layers.0.t.weight": tw})
+    (d / "config.json").write_text('{"model_type": "midtoy"}')
+    rules = {"midtoy": {"model_types": ["midtoy"], "offset": offset, "folds": [
+        {"norm": "layers.{n}.norm", "into": ["layers.{n}.lin", {"weight": "layers.{n}.t.weight", "axis": 0}]}]}}
+    out = tmp_path / "out"
+    streamfold.convert(d, out, rules=rules, memory_budget=70_000, workers=workers)
+    ckpt = Checkpoint(out)
+    for name, w, m in (("layers.0.lin.weight", lin, g.reshape(1, -1)), ("layers.0.t.weight", tw, g.reshape(-1, 1))):
+        got = ckpt.array(name)
+        assert check_scaled(w, got, m, "BF16", "BF16").bad == 0, name
+        with np.errstate(all="ignore"):
+            p = (w.astype(np.float32) * m).view(np.uint32)
+        ties = int(np.sum((p & 0xFFFF) == 0x8000))
+        if pairs:
+            assert np.any(naive(w, m) != got.view(np.uint16)), name  # naive rounding would fail here
+        else:
+            assert ties >= 100, (name, ties)  # exact products on a midpoint, sent to even
+    assert len(calls) >= 8  # many chunks, all on this kernel
+    assert streamfold.verify(d, out, rules=rules, memory_budget=70_000).ok
