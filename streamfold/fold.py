@@ -19,9 +19,11 @@ they can (faster than a dtype cast):
   so the midpoint is not a fixed bit pattern of the float32 product. A float32 output is one float32
   multiply (IEEE rounds the exact product once).
 
-Measured (benchmarks/time_kernel.py, 64 MB of bf16, one thread, load average 8-9 on 2 cores, so
-+-30%): bf16 norm -> bf16 0.9-1.5 GB/s; float32 norm or float32 ``1 + w`` -> bf16 0.2-0.37 GB/s
-through float64 before the midpoint route, 0.63-1.03 GB/s with it (benchmarks/README.md section 4).
+Measured (benchmarks/time_kernel.py --repeat 7, 64 MB of bf16 weights, one thread, before/after
+interleaved three times, load average 8-9 on 2 cores, so each figure +-20%): into bf16, a float32
+norm 0.26-0.33 GB/s before (float64) and 0.84-1.08 GB/s with the midpoint route; a float32 ``1 + w``
+of a bf16 w 0.23-0.30 before, 0.78-0.90 after; a bf16 norm (unchanged) 0.89-1.21 GB/s
+(benchmarks/README.md, section 4).
 
 NaN stays a quiet NaN with its sign; infinity stays infinity; finite products beyond the output range
 become infinity, as round-to-nearest-even says. Not exact: a float64 norm vector is rounded to float32
