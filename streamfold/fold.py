@@ -229,12 +229,13 @@ def _round_bf16_midpoints(w: np.ndarray, scratch: Scratch, dst: np.ndarray, src1
     subnormal grid as well (2^-149, 16 bits finer than bf16's 2^-133), so that rounding never crosses
     one: ``p`` rounds to the same bf16 as ``x`` unless ``p`` *is* a midpoint (low 16 bits 0x8000).
     All elements are first rounded half-up in magnitude (add 0x8000, truncate); then each midpoint is
-    settled. A narrow multiplier (at most 16 bits) times a bf16 has at most 24 bits, so ``p == x``
-    unless ``p`` is subnormal: a true tie, to the even neighbour. A wide one (its last set bit among
-    the low 8) times a bf16 has at least 17 significant bits, never a 9-bit midpoint, so ``p != x``:
-    those, and subnormal ``p`` (about 2^-16 of the elements), are redone in float64, where the
-    product is exact: its side of the midpoint picks the neighbour. With a finite multiplier a NaN product is a quieted bf16 NaN or the default NaN,
-    its low 16 bits zero: the add neither changes it nor reaches the sign."""
+    settled. A narrow multiplier (at most 16 significant bits) times a bf16 has at most 24 bits, so
+    ``p == x`` unless ``p`` is subnormal: a true tie, to the even neighbour. A wide one (its last set
+    bit among the low 8; a normal one then has at least 17 significant bits, its products never a
+    9-bit midpoint) and a subnormal ``p`` may have ``p != x``: those (about 2^-16 of the elements)
+    are redone from the float64 product, which is exact: its side of the midpoint picks the neighbour
+    (equal: the tie, to even). With a finite multiplier a NaN product is a quieted bf16 NaN or the
+    default NaN, its low 16 bits zero: the add neither changes it nor reaches the sign."""
     k = w.shape[0]
     low = scratch.get("low16", k * 2).view(np.uint16)
     hit = scratch.get("mid", k).view(np.bool_)

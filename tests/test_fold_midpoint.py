@@ -274,7 +274,8 @@ def test_bit_identical_to_float64_path():
             ref = np.empty(w.shape, BF16)
             scale_f64(w.view(BF16), m, "BF16", "BF16", ref)
             got = kernel(w, g, per_row)
-            assert np.array_equal(got, ref.view(np.uint16)), (kind, per_row, int(np.sum(got != ref.view(np.uint16))))
+            r = ref.view(np.uint16)
+            assert np.array_equal(got, r), (kind, per_row, int(np.sum(got != r)))
 
 
 def test_specials_and_signs():
@@ -297,7 +298,8 @@ def test_specials_and_signs():
     assert got[10] == exact_bf16(0x0003, int(gs[10:11].view(np.uint32)[0])) == 0x0001
     assert naive(w[:, 10:], gs[10:])[0, 0] == 0x0002
     big = np.array([[bmax]], BF16)
-    assert kernel(big.view(np.uint16), np.array([1.00390625 + 2 ** -20], np.float32))[0, 0] == 0x7F80  # past the threshold
+    past = np.array([1.00390625 + 2 ** -20], np.float32)  # bf16 max x this: past the overflow threshold
+    assert kernel(big.view(np.uint16), past)[0, 0] == 0x7F80
 
 
 def double_rounding_pairs(norms: np.ndarray, offset: int, rng, want: int = 12):
