@@ -1,6 +1,6 @@
 """Time streamfold against a plain copy of the same checkpoint (and optionally the reference).
 
-    python benchmarks/bench.py SRC [--runs 3] [--cold] [--reference] [--no-streamfold]
+    python benchmarks/bench.py SRC [--runs 3] [--cold] [--reference] [--no-streamfold] [--variant ARGS]
                                [--work-dir DIR] [--json-out FILE] [-- STREAMFOLD ARGS...]
 
 Operations, each run as a child process and timed from spawn to exit (so the
@@ -12,6 +12,8 @@ converter's interpreter start-up and imports are included):
 * ``streamfold`` - ``python -m streamfold SRC DST [extra args]`` (any argument this
                    script does not know, or everything after ``--``, is passed on,
                    e.g. ``--workers 2 --memory-budget 256M --merged-dtype float32``).
+* ``streamfold ARGS`` - with ``--variant ARGS`` (repeatable): the same plus ``ARGS``, e.g.
+                   ``--variant=--manifest``, alternated with the others in every run.
 * ``reference``  - with ``--reference``: transformer-tricks ``flashify_repo`` 0.4.1 via
                    ``benchmarks/reference_flashify.py`` in the separate benchmark venv.
 
@@ -257,6 +259,9 @@ def main(argv=None) -> int:
     ap.add_argument("--force-reference", action="store_true",
                     help="run the reference even if the checkpoint looks too big for RAM")
     ap.add_argument("--no-streamfold", action="store_true")
+    ap.add_argument("--variant", action="append", default=[], metavar="ARGS",
+                    help="also time streamfold with these extra arguments (shell-split, after the common "
+                         "ones), as its own operation in the same runs; repeatable: --variant=--manifest")
     ap.add_argument("--no-cp", action="store_true", help="skip the `cp -r` operation")
     ap.add_argument("--python", default=sys.executable, help="interpreter for streamfold")
     ap.add_argument("--work-dir", default=None,
@@ -286,6 +291,9 @@ def main(argv=None) -> int:
         if ok:
             ops.append(("streamfold", lambda d: (
                 [args.python, "-m", "streamfold", src, d, *passthrough], REPO, env_sf)))
+            for v in args.variant:
+                ops.append((f"streamfold {v}", lambda d, extra=shlex.split(v): (
+                    [args.python, "-m", "streamfold", src, d, *passthrough, *extra], REPO, env_sf)))
         else:
             notes.append(f"streamfold skipped: `python -m streamfold --help` failed ({msg})")
     if args.reference and src_bytes * 1.8 > mem_total_bytes() and not args.force_reference:
@@ -413,7 +421,8 @@ def main(argv=None) -> int:
     print("| checkpoint | cache | operation | args | runs ok | median s | min s | GB/s | x copyfile | CPU s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, s in summary.items():
-        argcol = extra if name == "streamfold" else "-"
+        argcol = (" ".join([*passthrough, name[len("streamfold "):]]) if name.startswith("streamfold ") else extra) \
+            if name.startswith("streamfold") else "-"
         fmt = lambda v, f: (f % v) if v is not None else "n/a"
         print(f"| {label} ({src_bytes / 1e9:.2f} GB) | {cache} | {name} | {argcol} | "
               f"{s['runs_ok']}/{s['runs']} | {fmt(s['median_s'], '%.2f')} | {fmt(s['min_s'], '%.2f')} | "

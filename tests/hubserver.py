@@ -40,7 +40,11 @@ or a folder) makes a repo whose ``main`` (and ``tags``) point at one commit, ret
 ``server.files(repo_id, rev)`` returns ``{path: bytes}``; ``server.requests`` records every request;
 ``server.fail(method, path_regex, status)`` makes matching requests fail; ``server.stop()`` makes the
 Hub unreachable. ``HubServer(storage=folder)`` streams uploaded LFS objects to disk (for large
-checkpoints); repos added from a folder are served from their files, not copied into memory.
+checkpoints); repos added from a folder are served from their files (sendfile), not copied into memory.
+``HubServer(sink=True)`` checks each uploaded LFS object (sha256, size) and keeps only those two: the
+bytes are dropped (benchmarks push whole checkpoints without the disk for a copy; such files cannot be
+downloaded or read back, their commits and listings work). ``server.traffic`` counts body bytes:
+``served`` (file downloads, full or ranged) and ``uploaded`` (LFS objects received).
 """
 from __future__ import annotations
 
@@ -97,6 +101,8 @@ class Blob:
 
     def read(self, start: int = 0, end: int | None = None) -> bytes:
         end = self.size if end is None else end
+        if self.data is None and self.path is None:
+            raise ValueError("a blob received by a sink server (HubServer(sink=True)) has no content")
         if self.data is not None:
             return self.data[start:end]
         with open(self.path, "rb") as f:
@@ -163,10 +169,13 @@ class HubError(Exception):
 class HubServer:
     """The local Hub. ``url`` is its endpoint once :meth:`start` ran."""
 
-    def __init__(self, token: str = TOKEN, storage: os.PathLike | None = None):
-        """``storage``: a folder for uploaded LFS objects (streamed to disk); None keeps them in memory."""
+    def __init__(self, token: str = TOKEN, storage: os.PathLike | None = None, sink: bool = False):
+        """``storage``: a folder for uploaded LFS objects (streamed to disk); None keeps them in memory.
+        ``sink``: check uploaded LFS objects, keep only their sha256 and size (no storage needed)."""
         self.token = token
         self.storage = Path(storage) if storage is not None else None
+        self.sink = sink
+        self.traffic = {"served": 0, "uploaded": 0}  # body bytes sent by resolve, LFS bytes received
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
         self._failures: list[list] = []  # [method, compiled regex, status, times left]
@@ -491,10 +500,18 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(416, f"range {rng!r} not satisfiable", headers={"Content-Range": f"bytes */{blob.size}"})
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
+        if blob.data is None and blob.path is None:
+            raise HubError(410, f"{path}: uploaded to a sink server (HubServer(sink=True)): content not kept")
         self._send(status, headers=headers, length=end - start)
         if self.command == "GET":
-            for pos in range(start, end, _CHUNK):
-                self.wfile.write(blob.read(pos, min(pos + _CHUNK, end)))
+            if blob.path is not None:  # one open file, copied by the kernel (wfile is unbuffered)
+                with open(blob.path, "rb") as f:
+                    self.connection.sendfile(f, start, end - start)
+            else:
+                for pos in range(start, end, _CHUNK):
+                    self.wfile.write(blob.read(pos, min(pos + _CHUNK, end)))
+            with self.hub._lock:
+                self.hub.traffic["served"] += end - start
 
     def _create_repo(self, payload: dict) -> None:
         if not self._authorized():
@@ -557,7 +574,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _receive(self, oid: str) -> Blob:
         """Read an uploaded object, checking its sha256: in memory, or into ``storage/lfs/<oid>``."""
         h = hashlib.sha256()
-        if self.hub.storage is None:
+        if self.hub.sink:
+            class Count:
+                n = 0
+
+                def write(self, chunk: bytes) -> None:
+                    h.update(chunk)
+                    self.n += len(chunk)
+            count = Count()
+            self._body(count)
+            blob = Blob(count.n, h.hexdigest(), True)
+        elif self.hub.storage is None:
             data = self._body()
             h.update(data)
             blob = Blob(len(data), h.hexdigest(), True, data=data)
@@ -579,6 +606,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._body(sink)
             os.replace(part, final)
             blob = Blob(sink.n, h.hexdigest(), True, path=final)
+        with self.hub._lock:
+            self.hub.traffic["uploaded"] += blob.size
         if blob.sha256 != oid:
             raise HubError(400, f"uploaded content does not match sha256 {oid}")
         return blob

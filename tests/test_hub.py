@@ -658,6 +658,49 @@ def test_preupload_then_one_commit_with_objects_on_disk(tmp_path, monkeypatch):
         server.stop()
 
 
+def test_sink_server_checks_uploads_keeps_only_oid_and_size_and_counts_traffic(tmp_path, monkeypatch):
+    """HubServer(sink=True) (the Hub benchmark's server): a repo added from a folder is served from its
+    files, uploads are checked against their sha256 and dropped, commits still name them by oid and size;
+    ``traffic`` counts the bytes served (full and ranged) and uploaded."""
+    import huggingface_hub
+    from tests.hubserver import HubServer, point_client_at
+    server = HubServer(sink=True).start()
+    try:
+        point_client_at(monkeypatch, server.url, tmp_path / "hf", token=server.token)
+        src = tmp_path / "src"
+        src.mkdir()
+        for shard in SHARDS:
+            shutil.copyfile(SAMPLE / shard, src / shard)
+        server.add_repo("me/src", src)
+        api = huggingface_hub.HfApi()
+        got = Path(api.hf_hub_download("me/src", SHARDS[0], local_dir=str(tmp_path / "dl")))
+        assert got.read_bytes() == (SAMPLE / SHARDS[0]).read_bytes()
+        size0 = (SAMPLE / SHARDS[0]).stat().st_size
+        assert server.traffic == {"served": size0, "uploaded": 0}
+        assert hub.read_range("me/src", SHARDS[1], "main", 8, 20) == (SAMPLE / SHARDS[1]).read_bytes()[8:20]
+        assert server.traffic["served"] == size0 + 12
+        api.create_repo("me/dst")
+        ops = [huggingface_hub.CommitOperationAdd(path_in_repo=s, path_or_fileobj=str(src / s)) for s in SHARDS]
+        api.create_commit("me/dst", operations=ops, commit_message="shards")
+        tree = server.commits("me/dst")[-1].files
+        for s in SHARDS:
+            data = (SAMPLE / s).read_bytes()
+            assert (tree[s].sha256, tree[s].size, tree[s].data, tree[s].path) == \
+                (hashlib.sha256(data).hexdigest(), len(data), None, None)
+        assert server.traffic["uploaded"] == sum((SAMPLE / s).stat().st_size for s in SHARDS)
+        assert not list(tmp_path.glob("**/lfs"))  # nothing stored
+        session = huggingface_hub.utils.get_session()
+        r = session.get(f"{server.url}/me/dst/resolve/main/{SHARDS[0]}")
+        assert r.status_code == 410 and "sink" in r.headers["X-Error-Message"]
+        with pytest.raises(ValueError, match="sink"):
+            server.files("me/dst")
+        # an upload whose bytes do not match its oid is refused, also by a sink
+        r = session.put(f"{server.url}/_lfs/me/dst/{'0' * 64}", content=b"x" * 10)
+        assert r.status_code == 400 and "does not match" in r.text
+    finally:
+        server.stop()
+
+
 def test_help_documents_hub_usage():
     r = subprocess.run([sys.executable, "-m", "streamfold", "--help"], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
