@@ -19,18 +19,15 @@ Hub repo ids work as sources, and the output can be pushed (huggingface_hub is i
 """
 __version__ = "0.1.0"
 
-from .conversion import ConversionPlan, ShardResult, finish, load_plan, run_task  # noqa: E402
-from .conversion import plan as _plan  # noqa: E402
+from .conversion import ConversionPlan, ShardResult, finish, load_plan, plan, run_task  # noqa: E402
 from .convert import ConversionReport, convert  # noqa: E402
 from .errors import AlreadyFlashNorm, StreamfoldError  # noqa: E402
 from .inspection import Inspection, inspect  # noqa: E402
-from .plan import Kind  # noqa: E402
+from .planner import Kind  # noqa: E402
 from .tasks import Chunk, Op, Task  # noqa: E402
 from .verify import VerifyReport, verify  # noqa: E402
 
-# ``streamfold.plan(src)`` is the function; the module stays importable as ``streamfold.plan`` for
-# ``from streamfold.plan import ...`` (submodule imports go through sys.modules).
-plan = _plan
+# ``streamfold.plan`` is the function; the planner module is ``streamfold.planner``.
 
 __all__ = ["convert", "plan", "run_task", "finish", "ConversionPlan", "ShardResult", "Task", "Chunk", "Op",
            "Kind", "load_plan", "inspect", "Inspection", "verify", "VerifyReport", "ConversionReport",

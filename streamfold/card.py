@@ -18,7 +18,7 @@ from pathlib import Path
 from .card_table import change_rows, dtype_names
 from .errors import StreamfoldError
 from .files import CARD_NAME
-from .plan import Kind
+from .planner import Kind
 from .units import human_bytes
 
 PAPER = "https://arxiv.org/abs/2407.09577"

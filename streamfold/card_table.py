@@ -9,7 +9,7 @@ import os
 import re
 
 from .patterns import generalize, stars
-from .plan import Kind
+from .planner import Kind
 
 _DTYPE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
 

@@ -78,7 +78,7 @@ def parse_size(text: str) -> int:
 
 def merged_dtype(text: str) -> str:
     """``--merged-dtype``: source, float32 (fp32, f32) or bf16 (bfloat16), case-insensitive."""
-    from .plan import MERGED_ALIASES
+    from .planner import MERGED_ALIASES
     got = MERGED_ALIASES.get(text.lower())
     if got is None:
         raise argparse.ArgumentTypeError(f"not a merged dtype: {text!r} (use source, float32/fp32/f32 or "

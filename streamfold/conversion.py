@@ -23,7 +23,7 @@ from .files import CARD_NAME, flashnorm_config, other_files
 from .hub import Source
 from .hub_source import resolve_source
 from .manifest import write_manifest
-from .plan import Kind, Plan
+from .planner import Kind, Plan
 from .reader import INDEX_NAME, Checkpoint, TensorInfo, read_config
 from .remode import plan_checkpoint
 from .rules import load_rules_file

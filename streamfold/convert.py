@@ -14,7 +14,7 @@ from .errors import StreamfoldError
 from .files import FLASHNORM_VERSION, flashnorm_config  # noqa: F401 - re-exported
 from .journal import Journal
 from .staging import Staging, check_destination
-from .plan import Kind
+from .planner import Kind
 from .units import human_bytes
 
 if TYPE_CHECKING:

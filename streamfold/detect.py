@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from .patterns import Consumer, apply_layout, config_get, expand_consumer, looks_like_norm, natural_key, pattern_regex
-from .plan import is_tied
+from .planner import is_tied
 from .reader import TensorInfo
 from .rules import family_for
 

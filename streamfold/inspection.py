@@ -10,7 +10,7 @@ from .conversion import load_plan
 from .errors import AlreadyFlashNorm, StreamfoldError
 from .hub import Source, _api, _guard, _offline, _quiet_bars, is_repo_id, select_files
 from .hub_source import _info_or_cache, resolve_source
-from .plan import Kind
+from .planner import Kind
 from .reader import INDEX_NAME, Checkpoint, TensorInfo
 from .units import human_bytes
 

@@ -1,7 +1,7 @@
 """Plan a checkpoint that may already be FlashNorm: fold it, say there is nothing to do, or change its mode.
 
 :func:`plan_checkpoint` is the planner convert and inspect call. A checkpoint with norms to fold gets
-:func:`streamfold.plan.make_plan`. One that is already folded (see :mod:`streamfold.detect`) gets:
+:func:`streamfold.planner.make_plan`. One that is already folded (see :mod:`streamfold.detect`) gets:
 
 - :class:`AlreadyFlashNorm` when the request changes nothing (no ``mode``, or its own mode);
 - a refusal of ``merged_dtype="float32"``: its folded weights were rounded when it was made (or are
@@ -26,7 +26,7 @@ import numpy as np
 from .detect import NORM_BIAS_FAMILIES, FlashNormState, detect
 from .errors import AlreadyFlashNorm, StreamfoldError
 from .patterns import config_get, looks_like_norm
-from .plan import MERGED_ALIASES, MODES, Action, NormPlan, Plan, check_not_quantized, make_plan
+from .planner import MERGED_ALIASES, MODES, Action, NormPlan, Plan, check_not_quantized, make_plan
 from .reader import TensorInfo
 from .rules import family_for
 

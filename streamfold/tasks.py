@@ -34,7 +34,7 @@ import numpy as np
 
 from .dtypes import DTYPES
 from .errors import StreamfoldError
-from .plan import Kind, Plan
+from .planner import Kind, Plan
 from .reader import Checkpoint
 from .writer import ShardLayout
 

@@ -47,7 +47,7 @@ from .errors import AlreadyFlashNorm, StreamfoldError
 from .forward_check import MIN_COSINE_EXACT, MIN_COSINE_ROUNDED, add_forward, run_forward
 from .manifest import MANIFEST_NAME
 from .oracle import check_scaled
-from .plan import MERGED_ALIASES, MODES, Kind, Plan, make_plan
+from .planner import MERGED_ALIASES, MODES, Kind, Plan, make_plan
 from .reader import Checkpoint, TensorInfo, read_config
 from .remode import plan_checkpoint
 from .rules import load_rules_file

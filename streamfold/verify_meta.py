@@ -15,7 +15,7 @@ from .checkrun import Reader
 from .errors import StreamfoldError
 from .files import FLASHNORM_VERSION, other_files
 from .manifest import MANIFEST_NAME, OrderedHasher, hash_file, list_files, parse_manifest
-from .plan import MODES, Kind, Plan
+from .planner import MODES, Kind, Plan
 from .reader import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, read_config
 from .tasks import Task
 from .verify_report import Problem

@@ -334,7 +334,7 @@ def _header_tensors(shapes: dict[str, tuple]) -> dict:
 
 def test_tie_default_when_config_is_silent():
     """A config without tie_word_embeddings is read with its model type's default (SmolLM3: tied)."""
-    from streamfold.plan import make_plan
+    from streamfold.planner import make_plan
     h = 8
     t = _header_tensors({"model.layers.0.input_layernorm.weight": (h,), "model.norm.weight": (h,),
                          **{f"model.layers.0.self_attn.{x}_proj.weight": (h, h) for x in "qkv"},
@@ -354,7 +354,7 @@ def test_deepseek_v3_mtp_layer_norms_are_kept_and_explained():
     """DeepSeek-V3's multi-token-prediction layer (model.layers.61 in the real checkpoint) has norms feeding
     a concatenation (enorm, hnorm -> eh_proj) and its own head; they stay, with the reason, and its
     ordinary decoder block folds like any other layer."""
-    from streamfold.plan import make_plan
+    from streamfold.planner import make_plan
     h, E = 8, 2
     L = "model.layers.1."
     shapes = {"model.norm.weight": (h,), "lm_head.weight": (32, h), L + "input_layernorm.weight": (h,),
@@ -427,7 +427,7 @@ def test_gemma3n_family_matches_the_hub_checkpoint_names(untied):
     """The gemma3n data file (derived from save_pretrained of a tiny Gemma3nForConditionalGeneration) plans
     the published checkpoints' names: every norm accounted for, the two derived decoder folds (and the
     head's when untied), every vision/audio/embedder tensor copied."""
-    from streamfold.plan import make_plan
+    from streamfold.planner import make_plan
     shapes = dict(GEMMA3N_HUB_NAMES, **({"lm_head.weight": (32, 8)} if untied else {}))
     cfg = {"model_type": "gemma3n", "text_config": {"model_type": "gemma3n_text"}}
     if untied:

@@ -478,7 +478,7 @@ def test_inspect_offline_uses_cache(hf_home):
 
 
 def test_header_only_plan_defers_layernorm_bias_decision():
-    from streamfold.plan import make_plan
+    from streamfold.planner import make_plan
     from streamfold.reader import TensorInfo
     p = Path("shard.safetensors")
     t = {"ln.weight": TensorInfo("ln.weight", "F32", (4,), p, 0, 16),

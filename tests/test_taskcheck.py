@@ -15,7 +15,7 @@ import pytest
 
 import streamfold
 from streamfold import checkrun, fold, forward_check, oracle, taskcheck, verify, verify_meta, verify_report
-from streamfold.plan import Kind
+from streamfold.planner import Kind
 from streamfold.tasks import Chunk, Op, Task
 from tests.factory import build_checkpoint
 from tests.test_verify import overwrite, read_tensor, span
