@@ -1,7 +1,7 @@
 """Plan a very large checkpoint and, optionally, run one of its tasks: time and peak memory.
 
-    python benchmarks/make_synthetic.py llama-405b /tmp/l405 --sparse     # 811 GB apparent, ~10 MB on disk
-    python benchmarks/plan_big.py /tmp/l405 [--run-task N --out DIR]
+    python benchmarks/make_synthetic.py llama-405b $DATA/l405 --sparse     # 811 GB apparent, ~10 MB on disk
+    python benchmarks/plan_big.py $DATA/l405 [--run-task N --out DIR]
 
 Each step runs in a fresh process (``ru_maxrss`` of that process is its peak RSS):
 
