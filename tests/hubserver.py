@@ -410,7 +410,6 @@ class _Handler(BaseHTTPRequestHandler):
     # --- routes -------------------------------------------------------------------------------------
 
     def _route(self, method: str, raw: str, path: str, query: dict, body: bytes) -> None:
-        hub = self.hub
         if m := _LFS.fullmatch(path):
             return self._lfs_object(method, m.group(1), m.group(2), bool(m.group(3)), body)
         if m := _BATCH.fullmatch(path):
