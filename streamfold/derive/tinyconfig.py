@@ -71,6 +71,11 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "glm4_moe": {"num_hidden_layers": 2},
     "ernie4_5_moe": {"moe_layer_end_index": 1},
     "hunyuan_v1_moe": {"num_experts": 4},
+    # DBRX: fields of its own names; attn_config lacks rope_theta in transformers 5.24 (DbrxAttention reads it)
+    # and clip_qkv None fails torch.clamp: both set as in published DBRX
+    "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 512, "vocab_size": 256,
+             "initializer_range": 0.05, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
     "gemma3": {"mm_tokens_per_image": 4},  # 32x32 image, 8x8 patches: 16 patches pooled to 4 tokens
     "gemma3.vision_config": {"vision_use_head": False},  # as published Gemma 3 checkpoints
     # Conditioning (values only, no effect on which tensors exist or how they are used): Gemma 4 uses
