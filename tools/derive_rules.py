@@ -88,6 +88,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "falcon_h1": ("Falcon-H1 (attention and Mamba2 in parallel)", ["falcon_h1"]),
     # -- decoder-only batch 2: derived from the start --
     "dbrx": ("DBRX (fused Wqkv, bias-free LayerNorm; MoE input norm kept: experts are matmuls of fused weights)", ["dbrx"]),
+    "jetmoe": ("JetMoE (mixture of attention heads and MoE MLP; routers folded)", ["jetmoe"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
