@@ -76,6 +76,10 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 512, "vocab_size": 256,
              "initializer_range": 0.05, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
+    # layer kinds from periods (layer_types is a read-only property): 0 mamba+MoE, 1 attention+MLP,
+    # 2 mamba+MLP, 3 attention+MoE
+    "jamba": {"num_hidden_layers": 4, "attn_layer_period": 2, "attn_layer_offset": 1,
+              "expert_layer_period": 3, "expert_layer_offset": 0, "mamba_dt_rank": 4},
     "gemma3": {"mm_tokens_per_image": 4},  # 32x32 image, 8x8 patches: 16 patches pooled to 4 tokens
     "gemma3.vision_config": {"vision_use_head": False},  # as published Gemma 3 checkpoints
     # Conditioning (values only, no effect on which tensors exist or how they are used): Gemma 4 uses
