@@ -90,6 +90,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "dbrx": ("DBRX (fused Wqkv, bias-free LayerNorm; MoE input norm kept: experts are matmuls of fused weights)", ["dbrx"]),
     "jetmoe": ("JetMoE (mixture of attention heads and MoE MLP; routers folded)", ["jetmoe"]),
     "jamba": ("Jamba (hybrid Mamba / attention layers, dense and MoE MLPs)", ["jamba"]),
+    "bamba": ("Bamba (hybrid Mamba2 / attention layers)", ["bamba"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
