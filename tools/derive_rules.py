@@ -91,6 +91,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "jetmoe": ("JetMoE (mixture of attention heads and MoE MLP; routers folded)", ["jetmoe"]),
     "jamba": ("Jamba (hybrid Mamba / attention layers, dense and MoE MLPs)", ["jamba"]),
     "bamba": ("Bamba (hybrid Mamba2 / attention layers)", ["bamba"]),
+    "nemotron_h": ("Nemotron-H (hybrid Mamba2 / attention / MLP / MoE layers)", ["nemotron_h"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
