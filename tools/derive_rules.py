@@ -92,6 +92,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "jamba": ("Jamba (hybrid Mamba / attention layers, dense and MoE MLPs)", ["jamba"]),
     "bamba": ("Bamba (hybrid Mamba2 / attention layers)", ["bamba"]),
     "nemotron_h": ("Nemotron-H (hybrid Mamba2 / attention / MLP / MoE layers)", ["nemotron_h"]),
+    "lfm2_moe": ("LFM2-MoE (hybrid short-conv / attention layers, dense and MoE)", ["lfm2_moe"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
