@@ -93,6 +93,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "bamba": ("Bamba (hybrid Mamba2 / attention layers)", ["bamba"]),
     "nemotron_h": ("Nemotron-H (hybrid Mamba2 / attention / MLP / MoE layers)", ["nemotron_h"]),
     "lfm2_moe": ("LFM2-MoE (hybrid short-conv / attention layers, dense and MoE)", ["lfm2_moe"]),
+    "afmoe": ("AFMoE (Arcee; gated attention, q/k norms, post-norms; dense and MoE layers)", ["afmoe"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
