@@ -95,6 +95,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "lfm2_moe": ("LFM2-MoE (hybrid short-conv / attention layers, dense and MoE)", ["lfm2_moe"]),
     "afmoe": ("AFMoE (Arcee; gated attention, q/k norms, post-norms; dense and MoE layers)", ["afmoe"]),
     "cohere2_moe": ("Cohere2 MoE (LayerNorm, parallel attention / MoE block)", ["cohere2_moe"]),
+    "kimi_linear": ("Kimi Linear (hybrid Kimi Delta Attention / MLA layers, MoE)", ["kimi_linear"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
