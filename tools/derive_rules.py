@@ -97,6 +97,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "cohere2_moe": ("Cohere2 MoE (LayerNorm, parallel attention / MoE block)", ["cohere2_moe"]),
     "kimi_linear": ("Kimi Linear (hybrid Kimi Delta Attention / MLA layers, MoE)", ["kimi_linear"]),
     "falcon_mamba": ("Falcon Mamba (Mamba; weightless B/C/dt RMS norms)", ["falcon_mamba"]),
+    "mamba": ("Mamba", ["mamba"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
