@@ -98,6 +98,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "kimi_linear": ("Kimi Linear (hybrid Kimi Delta Attention / MLA layers, MoE)", ["kimi_linear"]),
     "falcon_mamba": ("Falcon Mamba (Mamba; weightless B/C/dt RMS norms)", ["falcon_mamba"]),
     "mamba": ("Mamba", ["mamba"]),
+    "mamba2": ("Mamba2 (gated RMSNorm before out_proj)", ["mamba2"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
