@@ -99,6 +99,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "falcon_mamba": ("Falcon Mamba (Mamba; weightless B/C/dt RMS norms)", ["falcon_mamba"]),
     "mamba": ("Mamba", ["mamba"]),
     "mamba2": ("Mamba2 (gated RMSNorm before out_proj)", ["mamba2"]),
+    "recurrent_gemma": ("RecurrentGemma / Griffin (1 + w; RG-LRU recurrent and attention layers)", ["recurrent_gemma"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each

@@ -89,6 +89,7 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "afmoe": {"initializer_range": 0.02},
     "mamba2": {"num_heads": 8, "head_dim": 16, "state_size": 16, "n_groups": 1, "time_step_rank": 4,
                "chunk_size": 8},  # num_heads * head_dim = expand * hidden
+    "recurrent_gemma": {"num_hidden_layers": 3},  # block_types recurrent, recurrent, attention
     "gemma3": {"mm_tokens_per_image": 4},  # 32x32 image, 8x8 patches: 16 patches pooled to 4 tokens
     "gemma3.vision_config": {"vision_use_head": False},  # as published Gemma 3 checkpoints
     # Conditioning (values only, no effect on which tensors exist or how they are used): Gemma 4 uses
