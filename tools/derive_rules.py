@@ -86,6 +86,20 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "cohere2": ("Cohere2 / Command-R7B (LayerNorm, parallel block)", ["cohere2"]),
     "lfm2": ("LFM2 (hybrid short-conv / attention layers)", ["lfm2"]),
     "falcon_h1": ("Falcon-H1 (attention and Mamba2 in parallel)", ["falcon_h1"]),
+    # -- decoder-only batch 2: derived from the start --
+    "dbrx": ("DBRX (fused Wqkv, bias-free LayerNorm; MoE input norm kept: experts are matmuls of fused weights)", ["dbrx"]),
+    "jetmoe": ("JetMoE (mixture of attention heads and MoE MLP; routers folded)", ["jetmoe"]),
+    "jamba": ("Jamba (hybrid Mamba / attention layers, dense and MoE MLPs)", ["jamba"]),
+    "bamba": ("Bamba (hybrid Mamba2 / attention layers)", ["bamba"]),
+    "nemotron_h": ("Nemotron-H (hybrid Mamba2 / attention / MLP / MoE layers)", ["nemotron_h"]),
+    "lfm2_moe": ("LFM2-MoE (hybrid short-conv / attention layers, dense and MoE)", ["lfm2_moe"]),
+    "afmoe": ("AFMoE (Arcee; gated attention, q/k norms, post-norms; dense and MoE layers)", ["afmoe"]),
+    "cohere2_moe": ("Cohere2 MoE (LayerNorm, parallel attention / MoE block)", ["cohere2_moe"]),
+    "kimi_linear": ("Kimi Linear (hybrid Kimi Delta Attention / MLA layers, MoE)", ["kimi_linear"]),
+    "falcon_mamba": ("Falcon Mamba (Mamba; weightless B/C/dt RMS norms)", ["falcon_mamba"]),
+    "mamba": ("Mamba", ["mamba"]),
+    "mamba2": ("Mamba2 (gated RMSNorm before out_proj)", ["mamba2"]),
+    "recurrent_gemma": ("RecurrentGemma / Griffin (1 + w; RG-LRU recurrent and attention layers)", ["recurrent_gemma"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each

@@ -71,6 +71,25 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "glm4_moe": {"num_hidden_layers": 2},
     "ernie4_5_moe": {"moe_layer_end_index": 1},
     "hunyuan_v1_moe": {"num_experts": 4},
+    # DBRX: fields of its own names; attn_config lacks rope_theta in transformers 5.24 (DbrxAttention reads it)
+    # and clip_qkv None fails torch.clamp: both set as in published DBRX
+    "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 512, "vocab_size": 256,
+             "initializer_range": 0.05, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
+    # layer kinds from periods (layer_types is a read-only property): 0 mamba+MoE, 1 attention+MLP,
+    # 2 mamba+MLP, 3 attention+MoE
+    "jamba": {"num_hidden_layers": 4, "attn_layer_period": 2, "attn_layer_offset": 1,
+              "expert_layer_period": 3, "expert_layer_offset": 0, "mamba_dt_rank": 4},
+    "bamba": {"attn_layer_indices": [1]},  # layer 0 Mamba2, layer 1 attention (default: all Mamba2)
+    "nemotron_h": {"ssm_state_size": 16, "mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 1,
+                   "chunk_size": 8, "moe_shared_expert_intermediate_size": 64},  # heads * head_dim = 2 * hidden
+    "lfm2_moe": {"num_hidden_layers": 4, "num_dense_layers": 1,  # 0 conv+MLP, 1 attention+MoE, 2 conv+MoE
+                 "layer_types": ["conv", "full_attention", "conv", "full_attention"]},  # default None
+    # conditioning (values only): at init 0.05 the tiny AFMoE's bf16-merged logit cosine is 0.974; 0.02 passes
+    "afmoe": {"initializer_range": 0.02},
+    "mamba2": {"num_heads": 8, "head_dim": 16, "state_size": 16, "n_groups": 1, "time_step_rank": 4,
+               "chunk_size": 8},  # num_heads * head_dim = expand * hidden
+    "recurrent_gemma": {"num_hidden_layers": 3},  # block_types recurrent, recurrent, attention
     "gemma3": {"mm_tokens_per_image": 4},  # 32x32 image, 8x8 patches: 16 patches pooled to 4 tokens
     "gemma3.vision_config": {"vision_use_head": False},  # as published Gemma 3 checkpoints
     # Conditioning (values only, no effect on which tensors exist or how they are used): Gemma 4 uses
