@@ -76,6 +76,10 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "codegen": {"rotary_dim": 8},
     # attention_types must list num_layers layers: one global and one local (window 8 < 12 tokens)
     "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 8},
+    "opt": {"ffn_dim": 128},  # OPT's MLP width is ffn_dim, not intermediate_size
+    # MptConfig gets none of the generic shrink fields (its own names)
+    "mpt": {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 256, "max_seq_len": 512,
+            "initializer_range": 0.05},
     "gemma3": {"mm_tokens_per_image": 4},  # 32x32 image, 8x8 patches: 16 patches pooled to 4 tokens
     "gemma3.vision_config": {"vision_use_head": False},  # as published Gemma 3 checkpoints
     # Conditioning (values only, no effect on which tensors exist or how they are used): Gemma 4 uses
