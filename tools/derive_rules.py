@@ -99,6 +99,10 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
 VARIANTS: dict[str, list[dict]] = {
+    # Falcon: linear biases (off by default, so no LayerNorm bias could fold), the 40B/180B layout
+    # (ln_attn / ln_mlp) and Falcon-RW's sequential block (post_attention_layernorm)
+    "falcon": [{"bias": True}, {"new_decoder_architecture": True, "bias": True},
+               {"parallel_attn": False, "bias": True}],
     # biased consumers let a LayerNorm with bias fold, so its strict mode is tried for real
     "stablelm": [{"use_parallel_residual": True}, {"qk_layernorm": True}, {"use_qkv_bias": True}],
     "nemotron": [{"attention_bias": True, "mlp_bias": True}],
