@@ -86,6 +86,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "cohere2": ("Cohere2 / Command-R7B (LayerNorm, parallel block)", ["cohere2"]),
     "lfm2": ("LFM2 (hybrid short-conv / attention layers)", ["lfm2"]),
     "falcon_h1": ("Falcon-H1 (attention and Mamba2 in parallel)", ["falcon_h1"]),
+    "solar_open": ("Solar Open (MoE with shared experts)", ["solar_open"]),
     "mimo_v2_flash": ("MiMo-V2-Flash (dense and MoE layers)", ["mimo_v2_flash"]),
     "hy_v3": ("Hunyuan v3 (q/k norms kept; dense and MoE layers, shared MLP)", ["hy_v3"]),
     "mpt": ("MPT (LayerNorm)", ["mpt"]),
