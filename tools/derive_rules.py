@@ -97,6 +97,8 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "gpt_bigcode": ("GPT-BigCode / StarCoder (LayerNorm with bias, multi-query)", ["gpt_bigcode"]),
     "bloom": ("BLOOM (LayerNorm with bias, embedding LayerNorm)", ["bloom"]),
     "gptj": ("GPT-J (LayerNorm with bias, parallel block)", ["gptj"]),
+    "gpt_neo": ("GPT-Neo (LayerNorm with bias)", ["gpt_neo"]),
+    "falcon": ("Falcon (LayerNorm with bias; parallel, sequential and 40B/180B ln_attn/ln_mlp layouts)", ["falcon"]),
     "codegen": ("CodeGen (LayerNorm with bias, parallel block, fused qkv)", ["codegen"]),
 }
 
