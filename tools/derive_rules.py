@@ -27,8 +27,8 @@ README = ROOT / "README.md"
 
 # file name -> (description, model types)
 FAMILIES: dict[str, tuple[str, list[str]]] = {
-    "llama": ("Llama, Mistral, Qwen2/2.5, SmolLM/2/3, Granite, Ernie 4.5",
-              ["llama", "mistral", "qwen2", "smollm3", "granite", "ernie4_5"]),
+    "llama": ("Llama, Mistral, Qwen2/2.5, SmolLM/2/3, Granite, Ernie 4.5, CWM",
+              ["llama", "mistral", "qwen2", "smollm3", "granite", "ernie4_5", "cwm"]),
     "qwen3": ("Qwen3", ["qwen3"]),
     "phi3": ("Phi-3 (fused projections)", ["phi3"]),
     "gemma": ("Gemma (1 + w)", ["gemma"]),
@@ -100,10 +100,28 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "mamba": ("Mamba", ["mamba"]),
     "mamba2": ("Mamba2 (gated RMSNorm before out_proj)", ["mamba2"]),
     "recurrent_gemma": ("RecurrentGemma / Griffin (1 + w; RG-LRU recurrent and attention layers)", ["recurrent_gemma"]),
+    "solar_open": ("Solar Open (MoE with shared experts)", ["solar_open"]),
+    "mimo_v2_flash": ("MiMo-V2-Flash (dense and MoE layers)", ["mimo_v2_flash"]),
+    "hy_v3": ("Hunyuan v3 (q/k norms kept; dense and MoE layers, shared MLP)", ["hy_v3"]),
+    "mpt": ("MPT (LayerNorm)", ["mpt"]),
+    "opt": ("OPT (LayerNorm with bias; pre-norm layout)", ["opt"]),
+    "deepseek_v4": ("DeepSeek-V4 (compressed sparse attention: compressor and indexer; MoE, shared experts)", ["deepseek_v4"]),
+    "jais2": ("Jais 2 (LayerNorm, non-gated MLP)", ["jais2"]),
+    "persimmon": ("Persimmon (LayerNorm with bias, q/k LayerNorm)", ["persimmon"]),
+    "gpt_bigcode": ("GPT-BigCode / StarCoder (LayerNorm with bias, multi-query)", ["gpt_bigcode"]),
+    "bloom": ("BLOOM (LayerNorm with bias, embedding LayerNorm)", ["bloom"]),
+    "gptj": ("GPT-J (LayerNorm with bias, parallel block)", ["gptj"]),
+    "gpt_neo": ("GPT-Neo (LayerNorm with bias)", ["gpt_neo"]),
+    "falcon": ("Falcon (LayerNorm with bias; parallel, sequential and 40B/180B ln_attn/ln_mlp layouts)", ["falcon"]),
+    "codegen": ("CodeGen (LayerNorm with bias, parallel block, fused qkv)", ["codegen"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
 VARIANTS: dict[str, list[dict]] = {
+    # Falcon: linear biases (off by default, so no LayerNorm bias could fold), the 40B/180B layout
+    # (ln_attn / ln_mlp) and Falcon-RW's sequential block (post_attention_layernorm)
+    "falcon": [{"bias": True}, {"new_decoder_architecture": True, "bias": True},
+               {"parallel_attn": False, "bias": True}],
     # biased consumers let a LayerNorm with bias fold, so its strict mode is tried for real
     "stablelm": [{"use_parallel_residual": True}, {"qk_layernorm": True}, {"use_qkv_bias": True}],
     "nemotron": [{"attention_bias": True, "mlp_bias": True}],

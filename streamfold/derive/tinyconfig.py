@@ -90,6 +90,15 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "mamba2": {"num_heads": 8, "head_dim": 16, "state_size": 16, "n_groups": 1, "time_step_rank": 4,
                "chunk_size": 8},  # num_heads * head_dim = expand * hidden
     "recurrent_gemma": {"num_hidden_layers": 3},  # block_types recurrent, recurrent, attention
+    # partial rotary: the default rotary_dim 64 is wider than the tiny head (64 / 4 heads = 16)
+    "gptj": {"rotary_dim": 8},
+    "codegen": {"rotary_dim": 8},
+    # attention_types must list num_layers layers: one global and one local (window 8 < 12 tokens)
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 8},
+    "opt": {"ffn_dim": 128},  # OPT's MLP width is ffn_dim, not intermediate_size
+    # MptConfig gets none of the generic shrink fields (its own names)
+    "mpt": {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 256, "max_seq_len": 512,
+            "initializer_range": 0.05},
     "gemma3": {"mm_tokens_per_image": 4},  # 32x32 image, 8x8 patches: 16 patches pooled to 4 tokens
     "gemma3.vision_config": {"vision_use_head": False},  # as published Gemma 3 checkpoints
     # Conditioning (values only, no effect on which tensors exist or how they are used): Gemma 4 uses
