@@ -86,6 +86,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "cohere2": ("Cohere2 / Command-R7B (LayerNorm, parallel block)", ["cohere2"]),
     "lfm2": ("LFM2 (hybrid short-conv / attention layers)", ["lfm2"]),
     "falcon_h1": ("Falcon-H1 (attention and Mamba2 in parallel)", ["falcon_h1"]),
+    "flex_olmo": ("FlexOlmo (post-norms, MoE)", ["flex_olmo"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
