@@ -87,6 +87,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "lfm2": ("LFM2 (hybrid short-conv / attention layers)", ["lfm2"]),
     "falcon_h1": ("Falcon-H1 (attention and Mamba2 in parallel)", ["falcon_h1"]),
     "flex_olmo": ("FlexOlmo (post-norms, MoE)", ["flex_olmo"]),
+    "glm": ("GLM (fused gate_up_proj)", ["glm"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
