@@ -88,6 +88,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "falcon_h1": ("Falcon-H1 (attention and Mamba2 in parallel)", ["falcon_h1"]),
     "flex_olmo": ("FlexOlmo (post-norms, MoE)", ["flex_olmo"]),
     "glm": ("GLM (fused gate_up_proj)", ["glm"]),
+    "vaultgemma": ("VaultGemma (1 + w; no post-norms)", ["vaultgemma"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
