@@ -89,6 +89,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "flex_olmo": ("FlexOlmo (post-norms, MoE)", ["flex_olmo"]),
     "glm": ("GLM (fused gate_up_proj)", ["glm"]),
     "vaultgemma": ("VaultGemma (1 + w; no post-norms)", ["vaultgemma"]),
+    "bitnet": ("BitNet, unquantized weights (attn/ffn sub-norms fold into o_proj / down_proj)", ["bitnet"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
