@@ -90,6 +90,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "glm": ("GLM (fused gate_up_proj)", ["glm"]),
     "vaultgemma": ("VaultGemma (1 + w; no post-norms)", ["vaultgemma"]),
     "bitnet": ("BitNet, unquantized weights (attn/ffn sub-norms fold into o_proj / down_proj)", ["bitnet"]),
+    "exaone": ("EXAONE 3 / 3.5 (checkpoint names transformer.h.*)", ["exaone"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
