@@ -91,6 +91,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "vaultgemma": ("VaultGemma (1 + w; no post-norms)", ["vaultgemma"]),
     "bitnet": ("BitNet, unquantized weights (attn/ffn sub-norms fold into o_proj / down_proj)", ["bitnet"]),
     "exaone": ("EXAONE 3 / 3.5 (checkpoint names transformer.h.*)", ["exaone"]),
+    "minicpm3": ("MiniCPM3 (MLA latent norms)", ["minicpm3"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
@@ -105,6 +106,7 @@ VARIANTS: dict[str, list[dict]] = {
     "qwen3_moe": [{"mlp_only_layers": [0]}],
     "deepseek_v2": [{"q_lora_rank": None}],
     "deepseek_v3": [{"q_lora_rank": None}],
+    "minicpm3": [{"q_lora_rank": None}],
 }
 
 _MTP_WHY = ("multi-token-prediction module: eh_proj reads the concatenation of two norms; transformers does "
