@@ -92,6 +92,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "bitnet": ("BitNet, unquantized weights (attn/ffn sub-norms fold into o_proj / down_proj)", ["bitnet"]),
     "exaone": ("EXAONE 3 / 3.5 (checkpoint names transformer.h.*)", ["exaone"]),
     "minicpm3": ("MiniCPM3 (MLA latent norms)", ["minicpm3"]),
+    "exaone_moe": ("EXAONE MoE (q/k norms; dense and MoE layers; shared experts)", ["exaone_moe"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
