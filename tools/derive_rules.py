@@ -93,6 +93,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "exaone": ("EXAONE 3 / 3.5 (checkpoint names transformer.h.*)", ["exaone"]),
     "minicpm3": ("MiniCPM3 (MLA latent norms)", ["minicpm3"]),
     "exaone_moe": ("EXAONE MoE (q/k norms; dense and MoE layers; shared experts)", ["exaone_moe"]),
+    "granitemoe_swa": ("Granite MoE SWA (fused experts, shared MLP)", ["granitemoe_swa"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
