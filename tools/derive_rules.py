@@ -27,8 +27,9 @@ README = ROOT / "README.md"
 
 # file name -> (description, model types)
 FAMILIES: dict[str, tuple[str, list[str]]] = {
-    "llama": ("Llama, Mistral, Qwen2/2.5, SmolLM/2/3, Granite, Ernie 4.5, Helium, InternLM3, DiffLlama",
-              ["llama", "mistral", "qwen2", "smollm3", "granite", "ernie4_5", "helium", "internlm3", "diffllama"]),
+    "llama": ("Llama, Mistral, Qwen2/2.5, SmolLM/2/3, Granite, Ernie 4.5, Helium, InternLM3, DiffLlama, Granite SWA",
+              ["llama", "mistral", "qwen2", "smollm3", "granite", "ernie4_5", "helium", "internlm3", "diffllama",
+               "granite_swa"]),
     "qwen3": ("Qwen3", ["qwen3"]),
     "phi3": ("Phi-3 (fused projections)", ["phi3"]),
     "gemma": ("Gemma (1 + w)", ["gemma"]),
