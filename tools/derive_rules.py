@@ -93,7 +93,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "bitnet": ("BitNet, unquantized weights (attn/ffn sub-norms fold into o_proj / down_proj)", ["bitnet"]),
     "exaone": ("EXAONE 3 / 3.5 (checkpoint names transformer.h.*)", ["exaone"]),
     "minicpm3": ("MiniCPM3 (MLA latent norms)", ["minicpm3"]),
-    "exaone_moe": ("EXAONE MoE (q/k norms; dense and MoE layers; shared experts)", ["exaone_moe"]),
+    "exaone_moe": ("EXAONE MoE, dots.llm1 (q/k norms; dense and MoE layers; shared experts)", ["exaone_moe", "dots1"]),
     "granitemoe_swa": ("Granite MoE SWA (fused experts, shared MLP)", ["granitemoe_swa"]),
 }
 

@@ -71,6 +71,7 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "glm4_moe": {"num_hidden_layers": 2},
     "ernie4_5_moe": {"moe_layer_end_index": 1},
     "hunyuan_v1_moe": {"num_experts": 4},
+    "dots1": {"n_shared_experts": 1},  # default None, but every MoE layer builds its shared expert
     "gemma3": {"mm_tokens_per_image": 4},  # 32x32 image, 8x8 patches: 16 patches pooled to 4 tokens
     "gemma3.vision_config": {"vision_use_head": False},  # as published Gemma 3 checkpoints
     # Conditioning (values only, no effect on which tensors exist or how they are used): Gemma 4 uses
