@@ -95,6 +95,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "minicpm3": ("MiniCPM3 (MLA latent norms)", ["minicpm3"]),
     "exaone_moe": ("EXAONE MoE, dots.llm1 (q/k norms; dense and MoE layers; shared experts)", ["exaone_moe", "dots1"]),
     "granitemoe_swa": ("Granite MoE SWA (fused experts, shared MLP)", ["granitemoe_swa"]),
+    "glm4_moe_lite": ("GLM4-MoE-Lite (MLA latent norms; dense and MoE layers; shared experts)", ["glm4_moe_lite"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
@@ -109,6 +110,7 @@ VARIANTS: dict[str, list[dict]] = {
     "qwen3_moe": [{"mlp_only_layers": [0]}],
     "deepseek_v2": [{"q_lora_rank": None}],
     "deepseek_v3": [{"q_lora_rank": None}],
+    "glm4_moe_lite": [{"q_lora_rank": None}],
     "minicpm3": [{"q_lora_rank": None}],
 }
 
