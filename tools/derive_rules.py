@@ -67,7 +67,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "olmo3": ("OLMo 3 (post-norms)", ["olmo3"]),
     "olmoe": ("OLMoE (q/k norms over the full projection, MoE)", ["olmoe"]),
     "glm4_moe": ("GLM-4.5 / GLM4-MoE", ["glm4_moe"]),
-    "deepseek_v32": ("DeepSeek-V3.2 (MLA, sparse-attention indexer)", ["deepseek_v32"]),
+    "deepseek_v32": ("DeepSeek-V3.2, GLM-MoE-DSA (MLA, sparse-attention indexer)", ["deepseek_v32", "glm_moe_dsa"]),
     "exaone4": ("EXAONE 4 (post-norms)", ["exaone4"]),
     "seed_oss": ("Seed-OSS", ["seed_oss"]),
     "hunyuan_v1_dense": ("Hunyuan v1 dense", ["hunyuan_v1_dense"]),
