@@ -27,8 +27,9 @@ README = ROOT / "README.md"
 
 # file name -> (description, model types)
 FAMILIES: dict[str, tuple[str, list[str]]] = {
-    "llama": ("Llama, Mistral, Qwen2/2.5, SmolLM/2/3, Granite, Ernie 4.5, CWM",
-              ["llama", "mistral", "qwen2", "smollm3", "granite", "ernie4_5", "cwm"]),
+    "llama": ("Llama, Mistral, Qwen2/2.5, SmolLM/2/3, Granite, Ernie 4.5, Helium, InternLM3, DiffLlama, Granite SWA, CWM",
+              ["llama", "mistral", "qwen2", "smollm3", "granite", "ernie4_5", "helium", "internlm3", "diffllama",
+               "granite_swa", "cwm"]),
     "qwen3": ("Qwen3", ["qwen3"]),
     "phi3": ("Phi-3 (fused projections)", ["phi3"]),
     "gemma": ("Gemma (1 + w)", ["gemma"]),
@@ -66,7 +67,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "olmo3": ("OLMo 3 (post-norms)", ["olmo3"]),
     "olmoe": ("OLMoE (q/k norms over the full projection, MoE)", ["olmoe"]),
     "glm4_moe": ("GLM-4.5 / GLM4-MoE", ["glm4_moe"]),
-    "deepseek_v32": ("DeepSeek-V3.2 (MLA, sparse-attention indexer)", ["deepseek_v32"]),
+    "deepseek_v32": ("DeepSeek-V3.2, GLM-MoE-DSA (MLA, sparse-attention indexer)", ["deepseek_v32", "glm_moe_dsa"]),
     "exaone4": ("EXAONE 4 (post-norms)", ["exaone4"]),
     "seed_oss": ("Seed-OSS", ["seed_oss"]),
     "hunyuan_v1_dense": ("Hunyuan v1 dense", ["hunyuan_v1_dense"]),
@@ -114,6 +115,15 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "gpt_neo": ("GPT-Neo (LayerNorm with bias)", ["gpt_neo"]),
     "falcon": ("Falcon (LayerNorm with bias; parallel, sequential and 40B/180B ln_attn/ln_mlp layouts)", ["falcon"]),
     "codegen": ("CodeGen (LayerNorm with bias, parallel block, fused qkv)", ["codegen"]),
+    "flex_olmo": ("FlexOlmo (post-norms, MoE)", ["flex_olmo"]),
+    "glm": ("GLM (fused gate_up_proj)", ["glm"]),
+    "vaultgemma": ("VaultGemma (1 + w; no post-norms)", ["vaultgemma"]),
+    "bitnet": ("BitNet, unquantized weights (attn/ffn sub-norms fold into o_proj / down_proj)", ["bitnet"]),
+    "exaone": ("EXAONE 3 / 3.5 (checkpoint names transformer.h.*)", ["exaone"]),
+    "minicpm3": ("MiniCPM3 (MLA latent norms)", ["minicpm3"]),
+    "exaone_moe": ("EXAONE MoE, dots.llm1 (q/k norms; dense and MoE layers; shared experts)", ["exaone_moe", "dots1"]),
+    "granitemoe_swa": ("Granite MoE SWA (fused experts, shared MLP)", ["granitemoe_swa"]),
+    "glm4_moe_lite": ("GLM4-MoE-Lite (MLA latent norms; dense and MoE layers; shared experts)", ["glm4_moe_lite"]),
 }
 
 # config switches that change which tensors exist or where a norm's output goes: derive under each
@@ -132,6 +142,8 @@ VARIANTS: dict[str, list[dict]] = {
     "qwen3_moe": [{"mlp_only_layers": [0]}],
     "deepseek_v2": [{"q_lora_rank": None}],
     "deepseek_v3": [{"q_lora_rank": None}],
+    "glm4_moe_lite": [{"q_lora_rank": None}],
+    "minicpm3": [{"q_lora_rank": None}],
 }
 
 _MTP_WHY = ("multi-token-prediction module: eh_proj reads the concatenation of two norms; transformers does "
