@@ -237,13 +237,17 @@ def median(xs):
 
 # --------------------------------------------------------------------------- main
 
-def main(argv=None) -> int:
+def split_argv(argv=None) -> tuple[list[str], list[str], list[str]]:
+    """(the whole command line, the benchmark's own arguments, those after ``--`` for streamfold)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    original_argv = list(argv)
-    passthrough: list[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, passthrough = argv[:i], argv[i + 1:]
+        return list(argv), argv[:i], argv[i + 1:]
+    return list(argv), argv, []
+
+
+def main(argv=None) -> int:
+    original_argv, argv, passthrough = split_argv(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="checkpoint directory (e.g. from make_synthetic.py)")
     ap.add_argument("--runs", type=int, default=3)

@@ -53,7 +53,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE]
-from bench import GNU_TIME, dir_bytes, prewarm, source_digest, use_gnu_time  # noqa: E402
+from bench import GNU_TIME, dir_bytes, prewarm, source_digest, split_argv, use_gnu_time  # noqa: E402
 from tests.hubserver import HubServer  # noqa: E402  (test code; fine for a benchmark)
 
 SOURCE_REPO = "bench/src"
@@ -165,12 +165,7 @@ def pushed_files(server: HubServer, repo_id: str) -> dict[str, list]:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    original = list(argv)
-    passthrough: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, passthrough = argv[:i], argv[i + 1:]
+    original, argv, passthrough = split_argv(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="local checkpoint folder, served as the Hub repo bench/src")
     ap.add_argument("--runs", type=int, default=2)

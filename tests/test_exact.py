@@ -244,9 +244,13 @@ def test_verify_reports_wrong_neighbour_end_to_end(toy, tmp_path):
         r.summary()
 
 
-def test_bias_fold_rounds_once(tmp_path):
-    """b* = b + W @ beta through convert: the exact sum rounded once. Row 0's exact sum lies 2^-60 above
-    a bf16 midpoint and row 1's 2^-60 below; a float64 sum lands on the midpoint itself (a tie)."""
+BIAS_RULES = {"biastoy": {"model_types": ["biastoy"], "folds": [{"norm": "l.norm", "into": ["l.lin"]}]}}
+
+
+def _bias_toy(tmp_path: Path):
+    """A LayerNorm-with-bias toy, converted: row 0's exact ``b + W @ beta`` lies 2^-60 above the bf16
+    midpoint 1 + 2^-8 (between 1.0, even, and 1 + 2^-7) and row 1's 2^-60 below; a float64 sum lands on
+    the midpoint itself (a tie). Returns (src, out, w, beta, b)."""
     rng = np.random.default_rng(5)
     w = rng.standard_normal((64, 50)).astype(BF16)
     beta = rng.standard_normal(50).astype(BF16)
@@ -255,15 +259,20 @@ def test_bias_fold_rounds_once(tmp_path):
     w[0, :2] = [1.0, 2.0 ** -60]
     w[1, :2] = [1.0, -(2.0 ** -60)]
     beta[:2] = [1.0, 0.5]
-    b[:2] = [2.0 ** -8, 2.0 ** -8]  # 1 + 2^-8: the midpoint between 1.0 (even) and 1 + 2^-7
+    b[:2] = [2.0 ** -8, 2.0 ** -8]
     src = tmp_path / "src"
     src.mkdir()
     save(src / "model.safetensors", {"l.norm.weight": rng.uniform(0.5, 2, 50).astype(BF16),
-                                          "l.norm.bias": beta, "l.lin.weight": w, "l.lin.bias": b})
+                                     "l.norm.bias": beta, "l.lin.weight": w, "l.lin.bias": b})
     (src / "config.json").write_text(json.dumps({"model_type": "biastoy"}))
-    rules = {"biastoy": {"model_types": ["biastoy"], "folds": [{"norm": "l.norm", "into": ["l.lin"]}]}}
-    streamfold.convert(src, tmp_path / "out", rules=rules, memory_budget=BUDGET)
-    got = Checkpoint(tmp_path / "out").array("l.lin.bias")
+    streamfold.convert(src, tmp_path / "out", rules=BIAS_RULES, memory_budget=BUDGET)
+    return src, tmp_path / "out", w, beta, b
+
+
+def test_bias_fold_rounds_once(tmp_path):
+    """b* = b + W @ beta through convert: the exact sum rounded once, on both sides of a midpoint."""
+    _, out, w, beta, b = _bias_toy(tmp_path)
+    got = Checkpoint(out).array("l.lin.bias")
     for i in range(64):
         exact = Fraction(float(b[i])) + sum(Fraction(float(w[i, j])) * Fraction(float(beta[j])) for j in range(50))
         assert int(bits(got[i:i + 1], "BF16")[0]) == _round_exact(exact, "BF16"), i
@@ -297,22 +306,8 @@ def test_oracle_bias_is_the_exact_sum_rounded_once(dt):
 def test_verify_rejects_the_wrong_neighbour_of_a_bias_fold(tmp_path):
     """A folded bias one ulp off where the exact sum lies just above a midpoint: within one rounding of
     the float64 sum (verify's old bias check accepted it), and not the exact sum rounded once."""
-    rng = np.random.default_rng(5)
-    w = rng.standard_normal((64, 50)).astype(BF16)
-    beta = rng.standard_normal(50).astype(BF16)
-    b = rng.standard_normal(64).astype(BF16)
-    w[0] = 0
-    w[0, :2] = [1.0, 2.0 ** -60]
-    beta[:2] = [1.0, 0.5]
-    b[0] = 2.0 ** -8
-    src = tmp_path / "src"
-    src.mkdir()
-    save(src / "model.safetensors", {"l.norm.weight": rng.uniform(0.5, 2, 50).astype(BF16),
-                                     "l.norm.bias": beta, "l.lin.weight": w, "l.lin.bias": b})
-    (src / "config.json").write_text(json.dumps({"model_type": "biastoy"}))
-    rules = {"biastoy": {"model_types": ["biastoy"], "folds": [{"norm": "l.norm", "into": ["l.lin"]}]}}
-    out = tmp_path / "out"
-    streamfold.convert(src, out, rules=rules, memory_budget=BUDGET)
+    src, out, *_ = _bias_toy(tmp_path)
+    rules = BIAS_RULES
     assert streamfold.verify(src, out, rules=rules).ok
     t = Checkpoint(out).tensors["l.lin.bias"]
     assert float(Checkpoint(out).array("l.lin.bias")[0]) == 1 + 2 ** -7
