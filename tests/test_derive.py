@@ -76,6 +76,30 @@ def test_tracer_consumers_and_reasons():
     assert all(u.kind == "block" for u in got["inner"].uses)  # its output is summed over channels
 
 
+class Conv1DToy(nn.Module):
+    """GPT-2's Conv1D: ``torch.addmm(bias, x, W)`` with W stored [in, out]; n_c feeds one, n_m a plain
+    matmul by a computed matrix (not a parameter)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.config = type("C", (), {"hidden_size": d})()
+        self.n_c, self.n_m = RMS(d), RMS(d)
+        self.weight = nn.Parameter(torch.randn(d, 5))
+        self.bias = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        h = self.n_c(x).reshape(-1, x.shape[-1])
+        y = torch.addmm(self.bias, h, self.weight).sum()
+        return y + torch.addmm(self.bias, self.n_m(x).reshape(-1, x.shape[-1]), self.weight * 2).sum()
+
+
+def test_tracer_reads_addmm_operands():
+    """addmm(bias, x, W): the consumer is W along axis 0 (its input axis), with that bias."""
+    got = trace(Conv1DToy().eval(), ["n_c", "n_m"], {"x": torch.randn(2, 3, 8)})
+    assert _uses(got["n_c"]) == [("consumer", "weight", 0, "bias")]
+    assert [u.kind for u in got["n_m"].uses] == ["block"] and "computed" in got["n_m"].uses[0].why
+
+
 # -- the data files -------------------------------------------------------------------------------------
 FAMILY_DIR = ROOT / "streamfold" / "families"
 

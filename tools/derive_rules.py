@@ -115,6 +115,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "gpt_neo": ("GPT-Neo (LayerNorm with bias)", ["gpt_neo"]),
     "falcon": ("Falcon (LayerNorm with bias; parallel, sequential and 40B/180B ln_attn/ln_mlp layouts)", ["falcon"]),
     "codegen": ("CodeGen (LayerNorm with bias, parallel block, fused qkv)", ["codegen"]),
+    "gpt2": ("GPT-2 (LayerNorm with bias; Conv1D weights stored [in, out])", ["gpt2"]),
     "flex_olmo": ("FlexOlmo (post-norms, MoE)", ["flex_olmo"]),
     "glm": ("GLM (fused gate_up_proj)", ["glm"]),
     "vaultgemma": ("VaultGemma (1 + w; no post-norms)", ["vaultgemma"]),

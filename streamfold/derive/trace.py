@@ -202,7 +202,7 @@ class Tracer(TorchFunctionMode):
                     self.keep.append(o)
             return
         if name in _LINEAR or name in _MATMUL:
-            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            w = args[2] if name == "addmm" and len(args) > 2 else args[1] if len(args) > 1 else kwargs.get("weight")
             wpv = self._pview(w)
             if wpv is not None and isinstance(out, torch.Tensor):
                 self.lin_out[id(out)] = (out, wpv.param)
@@ -268,6 +268,15 @@ class Tracer(TorchFunctionMode):
                 self._block(first, f"multiplied by a computed matrix, not a checkpoint parameter (linear in {where})")
             else:
                 self._consume(first, wpv, 1 if w.dim() == 2 else -1, out, self._pview(b))
+            return
+        if name == "addmm" and len(args) >= 3 and isinstance(args[1], torch.Tensor) and first is None \
+                and self._tag(args[1]) is not None and self._tag(args[2]) is None:
+            # addmm(bias, x, W) = bias + x @ W (GPT-2's Conv1D, W stored [in, out]): W's axis 0 meets x's channels
+            wpv = self._pview(args[2])
+            if wpv is None:
+                self._block(self._tag(args[1]), f"multiplied by a computed tensor ({name} in {where})")
+            else:
+                self._consume(self._tag(args[1]), wpv, 0, out, self._pview(args[0]))
             return
         if name in _MATMUL | _GROUPED and first is not None and len(args) > 1 and self._tag(args[1]) is None:
             w = args[1]
