@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import streamfold
-from streamfold import cli, hub, hub_push
+from streamfold import cli, hub, hub_push, hub_remote
 from tests.hubserver import GITATTRIBUTES, hub_server  # noqa: F401  (hub_server is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -677,7 +677,7 @@ def test_sink_server_checks_uploads_keeps_only_oid_and_size_and_counts_traffic(t
         assert got.read_bytes() == (SAMPLE / SHARDS[0]).read_bytes()
         size0 = (SAMPLE / SHARDS[0]).stat().st_size
         assert server.traffic == {"served": size0, "uploaded": 0}
-        assert hub.read_range("me/src", SHARDS[1], "main", 8, 20) == (SAMPLE / SHARDS[1]).read_bytes()[8:20]
+        assert hub_remote.read_range("me/src", SHARDS[1], "main", 8, 20) == (SAMPLE / SHARDS[1]).read_bytes()[8:20]
         assert server.traffic["served"] == size0 + 12
         api.create_repo("me/dst")
         ops = [huggingface_hub.CommitOperationAdd(path_in_repo=s, path_or_fileobj=str(src / s)) for s in SHARDS]
