@@ -97,6 +97,7 @@ def run_on_ray(tasks, src: Path | None, out_dir: Path | None, *, address: str | 
     hub_ref, run_id = (hub.to_dict() if hub is not None else None), uuid.uuid4().hex[:12]
     src_arg = str(Path(src).resolve()) if src is not None else None
     out_arg = str(Path(out_dir).resolve()) if out_dir is not None else None
+    pending: list = []
     try:
         refs = {fn.remote(t.to_json(), src_arg, out_arg, workers, budget, hash_outputs, hub_ref, run_id, verify,
                           push_to_hub): t.shard for t in tasks}
@@ -111,10 +112,18 @@ def run_on_ray(tasks, src: Path | None, out_dir: Path | None, *, address: str | 
                 results[r["shard"]] = r
                 if on_done is not None:
                     on_done(r["shard"], r["size"], r["sha256"])
-    except BaseException:
+    except StreamfoldError:
+        # A task failed: let the others finish (their results are dropped) instead of cancelling them.
+        # Ray 2.60's driver aborts the whole process (RAY_CHECK "Tried to complete task that was not
+        # pending", task_manager.cc) when a cancelled task completes at the same moment, seen in CI;
+        # and a task left to finish removes what it fetched.
+        if pending:
+            ray.wait(pending, num_returns=len(pending))
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM: stop now; a killed task's half shard never has its name
         for ref in refs if "refs" in locals() else ():
             try:
-                ray.cancel(ref)  # not force: a running task's cleanup (its fetched files) runs
+                ray.cancel(ref, force=True)
             except Exception:  # already finished
                 pass
         raise
