@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _child_plan(src: str, tasks_out: str) -> dict:
     import streamfold
-    from streamfold.tasks import Task
+    from streamfold.planning.tasks import Task
     t0 = time.perf_counter()
     p = streamfold.plan(src)
     t_plan = time.perf_counter() - t0
@@ -56,7 +56,7 @@ def _child_plan(src: str, tasks_out: str) -> dict:
 
 def _child_run(src: str, tasks_dir: str, index: int, out: str) -> dict:
     import streamfold
-    from streamfold.tasks import Task
+    from streamfold.planning.tasks import Task
     if index < 0:  # the largest output shard
         sizes = json.load(open(os.path.join(tasks_dir, "sizes.json")))
         index = max(range(len(sizes)), key=sizes.__getitem__)

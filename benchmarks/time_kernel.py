@@ -15,7 +15,7 @@ import time
 import ml_dtypes
 import numpy as np
 
-from streamfold.fold import Scratch, scale_chunk
+from streamfold.core.fold import Scratch, scale_chunk
 
 
 def main() -> None:

@@ -17,15 +17,14 @@ Hub repo ids work as sources, and the output can be pushed (huggingface_hub is i
 >>> streamfold.convert("HuggingFaceTB/SmolLM2-135M", "SmolLM2-135M-FlashNorm",
 ...                    push_to_hub="me/SmolLM2-135M-FlashNorm")            # doctest: +SKIP
 """
-__version__ = "0.1.0"
-
-from .conversion import ConversionPlan, ShardResult, finish, load_plan, plan, run_task  # noqa: E402
+from .core.version import __version__  # noqa: E402
+from .run.conversion import ConversionPlan, ShardResult, finish, load_plan, plan, run_task  # noqa: E402
 from .convert import ConversionReport, convert  # noqa: E402
-from .errors import AlreadyFlashNorm, StreamfoldError  # noqa: E402
+from .core.errors import AlreadyFlashNorm, StreamfoldError  # noqa: E402
 from .inspection import Inspection, inspect  # noqa: E402
-from .planner import Kind  # noqa: E402
-from .tasks import Chunk, Op, Task  # noqa: E402
-from .verify import VerifyReport, verify  # noqa: E402
+from .planning.planner import Kind  # noqa: E402
+from .planning.tasks import Chunk, Op, Task  # noqa: E402
+from .check.verify import VerifyReport, verify  # noqa: E402
 
 # ``streamfold.plan`` is the function; the planner module is ``streamfold.planner``.
 

@@ -17,9 +17,9 @@ import sys
 import threading
 from typing import Callable, Sequence
 
-from . import __version__
-from .errors import EXIT_ALREADY_FLASHNORM, AlreadyFlashNorm, StreamfoldError
-from .staging import Terminated, handle_sigterm
+from .core.version import __version__
+from .core.errors import EXIT_ALREADY_FLASHNORM, AlreadyFlashNorm, StreamfoldError
+from .run.staging import Terminated, handle_sigterm
 
 EXAMPLES = """\
 examples:
@@ -78,7 +78,7 @@ def parse_size(text: str) -> int:
 
 def merged_dtype(text: str) -> str:
     """``--merged-dtype``: source, float32 (fp32, f32) or bf16 (bfloat16), case-insensitive."""
-    from .planner import MERGED_ALIASES
+    from .planning.planner import MERGED_ALIASES
     got = MERGED_ALIASES.get(text.lower())
     if got is None:
         raise argparse.ArgumentTypeError(f"not a merged dtype: {text!r} (use source, float32/fp32/f32 or "
@@ -303,8 +303,8 @@ def _tokens(text: str | None):
 
 
 def _verify(args) -> int:
-    from .hub_source import resolve_source
-    from .verify import verify
+    from .hub.source import resolve_source
+    from .check.verify import verify
     tokens = _tokens(args.tokens)
     src = resolve_source(args.src, revision=args.revision, quiet=args.quiet or args.json).path
     report = verify(src, args.dst, mode=args.mode, merged_dtype=args.merged_dtype, rules=args.rules,

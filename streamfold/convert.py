@@ -8,18 +8,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .conversion import ConversionPlan, finish, load_plan, plan
-from .engine import Engine
-from .errors import StreamfoldError
-from .files import FLASHNORM_VERSION, flashnorm_config  # noqa: F401 - re-exported
-from .journal import Journal
-from .staging import Staging, check_destination
-from .planner import Kind
-from .units import human_bytes
+from .run.conversion import ConversionPlan, finish, load_plan, plan
+from .run.engine import Engine
+from .core.errors import StreamfoldError
+from .core.files import FLASHNORM_VERSION, flashnorm_config  # noqa: F401 - re-exported
+from .run.journal import Journal
+from .run.staging import Staging, check_destination
+from .planning.planner import Kind
+from .core.units import human_bytes
 
 if TYPE_CHECKING:
-    from .hub_remote import HubRef
-    from .verify import VerifyReport
+    from .hub.remote import HubRef
+    from .check.verify import VerifyReport
 
 EXECUTORS = ("local", "ray")
 __all__ = ["ConversionReport", "convert", "load_plan", "human_bytes", "EXECUTORS"]
@@ -155,8 +155,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
     conversion is killed the same call re-uses the shards that check out (``resume=False`` discards them).
     """
     t0 = time.perf_counter()
-    from .hub import _offline, is_repo_id  # huggingface_hub (imported lazily): repo ids, pushes
-    from .hub_push import preflight
+    from .hub.client import _offline, is_repo_id  # huggingface_hub (imported lazily): repo ids, pushes
+    from .hub.push import preflight
     if executor not in EXECUTORS:
         raise StreamfoldError(f"executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
     preflight(push_to_hub=push_to_hub, base_model=base_model, token=token)
@@ -166,7 +166,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
         return _stream(src, Path(dst), t0, locals())
     dst = Path(dst)
     if executor == "ray":
-        from .ray_executor import require_ray
+        from .run.ray_executor import require_ray
         require_ray()  # before any work: one line naming the extra when Ray is missing
     with contextlib.ExitStack() as cleanup:
         remote = executor == "ray" and not local and not _offline()  # each Ray task fetches its own shards
@@ -183,12 +183,12 @@ def _plan(src, dst: Path, cleanup: contextlib.ExitStack, *, remote: bool, overwr
     if remote:
         import shutil
         import tempfile
-        from .hub_remote import plan_remote
+        from .run.hub_plan import plan_remote
         dst.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.remote-", dir=dst.parent))
         cleanup.callback(shutil.rmtree, work, ignore_errors=True)
         return plan_remote(os.fspath(src), work / "src", revision=revision, token=token, **options)
-    from .hub_source import resolve_source
+    from .hub.source import resolve_source
     source = resolve_source(src, revision=revision, token=token, quiet=quiet)
     if not source.path.is_dir():
         raise StreamfoldError(f"{source.path}: not a folder (give a local checkpoint folder or a Hub repo id)")
@@ -202,8 +202,8 @@ def _plan(src, dst: Path, cleanup: contextlib.ExitStack, *, remote: bool, overwr
 
 def _convert(cplan: ConversionPlan, hub, dst: Path, t0: float, opts: dict) -> ConversionReport:
     """Run the plan's tasks into ``dst``'s staging folder, finish, publish, then verify and push."""
-    from . import __version__
-    from .hub_push import push_folder
+    from .core.version import __version__
+    from .hub.push import push_folder
     source, mode, log, manifest = cplan.source, cplan.plan.mode, opts["log"], opts["manifest"]
     workers, memory_budget, push_to_hub, private = (opts["workers"], opts["memory_budget"], opts["push_to_hub"],
                                                     opts["private"])
@@ -228,7 +228,7 @@ def _convert(cplan: ConversionPlan, hub, dst: Path, t0: float, opts: dict) -> Co
     report = _report(cplan, dst, t0, Engine(workers).workers, manifest, t_manifest)
     report.resumed_shards, report.executor = resumed, opts["executor"]
     if opts["verify"] and hub is None:  # from the Hub each Ray task checked its shard against its sources
-        from .verify import verify as run_verify
+        from .check.verify import verify as run_verify
         report.verification = run_verify(source.path, dst, mode=mode, merged_dtype=cplan.plan.merged_dtype,
                                          rules=opts["rules"], workers=workers, memory_budget=memory_budget)
         if not report.verification.ok:
@@ -242,8 +242,8 @@ def _convert(cplan: ConversionPlan, hub, dst: Path, t0: float, opts: dict) -> Co
 
 
 def _stream(src, dst: Path, t0: float, opts: dict) -> ConversionReport:
-    from .hub import is_repo_id
-    from .stream import stream_convert
+    from .hub.client import is_repo_id
+    from .run.stream import stream_convert
     if not opts["push_to_hub"]:
         raise StreamfoldError("--stream converts Hub to Hub: give --push-to-hub ORG/NAME")
     if Path(src).exists() or not is_repo_id(str(src)):
@@ -269,7 +269,7 @@ def run_tasks(cplan: ConversionPlan, out_dir: Path, *, executor: str = "local", 
     shards from it (and, with ``verify``, checks its shard against them)."""
     tasks = cplan.tasks if tasks is None else tasks
     if executor == "ray":
-        from .ray_executor import run_on_ray
+        from .run.ray_executor import run_on_ray
         results = run_on_ray(tasks, cplan.src if hub is None else None, out_dir, address=ray_address,
                              workers=workers, memory_budget=memory_budget, hash_outputs=hash_outputs,
                              on_done=on_done, hub=hub, verify=verify and hub is not None)

@@ -29,7 +29,7 @@ def run_demo(dst: str | None = None, quiet: bool = False, overwrite: bool = Fals
     pass against the source), and compare with a float32-merged conversion. Returns the exit status:
     0 when the checks hold, 3 when not. Raises :class:`StreamfoldError` for a DST convert refuses."""
     from .convert import convert
-    from .verify import verify
+    from .check.verify import verify
 
     tmp = Path(tempfile.mkdtemp(prefix="streamfold-demo-"))
     try:

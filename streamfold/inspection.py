@@ -6,18 +6,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .conversion import load_plan
-from .errors import AlreadyFlashNorm, StreamfoldError
-from .hub import Source, _api, _guard, _offline, _quiet_bars, is_repo_id, select_files
-from .hub_source import _info_or_cache, resolve_source
-from .planner import Kind
-from .reader import INDEX_NAME, Checkpoint, TensorInfo
-from .units import human_bytes
+from .run.conversion import load_plan
+from .core.errors import AlreadyFlashNorm, StreamfoldError
+from .hub.client import Source, _api, _guard, _offline, _quiet_bars, is_repo_id, select_files
+from .hub.source import _info_or_cache, resolve_source
+from .planning.planner import Kind
+from .core.reader import INDEX_NAME, Checkpoint, TensorInfo
+from .core.units import human_bytes
 
 
 def output_bytes(plan, tensors: dict[str, TensorInfo]) -> int:
     """Tensor data bytes of the converted checkpoint (what ``ConversionReport.bytes_out`` counts)."""
-    from .dtypes import DTYPES
+    from .core.dtypes import DTYPES
     total = 0
     for name, t in tensors.items():
         a = plan.actions[name]
@@ -74,7 +74,7 @@ class Inspection:
                  "remote": "remote safetensors headers; no weights downloaded"}[self.how]
         commit = f" @ {self.source.commit[:12]}" if self.source and self.source.commit else ""
         if self.state is not None:  # already FlashNorm: its state, not a plan to fold again
-            from .remode import describe_remode
+            from .planning.remode import describe_remode
             lines = [f"source: {self.src}{commit} ({where})", self.state.describe(each)]
             if self.plan is not None:
                 lines += [describe_remode(self.plan), f"sizes: {human_bytes(self.bytes_in)} in -> "
@@ -136,10 +136,10 @@ def _inspect_folder(source: Source, text: str, *, mode, merged_dtype, rules) -> 
 
 
 def _inspect_remote(repo_id: str, *, mode, merged_dtype, rules, revision, token) -> Inspection | Source:
-    from .dtypes import DTYPES
-    from .reader import read_config
-    from .remode import plan_checkpoint
-    from .rules import load_rules_file
+    from .core.dtypes import DTYPES
+    from .core.reader import read_config
+    from .planning.remode import plan_checkpoint
+    from .rules.schema import load_rules_file
     api = _api(token)
     info = _info_or_cache(api, repo_id, revision, token, files_metadata=True)
     if isinstance(info, Source):  # unreachable: the cached snapshot

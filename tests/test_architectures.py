@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import streamfold
-from streamfold.reader import Checkpoint
+from streamfold.core.reader import Checkpoint
 from tests.factory import (ARCHS, build_checkpoint, load_model, logits, model_param_name, norm_tensor_names,
                            read_tensors)
 from tests.factory import test_inputs as make_inputs  # (not collected as a test)
@@ -127,7 +127,7 @@ def test_plan_folds_exactly_the_foldable_norms(case):
         assert kinds, f"factory reason not classified: {n.reason}"
         assert any(word in reason for word in kinds[0]), f"{n.weight}: {reason!r} vs factory {n.reason!r}"
     # the family's strict refusal is data, and matches transformers' behaviour
-    from streamfold.rules import family_for
+    from streamfold.rules.schema import family_for
     assert bool(family_for(case.spec.model_type)[1].get("strict_refused")) == (not case.spec.strict_exact)
     if not case.spec.strict_exact:
         assert "strict mode is not exact" in case.strict_error and "--mode compat" in case.strict_error
@@ -322,7 +322,7 @@ def test_phi_with_qk_layernorm(tmp_path):
 
 
 def _header_tensors(shapes: dict[str, tuple]) -> dict:
-    from streamfold.reader import TensorInfo
+    from streamfold.core.reader import TensorInfo
     out, off, p = {}, 0, Path("model.safetensors")
     for name, shape in shapes.items():  # DeepSeek routers are float32 in bf16 checkpoints
         dtype = "F32" if name.endswith(("mlp.gate.weight", "e_score_correction_bias")) else "BF16"
@@ -334,7 +334,7 @@ def _header_tensors(shapes: dict[str, tuple]) -> dict:
 
 def test_tie_default_when_config_is_silent():
     """A config without tie_word_embeddings is read with its model type's default (SmolLM3: tied)."""
-    from streamfold.planner import make_plan
+    from streamfold.planning.planner import make_plan
     h = 8
     t = _header_tensors({"model.layers.0.input_layernorm.weight": (h,), "model.norm.weight": (h,),
                          **{f"model.layers.0.self_attn.{x}_proj.weight": (h, h) for x in "qkv"},
@@ -354,7 +354,7 @@ def test_deepseek_v3_mtp_layer_norms_are_kept_and_explained():
     """DeepSeek-V3's multi-token-prediction layer (model.layers.61 in the real checkpoint) has norms feeding
     a concatenation (enorm, hnorm -> eh_proj) and its own head; they stay, with the reason, and its
     ordinary decoder block folds like any other layer."""
-    from streamfold.planner import make_plan
+    from streamfold.planning.planner import make_plan
     h, E = 8, 2
     L = "model.layers.1."
     shapes = {"model.norm.weight": (h,), "lm_head.weight": (32, h), L + "input_layernorm.weight": (h,),
@@ -427,7 +427,7 @@ def test_gemma3n_family_matches_the_hub_checkpoint_names(untied):
     """The gemma3n data file (derived from save_pretrained of a tiny Gemma3nForConditionalGeneration) plans
     the published checkpoints' names: every norm accounted for, the two derived decoder folds (and the
     head's when untied), every vision/audio/embedder tensor copied."""
-    from streamfold.planner import make_plan
+    from streamfold.planning.planner import make_plan
     shapes = dict(GEMMA3N_HUB_NAMES, **({"lm_head.weight": (32, 8)} if untied else {}))
     cfg = {"model_type": "gemma3n", "text_config": {"model_type": "gemma3n_text"}}
     if untied:

@@ -242,8 +242,8 @@ def test_library_raises_streamfold_error(src, tmp_path):
 # before streamfold touches any checkpoint.
 AS_NOBODY = """
 import os, sys
-import streamfold, streamfold.cli, streamfold.convert, streamfold.verify, streamfold.card, streamfold.hub
-import streamfold.forward, streamfold.manifest, tqdm, yaml
+import streamfold, streamfold.cli, streamfold.convert, streamfold.verify, streamfold.card.render, streamfold.hub.client
+import streamfold.check.forward, streamfold.core.manifest, tqdm, yaml
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 from streamfold.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 import streamfold
-from streamfold import card, card_table
+from streamfold.card import render as card
+from streamfold.card import table as card_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "streamfold" / "sample"
@@ -135,7 +136,7 @@ def test_card_strict_float32_and_tied(tmp_path, src):
 
 
 def test_base_model_resolution(tmp_path):
-    from streamfold.hub import Source
+    from streamfold.hub.client import Source
     cfg = {"_name_or_path": "some-org/some-model"}
     plain = tmp_path / "plain"
     plain.mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from streamfold.reader import Checkpoint
+from streamfold.core.reader import Checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1] / "streamfold" / "sample"
 ROOT = SAMPLE.parents[1]

@@ -101,22 +101,22 @@ def test_tracer_reads_addmm_operands():
 
 
 # -- the data files -------------------------------------------------------------------------------------
-FAMILY_DIR = ROOT / "streamfold" / "families"
+FAMILY_DIR = ROOT / "streamfold" / "rules" / "families"
 
 
 def test_builtin_families_are_the_data_files():
-    from streamfold.architectures import FAMILIES
+    from streamfold.rules.loader import FAMILIES
     stems = sorted(p.stem for p in FAMILY_DIR.glob("*.toml"))
     assert sorted(FAMILIES) == stems and len(stems) >= 19
     src = (ROOT / "streamfold" / "architectures.py").read_text()
     assert "model.layers" not in src  # no rules in code
     for name in stems:  # the same loader and validation as a user's --rules file
-        from streamfold.rules import load_rules_file
+        from streamfold.rules.schema import load_rules_file
         assert load_rules_file(FAMILY_DIR / f"{name}.toml")[name] == FAMILIES[name]
 
 
 def test_readme_table_generated_from_the_data_files():
-    from streamfold.architectures import FAMILIES
+    from streamfold.rules.loader import FAMILIES
     from streamfold.derive.readme import render
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert render(text, FAMILIES) == text, "README table out of date: run python tools/derive_rules.py --readme"

@@ -27,8 +27,8 @@ import torch
 
 import streamfold
 from streamfold.cli import main
-from streamfold.errors import EXIT_ALREADY_FLASHNORM, AlreadyFlashNorm
-from streamfold.reader import Checkpoint
+from streamfold.core.errors import EXIT_ALREADY_FLASHNORM, AlreadyFlashNorm
+from streamfold.core.reader import Checkpoint
 from tests.factory import (build_checkpoint, load_model, logits, make_config, model_param_name, norm_tensor_names,
                            read_tensors)
 from tests.factory import test_inputs as make_inputs  # (not collected as a test)

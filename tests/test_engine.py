@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 
 import streamfold
-from streamfold.fold import Scratch, scale_chunk
-from streamfold.reader import Checkpoint
-from streamfold.writer import ShardLayout
+from streamfold.core.fold import Scratch, scale_chunk
+from streamfold.core.reader import Checkpoint
+from streamfold.core.writer import ShardLayout
 
 BF16 = ml_dtypes.bfloat16
 
 
 def write_safetensors(path: Path, tensors: dict) -> None:
     """Write with streamfold's own layout code (an independent check is reading it back below)."""
-    from streamfold.dtypes import DTYPES
+    from streamfold.core.dtypes import DTYPES
     rev = {v: k for k, v in DTYPES.items()}
     layout = ShardLayout([(k, rev[v.dtype], v.shape) for k, v in tensors.items()], {"format": "pt"})
     with open(path, "wb") as f:

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 import streamfold
-from streamfold.engine import Engine
-from streamfold.oracle import check_scaled
-from streamfold.reader import Checkpoint
+from streamfold.run.engine import Engine
+from streamfold.check.oracle import check_scaled
+from streamfold.core.reader import Checkpoint
 
 BF16 = ml_dtypes.bfloat16
 NP = {"BF16": BF16, "F16": np.float16, "F32": np.float32}
@@ -165,7 +165,7 @@ def test_specials_behave(toy, tmp_path):
 
 def test_old_float32_product_was_inexact():
     """Products a float32 multiply rounds before the bf16 rounding: the kernel must round them once."""
-    from streamfold.fold import Scratch, scale_chunk
+    from streamfold.core.fold import Scratch, scale_chunk
     # found by search: about 5.5e-6 of random bf16 x float32 pairs double-round through float32
     w = np.array([[0xBE52]], dtype=np.uint16).view(BF16)
     g = np.array([[0x3FF94B95]], dtype=np.uint32).view(np.float32)
@@ -283,7 +283,7 @@ def test_bias_fold_rounds_once(tmp_path):
 def test_oracle_bias_is_the_exact_sum_rounded_once(dt):
     """oracle.expected_bias against Fractions: random rows, and rows whose exact sum lies 2^-60 above,
     2^-60 below or exactly on a rounding midpoint (where a float64 sum rounded again goes wrong)."""
-    from streamfold.oracle import expected_bias
+    from streamfold.check.oracle import expected_bias
     rng = np.random.default_rng(11)
     rows, cols = 40, 24
     w = rng.standard_normal((rows, cols)).astype(BF16).astype(np.float64)

@@ -1,6 +1,6 @@
 """Every built-in family is exact in stock transformers, driven by the family data alone.
 
-For each model type of each built-in family (``streamfold.rules.FAMILIES``: the data files) a tiny
+For each model type of each built-in family (``streamfold.rules.schema.FAMILIES``: the data files) a tiny
 random model comes from ``streamfold.derive.tiny`` (norm scales far from the identity, ``1 + w`` norms
 too, LayerNorm and linear biases non-zero), saved in bf16 with every norm in a shard of its own. It is
 converted in compat and strict mode with source and float32 merged dtypes, and:
@@ -36,8 +36,8 @@ torch = pytest.importorskip("torch")
 tiny = pytest.importorskip("streamfold.derive.tiny")
 
 import streamfold  # noqa: E402
-from streamfold.reader import Checkpoint  # noqa: E402
-from streamfold.rules import FAMILIES  # noqa: E402
+from streamfold.core.reader import Checkpoint  # noqa: E402
+from streamfold.rules.schema import FAMILIES  # noqa: E402
 
 MAX_REL_F32 = 1e-5
 MIN_COS_BF16 = 0.9999

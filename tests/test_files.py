@@ -3,8 +3,9 @@ import shutil
 from pathlib import Path
 
 import streamfold
-from streamfold import files, hub
-from streamfold.manifest import list_files
+from streamfold.core import files
+from streamfold.hub import client as hub
+from streamfold.core.manifest import list_files
 
 SAMPLE = Path(__file__).resolve().parents[1] / "streamfold" / "sample"
 SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]

@@ -2,7 +2,7 @@
 the elements whose float32 product lands exactly on a bf16 rounding midpoint.
 
 The references here are independent of the kernel: an exact round-to-nearest-even of a ``Fraction``
-(:func:`rne`), and the float64 product rounded once by ml_dtypes (``streamfold.oracle``). Each test
+(:func:`rne`), and the float64 product rounded once by ml_dtypes (``streamfold.check.oracle``). Each test
 also shows that a naive implementation (float32 product, then one float32 -> bf16 rounding) fails it.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from streamfold import fold
-from streamfold.fold import Scratch, scale_chunk
-from streamfold.oracle import check_scaled
+from streamfold.core import fold
+from streamfold.core.fold import Scratch, scale_chunk
+from streamfold.check.oracle import check_scaled
 
 BF16 = ml_dtypes.bfloat16
 SCALE_F64 = fold._scale_f64
@@ -216,7 +216,7 @@ def random_inputs(rng, kind: str, shape):
 @pytest.mark.parametrize("kind", KINDS)
 def test_random_bit_patterns_against_exact_references(kind):
     """~4.8M random elements per kind: the kernel equals the float64 product rounded once by ml_dtypes
-    (streamfold.oracle) everywhere, and equals the Fraction reference on a random sample, on every
+    (streamfold.check.oracle) everywhere, and equals the Fraction reference on a random sample, on every
     element whose float32 product is a bf16 midpoint but not the exact product, and on a sample of
     the exact ties; the naive rounding gets some of those wrong."""
     rng = np.random.default_rng(KINDS.index(kind) + 1)
@@ -327,7 +327,7 @@ def test_convert_takes_the_midpoint_kernel(tmp_path, monkeypatch, norm, workers)
     bf16 ``1 + w`` has none (for normal products: with |w| >= 2^-9 they are exact, below it they stay
     about 2^-15 relative away from every bf16 midpoint), only exact ties, which must go to even."""
     import streamfold
-    from streamfold.reader import Checkpoint
+    from streamfold.core.reader import Checkpoint
     from tests.test_exact import save
 
     calls = []

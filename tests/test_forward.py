@@ -1,4 +1,4 @@
-"""streamfold.forward: the numpy float32 forward pass matches transformers' logits (relative error <= 1e-4).
+"""streamfold.check.forward: the numpy float32 forward pass matches transformers' logits (relative error <= 1e-4).
 
 Checkpoints: tests/factory.py architectures (float32 and bf16), plus small models built here for the
 RoPE variants and attention options the factory configs leave at their defaults. Every model has random
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import streamfold
-from streamfold import forward
-from streamfold.errors import StreamfoldError
+from streamfold.check import forward
+from streamfold.core.errors import StreamfoldError
 from tests.factory import ARCHS, build_checkpoint, logits
 from tests.factory import test_input_ids as input_ids  # (not collected as a test)
 

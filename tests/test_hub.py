@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 
 import streamfold
-from streamfold import cli, hub, hub_push, hub_remote
+from streamfold import cli
+from streamfold.hub import client as hub
+from streamfold.hub import push as hub_push
+from streamfold.hub import remote as hub_remote
 from tests.hubserver import GITATTRIBUTES, hub_server  # noqa: F401  (hub_server is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -478,8 +481,8 @@ def test_inspect_offline_uses_cache(hf_home):
 
 
 def test_header_only_plan_defers_layernorm_bias_decision():
-    from streamfold.planner import make_plan
-    from streamfold.reader import TensorInfo
+    from streamfold.planning.planner import make_plan
+    from streamfold.core.reader import TensorInfo
     p = Path("shard.safetensors")
     t = {"ln.weight": TensorInfo("ln.weight", "F32", (4,), p, 0, 16),
          "ln.bias": TensorInfo("ln.bias", "F32", (4,), p, 16, 32),

@@ -30,7 +30,7 @@ def _inject_faults() -> None:
     ``crash`` -- the first task attempt that takes it (an atomic rename) dies after its first write, mid-shard;
     ``fail-<shard>`` -- the task writing that shard raises; ``wrong`` -- folded chunks come out one bit off."""
     folder = Path(os.environ[FAULTS_ENV])
-    from streamfold import engine
+    from streamfold.run import engine
     run, scale = engine.Engine.run, engine.scale_chunk
 
     def faulty_run(self, tasks, sources, out_dir, progress=None, **kw):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import streamfold
-from streamfold.reader import Checkpoint
+from streamfold.core.reader import Checkpoint
 from tests.realmodel import PROMPTS, greedy_generate, load, smollm2_checkpoint
 
 N_PROMPTS = 4

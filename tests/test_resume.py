@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import streamfold
-from streamfold.journal import JOURNAL
-from streamfold.staging import PARTIAL_SUFFIX
+from streamfold.run.journal import JOURNAL
+from streamfold.run.staging import PARTIAL_SUFFIX
 
 from .test_engine import RULES
 from .test_stream import layered  # noqa: F401 - four one-layer shards
@@ -22,7 +22,9 @@ from .test_tasks import _env, _files
 # or at the K-th kernel copy (mid-shard).
 KILLER = """
 import os, signal, sys
-from streamfold import cli, engine, journal
+from streamfold import cli
+from streamfold.run import engine
+from streamfold.run import journal
 what, n = sys.argv[1], int(sys.argv[2])
 count = [0]
 def bump():

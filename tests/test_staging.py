@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 import streamfold
-from streamfold import staging
-from streamfold.errors import StreamfoldError
-from streamfold.staging import Staging
+from streamfold.run import staging
+from streamfold.core.errors import StreamfoldError
+from streamfold.run.staging import Staging
 
 SAMPLE = Path(__file__).resolve().parents[1] / "streamfold" / "sample"
 ROOT = SAMPLE.parents[1]
@@ -29,8 +29,8 @@ ROOT = SAMPLE.parents[1]
 # which SIGKILLs itself at the point named by SF_KILL_AT.
 CHILD = r"""
 import os, signal, sys, time
-import streamfold.engine as engine
-import streamfold.staging as staging
+import streamfold.run.engine as engine
+import streamfold.run.staging as staging
 
 slow = float(os.environ.get("SF_SLOW", "0"))
 point = os.environ.get("SF_KILL_AT", "")

@@ -1,6 +1,6 @@
 """--stream: Hub to Hub shard by shard, at the HfApi boundary (model_info, hf_hub_download, create_repo,
 preupload_lfs_files, create_commit patched on huggingface_hub.HfApi; range reads through
-streamfold.hub_remote.read_range served from the same folder). A local HTTP Hub server would run the real
+streamfold.hub.remote.read_range served from the same folder). A local HTTP Hub server would run the real
 client code; none was in the tree when this was written."""
 import json
 from pathlib import Path
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import streamfold
-from streamfold import cli, hub_remote
+from streamfold import cli
+from streamfold.hub import remote as hub_remote
 
 from .test_engine import BF16, RULES, write_safetensors
 from .test_tasks import _files
@@ -150,7 +151,7 @@ def test_stream_commits_nothing_when_an_upload_fails(layered, tmp_path, monkeypa
 
 
 def test_stream_commits_nothing_when_verify_fails(layered, tmp_path, monkeypatch):
-    from streamfold import engine
+    from streamfold.run import engine
     real = engine.scale_chunk
 
     def wrong(src, mult, sd, od, out, s):  # one element off by one ulp in every folded chunk

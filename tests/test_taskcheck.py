@@ -14,9 +14,16 @@ import numpy as np
 import pytest
 
 import streamfold
-from streamfold import checkrun, fold, forward_check, oracle, taskcheck, verify, verify_meta, verify_report
-from streamfold.planner import Kind
-from streamfold.tasks import Chunk, Op, Task
+from streamfold.check import checkrun
+from streamfold.core import fold
+from streamfold.check import forward_check
+from streamfold.check import verify
+from streamfold.check import oracle
+from streamfold.check import taskcheck
+from streamfold.check import meta as verify_meta
+from streamfold.check import report as verify_report
+from streamfold.planning.planner import Kind
+from streamfold.planning.tasks import Chunk, Op, Task
 from tests.factory import build_checkpoint
 from tests.test_verify import overwrite, read_tensor, span
 
@@ -118,7 +125,7 @@ def test_element_check_is_independent_of_the_kernels(from_json, monkeypatch):
     """No verify module holds one of fold.py's kernels (only its Scratch buffers), and verify passes
     with the kernels broken."""
     for mod in (taskcheck, checkrun, verify, verify_meta, verify_report, forward_check, oracle):
-        held = [k for k, v in vars(mod).items() if callable(v) and getattr(v, "__module__", "") == "streamfold.fold"]
+        held = [k for k, v in vars(mod).items() if callable(v) and getattr(v, "__module__", "") == "streamfold.core.fold"]
         assert held in ([], ["Scratch"]), (mod.__name__, held)
 
     def broken(*a, **k):

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 import streamfold
-from streamfold.tasks import Chunk, Op, Task
+from streamfold.planning.tasks import Chunk, Op, Task
 
 from .factory import build_checkpoint
 from .test_engine import RULES, toy  # noqa: F401 - the toy MoE fixture (per-row folds on a middle axis)
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_ONE = ("import sys; from pathlib import Path; import streamfold; from streamfold.tasks import Task; "
+RUN_ONE = ("import sys; from pathlib import Path; import streamfold; from streamfold.planning.tasks import Task; "
            "t = Task.from_json(Path(sys.argv[1]).read_text()); "
            "r = streamfold.run_task(t, sys.argv[2], src=sys.argv[3], workers=int(sys.argv[4])); print(r.size)")
 

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 import streamfold
-from streamfold.errors import StreamfoldError
-from streamfold.forward import SUPPORTED as FORWARD_TYPES
-from streamfold.manifest import MANIFEST_NAME, parse_manifest
-from streamfold.reader import INDEX_NAME, Checkpoint
-from streamfold.rules import family_for
-from streamfold.verify import EXIT_FAILED, check_scaled
-from streamfold.fold import Scratch
+from streamfold.core.errors import StreamfoldError
+from streamfold.check.forward import SUPPORTED as FORWARD_TYPES
+from streamfold.core.manifest import MANIFEST_NAME, parse_manifest
+from streamfold.core.reader import INDEX_NAME, Checkpoint
+from streamfold.rules.schema import family_for
+from streamfold.check.verify import EXIT_FAILED, check_scaled
+from streamfold.core.fold import Scratch
 from tests.factory import ARCHS, build_checkpoint
 
 BF16 = ml_dtypes.bfloat16
@@ -75,7 +75,7 @@ def read_tensor(ckpt: Path, name: str) -> np.ndarray:
     with open(t.path, "rb") as f:
         f.seek(t.begin)
         raw = np.frombuffer(f.read(t.nbytes), dtype=np.uint8)
-    from streamfold.dtypes import DTYPES
+    from streamfold.core.dtypes import DTYPES
     return raw.view(DTYPES[t.dtype]).reshape(t.shape)
 
 
@@ -116,7 +116,7 @@ def rewrite_shard(ckpt: Path, shard: str, drop: str | None = None, add: tuple[st
             idx["weight_map"].pop(drop)
         if add:
             idx["weight_map"][add[0]] = shard
-        from streamfold.reader import SafetensorsFile
+        from streamfold.core.reader import SafetensorsFile
         idx["metadata"]["total_size"] = sum(t.nbytes for s in set(idx["weight_map"].values())
                                             for t in SafetensorsFile(ckpt / s).tensors.values())
         (ckpt / INDEX_NAME).write_text(json.dumps(idx))
@@ -469,7 +469,7 @@ def test_missing_and_corrupt_shards(converted):
 def test_forward_unavailable_is_a_note(converted, monkeypatch):
     """An architecture the numpy forward pass does not implement: said so, not counted as a failure."""
     src, dst = converted()
-    monkeypatch.setattr("streamfold.forward.SUPPORTED", ())
+    monkeypatch.setattr("streamfold.check.forward.SUPPORTED", ())
     r = streamfold.verify(src, dst, forward=True)
     assert r.ok and "forward pass supports" in r.forward["skipped"]
     assert any(n.startswith("forward pass not run") for n in r.notes)

@@ -1,4 +1,4 @@
-"""Regenerate streamfold/families/*.toml from transformers' computation, or check them for drift.
+"""Regenerate streamfold/rules/families/*.toml from transformers' computation, or check them for drift.
 
     python tools/derive_rules.py                 # derive + check every family, rewrite the data files
     python tools/derive_rules.py --check         # derive + check, report families whose rules differ (exit 1)
@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-FAMILY_DIR = ROOT / "streamfold" / "families"
+FAMILY_DIR = ROOT / "streamfold" / "rules" / "families"
 README = ROOT / "README.md"
 
 # file name -> (description, model types)
@@ -219,7 +219,7 @@ def derive_group(name: str, description: str, model_types: list[str], log, check
 
 
 def _stored(folder: Path = FAMILY_DIR) -> dict[str, dict]:
-    from streamfold.rules import load_rules_file
+    from streamfold.rules.schema import load_rules_file
     return {p.stem: load_rules_file(p)[p.stem] for p in sorted(folder.glob("*.toml"))}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .card import CARD_NAME, CITATION, _hub_link, _repo_like, _usage, base_model_for, command_line, \
+from .render import CARD_NAME, CITATION, _hub_link, _repo_like, _usage, base_model_for, command_line, \
     front_matter, metadata
 
 
@@ -28,7 +28,7 @@ def write_remode_card(folder: str | os.PathLike, *, plan, tensors, cfg: dict, so
     """Write ``folder/README.md`` for a mode change (``plan.flashnorm`` is the source's state)."""
     import yaml
 
-    from .units import human_bytes
+    from ..core.units import human_bytes
     folder, state, strict = Path(folder), plan.flashnorm, plan.mode == "strict"
     src_meta, _ = front_matter(source.card_text)
     tags = src_meta.get("tags") if isinstance(src_meta.get("tags"), list) else []

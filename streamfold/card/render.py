@@ -15,11 +15,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from .card_table import change_rows, dtype_names
-from .errors import StreamfoldError
-from .files import CARD_NAME
-from .planner import Kind
-from .units import human_bytes
+from .table import change_rows, dtype_names
+from ..core.errors import StreamfoldError
+from ..core.files import CARD_NAME
+from ..planning.planner import Kind
+from ..core.units import human_bytes
 
 PAPER = "https://arxiv.org/abs/2407.09577"
 TRICKS = "https://github.com/OpenMachine-ai/transformer-tricks"
@@ -61,7 +61,7 @@ def front_matter(text: str | None) -> tuple[dict, str]:
 
 
 def _repo_like(text) -> bool:
-    from .hub import is_repo_id
+    from ..hub.client import is_repo_id
     return isinstance(text, str) and is_repo_id(text)
 
 

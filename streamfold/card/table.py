@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import re
 
-from .patterns import generalize, stars
-from .planner import Kind
+from ..rules.patterns import generalize, stars
+from ..planning.planner import Kind
 
 _DTYPE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
 

@@ -19,9 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from .fold import Scratch
-from .manifest import OrderedHasher
-from .reader import pread_into
+from ..core.fold import Scratch
+from ..core.manifest import OrderedHasher
+from ..core.reader import pread_into
 
 
 @dataclass

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import StreamfoldError
+from ..core.errors import StreamfoldError
 from .forward_weights import DEFAULT_BLOCK, Weights
-from .reader import read_config
+from ..core.reader import read_config
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "phi3", "gemma",
              "mixtral", "qwen2_moe", "qwen3_moe")

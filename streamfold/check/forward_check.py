@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 
-from .errors import StreamfoldError
-from .tasks import DEFAULT_BUDGET
-from .verify_report import Problem, VerifyReport
+from ..core.errors import StreamfoldError
+from ..planning.tasks import DEFAULT_BUDGET
+from .report import Problem, VerifyReport
 
 MIN_COSINE_ROUNDED = 0.99
 MIN_COSINE_EXACT = 0.9999

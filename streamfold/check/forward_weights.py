@@ -10,9 +10,9 @@ import os
 
 import numpy as np
 
-from .dtypes import DTYPES, widen_bf16
-from .errors import StreamfoldError
-from .reader import Checkpoint, TensorInfo, pread_into
+from ..core.dtypes import DTYPES, widen_bf16
+from ..core.errors import StreamfoldError
+from ..core.reader import Checkpoint, TensorInfo, pread_into
 
 DEFAULT_BLOCK = 32 << 20  # float32 bytes of one weight block
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from .checkrun import Reader
-from .errors import StreamfoldError
-from .files import FLASHNORM_VERSION, other_files
-from .manifest import MANIFEST_NAME, OrderedHasher, hash_file, list_files, parse_manifest
-from .planner import MODES, Kind, Plan
-from .reader import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, read_config
-from .tasks import Task
-from .verify_report import Problem
+from ..core.errors import StreamfoldError
+from ..core.files import FLASHNORM_VERSION, other_files
+from ..core.manifest import MANIFEST_NAME, OrderedHasher, hash_file, list_files, parse_manifest
+from ..planning.planner import MODES, Kind, Plan
+from ..core.reader import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, read_config
+from ..planning.tasks import Task
+from .report import Problem
 
 Shards = dict[str, "SafetensorsFile | None"]  # output shard -> its parsed header (None: unreadable)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dtypes import DTYPES
+from ..core.dtypes import DTYPES
 
 BLOCK_ELEMS = 1 << 15  # elements per compute block (the float64 scratch stays in cache)
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}

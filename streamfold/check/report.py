@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .patterns import natural_key
+from ..rules.patterns import natural_key
 
 EXIT_FAILED = 3  # CLI exit status when verification finds problems
 CHECK_ORDER = ("config", "layout", "index", "tensor", "files", "manifest", "forward")  # report order
@@ -95,7 +95,7 @@ class VerifyReport:
                          f"{f['max_abs_error']:.3g} (relative {f['max_rel_error']:.3g}), min cosine "
                          f"{f['min_cosine']:.6f}, argmax agreement {f['argmax_agreement'] * 100:.1f}%")
         verdict = "PASS" if self.ok else f"FAIL ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''})"
-        from .units import human_bytes
+        from ..core.units import human_bytes
         lines.append(f"{verdict}  ({human_bytes(self.bytes_read)} read in {self.seconds:.2f} s, "
                      f"{self.workers} worker{'s' if self.workers != 1 else ''})")
         return "\n".join(lines)

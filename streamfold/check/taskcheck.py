@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from .checkrun import Job, Reader, feed, run_jobs
-from .dtypes import DTYPES, widen_bf16
-from .errors import StreamfoldError
-from .fold import Scratch
-from .manifest import OrderedHasher
+from ..core.dtypes import DTYPES, widen_bf16
+from ..core.errors import StreamfoldError
+from ..core.fold import Scratch
+from ..core.manifest import OrderedHasher
 from .oracle import FoldTally, check_scaled, expected_bias, uint_of
-from .tasks import Chunk, Op, Task
-from .verify_report import Problem, fmt_index, fmt_ulps
+from ..planning.tasks import Chunk, Op, Task
+from .report import Problem, fmt_index, fmt_ulps
 
 PIECE = 8 << 20  # check_task's default piece size
 

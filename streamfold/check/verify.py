@@ -41,19 +41,19 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import verify_meta as meta
+from . import meta
 from .checkrun import Reader, run_jobs
-from .errors import AlreadyFlashNorm, StreamfoldError
+from ..core.errors import AlreadyFlashNorm, StreamfoldError
 from .forward_check import MIN_COSINE_EXACT, MIN_COSINE_ROUNDED, add_forward, run_forward
-from .manifest import MANIFEST_NAME
+from ..core.manifest import MANIFEST_NAME
 from .oracle import check_scaled
-from .planner import MERGED_ALIASES, MODES, Kind, Plan, make_plan
-from .reader import Checkpoint, TensorInfo, read_config
-from .remode import plan_checkpoint
-from .rules import load_rules_file
+from ..planning.planner import MERGED_ALIASES, MODES, Kind, Plan, make_plan
+from ..core.reader import Checkpoint, TensorInfo, read_config
+from ..planning.remode import plan_checkpoint
+from ..rules.schema import load_rules_file
 from .taskcheck import Checker, Target, TensorCheck, tensor_checks
-from .tasks import DEFAULT_BUDGET, build_tasks, chunk_bytes_for, default_workers
-from .verify_report import EXIT_FAILED, Problem, VerifyReport, sort_problems
+from ..planning.tasks import DEFAULT_BUDGET, build_tasks, chunk_bytes_for, default_workers
+from .report import EXIT_FAILED, Problem, VerifyReport, sort_problems
 
 __all__ = ["verify", "VerifyReport", "Problem", "EXIT_FAILED", "check_scaled", "run_forward",
            "MIN_COSINE_ROUNDED", "MIN_COSINE_EXACT"]

@@ -73,7 +73,7 @@ def other_files(src: str | os.PathLike, shards: set[str]) -> tuple[list[Path], l
     return keep, skipped
 
 
-from .remode import FLASHNORM_VERSION  # noqa: E402 - the version this streamfold writes and understands
+FLASHNORM_VERSION = 1  # the flashnorm_version this streamfold writes and understands
 
 
 def flashnorm_config(cfg: dict, mode: str) -> dict:

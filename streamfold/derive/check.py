@@ -48,7 +48,7 @@ def _logits(model, inputs):
 def _applicable(fam: dict, names: list[str]) -> dict:
     """The family without the fold rules that match no norm of this checkpoint (another config
     variant's norms): a rules file must match every rule, a built-in family need not."""
-    from streamfold.patterns import apply_layout, pattern_regex
+    from ..rules.patterns import apply_layout, pattern_regex
     laid = apply_layout(fam, dict.fromkeys(names))
     keep = [f for f, lf in zip(fam["folds"], laid["folds"])
             if any(pattern_regex(lf["norm"] + ".weight").match(t) for t in names)]
@@ -57,7 +57,8 @@ def _applicable(fam: dict, names: list[str]) -> dict:
 
 def check_family(model, fam: dict, derived, root: Path | None = None) -> CheckResult:
     """Convert ``model`` (tiny, float32) with ``fam`` and compare logits in transformers."""
-    import streamfold
+    from ..convert import convert
+    from ..run.conversion import load_plan
     fam = _applicable(fam, derived.saved)
     from . import tiny
     mt = model.config.model_type
@@ -71,11 +72,11 @@ def check_family(model, fam: dict, derived, root: Path | None = None) -> CheckRe
         del ref_model
         rules = td / "rules.json"
         rules.write_text(json.dumps({"families": {"derived": {**fam, "model_types": [mt]}}}))
-        _, _, plan = streamfold.load_plan(src, rules=rules)
+        _, _, plan = load_plan(src, rules=rules)
         _compare_plan(plan, derived, res)
         if plan.unknown_norms:
             res.errors.append(f"norms no rule covers: {plan.unknown_norms[:3]}")
-        streamfold.convert(src, td / "compat", merged_dtype="float32", rules=rules)
+        convert(src, td / "compat", merged_dtype="float32", rules=rules)
         m, info = _load(td / "compat", mt)
         res.compat_rel = _rel(_logits(m.eval(), inputs), ref)
         del m
@@ -90,11 +91,11 @@ def check_family(model, fam: dict, derived, root: Path | None = None) -> CheckRe
 
 
 def _strict(model, fam, plan, rules, src, td, inputs, ref):
-    import streamfold
+    from ..convert import convert
     fam_strict = {k: v for k, v in fam.items() if k != "strict_refused"}
     rules_s = td / "rules_strict.json"
     rules_s.write_text(json.dumps({"families": {"derived": {**fam_strict, "model_types": [model.config.model_type]}}}))
-    streamfold.convert(src, td / "strict", mode="strict", merged_dtype="float32", rules=rules_s)
+    convert(src, td / "strict", mode="strict", merged_dtype="float32", rules=rules_s)
     m, _ = _load(td / "strict", model.config.model_type)
     rel = _rel(_logits(m.eval(), inputs), ref)
     if rel <= MAX_REL:

@@ -8,7 +8,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from ..errors import StreamfoldError
+from ..core.errors import StreamfoldError
 
 EXTRA_HINT = 'derive-rules needs torch and transformers: pip install "streamfold[derive]"'
 

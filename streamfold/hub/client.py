@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .errors import StreamfoldError
-from .files import CARD_NAME, is_wanted, select_repo_files
-from .reader import INDEX_NAME, SINGLE_NAME
+from ..core.errors import StreamfoldError
+from ..core.files import CARD_NAME, is_wanted, select_repo_files
+from ..core.reader import INDEX_NAME, SINGLE_NAME
 
 _REPO_ID = re.compile(r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?/[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?",
                       re.ASCII)

@@ -5,8 +5,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import StreamfoldError
-from .hub import _api, _guard, _hf, _listing, _offline, _quiet_bars, is_repo_id
+from ..core.errors import StreamfoldError
+from .client import _api, _guard, _hf, _listing, _offline, _quiet_bars, is_repo_id
 
 
 def preflight(*, push_to_hub: str | None = None, base_model: str | None = None, token=None) -> None:

@@ -15,10 +15,10 @@ import os
 import re
 from pathlib import Path
 
-from .errors import StreamfoldError
-from .hub import (Source, _api, _cache_dir, _guard, _is_network_error, _listing, _offline, _quiet_bars,
+from ..core.errors import StreamfoldError
+from .client import (Source, _api, _cache_dir, _guard, _is_network_error, _listing, _offline, _quiet_bars,
                   is_repo_id, select_files)
-from .reader import INDEX_NAME, SINGLE_NAME
+from ..core.reader import INDEX_NAME, SINGLE_NAME
 
 
 def _exact_pattern(path: str) -> str:

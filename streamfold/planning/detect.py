@@ -24,10 +24,10 @@ from typing import Callable
 
 import numpy as np
 
-from .patterns import Consumer, apply_layout, config_get, expand_consumer, looks_like_norm, natural_key, pattern_regex
+from ..rules.patterns import Consumer, apply_layout, config_get, expand_consumer, looks_like_norm, natural_key, pattern_regex
 from .planner import is_tied
-from .reader import TensorInfo
-from .rules import family_for
+from ..core.reader import TensorInfo
+from ..rules.schema import family_for
 
 FLAG_KEYS = ("flashnorm", "flashnorm_mode", "flashnorm_version")
 _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")

@@ -12,13 +12,13 @@ from typing import Callable
 
 import numpy as np
 
-from .dtypes import DTYPES, FOLDABLE, QUANTIZED
-from .errors import StreamfoldError
-from .fold import merged_out_dtype
-from .reader import TensorInfo
-from .patterns import Consumer, apply_layout, config_get, expand_consumer, generalize, looks_like_norm, \
+from ..core.dtypes import DTYPES, FOLDABLE, QUANTIZED
+from ..core.errors import StreamfoldError
+from ..core.fold import merged_out_dtype
+from ..core.reader import TensorInfo
+from ..rules.patterns import Consumer, apply_layout, config_get, expand_consumer, generalize, looks_like_norm, \
     natural_key, pattern_regex, present, stars
-from .rules import family_for
+from ..rules.schema import family_for
 
 MODES = ("compat", "strict")
 MERGED_DTYPES = ("source", "float32")

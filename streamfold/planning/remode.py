@@ -24,13 +24,13 @@ from typing import Callable
 import numpy as np
 
 from .detect import NORM_BIAS_FAMILIES, FlashNormState, detect
-from .errors import AlreadyFlashNorm, StreamfoldError
-from .patterns import config_get, looks_like_norm
+from ..core.errors import AlreadyFlashNorm, StreamfoldError
+from ..core.files import FLASHNORM_VERSION
+from ..rules.patterns import config_get, looks_like_norm
 from .planner import MERGED_ALIASES, MODES, Action, NormPlan, Plan, check_not_quantized, make_plan
-from .reader import TensorInfo
-from .rules import family_for
+from ..core.reader import TensorInfo
+from ..rules.schema import family_for
 
-FLASHNORM_VERSION = 1  # the flashnorm_version this streamfold writes and understands
 _TORCH_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
 
 

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .dtypes import DTYPES
-from .errors import StreamfoldError
+from ..core.dtypes import DTYPES
+from ..core.errors import StreamfoldError
 from .planner import Kind, Plan
-from .reader import Checkpoint
-from .writer import ShardLayout
+from ..core.reader import Checkpoint
+from ..core.writer import ShardLayout
 
 SCHEMA = 1
 COPY_BLOCK = 64 << 20  # one copy record: larger kernel copies buy nothing and delay progress

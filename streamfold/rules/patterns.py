@@ -10,7 +10,7 @@ import bisect
 import re
 from dataclasses import dataclass
 
-from .reader import TensorInfo
+from ..core.reader import TensorInfo
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Load and validate architecture rules: the built-in families and user ``--rules`` files.
 
-One schema for both (built-ins are ``streamfold/families/*.toml``, one family per file):
+One schema for both (built-ins are ``streamfold/rules/families/*.toml``, one family per file):
 
 - ``model_types``: config ``model_type`` values it covers.
 - ``offset``: the norm multiplies by ``offset + w`` (0 for ``w``; 1 for Gemma-style ``1 + w``).
@@ -37,8 +37,8 @@ import re
 import tomllib
 from pathlib import Path
 
-from .architectures import FAMILIES
-from .errors import StreamfoldError
+from .loader import FAMILIES
+from ..core.errors import StreamfoldError
 
 _FAMILY_KEYS = {"model_types", "offset", "folds", "keep", "tie_default", "description", "layouts",
                 "strict_refused", "defaults", "derived"}
@@ -164,4 +164,4 @@ def family_for(model_type: str, extra: dict[str, dict] | None = None) -> tuple[s
 
 
 for _name, _fam in FAMILIES.items():
-    validate_family(_name, _fam, f"streamfold/families/{_name}.toml")
+    validate_family(_name, _fam, f"streamfold/rules/families/{_name}.toml")

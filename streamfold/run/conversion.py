@@ -16,18 +16,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .card import write_card
+from ..card.render import write_card
 from .engine import PARTIAL_SUFFIX, Engine
-from .errors import StreamfoldError
-from .files import CARD_NAME, flashnorm_config, other_files
-from .hub import Source
-from .hub_source import resolve_source
-from .manifest import write_manifest
-from .planner import Kind, Plan
-from .reader import INDEX_NAME, Checkpoint, TensorInfo, read_config
-from .remode import plan_checkpoint
-from .rules import load_rules_file
-from .tasks import SCHEMA, Task, build_tasks, chunk_bytes_for
+from ..core.errors import StreamfoldError
+from ..core.files import CARD_NAME, flashnorm_config, other_files
+from ..hub.client import Source
+from ..hub.source import resolve_source
+from ..core.manifest import write_manifest
+from ..planning.planner import Kind, Plan
+from ..core.reader import INDEX_NAME, Checkpoint, TensorInfo, read_config
+from ..planning.remode import plan_checkpoint
+from ..rules.schema import load_rules_file
+from ..planning.tasks import SCHEMA, Task, build_tasks, chunk_bytes_for
 
 
 def load_plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str | None = None,
@@ -173,7 +173,7 @@ def finish(cplan: ConversionPlan, out_dir: str | os.PathLike, *, digests: dict[s
     the streaming Hub path where shards are uploaded and deleted as they are done). Returns the
     seconds spent on the manifest. ``dst``: the folder the output will be published as (the model
     card names it; default ``out_dir``)."""
-    from . import __version__
+    from ..core.version import __version__
     out_dir = Path(out_dir)
     for p in out_dir.glob(f".*{PARTIAL_SUFFIX}"):  # left by a killed attempt
         p.unlink(missing_ok=True)
@@ -195,7 +195,7 @@ def finish(cplan: ConversionPlan, out_dir: str | os.PathLike, *, digests: dict[s
     for rel in cplan.files:
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cplan.src / rel, out_dir / rel)  # contents only: modes from the umask, as with cp
-    from .remode_card import write_remode_card
+    from ..card.remode import write_remode_card
     card = write_card if cplan.plan.flashnorm is None else write_remode_card  # a mode change: a card of its own
     card(out_dir, plan=cplan.plan, tensors=cplan.tensors, cfg=cplan.cfg, source=cplan.source, dst=dst or out_dir,
                version=__version__, bytes_in=cplan.bytes_in, bytes_out=cplan.output_bytes,

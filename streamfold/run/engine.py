@@ -25,11 +25,11 @@ from typing import Callable
 
 import numpy as np
 
-from .dtypes import DTYPES
-from .fold import Scratch, fold_bias_rows, scale_chunk
-from .reader import pread_into
-from .tasks import DEFAULT_BUDGET, Chunk, Op, Task, chunk_bytes_for, default_workers
-from .writer import pwrite_all
+from ..core.dtypes import DTYPES
+from ..core.fold import Scratch, fold_bias_rows, scale_chunk
+from ..core.reader import pread_into
+from ..planning.tasks import DEFAULT_BUDGET, Chunk, Op, Task, chunk_bytes_for, default_workers
+from ..core.writer import pwrite_all
 
 WRITEBACK_STEP = 64 << 20
 PARTIAL_SUFFIX = ".partial"

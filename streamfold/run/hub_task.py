@@ -11,10 +11,10 @@ import shutil
 from pathlib import Path
 
 from .conversion import run_task
-from .errors import StreamfoldError
-from .hub_push import preupload
-from .hub_remote import HubRef, fetch_sources
-from .tasks import Task
+from ..core.errors import StreamfoldError
+from ..hub.push import preupload
+from ..hub.remote import HubRef, fetch_sources
+from ..planning.tasks import Task
 
 
 class StreamVerifyFailed(StreamfoldError):
@@ -37,7 +37,7 @@ def disk_used(*paths: Path) -> int:
 
 def check_shard(task: Task, path: Path, sources: dict[str, Path]) -> None:
     """Check one written shard against its task (``--verify``); a wrong one is deleted and raises."""
-    from .taskcheck import check_task
+    from ..check.taskcheck import check_task
     problems = check_task(task, path, sources)
     if problems:
         path.unlink(missing_ok=True)  # never left under its final name for a later run to adopt

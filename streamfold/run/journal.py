@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from .engine import PARTIAL_SUFFIX
-from .manifest import hash_file
+from ..core.manifest import hash_file
 
 JOURNAL = ".streamfold-journal.json"
 

@@ -25,8 +25,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from .errors import StreamfoldError
-from .tasks import DEFAULT_BUDGET
+from ..core.errors import StreamfoldError
+from ..planning.tasks import DEFAULT_BUDGET
 
 MAX_RETRIES = 3
 WORKER_OVERHEAD = 256 << 20  # a Python worker with numpy, before any buffer
@@ -47,13 +47,13 @@ def _run_one(task_json: str, src: str | None, out_dir: str | None, workers: int,
              push_to_hub: str | None = None) -> dict:
     """One task on a Ray worker: from shared storage (``src``), or from the Hub (``hub``: a HubRef)."""
     from .conversion import run_task
-    from .tasks import Task
+    from ..planning.tasks import Task
     task = Task.from_json(task_json)
     if hub is None:
         r = run_task(task, out_dir, src=src, workers=workers, memory_budget=memory_budget, hash_output=hash_output)
         return {"shard": r.shard, "size": r.size, "sha256": r.sha256, "op": None, "peak_disk": None}
-    from .hub import _quiet_bars
-    from .hub_remote import HubRef
+    from ..hub.client import _quiet_bars
+    from ..hub.remote import HubRef
     from .hub_task import run_hub_task
     # a fixed name per run and shard: a retried attempt on the same node removes what a killed one fetched
     work = Path(tempfile.gettempdir()) / f"streamfold-{run_id}-{task.shard}"

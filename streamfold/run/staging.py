@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import StreamfoldError
+from ..core.errors import StreamfoldError
 
 PARTIAL_SUFFIX = ".streamfold-partial"
 LOCK_SUFFIX = ".streamfold-lock"

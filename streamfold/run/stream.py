@@ -20,8 +20,9 @@ import tempfile
 from pathlib import Path
 
 from .conversion import finish, run_task
-from .hub_push import commit, ensure_repo
-from .hub_remote import HubRef, fetch_sources, plan_remote
+from ..hub.push import commit, ensure_repo
+from ..hub.remote import HubRef, fetch_sources
+from .hub_plan import plan_remote
 from .hub_task import check_shard, disk_used, ship_shard
 
 
@@ -33,7 +34,7 @@ def stream_convert(repo: str, dst: Path, *, push_to_hub: str, revision=None, tok
 
     Returns ``{"plan", "url", "peak_disk", "shards"}`` (with Ray, ``peak_disk`` is the largest of
     any one task on its worker)."""
-    from . import __version__
+    from ..core.version import __version__
     if executor == "ray":
         from .ray_executor import require_ray
         require_ray()
