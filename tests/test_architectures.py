@@ -31,6 +31,7 @@ import torch
 
 import streamfold
 from streamfold.core.reader import Checkpoint
+from tests.representatives import FACTORY_ARCHS, matrix
 from tests.factory import (ARCHS, build_checkpoint, load_model, logits, model_param_name, norm_tensor_names,
                            read_tensors)
 from tests.factory import test_inputs as make_inputs  # (not collected as a test)
@@ -83,7 +84,7 @@ class Case:
 _CASES: dict[str, Case] = {}
 
 
-@pytest.fixture(scope="module", params=list(ARCHS))
+@pytest.fixture(scope="module", params=matrix(list(ARCHS), FACTORY_ARCHS))
 def case(request, tmp_path_factory):
     name = request.param
     if name not in _CASES:

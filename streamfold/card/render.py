@@ -305,7 +305,7 @@ def _usage(cfg: dict, folder: Path | None, ref: str, compat: bool, tokenizer_fro
 def write_card(folder: str | os.PathLike, *, plan, tensors, cfg: dict, source, dst: str | os.PathLike,
                version: str, bytes_in: int, bytes_out: int, push_to_hub: str | None = None,
                base_model: str | None = None, rules=None, private: bool = False) -> Path:
-    """Write ``folder/README.md`` for a conversion (``source`` is a :class:`streamfold.hub.Source`)."""
+    """Write ``folder/README.md`` for a conversion (``source`` is a :class:`streamfold.hub.client.Source`)."""
     # The card names DST by its folder name (what the usage snippet loads) or the repo it is pushed to,
     # never by its location: the same conversion into folders of the same name gives the same bytes
     # (and SHA256SUMS) wherever they are.

@@ -89,7 +89,7 @@ class Plan:
     norms: list[NormPlan]
     actions: dict[str, Action]
     unknown_norms: list[str]
-    # Mode changes of an already-folded checkpoint (streamfold.remode): tensors to create (identity
+    # Mode changes of an already-folded checkpoint (streamfold.planning.remode): tensors to create (identity
     # norms restored in strict -> compat), and the source's FlashNormState. Empty / None for folds.
     added: list = field(default_factory=list)
     flashnorm: object | None = None

@@ -1,7 +1,7 @@
 """Plan a checkpoint that may already be FlashNorm: fold it, say there is nothing to do, or change its mode.
 
 :func:`plan_checkpoint` is the planner convert and inspect call. A checkpoint with norms to fold gets
-:func:`streamfold.planner.make_plan`. One that is already folded (see :mod:`streamfold.detect`) gets:
+:func:`streamfold.planning.planner.make_plan`. One that is already folded (see :mod:`streamfold.planning.detect`) gets:
 
 - :class:`AlreadyFlashNorm` when the request changes nothing (no ``mode``, or its own mode);
 - a refusal of ``merged_dtype="float32"``: its folded weights were rounded when it was made (or are
