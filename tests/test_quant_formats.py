@@ -13,7 +13,7 @@ import pytest
 
 from streamfold.core.errors import StreamfoldError
 from streamfold.core.reader import Checkpoint
-from streamfold.quant.formats import classify
+from streamfold.quant.formats import Quantization, classify
 
 SIZE = {"F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "U8": 1, "I8": 1,
         "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8}
@@ -81,17 +81,30 @@ def test_fp8_ue8m0_e8m0_scales_static_activation_and_skip_list(tmp_path):
     assert not q.skipped(L0 + "mlp.up_proj")
 
 
+def test_skip_list_semantics():
+    """transformers' documented rules: a prefix up to a module boundary, a regex with that boundary, a suffix."""
+    q = Quantization("fp8", {}, {}, "modules_to_not_convert", ("model.layers.1", "model.layers.*.mlp.gate", "fc1"))
+    assert q.skipped("model.layers.1.self_attn.q_proj") and not q.skipped("model.layers.11.self_attn.q_proj")
+    assert q.skipped("model.layers.7.mlp.gate") and not q.skipped("model.layers.7.mlp.gate_proj")
+    assert q.skipped("model.decoder.layers.23.fc1")
+    ct = Quantization("compressed-tensors", {}, {}, "ignore", ("lm_head", "re:.*mlp.gate$"))
+    assert ct.skipped("lm_head") and ct.skipped("model.layers.3.mlp.gate") and not ct.skipped("model.layers.3.mlp.gate_up")
+    assert not ct.skipped("model.lm_head")  # compressed-tensors matches a plain entry as the whole name
+
+
+@pytest.mark.full
 def test_skip_list_matches_transformers(tmp_path):
     """The skip list means what transformers' own matcher says (the installed one is the ground truth)."""
     from transformers.quantizers.quantizers_utils import should_convert_module
     keys = ["lm_head", "model.layers.1", "model.layers.*.mlp.gate", "self_attn", "gate", "fc1"]
     q = run(tmp_path, NORMS, {"quant_method": "mxfp4", "modules_to_not_convert": keys})
+    assert q.skip == tuple(keys)
     names = ["lm_head", "model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj",
              "model.layers.11.mlp.gate", "model.layers.11.mlp.gate_proj", "model.layers.2.mlp.experts",
              "model.decoder.layers.23.fc1", "model.decoder.layers.23.fc11", "model.embed_tokens"]
     for name in names:
         for key in keys:
-            one = run(tmp_path / key.replace("*", "s"), NORMS, {"quant_method": "mxfp4", "modules_to_not_convert": [key]})
+            one = Quantization("mxfp4", q.config, {}, q.skip_key, (key,))
             assert one.skipped(name) == (not should_convert_module(name, [key])), (name, key)
         assert q.skipped(name) == (not should_convert_module(name, keys)), name
 
