@@ -302,6 +302,26 @@ def _shard_of(src: Path, name: str) -> Path:
     return src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][name]
 
 
+def test_e8m0_scales_are_copied(built, tmp_path):
+    """DeepSeek-V4 / MX-style scales stored as F8_E8M0 (and as raw U8 bytes) are copied byte for byte; verify passes."""
+    case = built("fp8_qwen3")
+    src = _copy_with(case, tmp_path, {"scale_fmt": "ue8m0"})
+    a, b = "model.layers.1.self_attn.q_proj.weight_scale_inv", "model.layers.1.self_attn.k_proj.weight_scale_inv"
+    shard = _shard_of(src, a)
+    tensors = load_file(shard)
+    tensors[a] = torch.randint(100, 130, tensors[a].shape, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    tensors[b] = torch.randint(100, 130, tensors[b].shape, dtype=torch.uint8)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    dst = tmp_path / "out"
+    r = cli(src, dst, "-q")
+    assert r.returncode == 0, r.stderr
+    got = read_all(dst)
+    assert got[a].dtype == torch.float8_e8m0fnu and raw(got[a]) == raw(tensors[a])
+    assert got[b].dtype == torch.uint8 and raw(got[b]) == raw(tensors[b])
+    r = cli("verify", src, dst)
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+
+
 def test_refused_unknown_quant_method(built, tmp_path):
     src = _copy_with(built("fp8_qwen3"), tmp_path, {"quant_method": "hqq"})
     _refused(src, tmp_path, "config.json: quantization_config quant_method 'hqq' is not a format streamfold knows")

@@ -138,7 +138,7 @@ class Plan:
                  f"mode {self.mode}, merged dtype {self.merged_dtype}"]
         q = self.quant_summary()
         if q:
-            kinds = ", ".join(f"{n} {k}" for k, n in q["formats"].items())
+            kinds = ", ".join(f"{n} modules {k}" for k, n in q["formats"].items())
             lines.append(f"quantized source ({q['method']}): {kinds}; their tensors are copied byte for byte, "
                          "quantization_config unchanged; only norms whose consumers are all unquantized fold")
         for g in self.groups():
