@@ -364,3 +364,28 @@ def test_static_input_scale(built, tmp_path):
         "consumer model.layers.*.mlp.up_proj.weight is FP8 block-quantized (fp8) with a static input scale "
         "'model.layers.*.mlp.up_proj.activation_scale' (its activations are quantized against a fixed range, "
         "so it must see the norm's output); use --dequantize")
+
+
+from tests.hubserver import hub_server  # noqa: E402,F401  (a fixture)
+
+
+@pytest.mark.full
+def test_hub_inspect_and_stream(built, tmp_path, hub_server):  # noqa: F811
+    """The same plan from remote headers (inspect of a repo id), and --stream writes what a local conversion
+    writes (quantized shards copied through Range reads, verified, one commit)."""
+    import streamfold
+    case = built("fp8_qwen3")
+    hub_server.add_repo("org/fp8", case.src)
+    r = cli("inspect", "org/fp8", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["quantization"] == {"method": "fp8", "modules": 11, "formats": {"FP8 block-quantized (fp8)": 11}}
+    assert {n["norm"] for n in d["each_norm"] if n["status"] == "fold"} == set(case.folds)
+    ref = tmp_path / "ref" / "fp8"
+    convert(case, ref)
+    streamfold.convert("org/fp8", tmp_path / "fp8", push_to_hub="me/fp8-flashnorm", stream=True, verify=True)
+    got = hub_server.files("me/fp8-flashnorm")
+    for name in (p.name for p in ref.iterdir() if p.suffix in (".safetensors", ".json") and p.name != "config.json"):
+        assert got[name] == (ref / name).read_bytes(), name
+    assert json.loads(got["config.json"])["quantization_config"] == json.loads((case.src / "config.json").read_text())[
+        "quantization_config"]
