@@ -320,6 +320,14 @@ def test_e8m0_scales_are_copied(built, tmp_path):
     assert got[b].dtype == torch.uint8 and raw(got[b]) == raw(tensors[b])
     r = cli("verify", src, dst)
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+    out = _shard_of(dst, a)  # one scale byte changed in the output: verify names the tensor
+    t = load_file(out)
+    t[a] = t[a].view(torch.uint8).clone()
+    t[a].view(-1)[0] ^= 1
+    t[a] = t[a].view(torch.float8_e8m0fnu)
+    save_file(t, str(out), metadata={"format": "pt"})
+    r = cli("verify", src, dst)
+    assert r.returncode == 3 and "FAIL" in r.stdout and a in r.stdout, r.stdout + r.stderr  # EXIT_FAILED
 
 
 def test_refused_unknown_quant_method(built, tmp_path):
