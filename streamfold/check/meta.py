@@ -81,7 +81,7 @@ def open_shards(dst: Path, src_ckpt: Checkpoint, problems: list[Problem]) -> tup
 def _what(kind: Kind, a) -> str:
     return {Kind.COPY: "unchanged", Kind.SCALE: f"folded with {a.norm.weight if a.norm else '?'}",
             Kind.FILL: "folded norm set to identity", Kind.BIAS: "bias with the norm's shift folded in",
-            Kind.DROP: "removed"}[kind]
+            Kind.DROP: "removed", Kind.DEQUANT: "dequantized" + (f" and folded with {a.norm.weight}" if a.norm else "")}[kind]
 
 
 def check_layout(plan: Plan, src_ckpt: Checkpoint, files: Shards, where: dict[str, str],

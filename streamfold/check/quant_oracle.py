@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .oracle import FoldTally
+
 # (significand bits incl. the implicit one, exponent bias, exponent field width) of the outputs
 _FORMATS = {"BF16": (8, 127, 8), "F32": (24, 127, 8)}
 
@@ -158,6 +160,21 @@ def expand_blocks(s: Split, rows: int, cols: int, block: tuple[int, int]) -> Spl
     return s.repeat(block[0], 0).repeat(block[1], 1)[:rows, :cols]
 
 
+def fp8_block_band_expected(codes: np.ndarray, scale_raw: np.ndarray, scale_dtype: str, block: tuple[int, int],
+                            row0: int, g: np.ndarray | None, out_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Expected bits (and exact mask) of rows ``row0 .. row0 + n`` of an FP8 block-quantized matrix:
+    ``codes`` ``[n, cols]``, ``scale_raw`` the scale rows from tile row ``row0 // br`` on."""
+    n, cols = codes.shape
+    br = block[0]
+    grid = split_float(scale_raw, scale_dtype)
+    skip = row0 - (row0 // br) * br
+    scale = grid.repeat(br, 0).repeat(block[1], 1)[skip:skip + n, :cols]
+    factors = [split_f8_e4m3fn(codes), scale]
+    if g is not None:
+        factors.append(split_float(np.asarray(g, dtype=np.float32), "F32").reshape(1, cols))
+    return round_exact(product(*factors), out_dtype)
+
+
 def fp8_block_expected(codes: np.ndarray, scale_raw: np.ndarray, scale_dtype: str, block: tuple[int, int],
                        g: np.ndarray | None, out_dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Expected bits (and exact mask) of a whole FP8 block-quantized ``[rows, cols]`` matrix widened
@@ -178,3 +195,24 @@ def scaled_expected(q: Split, scale: Split, g: np.ndarray | None, out_dtype: str
         gs = split_float(np.asarray(g, dtype=np.float32), "F32")
         factors.append(gs.reshape(1, -1) if g_axis == 1 else gs.reshape(-1, 1))
     return round_exact(product(*factors), out_dtype)
+
+
+def check_dequant_band(codes: np.ndarray, scale_raw: np.ndarray, scale_dtype: str, block: tuple[int, int], row0: int,
+                       g: np.ndarray | None, out_dtype: str, got_raw: np.ndarray, base_index: int = 0):
+    """A :class:`FoldTally` of the output band ``got_raw`` (raw bytes) against
+    :func:`fp8_block_band_expected` (bits equal; any NaN matches any NaN)."""
+    want, _ = fp8_block_band_expected(codes, scale_raw, scale_dtype, block, row0, g, out_dtype)
+    u = np.uint16 if out_dtype == "BF16" else np.uint32
+    got = got_raw.view(u).reshape(want.shape)
+    differ = got != want
+    t = FoldTally()
+    if differ.any():
+        fl = np.float32 if out_dtype == "F32" else None
+        as_f = (lambda b: b.view(np.float32)) if fl else (lambda b: (b.astype(np.uint32) << 16).view(np.float32))
+        gf, wf = as_f(got), as_f(want)
+        differ &= ~(np.isnan(gf) & np.isnan(wf))
+        idx = np.flatnonzero(differ)
+        if idx.size:
+            i = int(idx[0])
+            t.bad, t.first = int(idx.size), (base_index + i, float(gf.reshape(-1)[i]), float(wf.reshape(-1)[i]))
+    return t

@@ -1,0 +1,152 @@
+"""``--dequantize``: which quantized modules are widened, and what the output's config says about them.
+
+With ``--dequantize`` the consumers of every folded norm that are stored quantized are decoded and
+folded (``Kind.DEQUANT`` with the norm): each element the exact ``q·s·g`` rounded once to bf16 (or
+float32 with ``--merged-dtype float32``). Loaders need fused siblings in one precision, so these are
+widened too, without a norm (one rounding of ``q·s``; exact where ``q·s`` fits the output):
+
+- the projections one fused kernel reads together: q/k/v, gate/up, MLA's q_a/kv_a (vLLM's
+  ``qkv_proj``, ``gate_up_proj``, ``fused_qkv_a_proj``), data in :data:`SIBLINGS`;
+- a MoE expert's ``down_proj`` with its gate/up (vLLM's FusedMoE holds w13 and w2 of all experts in
+  one precision: :data:`EXPERT_DOWN`).
+
+``--dequantize all`` widens every quantized module. The codes tensor keeps its name and becomes
+bf16/float32; its scale and auxiliary tensors are dropped; ``quantization_config`` lists the widened
+modules as unquantized (``modules_to_not_convert``), or goes when nothing quantized is left.
+
+Supported so far: FP8 block-quantized (``quant_method: fp8`` with ``weight_scale_inv`` or DeepSeek-V4
+``.scale``; block size from ``weight_block_size``, F32/BF16/E8M0 scales) 2-D weights. Others are
+refused with one line naming the module.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+
+from ..core.errors import StreamfoldError
+from ..quant.formats import QuantModule, Quantization
+
+MODES = ("consumers", "all")
+# modules one fused loader kernel reads together: widening one widens the others
+SIBLINGS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("w1", "w3"),
+    ("q_a_proj", "kv_a_proj_with_mqa"),
+)
+# inside ``.experts.N.``: gate/up widened -> the same expert's down projection too
+EXPERT_DOWN = {"gate_proj": "down_proj", "up_proj": "down_proj", "w1": "w2", "w3": "w2"}
+SUPPORTED_LAYOUTS = frozenset({"fp8", "fp8-scale"})
+
+
+def dequantize_mode(value) -> str | None:
+    """Normalise the ``dequantize`` option: False/None -> None, True/"consumers" -> "consumers", "all"."""
+    if value in (None, False, "", "none"):
+        return None
+    if value is True or value == "consumers":
+        return "consumers"
+    if value == "all":
+        return "all"
+    raise StreamfoldError(f"dequantize must be true, 'consumers' or 'all', not {value!r}")
+
+
+def out_dtype(merged_dtype: str) -> str:
+    """The dtype widened weights are stored in: bf16, or float32 for ``--merged-dtype float32``."""
+    return "F32" if merged_dtype == "float32" else "BF16"
+
+
+@dataclass
+class Dequant:
+    """The widening decisions of one plan (see the module docstring)."""
+
+    quant: Quantization
+    mode: str
+    widened: dict[str, QuantModule] = field(default_factory=dict)  # module -> its classification
+
+    def module_of(self, weight: str) -> QuantModule | None:
+        """The quantized module whose (logical) weight is ``weight``, checked to be one we can widen."""
+        qm = self.quant.consumer(weight)
+        if qm is not None:
+            check_supported(qm)
+        return qm
+
+    def widen(self, qm: QuantModule) -> None:
+        check_supported(qm)
+        self.widened[qm.module] = qm
+
+    def close_siblings(self) -> list[QuantModule]:
+        """Widen the fused siblings (and expert down projections) of everything widened so far; returns
+        the modules added (they are widened without a norm)."""
+        added = []
+        if self.mode == "all":
+            for qm in self.quant.modules.values():
+                if qm.module not in self.widened:
+                    self.widen(qm)
+                    added.append(qm)
+            return added
+        todo = list(self.widened)
+        while todo:
+            module = todo.pop()
+            for other in _siblings(module):
+                qm = self.quant.modules.get(other)
+                if qm is not None and other not in self.widened:
+                    self.widen(qm)
+                    added.append(qm)
+                    todo.append(other)
+        return added
+
+    def config_update(self) -> dict | None:
+        """The output's ``quantization_config``: None when nothing quantized is left, else the source's
+        with every widened module in its skip list (``modules_to_not_convert`` for fp8)."""
+        if set(self.widened) >= set(self.quant.modules):
+            return None
+        q = copy.deepcopy(dict(self.quant.config or {}))
+        key = self.quant.skip_key or "modules_to_not_convert"
+        skip = list(q.get(key) or [])
+        for module in sorted(self.widened, key=_natural):
+            if not self.quant.skipped(module) and module not in skip:
+                skip.append(module)
+        q[key] = skip
+        return q
+
+
+    def apply_config(self, cfg: dict) -> dict:
+        """``cfg`` (config.json) with its ``quantization_config`` (top level, or ``text_config``'s) updated."""
+        out = dict(cfg)
+        holder = out
+        if "quantization_config" not in out and isinstance(out.get("text_config"), dict):
+            holder = out["text_config"] = dict(out["text_config"])
+        new = self.config_update()
+        if new is None:
+            holder.pop("quantization_config", None)
+        else:
+            holder["quantization_config"] = new
+        return out
+
+
+def check_supported(qm: QuantModule) -> None:
+    if qm.layout not in SUPPORTED_LAYOUTS or qm.strategy != "block" or not qm.block:
+        raise StreamfoldError(f"--dequantize: {qm.module} is {qm.describe()}; streamfold dequantizes FP8 "
+                              "block-quantized modules (quant_method fp8 with weight_block_size) so far")
+
+
+def check_shape(qm: QuantModule, shape: tuple[int, ...], axis: int) -> None:
+    """Widened weights are 2-D ``[out, in]`` folded along ``in``."""
+    if len(shape) != 2 or axis not in (1, -1):
+        raise StreamfoldError(f"--dequantize: {qm.weight} has shape {list(shape)}; only 2-D [out, in] FP8 weights "
+                              "folded along their inputs are dequantized so far")
+
+
+def _siblings(module: str) -> list[str]:
+    parent, _, leaf = module.rpartition(".")
+    out = [f"{parent}.{s}" for group in SIBLINGS if leaf in group for s in group if s != leaf]
+    if re.search(r"\.experts\.\d+$", parent):
+        if leaf in EXPERT_DOWN:
+            out.append(f"{parent}.{EXPERT_DOWN[leaf]}")
+        out += [f"{parent}.{k}" for k, v in EXPERT_DOWN.items() if v == leaf]
+    return out
+
+
+def _natural(s: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
