@@ -100,6 +100,7 @@ def unknown_arch(src):
 
 
 def quantized(src):
+    # a quantization_config over unquantized weights: the config and the weights disagree
     cfg = json.loads((src / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     (src / "config.json").write_text(json.dumps(cfg))

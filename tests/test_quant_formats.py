@@ -97,8 +97,7 @@ def test_skip_list_matches_transformers(tmp_path):
     """The skip list means what transformers' own matcher says (the installed one is the ground truth)."""
     from transformers.quantizers.quantizers_utils import should_convert_module
     keys = ["lm_head", "model.layers.1", "model.layers.*.mlp.gate", "self_attn", "gate", "fc1"]
-    q = run(tmp_path, NORMS, {"quant_method": "mxfp4", "modules_to_not_convert": keys})
-    assert q.skip == tuple(keys)
+    q = Quantization("mxfp4", {}, {}, "modules_to_not_convert", tuple(keys))
     names = ["lm_head", "model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj",
              "model.layers.11.mlp.gate", "model.layers.11.mlp.gate_proj", "model.layers.2.mlp.experts",
              "model.decoder.layers.23.fc1", "model.decoder.layers.23.fc11", "model.embed_tokens"]
@@ -205,6 +204,8 @@ def test_unquantized_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("tensors,quant,needle", [
+    ({}, {"quant_method": "fp8", "weight_block_size": [128, 128]},
+     r"^config\.json: quantization_config says quant_method 'fp8' but no tensor is stored quantized"),
     ({}, {"quant_method": "hqq"}, r"^config\.json: quantization_config quant_method 'hqq' is not a format"),
     ({}, {"quant_method": "fp8", "weight_block_size": [128, 128], "fp8_dtype": "float8_e4m3fnuz"},
      r"^config\.json: quantization_config\.fp8_dtype asks for AMD's FNUZ"),
@@ -226,7 +227,7 @@ def test_unquantized_checkpoint(tmp_path):
     ({"x.weight": ("F8_E4M3", [4, 4]), "x.weight_scale": ("F32", [4, 1])},
      {"quant_method": "compressed-tensors", "config_groups": {"g": {"targets": ["re:.*y$"], "weights": {}}}},
      r"no quantization_config\.config_groups target matches 'x'"),
-], ids=["unknown_method", "fnuz_value", "fnuz_key", "fnuz_dtype", "no_config", "f8_without_scale",
+], ids=["nothing_quantized", "unknown_method", "fnuz_value", "fnuz_key", "fnuz_dtype", "no_config", "f8_without_scale",
         "lone_scale", "pack_without_shape", "bad_block", "no_group"])
 def test_refusals_are_one_line(tmp_path, tensors, quant, needle):
     import re

@@ -233,6 +233,13 @@ def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_displ
     if plan.unknown_norms:
         notes.append(f"{len(plan.unknown_norms)} norm-like tensors that no streamfold rule covers were copied "
                      "unchanged.")
+    quant = plan.quant_summary()
+    if quant:
+        kinds = ", ".join(f"{n} {k}" for k, n in quant["formats"].items())
+        notes.append(f"The source is quantized (`{quant['method']}`: {kinds} modules): their codes and scales are "
+                     "byte-for-byte copies and `quantization_config` is unchanged. A norm is folded only where every "
+                     "linear reading it is unquantized; a norm read by a quantized linear is kept (see the table), "
+                     "since codes and scales cannot absorb a per-channel factor exactly.")
     notes.append("All other tensors are byte-for-byte copies of the source.")
     L += [" ".join(notes), ""]
     L += _usage(cfg, folder, load_ref, compat, tokenizer_from=source_repo or base_model,

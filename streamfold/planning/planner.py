@@ -12,14 +12,14 @@ from typing import Callable
 
 import numpy as np
 
-from ..core.dtypes import DTYPES, FOLDABLE, QUANTIZED
+from ..core.dtypes import DTYPES, FOLDABLE
 from ..core.errors import StreamfoldError
 from ..core.fold import merged_out_dtype
 from ..core.reader import TensorInfo
+from ..quant.formats import Quantization, classify
 from ..rules.patterns import Consumer, apply_layout, config_get, expand_consumer, generalize, looks_like_norm, \
     natural_key, pattern_regex, present, stars
 from ..rules.schema import family_for
-from ..quant.formats import classify
 from .dequant import Dequant, check_shape, dequantize_mode, out_dtype as dequant_dtype
 
 MODES = ("compat", "strict")
@@ -28,18 +28,6 @@ MERGED_DTYPES = ("source", "float32")
 # and refused otherwise (streamfold never narrows a weight's dtype).
 MERGED_ALIASES = {"source": "source", "float32": "float32", "fp32": "float32", "f32": "float32",
                   "bf16": "bf16", "bfloat16": "bf16"}
-# (tensor-name suffixes, what they are) of checkpoints whose stored values are not the weights
-_QUANT_KINDS = (
-    (("weight_scale_inv",), "FP8 weights with block scales"),
-    ((".qweight", ".qzeros", ".g_idx", ".scales"), "GPTQ/AWQ packed integer weights"),
-    (("_blocks", "_scales"), "MXFP4 expert blocks"),
-    (("weight_scale", "input_scale"), "FP8/INT8 weights with scales"),
-    ((".absmax", ".quant_map", ".SCB"), "bitsandbytes weights"),
-)
-_QUANT_WHY = ("the stored values are quantized codes with separate scales, so multiplying them by a norm is "
-              "not the fold; convert the unquantized (bf16/fp16/fp32) checkpoint")
-
-
 @dataclass
 class NormPlan:
     """One norm instance and its fate: ``fold`` or ``keep`` (with the reason)."""
@@ -99,6 +87,7 @@ class Plan:
     flashnorm: object | None = None
     # --dequantize: the widening decisions (streamfold.planning.dequant.Dequant), None otherwise
     dequant: object | None = None
+    quant: Quantization | None = None  # the source's quantized modules (copied byte for byte)
 
     @property
     def folded(self) -> list[NormPlan]:
@@ -136,13 +125,28 @@ class Plan:
             "unknown_norms": self.unknown_norms,
             "tensors": {str(k): self.count(k) for k in (Kind.SCALE, Kind.BIAS, Kind.FILL, Kind.DROP, Kind.COPY,
                                                         Kind.DEQUANT)},
+            "quantization": self.quant_summary(),
         }
+
+    def quant_summary(self) -> dict | None:
+        """The quantized source's method and module count per format (None when not quantized)."""
+        if self.quant is None or not self.quant.quantized:
+            return None
+        formats: dict[str, int] = {}
+        for qm in self.quant.modules.values():
+            formats[qm.describe()] = formats.get(qm.describe(), 0) + 1
+        return {"method": self.quant.method, "modules": len(self.quant.modules), "formats": formats}
 
     def describe(self, each: bool = False) -> str:
         """The plan as text: one line per norm family, or per norm with ``each``."""
         lines = [f"model_type {self.model_type} (family {self.family}), norm multiplies by "
                  f"{'1 + w' if self.offset else 'w'}, tied embeddings: {'yes' if self.tied else 'no'}",
                  f"mode {self.mode}, merged dtype {self.merged_dtype}"]
+        q = self.quant_summary()
+        if q:
+            kinds = ", ".join(f"{n} {k}" for k, n in q["formats"].items())
+            lines.append(f"quantized source ({q['method']}): {kinds}; their tensors are copied byte for byte, "
+                         "quantization_config unchanged; only norms whose consumers are all unquantized fold")
         for g in self.groups():
             head = f"  {g['status'].upper():4}  {g['norm']}  x{g['count']}"
             if g["status"] == "fold":
@@ -164,18 +168,17 @@ class Plan:
         return "\n".join(lines)
 
 
-def check_not_quantized(cfg: dict, tensors: dict[str, TensorInfo]) -> None:
-    """Refuse checkpoints whose stored values are not the weights (a multiply would be wrong)."""
-    q = config_get(cfg, "quantization_config")
-    if q:
-        method = q.get("quant_method", "unknown") if isinstance(q, dict) else "unknown"
-        raise StreamfoldError(f"config.json: quantized checkpoint (quantization_config, method {method!r}): "
-                              + _QUANT_WHY)
-    for sfx, kind in _QUANT_KINDS + ((None, "FP8 weights"),):  # the most telling tensor first
-        t = next((t for t in tensors.values() if (t.name.endswith(sfx) if sfx else t.dtype in QUANTIZED)), None)
-        if t is not None:
-            raise StreamfoldError(f"{t.path.name}: tensor {t.name!r} ({t.dtype}) is quantized ({kind}): "
-                                  + _QUANT_WHY)
+def quantized_keep(n: NormPlan, quant: Quantization) -> None:
+    """Keep a fold-planned norm that has a quantized consumer (partial fold): codes and scales cannot
+    absorb a per-input-channel factor exactly, so its consumers and the norm are copied unchanged."""
+    hits = [(c, qm) for c in n.consumers if (qm := quant.consumer(c.weight))]
+    if not hits:
+        return
+    c, qm = next((h for h in hits if h[1].input_scale), hits[0])  # a static input scale says the most
+    static = (f" with a static input scale {generalize(qm.input_scale)!r} (its activations are quantized against "
+              "a fixed range, so it must see the norm's output)") if qm.input_scale else ""
+    n.status, n.consumers = "keep", []
+    n.reason = f"consumer {generalize(c.weight)} is {qm.describe()}{static}; use --dequantize"
 
 
 def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.ndarray] | None, *,
@@ -198,15 +201,14 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     if mode == "strict" and fam.get("strict_refused"):
         raise StreamfoldError(f"{model_type}: strict mode is not exact for this architecture "
                               f"({fam['strict_refused']}); use --mode compat")
+    quant = classify(cfg, tensors)
     deq_mode = dequantize_mode(dequantize)
     deq = None
-    if deq_mode is None:
-        check_not_quantized(cfg, tensors)
-    else:
-        quant = classify(cfg, tensors)
+    if deq_mode is not None:
         if not quant.quantized:
             raise StreamfoldError("--dequantize: the checkpoint has no quantized tensors (nothing to dequantize)")
         deq = Dequant(quant, deq_mode)
+    real, tensors = tensors, quant.view(tensors)  # consumers by their logical names (X.weight of X.qweight)
     offset = fam.get("offset", 0)
     tied = is_tied(cfg, model_type, fam)
     fam = apply_layout(fam, tensors)
@@ -249,6 +251,10 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
                 claimed[tname] = name
                 norms.append(NormPlan(k["norm"], name, tname, present(name + ".bias", tensors), "keep", k["why"]))
 
+    for n in norms:
+        if n.status == "fold" and deq is None:  # partial fold (with --dequantize: widened instead)
+            quantized_keep(n, quant)
+    tensors = real
     actions: dict[str, Action] = {}
     for n in norms:
         if n.status == "fold":
@@ -272,7 +278,8 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     covered = {x for n in norms for x in (n.weight, n.bias) if x}
     unknown = sorted((t for t in tensors if looks_like_norm(t) and t not in claimed and t not in covered
                       and actions[t].kind == Kind.COPY), key=natural_key)
-    return Plan(family, model_type, offset, tied, mode, merged_dtype, norms, actions, unknown, dequant=deq)
+    return Plan(family, model_type, offset, tied, mode, merged_dtype, norms, actions, unknown, quant=quant,
+                dequant=deq)
 
 
 def is_tied(cfg: dict, model_type: str, fam: dict) -> bool:

@@ -27,8 +27,9 @@ from .detect import NORM_BIAS_FAMILIES, FlashNormState, detect
 from ..core.errors import AlreadyFlashNorm, StreamfoldError
 from ..core.files import FLASHNORM_VERSION
 from ..rules.patterns import config_get, looks_like_norm
-from .planner import MERGED_ALIASES, MODES, Action, NormPlan, Plan, check_not_quantized, make_plan
+from .planner import MERGED_ALIASES, MODES, Action, NormPlan, Plan, make_plan
 from ..core.reader import TensorInfo
+from ..quant.formats import classify
 from ..rules.schema import family_for
 
 _TORCH_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
@@ -71,7 +72,7 @@ def plan_checkpoint(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[s
     if not state.folded:
         return make_plan(cfg, tensors, read, mode=mode or "compat", merged_dtype=merged_dtype or "source",
                          rules=rules, dequantize=dequantize)
-    check_not_quantized(cfg, tensors)
+    quant = classify(cfg, tensors)  # refuses what cannot be classified; quantized tensors are copied
     if merged_dtype == "float32":
         dts = sorted({tensors[c.weight].dtype for n in state.norms for c in n.consumers})
         why = ("they are float32 already (it was converted with --merged-dtype float32)" if dts == ["F32"] else
@@ -89,7 +90,9 @@ def plan_checkpoint(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[s
     if mode == "strict" and fam.get("strict_refused"):
         raise StreamfoldError(f"{state.model_type}: strict mode is not exact for this architecture "
                               f"({fam['strict_refused']}); use --mode compat")
-    return _remode(state, cfg, tensors, mode, shard_of or {n: t.path.name for n, t in tensors.items()})
+    plan = _remode(state, cfg, tensors, mode, shard_of or {n: t.path.name for n, t in tensors.items()})
+    plan.quant = quant
+    return plan
 
 
 def _norm_dtype(state: FlashNormState, rule: str, cfg: dict, tensors: dict[str, TensorInfo]) -> str:

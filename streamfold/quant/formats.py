@@ -3,7 +3,7 @@
 Every quantized module is recognised by its on-disk *layout*: the suffix and dtype of the tensor that
 holds its codes plus the sibling tensors that must sit beside it (``X.weight`` F8_E4M3 with
 ``X.weight_scale_inv`` is FP8 block-quantized; ``X_blocks`` U8 with ``X_scales`` is gpt-oss MXFP4;
-...). The layouts are one table (:data:`LAYOUTS`), tried in order, restricted to the ones the
+...). The layouts are one table (:data:`streamfold.quant.layouts.LAYOUTS`), tried in order, restricted to the ones the
 config's ``quant_method`` can produce (:data:`METHODS`); block and group sizes come from the config,
 never from shapes (a 576-row FP8 tensor has a ragged last tile, not a 72-row block).
 
@@ -11,12 +11,16 @@ Refused with one line naming the tensor or the config key (:class:`StreamfoldErr
 an unknown ``quant_method``; AMD's FNUZ float8 variants (a dtype ``F8_E4M3FNUZ``/``F8_E5M2FNUZ`` or
 ``fnuz`` anywhere in ``quantization_config``: their bit patterns decode differently from e4m3fn);
 quantized tensors with no ``quantization_config``; a quantized-looking tensor that fits no layout of
-the config's method (an F8 tensor without its scale, a lone ``weight_scale_inv``, ...).
+the config's method (an F8 tensor without its scale, a lone ``weight_scale_inv``, ...); a static
+``input_scale`` beside an unquantized weight (activation-only quantization: a fold into that linear
+would change the range its input is quantized against; a quantized linear with a static input scale
+is classified, and the planner keeps its norm).
 
 API (stable; ``streamfold.quant.decode`` and the planner build on it):
 ``classify(cfg, tensors) -> Quantization``; ``Quantization.modules`` maps module names to
 :class:`QuantModule`; ``Quantization.owner(tensor)`` and ``Quantization.consumer(logical_weight)``
-find the module a stored tensor belongs to, or whose unquantized weight would carry a name.
+find the module a stored tensor belongs to, or whose unquantized weight would carry a name;
+``Quantization.view(tensors)`` adds the logical weight names the family rules use.
 """
 from __future__ import annotations
 
@@ -26,96 +30,7 @@ from typing import Mapping
 
 from ..core.errors import StreamfoldError
 from ..core.reader import TensorInfo
-
-FNUZ_DTYPES = frozenset({"F8_E4M3FNUZ", "F8_E5M2FNUZ"})
-FLOAT8 = frozenset({"F8_E4M3", "F8_E5M2"})
-E8M0 = frozenset({"F8_E8M0", "U8"})  # power-of-two scales: 2^(u - 127), stored as F8_E8M0 or raw bytes
-WIDE = frozenset({"F32", "BF16", "F16"})
-INPUT_SCALES = (".input_scale", ".activation_scale")  # static activation scales (a fold would change x)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """One on-disk shape of a quantized module, matched as ``module + suffix`` names.
-
-    ``weight``: suffix of the codes tensor (its dtype must be in ``weight_dtypes``); ``scales``:
-    required sibling suffixes (the first one's dtype must be in ``scale_dtypes`` when that is set);
-    ``aux``: optional siblings that belong to the module (zero points, shapes, global scales);
-    ``logical``: the suffix the unquantized checkpoint gives the weight (``.weight``; ``""`` for
-    gpt-oss's fused expert parameters). ``kind`` names the code type (``{bits}`` filled from the config),
-    ``strategy`` the scale granularity when the config does not say.
-    """
-
-    key: str
-    methods: frozenset[str]
-    kind: str
-    weight: str
-    weight_dtypes: frozenset[str]
-    scales: tuple[str, ...]
-    scale_dtypes: frozenset[str] | None = None
-    aux: tuple[str, ...] = ()
-    logical: str = ".weight"
-    strategy: str | None = None
-
-
-_CT = frozenset({"compressed-tensors"})
-# Tried in order: a more specific layout (more required siblings, narrower dtypes) comes first.
-LAYOUTS: tuple[Layout, ...] = (
-    Layout("fp8", frozenset({"fp8"}), "FP8", ".weight", FLOAT8, (".weight_scale_inv",), WIDE | E8M0),
-    Layout("fp8-scale", frozenset({"fp8"}), "FP8", ".weight", FLOAT8, (".scale",), WIDE | E8M0),  # DeepSeek-V4
-    Layout("fp8-qscale", frozenset({"fp8"}), "FP8", ".weight", FLOAT8, (".qscale_weight",), WIDE | E8M0),  # Mistral
-    Layout("fp4-scale", frozenset({"fp8"}), "FP4 (e2m1)", ".weight", frozenset({"I8"}), (".scale",), E8M0,
-           strategy="group"),  # DeepSeek-V4 experts: two e2m1 codes per byte, E8M0 scale per 32
-    Layout("ct-nvfp4", _CT, "NVFP4", ".weight_packed", frozenset({"U8"}),
-           (".weight_scale", ".weight_global_scale"), aux=(".input_global_scale",)),
-    Layout("ct-mxfp4", _CT, "MXFP4", ".weight_packed", frozenset({"U8"}), (".weight_scale",), E8M0,
-           aux=(".input_global_scale",)),
-    Layout("ct-pack", _CT, "INT{bits}", ".weight_packed", frozenset({"I32"}), (".weight_scale", ".weight_shape"),
-           aux=(".weight_zero_point", ".weight_g_idx", ".input_global_scale")),
-    Layout("ct-mxfp8", _CT, "MXFP8", ".weight", FLOAT8, (".weight_scale",), E8M0),
-    Layout("ct-float", _CT, "FP8", ".weight", FLOAT8, (".weight_scale",), WIDE, aux=(".weight_zero_point",)),
-    Layout("ct-int", _CT, "INT{bits}", ".weight", frozenset({"I8"}), (".weight_scale",), WIDE,
-           aux=(".weight_zero_point",)),
-    Layout("fbgemm-fp8", frozenset({"fbgemm_fp8"}), "FP8", ".weight", FLOAT8, (".weight_scale",), WIDE,
-           strategy="channel"),
-    Layout("mxfp4", frozenset({"mxfp4"}), "MXFP4", "_blocks", frozenset({"U8"}), ("_scales",), E8M0,
-           logical="", strategy="group"),
-    Layout("gptq", frozenset({"gptq"}), "INT{bits}", ".qweight", frozenset({"I32"}), (".scales", ".qzeros"),
-           aux=(".g_idx",), strategy="group"),
-    Layout("awq", frozenset({"awq"}), "INT{bits}", ".qweight", frozenset({"I32"}), (".scales", ".qzeros"),
-           strategy="group"),
-    Layout("bnb-4bit", frozenset({"bitsandbytes"}), "4-bit (NF4/FP4)", ".weight", frozenset({"U8"}),
-           (".weight.absmax", ".weight.quant_map"),
-           aux=(".weight.nested_absmax", ".weight.nested_quant_map", ".weight.quant_state.bitsandbytes__nf4",
-                ".weight.quant_state.bitsandbytes__fp4"), strategy="block"),
-    Layout("bnb-8bit", frozenset({"bitsandbytes"}), "INT8", ".weight", frozenset({"I8"}), (".SCB",),
-           aux=(".weight_format",), strategy="channel"),
-)
-
-
-@dataclass(frozen=True)
-class Method:
-    """A ``quant_method``: the config key listing modules it leaves unquantized (``skip_keys``, the first
-    one is where a writer adds widened modules) and whether those entries match as ``re:`` patterns."""
-
-    skip_keys: tuple[str, ...]
-    regex_skip: bool = False
-
-
-METHODS: dict[str, Method] = {
-    "fp8": Method(("modules_to_not_convert", "ignored_layers")),
-    "compressed-tensors": Method(("ignore",), regex_skip=True),
-    "mxfp4": Method(("modules_to_not_convert",)),
-    "gptq": Method(("modules_to_not_convert",)),
-    "awq": Method(("modules_to_not_convert",)),
-    "bitsandbytes": Method(("llm_int8_skip_modules", "modules_to_not_convert")),
-    "fbgemm_fp8": Method(("modules_to_not_convert",)),
-}
-
-# Suffixes that only quantized layers use: a tensor ending in one that no layout claims is refused.
-MARKERS = (".weight_scale_inv", ".weight_scale", ".weight_packed", ".weight_zero_point", ".weight_shape",
-           ".weight_g_idx", ".weight_global_scale", ".input_global_scale", ".qscale_weight", ".qweight",
-           ".qzeros", ".g_idx", ".absmax", ".quant_map", ".SCB") + INPUT_SCALES
+from .layouts import E8M0, FLOAT8, FNUZ_DTYPES, INPUT_SCALES, LAYOUTS, MARKERS, METHODS, WIDE, Layout, Method  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -178,6 +93,18 @@ class Quantization:
     def consumer(self, logical: str) -> QuantModule | None:
         """The quantized module whose unquantized weight would be named ``logical``, else None."""
         return self._logical.get(logical)
+
+    def view(self, tensors: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """``tensors`` plus each quantized module's logical weight name where it is not stored under it
+        (``X.weight`` of a ``weight_packed`` or ``qweight`` module, gpt-oss's ``experts.gate_up_proj``),
+        mapped to the codes tensor's header: family rules name consumers that way. Only names and
+        presence are meaningful for the added entries, not their shapes."""
+        if not self.modules:
+            return dict(tensors)
+        out = dict(tensors)
+        for qm in self.modules.values():
+            out.setdefault(qm.logical, tensors[qm.weight])
+        return out
 
     def skipped(self, module: str) -> bool:
         """Whether the config lists ``module`` as left unquantized, matched as the loaders match it:
@@ -361,10 +288,19 @@ def classify(cfg: Mapping, tensors: Mapping[str, TensorInfo]) -> Quantization:
         if t.dtype in FLOAT8:
             raise StreamfoldError(f"{_where(t)} is {t.dtype} but no scale tensor of a "
                                   f"{method or 'known'} layout sits beside it; streamfold cannot classify it")
+        scale_of = next((name[: -len(x)] for x in INPUT_SCALES if name.endswith(x)), None)
+        if scale_of is not None and getattr(tensors.get(scale_of + ".weight"), "dtype", None) in WIDE:
+            raise StreamfoldError(f"{_where(t)} is a static input scale of {scale_of!r}, whose weight is not "
+                                  "quantized (activation-only quantization): a norm folded into it would change "
+                                  "the range its input is quantized against; streamfold does not support it")
         marker = next((m for m in MARKERS if name.endswith(m)), None)
         if marker is not None:
             raise StreamfoldError(f"{_where(t)} ({t.dtype}) looks like part of a quantized layer ({marker!r}) but "
                                   f"fits no {method or 'known'} layout streamfold knows; it cannot classify it")
+    if q is not None and not modules:
+        raise StreamfoldError(f"config.json: quantization_config says quant_method {method!r} but no tensor is "
+                              "stored quantized; the config and the weights disagree (remove the config's "
+                              "quantization_config if the weights are unquantized)")
     skip_key, skip = None, ()
     if q is not None:
         keys = METHODS[method].skip_keys
