@@ -166,7 +166,7 @@ def fp8_block_band_expected(codes: np.ndarray, scale_raw: np.ndarray, scale_dtyp
     ``codes`` ``[n, cols]``, ``scale_raw`` the scale rows from tile row ``row0 // br`` on."""
     n, cols = codes.shape
     br = block[0]
-    grid = split_float(scale_raw, scale_dtype)
+    grid = split_float(scale_raw, scale_dtype).reshape(-1, -(-cols // block[1]))
     skip = row0 - (row0 // br) * br
     scale = grid.repeat(br, 0).repeat(block[1], 1)[skip:skip + n, :cols]
     factors = [split_f8_e4m3fn(codes), scale]
