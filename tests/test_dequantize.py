@@ -163,3 +163,32 @@ def test_dequantize_refusals(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "model.layers.0.self_attn.q_proj is INT4 group-quantized (compressed-tensors)" in r.stderr, r.stderr
     assert tree_hash(w4) == before and not (tmp_path / "o").exists()
+
+
+@pytest.mark.full
+def test_dequantize_deepseek_v3_moe_mla_ue8m0(tmp_path):
+    """MoE + MLA with power-of-two (ue8m0) scales: every folded norm's FP8 consumers widened (q_a/kv_a,
+    q_b, kv_b, dense and expert gate/up, shared experts), each MoE layer's expert down projections too
+    (one precision per FusedMoE), the experts block named once in modules_to_not_convert."""
+    from tests.test_quant_partial import DSV3
+    src = tmp_path / "dsv3"
+    src.mkdir()
+    qm.fp8_block("deepseek_v3", src, ue8m0=True, **DSV3)
+    dst = tmp_path / "out"
+    r = cli(src, dst, "-q", "--dequantize", "--merged-dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    s, d = read_all(src), read_all(dst)
+    widened = sorted(n for n, t in d.items() if s[n].dtype == torch.float8_e4m3fn and t.dtype == torch.float32)
+    still = sorted(n for n, t in d.items() if t.dtype == torch.float8_e4m3fn)
+    assert still == ["model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+                     "model.layers.1.mlp.shared_experts.down_proj.weight", "model.layers.1.self_attn.o_proj.weight"]
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in widened
+    assert "model.layers.1.self_attn.kv_b_proj.weight" in widened
+    skip = json.loads((dst / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert "model.layers.1.mlp.experts" in skip and not [m for m in skip if ".experts." in m], skip
+    want = logits(load(src))
+    got = logits(load(dst))
+    assert ((got - want).norm() / want.norm()).item() <= 1e-5
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    r = cli("verify", src, dst, "-q")
+    assert r.returncode == 0, r.stdout + r.stderr

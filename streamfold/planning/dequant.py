@@ -104,7 +104,7 @@ class Dequant:
         q = copy.deepcopy(dict(self.quant.config or {}))
         key = self.quant.skip_key or "modules_to_not_convert"
         skip = list(q.get(key) or [])
-        for module in sorted(self.widened, key=_natural):
+        for module in _collapse_experts(self.widened, self.quant.modules):
             if not self.quant.skipped(module) and module not in skip:
                 skip.append(module)
         q[key] = skip
@@ -123,6 +123,27 @@ class Dequant:
         else:
             holder["quantization_config"] = new
         return out
+
+
+def _collapse_experts(widened, modules) -> list[str]:
+    """Widened module names for a skip list, in layer order; where every quantized module of an
+    ``X.experts`` block is widened, ``X.experts`` itself instead (transformers fuses the experts into one
+    ``X.experts`` module, which a per-expert entry does not name; vLLM matches it as a prefix)."""
+    groups: dict[str, list[str]] = {}
+    for m in modules:
+        hit = re.match(r"(.*\.experts)\.\d+\.", m)
+        if hit:
+            groups.setdefault(hit.group(1), []).append(m)
+    out, done = [], set()
+    for m in sorted(widened, key=_natural):
+        hit = re.match(r"(.*\.experts)\.\d+\.", m)
+        if hit and all(x in widened for x in groups[hit.group(1)]):
+            if hit.group(1) not in done:
+                done.add(hit.group(1))
+                out.append(hit.group(1))
+            continue
+        out.append(m)
+    return out
 
 
 def check_supported(qm: QuantModule) -> None:
