@@ -111,6 +111,16 @@ class Dequant:
         return q
 
 
+    def describe(self, merged_dtype: str = "") -> str:
+        """One line for ``inspect`` and the model card: what is widened and what stays quantized."""
+        left = len(self.quant.modules) - len(self.widened)
+        cfg = ("quantization_config removed (nothing quantized is left)" if left == 0 else
+               f"the widened modules are listed in quantization_config.{self.quant.skip_key or 'modules_to_not_convert'}")
+        return (f"quantized source ({self.quant.method}), --dequantize{' all' if self.mode == 'all' else ''}: "
+                f"{len(self.widened)} of {len(self.quant.modules)} quantized modules widened (each element the exact "
+                f"q*s*g, or q*s for a fused sibling, rounded once; their scales dropped), {left} copied byte for "
+                f"byte; {cfg}")
+
     def apply_config(self, cfg: dict) -> dict:
         """``cfg`` (config.json) with its ``quantization_config`` (top level, or ``text_config``'s) updated."""
         out = dict(cfg)

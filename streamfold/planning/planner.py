@@ -143,7 +143,9 @@ class Plan:
                  f"{'1 + w' if self.offset else 'w'}, tied embeddings: {'yes' if self.tied else 'no'}",
                  f"mode {self.mode}, merged dtype {self.merged_dtype}"]
         q = self.quant_summary()
-        if q:
+        if q and self.dequant is not None:
+            lines.append(self.dequant.describe())
+        elif q:
             kinds = ", ".join(f"{n} {k}" for k, n in q["formats"].items())
             lines.append(f"quantized source ({q['method']}): {kinds}; their tensors are copied byte for byte, "
                          "quantization_config unchanged; only norms whose consumers are all unquantized fold")
