@@ -192,3 +192,31 @@ def test_dequantize_deepseek_v3_moe_mla_ue8m0(tmp_path):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     r = cli("verify", src, dst, "-q")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dequantize_compressed_tensors_fp8_channel(tmp_path):
+    """compressed-tensors float-quantized FP8 with bf16 per-channel scales: widened consumers are the exact
+    q·s·g rounded once; the ``ignore`` list gains them; loads in transformers (compressed-tensors)."""
+    from tests.test_quant_partial import LLAMA
+    src = tmp_path / "ct"
+    src.mkdir()
+    qm.ct_fp8_channel("llama", src, **LLAMA)
+    dst = tmp_path / "out"
+    r = cli(src, dst, "-q", "--dequantize", "--merged-dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    s, d = read_all(src), read_all(dst)
+    for name, norm in WIDENED.items():
+        q = s[name].to(torch.float64)
+        scale = s[name.replace(".weight", ".weight_scale")].to(torch.float64)  # [out, 1]
+        exact = (q * scale * s[norm].to(torch.float64)[None, :]).numpy()
+        got = d[name].view(torch.int32).numpy().view(np.uint32)
+        np.testing.assert_array_equal(got, exact.astype(np.float32).view(np.uint32), err_msg=name)
+        assert name.replace(".weight", ".weight_scale") not in d
+    cfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert sorted(cfg["ignore"]) == sorted(["lm_head", *(n[: -len(".weight")] for n in WIDENED)])
+    want = logits(load(src))
+    got = logits(load(dst))
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert ((got - want).norm() / want.norm()).item() <= 1e-2
+    r = cli("verify", src, dst, "-q")
+    assert r.returncode == 0, r.stdout + r.stderr

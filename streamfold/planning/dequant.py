@@ -14,9 +14,11 @@ widened too, without a norm (one rounding of ``q·s``; exact where ``q·s`` fits
 bf16/float32; its scale and auxiliary tensors are dropped; ``quantization_config`` lists the widened
 modules as unquantized (``modules_to_not_convert``), or goes when nothing quantized is left.
 
-Supported so far: FP8 block-quantized (``quant_method: fp8`` with ``weight_scale_inv`` or DeepSeek-V4
-``.scale``; block size from ``weight_block_size``, F32/BF16/E8M0 scales) 2-D weights. Others are
-refused with one line naming the module.
+Supported so far, 2-D weights: FP8 block-quantized (``quant_method: fp8`` with ``weight_scale_inv`` or
+DeepSeek-V4 ``.scale``; block size from ``weight_block_size``, F32/BF16/E8M0 scales) and compressed-tensors
+float-quantized FP8 (``weight_scale`` per tensor, per output channel or per block; no zero point).
+Every one is decoded as FP8 codes times a scale per tile (:func:`tile`: a channel scale is a ``1 x in``
+tile, a tensor scale one ``out x in`` tile). Others are refused with one line naming the module.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
 )
 # inside ``.experts.N.``: gate/up widened -> the same expert's down projection too
 EXPERT_DOWN = {"gate_proj": "down_proj", "up_proj": "down_proj", "w1": "w2", "w3": "w2"}
-SUPPORTED_LAYOUTS = frozenset({"fp8", "fp8-scale"})
+SUPPORTED = {"fp8": ("block",), "fp8-scale": ("block",), "ct-float": ("channel", "tensor", "block")}
 
 
 def dequantize_mode(value) -> str | None:
@@ -157,9 +159,21 @@ def _collapse_experts(widened, modules) -> list[str]:
 
 
 def check_supported(qm: QuantModule) -> None:
-    if qm.layout not in SUPPORTED_LAYOUTS or qm.strategy != "block" or not qm.block:
-        raise StreamfoldError(f"--dequantize: {qm.module} is {qm.describe()}; streamfold dequantizes FP8 "
-                              "block-quantized modules (quant_method fp8 with weight_block_size) so far")
+    ok = qm.strategy in SUPPORTED.get(qm.layout, ()) and (qm.strategy != "block" or qm.block)
+    zero_point = any(x.endswith(".weight_zero_point") for x in qm.aux)
+    if not ok or zero_point:
+        raise StreamfoldError(f"--dequantize: {qm.module} is {qm.describe()}{' with a zero point' if zero_point else ''}; "
+                              "streamfold dequantizes FP8 block-quantized (fp8) and compressed-tensors FP8 "
+                              "tensor/channel/block modules so far")
+
+
+def tile(qm: QuantModule, shape: tuple[int, ...]) -> tuple[int, int]:
+    """The ``(rows, cols)`` tile one scale covers: the config's block, ``(1, in)`` for a per-channel
+    scale, ``(out, in)`` for a per-tensor one."""
+    rows, cols = shape
+    if qm.strategy == "block":
+        return tuple(qm.block)
+    return (1, cols) if qm.strategy == "channel" else (rows, cols)
 
 
 def check_shape(qm: QuantModule, shape: tuple[int, ...], axis: int) -> None:

@@ -40,6 +40,7 @@ from ..core.dtypes import DTYPES
 from ..core.errors import StreamfoldError
 from .planner import Kind, Plan
 from ..quant.decode import check_block_scale
+from .dequant import tile
 from ..core.reader import Checkpoint
 from ..core.writer import ShardLayout
 
@@ -326,10 +327,11 @@ def _dequant_chunks(ckpt: Checkpoint, t, a, dst_begin: int, shard: str, chunk_by
     """Row bands of a quantized weight, each a whole number of scale blocks, with its scale rows' range."""
     qm = a.quant
     st = ckpt.tensors[qm.scales[0]]
-    block = tuple(qm.block)
-    check_block_scale(st.name, t.shape, st.shape, block)
+    block = tile(qm, t.shape)
+    scale_shape = (1, 1) if qm.strategy == "tensor" and st.numel == 1 else st.shape  # [] or [1]: one tile
+    check_block_scale(st.name, t.shape, scale_shape, block)
     rows, cols = t.shape
-    grid_cols = st.shape[-1]
+    grid_cols = scale_shape[-1]
     isz, osz, ssz = DTYPES[t.dtype].itemsize, DTYPES[a.out_dtype].itemsize, DTYPES[st.dtype].itemsize
     br = block[0]
     step = max(br, chunk_bytes // max(1, cols * 8) // br * br)  # the kernel works in float64
