@@ -25,8 +25,10 @@ from safetensors.torch import load_file, save_file
 FP8_MAX = 448.0
 
 
-def tiny_bf16(model_type: str, out: Path, seed: int = 0, **cfg) -> dict[str, torch.Tensor]:
-    """A random bf16 model saved with ``save_pretrained`` into ``out``; returns its tensors."""
+def tiny_bf16(model_type: str, out: Path, seed: int = 0, reference: Path | None = None,
+              **cfg) -> dict[str, torch.Tensor]:
+    """A random bf16 model saved with ``save_pretrained`` into ``out``; returns its tensors. With
+    ``reference``, the unquantized model is also saved there (to check what a loader decodes)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **cfg)
@@ -39,6 +41,8 @@ def tiny_bf16(model_type: str, out: Path, seed: int = 0, **cfg) -> dict[str, tor
             elif name.endswith("bias") or "e_score_correction" in name:
                 p.copy_((torch.randn(p.shape, generator=g) * 0.1).to(p.dtype))
     model.save_pretrained(out)
+    if reference is not None:
+        model.save_pretrained(reference)
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(out.glob("*.safetensors")):
         tensors.update(load_file(f))
@@ -97,10 +101,10 @@ def _is_linear(name: str) -> bool:
 
 
 def fp8_block(model_type: str, out: Path, *, skip: tuple[str, ...] = (), ue8m0: bool = False,
-              seed: int = 0, **cfg) -> Path:
+              seed: int = 0, reference: Path | None = None, **cfg) -> Path:
     """A ``quant_method: fp8`` checkpoint: every projection FP8 block-quantized except modules whose name
     starts with one of ``skip`` (listed in ``modules_to_not_convert``); embeddings, lm_head, norms, routers bf16."""
-    tensors = tiny_bf16(model_type, out, seed, **cfg)
+    tensors = tiny_bf16(model_type, out, seed, reference, **cfg)
     for name in [n for n in tensors if _is_linear(n)]:
         module = name[: -len(".weight")]
         if any(module.startswith(s) for s in skip):
@@ -116,9 +120,9 @@ def fp8_block(model_type: str, out: Path, *, skip: tuple[str, ...] = (), ue8m0: 
 
 
 def ct_fp8_channel(model_type: str, out: Path, *, ignore: tuple[str, ...] = ("lm_head",), seed: int = 0,
-                   **cfg) -> Path:
+                   reference: Path | None = None, **cfg) -> Path:
     """compressed-tensors FP8 (float-quantized), per-output-channel bf16 scales, weight-only."""
-    tensors = tiny_bf16(model_type, out, seed, **cfg)
+    tensors = tiny_bf16(model_type, out, seed, reference, **cfg)
     rx = [__import__("re").compile(i[3:]) for i in ignore if i.startswith("re:")]
     for name in [n for n in tensors if _is_linear(n)]:
         module = name[: -len(".weight")]
@@ -138,10 +142,10 @@ def ct_fp8_channel(model_type: str, out: Path, *, ignore: tuple[str, ...] = ("lm
 
 
 def ct_w4_group(model_type: str, out: Path, *, group: int = 32, ignore: tuple[str, ...] = ("lm_head",),
-                seed: int = 0, **cfg) -> Path:
+                seed: int = 0, reference: Path | None = None, **cfg) -> Path:
     """compressed-tensors W4A16 (pack-quantized, symmetric INT4, one bf16 scale per ``group`` inputs)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-    tensors = tiny_bf16(model_type, out, seed, **cfg)
+    tensors = tiny_bf16(model_type, out, seed, reference, **cfg)
     rx = [__import__("re").compile(i[3:]) for i in ignore if i.startswith("re:")]
     for name in [n for n in tensors if _is_linear(n)]:
         module = name[: -len(".weight")]

@@ -12,6 +12,9 @@ CLI and checked against expectations written here by hand (which norms fold into
   in by torch and identity norms (same graph, same weights); against the source itself the only change
   is that one rounding of the merged weights, so the tolerance is one bf16 unit roundoff 2^-8 on the
   relative L2 error of the logits (each merged weight is ``W·g·(1+d)``, ``|d| <= 2^-8``), with equal argmax;
+- the source as transformers decodes it is near the unquantized model its codes came from (relative L2
+  error of the logits under 0.35; measured 0.06 to 0.22, against 1.3 with every layer's output switched
+  off), so the loader really reads the layout the builder wrote;
 - strict mode loads in transformers too (missing norms filled with the identity) with the same logits;
 - ``verify`` passes, ``inspect --json`` keeps each norm with a quantized consumer with a reason naming it.
 Refusals (unknown quant method, FNUZ, static input scale on an unquantized weight) are one line, exit 2,
@@ -96,22 +99,24 @@ def load_kw(name: str) -> dict:
 class Case:
     """A built source and its expected folds: {norm module: [consumer weight names]} (hand-written)."""
 
-    def __init__(self, name: str, src: Path, folds: dict[str, list[str]], kept_reason: dict[str, str]):
+    def __init__(self, name: str, src: Path, folds: dict[str, list[str]], kept_reason: dict[str, str],
+                 reference: Path | None):
         self.name, self.src, self.folds, self.kept_reason = name, src, folds, kept_reason
+        self.reference = reference  # the unquantized model the codes were made from (None: random codes)
 
 
 def build(kind: str, root: Path) -> Case:
-    src = root / kind
+    src, ref = root / kind, root / f"{kind}-bf16"
     src.mkdir(parents=True)
     L0, L1 = "model.layers.0.", "model.layers.1."
     if kind == "fp8_qwen3":  # layer 0's MLP left unquantized: its norm folds, layer 1's is kept
-        qm.fp8_block("qwen3", src, skip=(L0 + "mlp",), **QWEN3)
+        qm.fp8_block("qwen3", src, reference=ref, skip=(L0 + "mlp",), **QWEN3)
         folds = {L0 + "post_attention_layernorm": [L0 + "mlp.gate_proj.weight", L0 + "mlp.up_proj.weight"],
                  "model.norm": ["lm_head.weight"]}
         kept = {L0 + "input_layernorm": "consumer model.layers.*.self_attn.q_proj.weight is FP8 block-quantized (fp8)",
                 L1 + "post_attention_layernorm": "consumer model.layers.*.mlp.gate_proj.weight is FP8 block-quantized (fp8)"}
     elif kind == "fp8_deepseek_v3":  # MoE + MLA, ue8m0 (power-of-two) scales
-        qm.fp8_block("deepseek_v3", src, ue8m0=True, **DSV3)
+        qm.fp8_block("deepseek_v3", src, reference=ref, ue8m0=True, **DSV3)
         folds = {"model.norm": ["lm_head.weight"]}
         q = "FP8 block-quantized (fp8)"
         kept = {L0 + "input_layernorm": f"consumer model.layers.*.self_attn.q_a_proj.weight is {q}",
@@ -120,20 +125,21 @@ def build(kind: str, root: Path) -> Case:
                 L0 + "post_attention_layernorm": f"consumer model.layers.*.mlp.gate_proj.weight is {q}",
                 L1 + "post_attention_layernorm": f"consumer model.layers.*.mlp.experts.*.gate_proj.weight is {q}"}
     elif kind == "ct_fp8_llama":  # layer 0's attention in the ignore list (re:): its input norm folds
-        qm.ct_fp8_channel("llama", src, ignore=("lm_head", "re:model.layers.0.self_attn.*"), **LLAMA)
+        qm.ct_fp8_channel("llama", src, reference=ref, ignore=("lm_head", "re:model.layers.0.self_attn.*"), **LLAMA)
         folds = {L0 + "input_layernorm": [L0 + f"self_attn.{p}_proj.weight" for p in "qkv"],
                  "model.norm": ["lm_head.weight"]}
         q = "FP8 channel-quantized (compressed-tensors)"
         kept = {L1 + "input_layernorm": f"consumer model.layers.*.self_attn.q_proj.weight is {q}",
                 L0 + "post_attention_layernorm": f"consumer model.layers.*.mlp.gate_proj.weight is {q}"}
     elif kind == "ct_w4_llama":
-        qm.ct_w4_group("llama", src, group=32, **LLAMA)
+        qm.ct_w4_group("llama", src, reference=ref, group=32, **LLAMA)
         folds = {"model.norm": ["lm_head.weight"]}
         q = "INT4 group-quantized (compressed-tensors)"
         kept = {L0 + "input_layernorm": f"consumer model.layers.*.self_attn.q_proj.weight is {q}",
                 L1 + "post_attention_layernorm": f"consumer model.layers.*.mlp.gate_proj.weight is {q}"}
     elif kind == "gpt_oss":  # bf16 attention: input_layernorm folds into q/k/v; the MLP norm reads MXFP4 experts
         qm.gpt_oss_mxfp4(src, **GPT_OSS)
+        ref = None  # random MXFP4 codes: nothing unquantized to compare the decoding with
         folds = {f"model.layers.{n}.input_layernorm": [f"model.layers.{n}.self_attn.{p}_proj.weight" for p in "qkv"]
                  for n in (0, 1)}
         folds["model.norm"] = ["lm_head.weight"]
@@ -141,7 +147,7 @@ def build(kind: str, root: Path) -> Case:
                 "consumer model.layers.*.mlp.experts.gate_up_proj is MXFP4 group-quantized (mxfp4)"}
     else:
         raise ValueError(kind)
-    return Case(kind, src, folds, kept)
+    return Case(kind, src, folds, kept, ref)
 
 
 def convert(case: Case, dst: Path, *extra) -> None:
@@ -191,7 +197,11 @@ def check_logits(case: Case, dst: Path) -> torch.Tensor:
                 lin.weight.copy_((lin.weight * g[None, :]).to(torch.bfloat16).float())
             g.fill_(1.0)
     assert torch.equal(got, logits(src_model))
+    if case.reference is not None:  # the loader really decodes the codes (switching the layers off: ~1.3)
+        ref = logits(load(case.reference))
+        assert ((want_src - ref).norm() / ref.norm()).item() < 0.35
     rel = ((got - want_src).norm() / want_src.norm()).item()
+    print(f"{case.name}: relative L2 error of the logits vs the source {rel:.3g} (bound {BF16_U:.3g})")
     assert rel <= BF16_U, rel
     assert torch.equal(got.argmax(-1), want_src.argmax(-1))
     return got
@@ -221,26 +231,23 @@ def built(tmp_path_factory):
 
 
 def test_fp8_block_partial_fold(built, tmp_path):
-    """The fast representative: FP8 block Qwen3, one MLP left unquantized; compat and strict, verify."""
+    """The fast representative: FP8 block Qwen3, one MLP left unquantized; compat, verify, the card."""
     case = built("fp8_qwen3")
     check_plan(case)
     dst = tmp_path / "out"
     convert(case, dst)
     assert check_files(case, dst) == 2 * 11  # 11 FP8 linears: codes + weight_scale_inv, byte for byte
-    got = check_logits(case, dst)
-    r = cli("verify", case.src, dst)
+    check_logits(case, dst)
+    r = cli("verify", case.src, dst, "--forward")  # the numpy forward does not decode quantized weights
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+    assert "forward pass not run: config.json: a quantized checkpoint" in r.stdout
     card = (dst / "README.md").read_text()
     assert "The source is quantized (`fp8`: 11 FP8 block-quantized (fp8) modules)" in card
     assert "consumer model.layers.*.self_attn.q_proj.weight is FP8 block-quantized (fp8)" in card
-    strict = tmp_path / "strict"
-    convert(case, strict, "--mode", "strict")
-    check_files(case, strict, strict=True)
-    assert torch.equal(logits(load(strict)), got)
 
 
 @pytest.mark.full
-@pytest.mark.parametrize("kind", ["fp8_deepseek_v3", "ct_fp8_llama", "ct_w4_llama", "gpt_oss"])
+@pytest.mark.parametrize("kind", ["fp8_qwen3", "fp8_deepseek_v3", "ct_fp8_llama", "ct_w4_llama", "gpt_oss"])
 def test_partial_fold(built, tmp_path, kind):
     case = built(kind)
     check_plan(case)

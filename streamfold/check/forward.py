@@ -171,6 +171,9 @@ class Decoder:
             raise ForwardUnsupported(f"config.json: the forward pass supports model_type "
                                   f"{', '.join(SUPPORTED)}, not {self.model_type!r}")
         self.cfg = raw.get("text_config", raw) if "text_config" in raw else raw
+        if raw.get("quantization_config") or self.cfg.get("quantization_config"):
+            raise ForwardUnsupported("config.json: a quantized checkpoint (quantization_config); the forward "
+                                     "pass reads unquantized weights only")
         c = self.cfg
         self.hidden = int(c["hidden_size"])
         self.heads = int(c["num_attention_heads"])
