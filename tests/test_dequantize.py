@@ -194,6 +194,7 @@ def test_dequantize_deepseek_v3_moe_mla_ue8m0(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.full
 def test_dequantize_compressed_tensors_fp8_channel(tmp_path):
     """compressed-tensors float-quantized FP8 with bf16 per-channel scales: widened consumers are the exact
     q·s·g rounded once; the ``ignore`` list gains them; loads in transformers (compressed-tensors)."""
@@ -220,3 +221,24 @@ def test_dequantize_compressed_tensors_fp8_channel(tmp_path):
     assert ((got - want).norm() / want.norm()).item() <= 1e-2
     r = cli("verify", src, dst, "-q")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dequant_records_carry_the_scale_range(src):
+    """Each dequant record names the scale rows of its band by byte range, in the scale's own shard
+    (the builder puts codes and scales in different files), and survives the task JSON round trip."""
+    import streamfold
+    from streamfold.planning.tasks import Op, Task
+    p = streamfold.plan(src, dequantize=True, memory_budget=1 << 20)
+    recs = [c for t in p.tasks for c in t.chunks if c.op == Op.DEQUANT]
+    assert {c.tensor for c in recs} == set(WIDENED)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    for c in recs:
+        scale_name = c.tensor.replace(".weight", ".weight_scale_inv")
+        assert c.scale[0] == index[scale_name] != c.src
+        r0, r1 = c.rows
+        assert c.block == (128, 128) and r0 % 128 == 0 and c.scale[3] == ((r1 - 1) // 128 - r0 // 128 + 1, 2)
+    for t in p.tasks:
+        back = Task.from_json(t.to_json())
+        assert [c.to_dict() for c in back.chunks] == [c.to_dict() for c in t.chunks]
+        assert all(b.scale == c.scale and b.block == c.block for b, c in zip(back.chunks, t.chunks))
+    assert p.plan.dequant is not None and sorted(p.plan.dequant.widened) == sorted(n[:-7] for n in WIDENED)
