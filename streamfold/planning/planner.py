@@ -124,7 +124,7 @@ class Plan:
                            "consumers": [c.weight for c in n.consumers]} for n in self.norms],
             "unknown_norms": self.unknown_norms,
             "tensors": {str(k): self.count(k) for k in (Kind.SCALE, Kind.BIAS, Kind.FILL, Kind.DROP, Kind.COPY,
-                                                        Kind.DEQUANT)},
+                                                        Kind.DEQUANT) if k != Kind.DEQUANT or self.dequant},
             "quantization": self.quant_summary(),
         }
 
@@ -164,7 +164,7 @@ class Plan:
         for name in self.unknown_norms:
             lines.append(f"  NOTE  {name}: looks like a norm but no rule covers it; copied unchanged")
         t = self.to_dict()["tensors"]
-        deq = f", {t['dequant']} dequantized" if t["dequant"] else ""
+        deq = f", {t['dequant']} dequantized" if t.get("dequant") else ""
         lines.append(f"tensors: {t['scale']} folded{deq}, {t['bias']} biases updated, {t['fill']} set to "
                      f"identity, {t['drop']} dropped, {t['copy']} copied unchanged")
         return "\n".join(lines)
