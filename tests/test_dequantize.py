@@ -98,8 +98,9 @@ def test_dequantize_float32_merged(src, out_f32):
     rel = ((got - want).norm() / want.norm()).item()
     assert rel <= 1e-5, rel
     assert torch.equal(got.argmax(-1), want.argmax(-1))
-    r = cli("verify", src, out_f32, "-q")
+    r = cli("verify", src, out_f32)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "10 dequantized (every element the exact q*s*g rounded once, 10 scale tensors dropped)" in r.stdout
 
 
 def test_verify_catches_one_wrong_element(src, out_f32, tmp_path):

@@ -176,7 +176,7 @@ def _verify_tensors(src: Path, dst: Path, rules, want_mode, want_merged, workers
     problems: list[Problem] = []
     notes: list[str] = []
     counts = dict.fromkeys(("unchanged", "kept_norms", "folded", "identity", "absent", "biases", "dequantized",
-                            "files"), 0)
+                            "scales_dropped", "files"), 0)
     src_ckpt = Checkpoint(src)
     reader = Reader()
     try:
