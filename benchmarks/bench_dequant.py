@@ -7,7 +7,8 @@ Writes a Qwen3-shaped checkpoint (every projection F8_E4M3 with 128x128 F32 ``we
 ``quantization_config`` fp8; norms random in [0.5, 2]; bf16 embeddings and an untied ``lm_head``) into
 ``WORK_DIR/src`` (norms, codes and scales in three shards), converts it with ``--dequantize`` (q/k/v and
 gate/up of every layer widened and folded to bf16, o/down copied) and reports wall time, peak RSS of
-the converter (``ru_maxrss`` of the child) and the time of ``cp -r`` of the OUTPUT folder (the bytes a
+the converter (``ru_maxrss`` of the child; the source is written by another child first, so this
+process stays small: a forked child's high-water mark starts at its parent's size) and the time of ``cp -r`` of the OUTPUT folder (the bytes a
 plain copy of the result would move), best of ``--repeat``. Random codes exclude the NaN bytes.
 """
 from __future__ import annotations
@@ -107,10 +108,15 @@ def main() -> None:
     ap.add_argument("--inter", type=int, default=12288)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     src, dst, cp = args.work / "src", args.work / "out", args.work / "cp"
-    if not (src / "config.json").exists():
+    if args.make_only:
         make(src, args.layers, args.hidden, args.inter, np.random.default_rng(0))
+        return
+    if not (src / "config.json").exists():
+        timed([sys.executable, __file__, str(args.work), "--make-only", "--layers", str(args.layers),
+               "--hidden", str(args.hidden), "--inter", str(args.inter)])
     best, rss, cp_best = float("inf"), 0, float("inf")
     for _ in range(args.repeat):
         shutil.rmtree(dst, ignore_errors=True)
