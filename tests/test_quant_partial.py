@@ -302,6 +302,34 @@ def _shard_of(src: Path, name: str) -> Path:
     return src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][name]
 
 
+def test_e8m0_scales_are_copied(built, tmp_path):
+    """DeepSeek-V4 / MX-style scales stored as F8_E8M0 (and as raw U8 bytes) are copied byte for byte; verify passes."""
+    case = built("fp8_qwen3")
+    src = _copy_with(case, tmp_path, {"scale_fmt": "ue8m0"})
+    a, b = "model.layers.1.self_attn.q_proj.weight_scale_inv", "model.layers.1.self_attn.k_proj.weight_scale_inv"
+    shard = _shard_of(src, a)
+    tensors = load_file(shard)
+    tensors[a] = torch.randint(100, 130, tensors[a].shape, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    tensors[b] = torch.randint(100, 130, tensors[b].shape, dtype=torch.uint8)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    dst = tmp_path / "out"
+    r = cli(src, dst, "-q")
+    assert r.returncode == 0, r.stderr
+    got = read_all(dst)
+    assert got[a].dtype == torch.float8_e8m0fnu and raw(got[a]) == raw(tensors[a])
+    assert got[b].dtype == torch.uint8 and raw(got[b]) == raw(tensors[b])
+    r = cli("verify", src, dst)
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+    out = _shard_of(dst, a)  # one scale byte changed in the output: verify names the tensor
+    t = load_file(out)
+    t[a] = t[a].view(torch.uint8).clone()
+    t[a].view(-1)[0] ^= 1
+    t[a] = t[a].view(torch.float8_e8m0fnu)
+    save_file(t, str(out), metadata={"format": "pt"})
+    r = cli("verify", src, dst)
+    assert r.returncode == 3 and "FAIL" in r.stdout and a in r.stdout, r.stdout + r.stderr  # EXIT_FAILED
+
+
 def test_refused_unknown_quant_method(built, tmp_path):
     src = _copy_with(built("fp8_qwen3"), tmp_path, {"quant_method": "hqq"})
     _refused(src, tmp_path, "config.json: quantization_config quant_method 'hqq' is not a format streamfold knows")
@@ -344,3 +372,28 @@ def test_static_input_scale(built, tmp_path):
         "consumer model.layers.*.mlp.up_proj.weight is FP8 block-quantized (fp8) with a static input scale "
         "'model.layers.*.mlp.up_proj.activation_scale' (its activations are quantized against a fixed range, "
         "so it must see the norm's output); use --dequantize")
+
+
+from tests.hubserver import hub_server  # noqa: E402,F401  (a fixture)
+
+
+@pytest.mark.full
+def test_hub_inspect_and_stream(built, tmp_path, hub_server):  # noqa: F811
+    """The same plan from remote headers (inspect of a repo id), and --stream writes what a local conversion
+    writes (quantized shards copied through Range reads, verified, one commit)."""
+    import streamfold
+    case = built("fp8_qwen3")
+    hub_server.add_repo("org/fp8", case.src)
+    r = cli("inspect", "org/fp8", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["quantization"] == {"method": "fp8", "modules": 11, "formats": {"FP8 block-quantized (fp8)": 11}}
+    assert {n["norm"] for n in d["each_norm"] if n["status"] == "fold"} == set(case.folds)
+    ref = tmp_path / "ref" / "fp8"
+    convert(case, ref)
+    streamfold.convert("org/fp8", tmp_path / "fp8", push_to_hub="me/fp8-flashnorm", stream=True, verify=True)
+    got = hub_server.files("me/fp8-flashnorm")
+    for name in (p.name for p in ref.iterdir() if p.suffix in (".safetensors", ".json") and p.name != "config.json"):
+        assert got[name] == (ref / name).read_bytes(), name
+    assert json.loads(got["config.json"])["quantization_config"] == json.loads((case.src / "config.json").read_text())[
+        "quantization_config"]

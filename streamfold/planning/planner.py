@@ -3,6 +3,11 @@
 The plan reads ``config.json``, the index and shard headers, plus the (tiny) norm vectors; it never
 touches weight data, so ``inspect`` is instant and every shape or naming problem surfaces before any
 output exists.
+
+A quantized source (``quantization_config``) is classified by :mod:`streamfold.quant.formats` and folded
+partially: consumers are resolved by their logical names (``X.weight`` of ``X.weight_packed``, gpt-oss's
+``experts.gate_up_proj`` of ``..._blocks``), a norm folds only when none of its consumers is quantized
+(otherwise it is kept and the reason names the quantized consumer), and every quantized tensor is a copy.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ MERGED_DTYPES = ("source", "float32")
 # and refused otherwise (streamfold never narrows a weight's dtype).
 MERGED_ALIASES = {"source": "source", "float32": "float32", "fp32": "float32", "f32": "float32",
                   "bf16": "bf16", "bfloat16": "bf16"}
+
+
 @dataclass
 class NormPlan:
     """One norm instance and its fate: ``fold`` or ``keep`` (with the reason)."""
@@ -146,7 +153,7 @@ class Plan:
         if q and self.dequant is not None:
             lines.append(self.dequant.describe())
         elif q:
-            kinds = ", ".join(f"{n} {k}" for k, n in q["formats"].items())
+            kinds = ", ".join(f"{n} modules {k}" for k, n in q["formats"].items())
             lines.append(f"quantized source ({q['method']}): {kinds}; their tensors are copied byte for byte, "
                          "quantization_config unchanged; only norms whose consumers are all unquantized fold")
         for g in self.groups():
