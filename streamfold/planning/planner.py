@@ -8,6 +8,8 @@ A quantized source (``quantization_config``) is classified by :mod:`streamfold.q
 partially: consumers are resolved by their logical names (``X.weight`` of ``X.weight_packed``, gpt-oss's
 ``experts.gate_up_proj`` of ``..._blocks``), a norm folds only when none of its consumers is quantized
 (otherwise it is kept and the reason names the quantized consumer), and every quantized tensor is a copy.
+With ``dequantize`` those consumers are widened instead (``Kind.DEQUANT``, decided with
+:mod:`streamfold.planning.dequant`: fused siblings too, their scales dropped).
 """
 from __future__ import annotations
 
