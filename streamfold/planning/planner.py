@@ -8,8 +8,7 @@ A quantized source (``quantization_config``) is classified by :mod:`streamfold.q
 partially: consumers are resolved by their logical names (``X.weight`` of ``X.weight_packed``, gpt-oss's
 ``experts.gate_up_proj`` of ``..._blocks``), a norm folds only when none of its consumers is quantized
 (otherwise it is kept and the reason names the quantized consumer), and every quantized tensor is a copy.
-With ``dequantize`` those consumers are widened instead (``Kind.DEQUANT``, decided with
-:mod:`streamfold.planning.dequant`: fused siblings too, their scales dropped).
+With ``dequantize`` they are widened instead (``Kind.DEQUANT``; :mod:`streamfold.planning.dequant`).
 """
 from __future__ import annotations
 
@@ -275,10 +274,8 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
         for qm in deq.close_siblings():  # fused siblings, expert down projections (or all): widened, no norm
             check_shape(qm, tensors[qm.weight].shape, -1)
             actions[qm.weight] = Action(Kind.DEQUANT, dequant_dtype(merged_dtype), None, axis=1, quant=qm)
-        for qm in deq.widened.values():
-            for x in qm.tensors:
-                if x != qm.weight:
-                    actions[x] = Action(Kind.DROP, tensors[x].dtype)
+        actions.update({x: Action(Kind.DROP, tensors[x].dtype) for qm in deq.widened.values() for x in qm.tensors
+                        if x != qm.weight})  # the widened weights' scales
     if want == "bf16":
         narrow = next((n for n, a in actions.items() if a.kind == "scale" and a.out_dtype != "BF16"), None)
         if narrow is not None:
