@@ -243,3 +243,24 @@ def test_dequant_records_carry_the_scale_range(src):
         assert [c.to_dict() for c in back.chunks] == [c.to_dict() for c in t.chunks]
         assert all(b.scale == c.scale and b.block == c.block for b, c in zip(back.chunks, t.chunks))
     assert p.plan.dequant is not None and sorted(p.plan.dequant.widened) == sorted(n[:-7] for n in WIDENED)
+
+
+def test_dequantize_ragged_576_rows(tmp_path):
+    """An MLP of 576 channels: gate/up are [576, 256] with a 64-row last tile (block size from the
+    config); through tasks, engine and verify every element is the exact q·s·g rounded once (checked
+    here against torch float64 + ml_dtypes). transformers cannot load it (it derives the block from
+    shapes and refuses 576 / 5), so no logits."""
+    src = tmp_path / "ragged"
+    src.mkdir()
+    qm.fp8_block("qwen3", src, **{**QWEN3, "intermediate_size": 576})
+    dst = tmp_path / "out"
+    r = cli(src, dst, "-q", "--dequantize", "--memory-budget", "1M")
+    assert r.returncode == 0, r.stderr
+    s, d = read_all(src), read_all(dst)
+    assert tuple(s["model.layers.0.mlp.gate_proj.weight_scale_inv"].shape) == (5, 2)
+    for name in WIDENED:
+        got = d[name].view(torch.int16).numpy().view(np.uint16)
+        np.testing.assert_array_equal(got, expected_bits(s, name, "BF16"), err_msg=name)
+    assert d["model.layers.1.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+    r = cli("verify", src, dst)
+    assert r.returncode == 0 and "10 dequantized" in r.stdout, r.stdout + r.stderr
