@@ -9,6 +9,7 @@ license and lineage are carried over into this one.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -18,6 +19,7 @@ from pathlib import Path
 from .table import change_rows, dtype_names
 from ..core.errors import StreamfoldError
 from ..core.files import CARD_NAME
+from ..planning.dequant import output_of
 from ..planning.planner import Kind, Plan
 from ..core.units import human_bytes
 
@@ -343,7 +345,8 @@ def dequant_note(plan: Plan, tensors: dict) -> str:
     folded = sum(1 for a in widened if a.norm is not None)
     out = {a.out_dtype for a in widened}
     before = sum(tensors[x].nbytes for qm in deq.widened.values() for x in qm.tensors)
-    after = sum(tensors[qm.weight].numel * (4 if "F32" in out else 2) for qm in deq.widened.values())
+    after = sum(math.prod(output_of(n, a, tensors[n].shape)[1]) * (4 if a.out_dtype == "F32" else 2)
+                for n, a in plan.actions.items() if a.kind == Kind.DEQUANT)
     left = len(deq.quant.modules) - len(deq.widened)
     return (f"The source is quantized (`{deq.quant.method}`). Converted with `--dequantize`: {len(widened)} quantized "
             f"weights were decoded to {dtype_names(out)} ({folded} folded with their norm: every element is the exact "

@@ -81,8 +81,8 @@ def change_rows(plan, tensors) -> list[tuple[str, str, str]]:
         if any(n.bias for n in norms):
             rows.append((f"`{stars(rule)}.bias`", "learned `β`",
                          "removed" if plan.mode == "strict" else "all zeros"))
-        weights = [c.weight for n in norms for c in n.consumers]
-        pats = merge_patterns([generalize(w) for w in weights])
+        pats = merge_patterns([generalize(c.weight) for n in norms for c in n.consumers])
+        weights = [_stored(plan, c.weight) for n in norms for c in n.consumers]
         src_dt = dtype_names(tensors[w].dtype for w in weights)
         out_dt = dtype_names(plan.actions[w].out_dtype for w in weights)
         g = f"g_{_short(rule)}"
@@ -93,3 +93,9 @@ def change_rows(plan, tensors) -> list[tuple[str, str, str]]:
             bp = merge_patterns([generalize(b) for b in biases])
             rows.append((", ".join(f"`{p}`" for p in bp), "`b`", "`b + W · β` (the norm's bias, folded)"))
     return rows
+
+
+def _stored(plan, weight: str) -> str:
+    """The source tensor a consumer's weight is stored as (gpt-oss MXFP4: ``X_blocks`` for ``X``)."""
+    qm = plan.quant.consumer(weight) if weight not in plan.actions and plan.quant is not None else None
+    return qm.weight if qm is not None else weight

@@ -15,6 +15,7 @@ from .checkrun import Reader
 from ..core.errors import StreamfoldError
 from ..core.files import FLASHNORM_VERSION, other_files
 from ..core.manifest import MANIFEST_NAME, OrderedHasher, hash_file, list_files, parse_manifest
+from ..planning.dequant import output_of
 from ..planning.planner import MODES, Kind, Plan
 from ..core.reader import INDEX_NAME, SINGLE_NAME, Checkpoint, SafetensorsFile, TensorInfo, read_config
 from ..planning.tasks import Task
@@ -94,8 +95,11 @@ def check_layout(plan: Plan, src_ckpt: Checkpoint, files: Shards, where: dict[st
     lost: dict[str, list[str]] = {}
     widened_aux = ({x for qm in plan.dequant.widened.values() for x in qm.tensors if x != qm.weight}
                    if plan.dequant is not None else set())
-    for name, a in plan.actions.items():
-        st = src_ckpt.tensors[name]
+    outputs = set()
+    for src_name, a in plan.actions.items():
+        st = src_ckpt.tensors[src_name]
+        name, shape = output_of(src_name, a, st.shape)  # MXFP4 experts: written under their dequantized name
+        outputs.add(name)
         if a.kind == Kind.DROP:
             scale = name in widened_aux
             if name in tensors:
@@ -105,17 +109,17 @@ def check_layout(plan: Plan, src_ckpt: Checkpoint, files: Shards, where: dict[st
                 counts["scales_dropped" if scale else "absent"] += 1
             continue
         if name not in tensors:
-            shard = src_ckpt.shard_of[name]
+            shard = src_ckpt.shard_of[src_name]
             if files.get(shard) is None:  # the shard is missing or unreadable: reported once, below
                 lost.setdefault(shard, []).append(name)
             else:
                 fail("tensor", name, f"missing (expected in {shard}, {_what(a.kind, a)})")
             continue
         dt = tensors[name]
-        if where[name] != src_ckpt.shard_of[name]:
-            fail("layout", name, f"in {where[name]}, the source has it in {src_ckpt.shard_of[name]}")
-        if dt.dtype != a.out_dtype or dt.shape != st.shape:
-            fail("tensor", name, f"is {dt.dtype} {list(dt.shape)}, expected {a.out_dtype} {list(st.shape)} "
+        if where[name] != src_ckpt.shard_of[src_name]:
+            fail("layout", name, f"in {where[name]}, the source has it in {src_ckpt.shard_of[src_name]}")
+        if dt.dtype != a.out_dtype or dt.shape != shape:
+            fail("tensor", name, f"is {dt.dtype} {list(dt.shape)}, expected {a.out_dtype} {list(shape)} "
                                  f"({_what(a.kind, a)})")
             continue
         checkable.add(name)
@@ -123,7 +127,7 @@ def check_layout(plan: Plan, src_ckpt: Checkpoint, files: Shards, where: dict[st
         fail("tensor", shard, f"{len(names)} tensors missing with this shard: "
                               f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
     added = {t.name: t for t in plan.added}  # identity norms a mode change restores
-    for name in sorted(set(tensors) - set(plan.actions) - set(added)):
+    for name in sorted(set(tensors) - outputs - set(added)):
         fail("tensor", name, "not in the source checkpoint")
     for name, t in added.items():
         dt = tensors.get(name)

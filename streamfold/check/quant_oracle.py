@@ -197,6 +197,39 @@ def scaled_expected(q: Split, scale: Split, g: np.ndarray | None, out_dtype: str
     return round_exact(product(*factors), out_dtype)
 
 
+def mxfp4_expected(blocks: np.ndarray, scale_raw: np.ndarray, h0: int, h1: int, g: np.ndarray | None,
+                   out_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Expected bits (and exact mask) of rows ``h0..h1`` of one gpt-oss expert's dequantized ``[in, out]``:
+    ``blocks`` its raw bytes ``[out, in/32, 16]`` (element ``2j`` in the low nibble of byte ``j``, ``2j+1``
+    in the high one), ``scale_raw`` its E8M0 bytes ``[out, in/32]``, ``g`` float32 ``[in]`` or None."""
+    rows = blocks.shape[0]
+    b = blocks.reshape(rows, -1).astype(np.int64)
+    nib = np.empty((rows, b.shape[1] * 2), dtype=np.int64)
+    nib[:, 0::2], nib[:, 1::2] = b & 0xF, b >> 4
+    q = split_e2m1(nib[:, h0:h1].T.copy())
+    s = split_e8m0(scale_raw.reshape(rows, -1)).repeat(32, 1)[:, h0:h1]
+    s = Split(*(a.T.copy() for a in (s.sign, s.mant, s.exp, s.nan)))
+    return scaled_expected(q, s, None if g is None else np.asarray(g, np.float32)[h0:h1], out_dtype, g_axis=0)
+
+
+def compare_bits(want: np.ndarray, out_dtype: str, got_raw: np.ndarray, base_index: int = 0) -> FoldTally:
+    """A :class:`FoldTally` of raw output bytes against expected bits (any NaN matches any NaN)."""
+    u = np.uint16 if out_dtype == "BF16" else np.uint32
+    got = got_raw.view(u).reshape(want.shape)
+    differ = got != want
+    t = FoldTally()
+    if differ.any():
+        as_f = ((lambda x: x.view(np.float32)) if out_dtype == "F32"
+                else (lambda x: (x.astype(np.uint32) << 16).view(np.float32)))
+        gf, wf = as_f(got), as_f(want)
+        differ &= ~(np.isnan(gf) & np.isnan(wf))
+        idx = np.flatnonzero(differ)
+        if idx.size:
+            i = int(idx[0])
+            t.bad, t.first = int(idx.size), (base_index + i, float(gf.reshape(-1)[i]), float(wf.reshape(-1)[i]))
+    return t
+
+
 def check_dequant_band(codes: np.ndarray, scale_raw: np.ndarray, scale_dtype: str, block: tuple[int, int], row0: int,
                        g: np.ndarray | None, out_dtype: str, got_raw: np.ndarray, base_index: int = 0):
     """A :class:`FoldTally` of the output band ``got_raw`` (raw bytes) against

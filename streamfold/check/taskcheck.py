@@ -31,7 +31,7 @@ from ..core.errors import StreamfoldError
 from ..core.fold import Scratch
 from ..core.manifest import OrderedHasher
 from .oracle import FoldTally, check_scaled, expected_bias, uint_of
-from .quant_oracle import check_dequant_band
+from .quant_oracle import check_dequant_band, compare_bits, mxfp4_expected
 from ..planning.tasks import Chunk, Op, Task
 from .report import Problem, fmt_index, fmt_ulps
 
@@ -284,6 +284,14 @@ class Checker:
 def _dequant(self: Checker, p: Piece, tc: TensorCheck, d: np.ndarray, s: Scratch) -> FoldTally:
     """Bit for bit the exact ``q·s·g`` rounded once, from the integer oracle (streamfold.check.quant_oracle)."""
     c, (r0, r1) = p.chunk, p.rows
+    if c.fmt == "mxfp4":  # one expert's blocks and scales, rows r0..r1 of its transposed [in, out]
+        blocks = np.empty(math.prod(c.shape), np.uint8)
+        self.reader.read(self.sources[c.src], c.src_off, blocks)
+        sfile, soff, sdtype, sshape = c.scale
+        sraw = np.empty(math.prod(sshape) * DTYPES[sdtype].itemsize, np.uint8)
+        self.reader.read(self.sources[sfile], soff, sraw)
+        want, _ = mxfp4_expected(blocks.reshape(c.shape), sraw, r0, r1, tc.vec, c.out_dtype)
+        return compare_bits(want, c.out_dtype, d, base_index=p.rel // DTYPES[c.out_dtype].itemsize)
     codes = s.get("src", (r1 - r0) * c.cols)
     self.reader.read(self.sources[c.src], p.src_off, codes)
     sfile, soff, sdtype, sshape = c.scale

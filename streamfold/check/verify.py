@@ -48,6 +48,7 @@ from .forward_check import MIN_COSINE_EXACT, MIN_COSINE_ROUNDED, add_forward, ru
 from ..core.manifest import MANIFEST_NAME
 from .oracle import check_scaled
 from ..quant.formats import quant_config
+from ..planning.dequant import output_of
 from ..planning.planner import MERGED_ALIASES, MODES, Kind, Plan, make_plan
 from ..core.reader import Checkpoint, TensorInfo, read_config
 from ..planning.remode import plan_checkpoint
@@ -144,8 +145,9 @@ def _derive_plan(src_ckpt: Checkpoint, src_cfg: dict, src: Path, dst_cfg: dict |
     merged = want_merged
     if merged is None:
         merged = "source"
-        for name, a in plan.actions.items():
-            if a.kind in (Kind.SCALE, Kind.DEQUANT) and src_ckpt.tensors[name].dtype in ("BF16", "F16", "F8_E4M3") \
+        for src_name, a in plan.actions.items():
+            name = output_of(src_name, a, src_ckpt.tensors[src_name].shape)[0]
+            if a.kind in (Kind.SCALE, Kind.DEQUANT) and src_ckpt.tensors[src_name].dtype in ("BF16", "F16", "F8_E4M3", "U8") \
                     and name in dst_tensors and dst_tensors[name].dtype == "F32":
                 merged = "float32"
                 break
@@ -214,7 +216,8 @@ def _verify_tensors(src: Path, dst: Path, rules, want_mode, want_merged, workers
             groups.append(checker.file_jobs(path, spans, hashers.get(shard)))
         run_jobs(groups, workers, progress)
 
-        kinds = {n: a.kind for n, a in plan.actions.items()} | {t.name: Kind.FILL for t in plan.added}
+        kinds = ({output_of(n, a, src_ckpt.tensors[n].shape)[0]: a.kind for n, a in plan.actions.items()}
+                 | {t.name: Kind.FILL for t in plan.added})
         for name, tc in checks.items():
             if not tc.checked:
                 continue

@@ -18,7 +18,10 @@ Supported so far, 2-D weights: FP8 block-quantized (``quant_method: fp8`` with `
 DeepSeek-V4 ``.scale``; block size from ``weight_block_size``, F32/BF16/E8M0 scales) and compressed-tensors
 float-quantized FP8 (``weight_scale`` per tensor, per output channel or per block; no zero point).
 Every one is decoded as FP8 codes times a scale per tile (:func:`tile`: a channel scale is a ``1 x in``
-tile, a tensor scale one ``out x in`` tile). Others are refused with one line naming the module.
+tile, a tensor scale one ``out x in`` tile). And gpt-oss MXFP4 experts (``X_blocks`` U8 ``[E, out, in/32,
+16]`` + ``X_scales`` E8M0 ``[E, out, in/32]``): the output tensor is NOT the codes tensor renamed but
+transformers' dequantized parameter ``X`` ``[E, in, out]`` (:func:`output_of`; the task header, the
+index, ``verify`` and the card use it). Others are refused with one line naming the module.
 """
 from __future__ import annotations
 
@@ -39,7 +42,10 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
 )
 # inside ``.experts.N.``: gate/up widened -> the same expert's down projection too
 EXPERT_DOWN = {"gate_proj": "down_proj", "up_proj": "down_proj", "w1": "w2", "w3": "w2"}
-SUPPORTED = {"fp8": ("block",), "fp8-scale": ("block",), "ct-float": ("channel", "tensor", "block")}
+SUPPORTED = {"fp8": ("block",), "fp8-scale": ("block",), "ct-float": ("channel", "tensor", "block"),
+             "mxfp4": ("group",)}
+# gpt-oss's fused expert parameters (``X.experts.gate_up_proj``): widening gate_up widens down_proj too
+FUSED_EXPERT_DOWN = {"gate_up_proj": "down_proj"}
 
 
 def dequantize_mode(value) -> str | None:
@@ -163,8 +169,8 @@ def check_supported(qm: QuantModule) -> None:
     zero_point = any(x.endswith(".weight_zero_point") for x in qm.aux)
     if not ok or zero_point:
         raise StreamfoldError(f"--dequantize: {qm.module} is {qm.describe()}{' with a zero point' if zero_point else ''}; "
-                              "streamfold dequantizes FP8 block-quantized (fp8) and compressed-tensors FP8 "
-                              "tensor/channel/block modules so far")
+                              "streamfold dequantizes FP8 block-quantized (fp8), compressed-tensors FP8 "
+                              "tensor/channel/block and gpt-oss MXFP4 modules so far")
 
 
 def tile(qm: QuantModule, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -176,8 +182,41 @@ def tile(qm: QuantModule, shape: tuple[int, ...]) -> tuple[int, int]:
     return (1, cols) if qm.strategy == "channel" else (rows, cols)
 
 
+def mxfp4_shape(blocks: tuple[int, ...]) -> tuple[int, int, int]:
+    """transformers' dequantized ``[E, in, out]`` of gpt-oss MXFP4 blocks ``[E, out, in/32, 16]``."""
+    e, rows, groups, width = blocks
+    return (e, groups * 2 * width, rows)
+
+
+def output_of(name: str, action, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """The output tensor's name and shape for the source tensor ``name`` (of ``shape``) under ``action``:
+    the same, except a widened MXFP4 codes tensor, written as its logical ``[E, in, out]`` parameter."""
+    qm = getattr(action, "quant", None)
+    if getattr(action, "kind", None) == "dequant" and qm is not None and qm.layout == "mxfp4":
+        return qm.logical, mxfp4_shape(tuple(shape))
+    return name, tuple(shape)
+
+
+def logical_infos(quant: Quantization, tensors: dict) -> dict:
+    """Header entries under the logical names of MXFP4 modules (``X`` for ``X_blocks``), with the
+    dequantized ``[E, in, out]`` shape: what the planner checks a fold's widths against."""
+    import dataclasses
+    out = {}
+    for qm in quant.modules.values():
+        if qm.layout == "mxfp4" and qm.logical not in tensors and qm.weight in tensors:
+            t = tensors[qm.weight]
+            out[qm.logical] = dataclasses.replace(t, name=qm.logical, shape=mxfp4_shape(tuple(t.shape)), dtype="BF16")
+    return out
+
+
 def check_shape(qm: QuantModule, shape: tuple[int, ...], axis: int) -> None:
-    """Widened weights are 2-D ``[out, in]`` folded along ``in``."""
+    """Widened weights are 2-D ``[out, in]`` folded along ``in`` (MXFP4: ``[E, out, in/32, 16]`` blocks,
+    or their logical ``[E, in, out]`` folded along axis 1)."""
+    if qm.layout == "mxfp4":
+        if len(shape) == 4 and shape[3] == 16 or len(shape) == 3 and axis in (1, -2):
+            return
+        raise StreamfoldError(f"--dequantize: {qm.weight} has shape {list(shape)}; MXFP4 experts are "
+                              "[experts, out, in/32, 16] blocks folded along their inputs")
     if len(shape) != 2 or axis not in (1, -1):
         raise StreamfoldError(f"--dequantize: {qm.weight} has shape {list(shape)}; only 2-D [out, in] FP8 weights "
                               "folded along their inputs are dequantized so far")
@@ -186,6 +225,9 @@ def check_shape(qm: QuantModule, shape: tuple[int, ...], axis: int) -> None:
 def _siblings(module: str) -> list[str]:
     parent, _, leaf = module.rpartition(".")
     out = [f"{parent}.{s}" for group in SIBLINGS if leaf in group for s in group if s != leaf]
+    if parent.endswith(".experts"):
+        out += [f"{parent}.{v}" for k, v in FUSED_EXPERT_DOWN.items() if k == leaf]
+        out += [f"{parent}.{k}" for k, v in FUSED_EXPERT_DOWN.items() if v == leaf]
     if re.search(r"\.experts\.\d+$", parent):
         if leaf in EXPERT_DOWN:
             out.append(f"{parent}.{EXPERT_DOWN[leaf]}")

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..core.dtypes import DTYPES, FOLDABLE
+from ..core.dtypes import FOLDABLE
 from ..core.errors import StreamfoldError
 from ..core.fold import merged_out_dtype
 from ..core.reader import TensorInfo
@@ -26,7 +26,7 @@ from ..quant.formats import Quantization, classify
 from ..rules.patterns import Consumer, apply_layout, config_get, expand_consumer, generalize, looks_like_norm, \
     natural_key, pattern_regex, present, stars
 from ..rules.schema import family_for
-from .dequant import Dequant, check_shape, dequantize_mode, out_dtype as dequant_dtype
+from .dequant import Dequant, check_shape, dequantize_mode, logical_infos, out_dtype as dequant_dtype
 
 MODES = ("compat", "strict")
 MERGED_DTYPES = ("source", "float32")
@@ -266,9 +266,10 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
             quantized_keep(n, quant)
     tensors = real
     actions: dict[str, Action] = {}
+    view = {**tensors, **logical_infos(quant, tensors)} if deq is not None else tensors  # MXFP4: X of X_blocks
     for n in norms:
         if n.status == "fold":
-            _fold_norm(n, tensors, read, n.offset if n.offset is not None else offset, mode, merged_dtype, actions,
+            _fold_norm(n, view, read, n.offset if n.offset is not None else offset, mode, merged_dtype, actions,
                        deq)
     if deq is not None:
         for qm in deq.close_siblings():  # fused siblings, expert down projections (or all): widened, no norm
@@ -382,7 +383,8 @@ def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, m
         axis = c.axis % len(ct.shape)
         if c.weight in quant:
             deq.widen(quant[c.weight])
-            actions[c.weight] = Action(Kind.DEQUANT, dequant_dtype(merged_dtype), n, axis=axis, quant=quant[c.weight])
+            actions[quant[c.weight].weight] = Action(Kind.DEQUANT, dequant_dtype(merged_dtype), n, axis=axis,
+                                                     quant=quant[c.weight])  # keyed by the stored codes tensor
             continue
         actions[c.weight] = Action(Kind.SCALE, merged_out_dtype(ct.dtype, merged_dtype), n, axis=axis)
         if n.shift is not None and c.bias is not None:
@@ -393,7 +395,3 @@ def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, m
         if tname is not None:
             actions[tname] = (Action(Kind.DROP, tensors[tname].dtype) if mode == "strict"
                               else Action(Kind.FILL, tensors[tname].dtype, n, value=value))
-
-
-def dtype_size(dtype: str) -> int:
-    return DTYPES[dtype].itemsize

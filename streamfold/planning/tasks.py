@@ -20,7 +20,10 @@ Chunk records (``Op``):
 - ``dequant``: rows ``r0..r1`` of a quantized ``[rows, cols]`` weight decoded and, when ``norm`` is
   set, folded with it (``--dequantize``), every element the exact ``q·s·g`` rounded once to
   ``out_dtype``; ``scale`` is the byte range of the scale rows those rows use, ``(file, offset, dtype,
-  shape)`` (the scale may sit in another shard), ``block`` the config's block size.
+  shape)`` (the scale may sit in another shard), ``block`` the config's block size. With ``fmt``
+  ``mxfp4`` (gpt-oss experts, written transposed as ``[E, in, out]``): ``rows`` are rows ``h0..h1`` of
+  ONE expert's output ``[in, out]`` (multiples of 32), ``src_off`` that expert's blocks ``shape``
+  ``[out, in/32, 16]``, ``scale`` its E8M0 scales ``[out, in/32]``, ``cols`` = out, ``width`` = in.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from ..core.dtypes import DTYPES
 from ..core.errors import StreamfoldError
 from .planner import Kind, Plan
 from ..quant.decode import check_block_scale
-from .dequant import tile
+from .dequant import mxfp4_shape, output_of, tile
 from ..core.reader import Checkpoint
 from ..core.writer import ShardLayout
 
@@ -93,6 +96,7 @@ class Chunk:
     step: int = 0  # bias: rows of W per read
     scale: tuple = ()  # dequant: (file, offset, dtype, shape) of the scale rows of ``rows``
     block: tuple = ()  # dequant: the block size (rows, cols) one scale covers
+    fmt: str = ""  # dequant: "" FP8 tiles; "mxfp4": gpt-oss experts (see _mxfp4_chunks)
 
     def to_dict(self) -> dict:
         d = {"op": str(self.op), "tensor": self.tensor, "dst": self.dst, "size": self.size}
@@ -241,8 +245,8 @@ def build_tasks(ckpt: Checkpoint, plan: Plan, chunk_bytes: int) -> list[Task]:
 
 def _shard_task(ckpt: Checkpoint, plan: Plan, shard: str, files: dict[str, SourceFile], chunk_bytes: int) -> Task:
     f = ckpt.shards[shard]
-    out = [(t.name, plan.actions[t.name].out_dtype, t.shape) for t in f.tensors.values()
-           if plan.actions[t.name].kind != Kind.DROP]
+    out = [_named(output_of(t.name, a, t.shape), a.out_dtype) for t in f.tensors.values()
+           if (a := plan.actions[t.name]).kind != Kind.DROP]  # MXFP4 experts: renamed and reshaped
     added = [t for t in getattr(plan, "added", ()) if t.shard == shard]  # identity norms a mode change restores
     out += [(t.name, t.dtype, tuple(t.shape)) for t in added]
     task = Task(shard=shard, tensors=out, metadata=f.metadata, sources={}, chunks=[])
@@ -268,7 +272,7 @@ def _shard_task(ckpt: Checkpoint, plan: Plan, shard: str, files: dict[str, Sourc
         flush()
         if a.kind == Kind.DROP:
             continue
-        o = layout.tensors[t.name]
+        o = layout.tensors[output_of(t.name, a, t.shape)[0]]
         if a.kind == Kind.SCALE:
             task.norms.setdefault(a.norm.weight, {})["scale"] = a.norm.scale
             task.chunks.extend(_fold_chunks(t, a, o.begin, shard, chunk_bytes))
@@ -289,7 +293,8 @@ def _shard_task(ckpt: Checkpoint, plan: Plan, shard: str, files: dict[str, Sourc
         elif a.kind == Kind.DEQUANT:
             if a.norm is not None:
                 task.norms.setdefault(a.norm.weight, {})["scale"] = a.norm.scale
-            chunks = _dequant_chunks(ckpt, t, a, o.begin, shard, chunk_bytes)
+            chunks = (_mxfp4_chunks if a.quant.layout == "mxfp4" else _dequant_chunks)(ckpt, t, a, o.begin, shard,
+                                                                                      chunk_bytes)
             used.update(c.scale[0] for c in chunks)
             task.chunks.extend(chunks)
         else:  # pragma: no cover - every Kind is handled above
@@ -301,6 +306,10 @@ def _shard_task(ckpt: Checkpoint, plan: Plan, shard: str, files: dict[str, Sourc
                                  shape=tuple(t.shape)))
     task.sources = {s: files[s] for s in sorted(used)}
     return task
+
+
+def _named(name_shape: tuple[str, tuple[int, ...]], dtype: str) -> tuple[str, str, tuple[int, ...]]:
+    return name_shape[0], dtype, name_shape[1]
 
 
 def _fold_chunks(t, a, dst_begin: int, shard: str, chunk_bytes: int) -> list[Chunk]:
@@ -345,4 +354,30 @@ def _dequant_chunks(ckpt: Checkpoint, t, a, dst_begin: int, shard: str, chunk_by
                          width=cols, norm=a.norm.weight if a.norm is not None else "", src_dtype=t.dtype,
                          out_dtype=a.out_dtype, scale=(ckpt.shard_of[st.name], st.begin + t0 * grid_cols * ssz,
                                                        st.dtype, (t1 - t0, grid_cols)), block=block))
+    return out
+
+
+def _mxfp4_chunks(ckpt: Checkpoint, t, a, dst_begin: int, shard: str, chunk_bytes: int) -> list[Chunk]:
+    """Bands of 32-row multiples of each expert's transposed output ``[in, out]`` (one expert at a time:
+    each record reads that expert's blocks and scales; ``src_bytes`` is the band's share of them)."""
+    qm = a.quant
+    st = ckpt.tensors[qm.scales[0]]
+    experts, rows, groups, width = t.shape
+    if tuple(st.shape) != (experts, rows, groups):
+        raise StreamfoldError(f"{st.name}: MXFP4 scale shape {list(st.shape)} is not [{experts}, {rows}, {groups}] "
+                              f"(one E8M0 exponent per 32 codes of {t.name} {list(t.shape)})")
+    _, inner, outer = mxfp4_shape(tuple(t.shape))
+    osz, ssz = DTYPES[a.out_dtype].itemsize, DTYPES[st.dtype].itemsize
+    step = max(32, chunk_bytes // max(1, outer * 8) // 32 * 32)  # the kernel works in float64
+    out = []
+    for e in range(experts):
+        for h0 in range(0, inner, step):
+            h1 = min(inner, h0 + step)
+            n = h1 - h0
+            out.append(Chunk(Op.DEQUANT, qm.logical, dst_begin + (e * inner + h0) * outer * osz, n * outer * osz,
+                             src=shard, src_off=t.begin + e * rows * groups * width, src_bytes=n * outer // 2,
+                             rows=(h0, h1), cols=outer, width=inner, norm=a.norm.weight if a.norm is not None else "",
+                             src_dtype=t.dtype, out_dtype=a.out_dtype, shape=(rows, groups, width), block=(1, 32),
+                             scale=(ckpt.shard_of[st.name], st.begin + e * rows * groups * ssz, st.dtype,
+                                    (rows, groups)), fmt="mxfp4"))
     return out

@@ -23,6 +23,7 @@ from ..core.files import CARD_NAME, flashnorm_config, other_files
 from ..hub.client import Source
 from ..hub.source import resolve_source
 from ..core.manifest import write_manifest
+from ..planning.dequant import output_of
 from ..planning.planner import Kind, Plan
 from ..core.reader import INDEX_NAME, Checkpoint, TensorInfo, read_config
 from ..planning.remode import plan_checkpoint
@@ -190,7 +191,8 @@ def finish(cplan: ConversionPlan, out_dir: str | os.PathLike, *, digests: dict[s
     if cplan.sharded:
         wm = cplan.weight_map()
         index = {"metadata": {"total_size": cplan.output_bytes},
-                 "weight_map": {n: wm[n] for n in cplan.tensors if cplan.plan.actions[n].kind != Kind.DROP}}
+                 "weight_map": {o: wm[o] for n, t in cplan.tensors.items() if (a := cplan.plan.actions[n]).kind != Kind.DROP
+                                for o in (output_of(n, a, t.shape)[0],)}}  # MXFP4 experts: their dequantized name
         index["weight_map"].update({t.name: t.shard for t in cplan.plan.added})  # restored identity norms
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     cfg_out = flashnorm_config(cplan.cfg, cplan.plan.mode)

@@ -18,7 +18,7 @@ from ..core.fold import Scratch
 from ..core.reader import pread_into
 from ..core.writer import pwrite_all
 from ..planning.tasks import Chunk
-from ..quant.decode import fp8_block_band, scale_values
+from ..quant.decode import fp8_block_band, mxfp4_band, scale_values
 from ..quant.kernel import code_bits, dequant_fold, sig_bits
 
 
@@ -38,11 +38,33 @@ def dequant_band(c: Chunk, codes: np.ndarray, scales: np.ndarray, g: np.ndarray 
                  code_bits("fp8") + sig_bits(scales))
 
 
+def mxfp4_band_out(c: Chunk, blocks: np.ndarray, scale_raw: np.ndarray, g: np.ndarray | None,
+                   out: np.ndarray) -> None:
+    """``out`` = rows ``h0..h1`` of one gpt-oss expert's ``[in, out]`` (transformers' transposed layout):
+    the expert's MXFP4 ``blocks`` ``[out, in/32, 16]`` (raw bytes) and E8M0 ``scale_raw`` ``[out, in/32]``
+    decoded for those inputs' groups, transposed, times ``g[h0:h1]`` per row, rounded once. E2M1 (2
+    significant bits) x 2^k x a float32 g is exact in float64, so the one rounding is to ``out_dtype``."""
+    h0, h1 = c.rows
+    rows, groups, width = c.shape
+    g0, g1 = h0 // 32, -(-h1 // 32)
+    vals = mxfp4_band(blocks.reshape(rows, groups, width)[:, g0:g1], scale_raw.reshape(rows, groups)[:, g0:g1])
+    band = np.ascontiguousarray(vals[:, h0 - g0 * 32:h1 - g0 * 32].T)  # [h1 - h0, out]
+    gv = None if g is None else np.asarray(g, dtype=np.float32)[h0:h1].reshape(-1, 1)
+    dequant_fold(band, gv, c.out_dtype, out.view(DTYPES[c.out_dtype]).reshape(h1 - h0, c.cols), code_bits("e2m1") + 1)
+
+
 def dequant_job(c: Chunk, g: np.ndarray | None, fds: dict[str, int], dst_fd: int, paths: dict[str, Path],
                 window: Callable, job_cls) -> object:
     """A :class:`streamfold.run.engine.Job` for one ``dequant`` record (``window``: the engine's
     ``with_source_window``)."""
     def compute(s: Scratch, out: np.ndarray) -> None:
+        if c.fmt == "mxfp4":  # the expert's scales as raw E8M0 bytes; its blocks through a window
+            sfile, soff, sdtype, sshape = c.scale
+            raw = np.empty(math.prod(sshape) * DTYPES[sdtype].itemsize, dtype=np.uint8)
+            pread_into(fds[sfile], raw, soff, paths[sfile])
+            window(fds[c.src], c.src_off, math.prod(c.shape), paths[c.src],
+                   lambda blocks: mxfp4_band_out(c, blocks, raw, g, out))
+            return
         scales = read_scale_rows(c, fds, paths)
         window(fds[c.src], c.src_off, c.src_bytes, paths[c.src], lambda codes: dequant_band(c, codes, scales, g, out))
 

@@ -1,0 +1,122 @@
+"""``--dequantize`` of gpt-oss MXFP4 experts, end to end, proven in stock transformers.
+
+The source is a tiny gpt-oss built with torch (tests/quant_models.py: expert ``gate_up_proj`` and
+``down_proj`` as hand-packed ``_blocks`` U8 ``[E, out, in/32, 16]`` + ``_scales`` U8 E8M0, norms random
+and far from the identity, norms / codes / the rest in different shards). Converted by the CLI with
+``--dequantize``:
+
+- ``post_attention_layernorm`` folds into the router and every expert's gate_up; down_proj is widened
+  too (MoE all or nothing); the output tensors are transformers' dequantized parameters
+  ``mlp.experts.gate_up_proj`` / ``down_proj`` ``[E, in, out]``, ``_blocks``/``_scales`` are gone and, with
+  nothing quantized left, so is ``quantization_config``;
+- every widened element equals transformers' OWN dequantization (``convert_moe_packed_tensors``, exact
+  here: e2m1 x 2^k fits bf16 for these exponents) times the bf16 norm weight, computed by torch in
+  float32 (exact: 2 + 8 significant bits) and cast once to the output dtype -- neither the kernel nor
+  the oracle ``verify`` uses;
+- logits: the float32-merged output within 1e-5 relative of the source loaded by transformers with
+  ``Mxfp4Config(dequantize=True)`` in float32; bf16 output: relative L2 under 1e-2 and equal argmax
+  wherever the top-2 margin exceeds 0.02 (position [1, 2] of these inputs is a near tie, margin 3.2e-3,
+  that one bf16 rounding of the merged weights flips; bf16 weights are still bit-checked above);
+- ``python -m streamfold verify`` passes, and fails naming the tensor when one element is flipped.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+from tests import quant_models as qm
+from tests.test_quant_partial import GPT_OSS, cli, load, load_kw, logits, read_all
+
+EXPERTS = [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")]
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    p = tmp_path_factory.mktemp("mxfp4") / "src"
+    p.mkdir()
+    qm.gpt_oss_mxfp4(p, **GPT_OSS)
+    return p
+
+
+@pytest.fixture(scope="module")
+def out_f32(src, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("mxfp4-out") / "f32"
+    r = cli(src, dst, "--dequantize", "--merged-dtype", "float32", "--memory-budget", "1M")
+    assert r.returncode == 0, r.stderr
+    return dst
+
+
+def expected(s: dict, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """transformers' dequantized ``[E, in, out]`` (times the post-attention norm for gate_up), cast once."""
+    deq = convert_moe_packed_tensors(s[name + "_blocks"], s[name + "_scales"], dtype=torch.float32)
+    if name.endswith("gate_up_proj"):
+        g = s[name.split(".mlp.")[0] + ".post_attention_layernorm.weight"].float()
+        deq = deq * g[None, :, None]  # exact in float32: e2m1 x 2^k (2 bits) x bf16 g (8 bits)
+    return deq.to(dtype)
+
+
+def check_output(src, dst, dtype: torch.dtype) -> None:
+    s, d = read_all(src), read_all(dst)
+    for name in EXPERTS:
+        assert name + "_blocks" not in d and name + "_scales" not in d
+        want = expected(s, name, dtype)
+        assert d[name].dtype == dtype and d[name].shape == want.shape, (name, d[name].dtype, d[name].shape)
+        assert torch.equal(d[name].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), name
+        assert torch.equal(d[name + "_bias"], s[name + "_bias"])  # biases copied (RMSNorm: no shift)
+    cfg = json.loads((dst / "config.json").read_text())
+    assert "quantization_config" not in cfg
+
+
+def test_dequantize_mxfp4_float32_merged(src, out_f32):
+    check_output(src, out_f32, torch.float32)
+    want = logits(load(src, **load_kw("gpt_oss")))  # transformers' CPU dequantization, float32
+    got = logits(load(out_f32))
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel <= 1e-5, rel
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    r = cli("verify", src, out_f32)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "4 dequantized (every element the exact q*s*g rounded once, 4 scale tensors dropped)" in r.stdout
+
+
+@pytest.mark.full
+def test_verify_catches_one_wrong_mxfp4_element(src, out_f32, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(out_f32, bad)
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    index = json.loads((bad / "model.safetensors.index.json").read_text())["weight_map"]
+    from streamfold.core.reader import SafetensorsFile
+    t = SafetensorsFile(bad / index[name]).tensors[name]
+    off = t.begin + 4 * (3 * 256 * 512 + 77 * 512 + 300)  # expert 3, input 77, output 300
+    with open(t.path, "r+b") as f:
+        f.seek(off)
+        word = bytearray(f.read(4))
+        word[0] ^= 1
+        f.seek(off)
+        f.write(word)
+    r = cli("verify", src, bad)
+    assert r.returncode != 0
+    assert name in r.stdout and "1 of" in r.stdout and "[3, 77, 300]" in r.stdout, r.stdout
+
+
+@pytest.mark.full
+def test_dequantize_mxfp4_bf16(src, tmp_path):
+    dst = tmp_path / "bf16"
+    r = cli(src, dst, "--dequantize")
+    assert r.returncode == 0, r.stderr
+    check_output(src, dst, torch.bfloat16)
+    want = logits(load(src, **load_kw("gpt_oss")))
+    got = logits(load(dst))
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel <= 1e-2, rel  # one bf16 rounding per merged weight, through two layers (measured 3.7e-3)
+    # argmax equal wherever the reference's top-2 margin exceeds the error bf16 merging can make (max
+    # abs logit error measured 7.5e-3; one of these 20 positions is a near tie with margin 3.2e-3)
+    top = want.topk(2, -1).values
+    clear = (top[..., 0] - top[..., 1]) > 0.02
+    assert clear.sum() >= 15 and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+    assert cli("verify", src, dst, "-q").returncode == 0
