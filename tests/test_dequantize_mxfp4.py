@@ -120,3 +120,45 @@ def test_dequantize_mxfp4_bf16(src, tmp_path):
     clear = (top[..., 0] - top[..., 1]) > 0.02
     assert clear.sum() >= 15 and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
     assert cli("verify", src, dst, "-q").returncode == 0
+
+
+@pytest.mark.parametrize("out_dtype", ["BF16", pytest.param("F32", marks=pytest.mark.full)])
+def test_mxfp4_band_every_code_and_exponent(out_dtype):
+    """The engine's MXFP4 band (decode, transpose, x g per input row, one rounding) equals the integer
+    oracle bit for bit for every e2m1 code under every E8M0 exponent 0..255 (255: NaN scale), unfolded
+    and folded with float32 g far from 1 (subnormal and near-overflow products included). Unfolded,
+    q·2^(u-127) is exact in bf16 up to u = 252; from u = 253 codes of 4 or more (u = 254: 2 or more)
+    overflow, which round-to-nearest makes infinite, as transformers' bf16 ldexp does."""
+    import numpy as np
+    from streamfold.check.quant_oracle import mxfp4_expected
+    from streamfold.planning.tasks import Chunk, Op
+    from streamfold.run.dequant_job import mxfp4_band_out
+    rows, groups = 256, 16  # output rows = one per exponent; 512 inputs: every byte (code pair) in every row
+    rng = np.random.default_rng(5)
+    blocks = np.stack([np.roll(np.arange(256, dtype=np.uint8), r) for r in range(rows)]).reshape(rows, groups, 16)
+    scales = np.repeat(np.arange(256, dtype=np.uint8)[:, None], groups, axis=1)
+    inner = groups * 32
+    osz = 2 if out_dtype == "BF16" else 4
+    for g in (None, np.ldexp(rng.uniform(1, 2, inner), rng.integers(-30, 30, inner)).astype(np.float32)):
+        for h0, h1 in ((0, 512), (32, 96)):
+            c = Chunk(Op.DEQUANT, "x", 0, (h1 - h0) * rows * osz, rows=(h0, h1), cols=rows, width=inner,
+                      out_dtype=out_dtype, shape=(rows, groups, 16), block=(1, 32), fmt="mxfp4")
+            out = np.empty((h1 - h0) * rows * osz, np.uint8)
+            mxfp4_band_out(c, blocks.reshape(-1), scales.reshape(-1), g, out)
+            want, exact = mxfp4_expected(blocks, scales, h0, h1, g, out_dtype)
+            got = out.view(np.uint16 if out_dtype == "BF16" else np.uint32).reshape(want.shape)
+            f = (lambda b: (b.astype(np.uint32) << 16).view(np.float32)) if out_dtype == "BF16" else (
+                lambda b: b.view(np.float32))
+            same = (got == want) | (np.isnan(f(got)) & np.isnan(f(want)))
+            assert same.all(), (out_dtype, g is None, h0, np.argwhere(~same)[:3])
+            if g is None:  # exact below u = 253; infinite exactly where |q| * 2^(u-127) >= 2^128
+                u = np.arange(rows)
+                assert exact[:, u <= 252].all()
+                q = convert_moe_packed_tensors(torch.from_numpy(blocks[None]), torch.from_numpy(scales[None]),
+                                               dtype=torch.float32)[0, h0:h1].numpy()
+                if out_dtype == "BF16":
+                    tf = convert_moe_packed_tensors(torch.from_numpy(blocks[None, :255]),
+                                                    torch.from_numpy(scales[None, :255]))[0, h0:h1]
+                    assert torch.equal(tf.view(torch.int16), torch.from_numpy(got[:, :255].astype(np.int16)))
+                fin = np.isfinite(f(got))
+                assert (fin[:, :255] == np.isfinite(q[:, :255])).all()  # float32 overflows at 2^128 too
