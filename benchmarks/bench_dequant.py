@@ -1,7 +1,13 @@
 """``--dequantize`` end to end on a synthetic FP8 block checkpoint, against ``cp`` of the output bytes.
 
     PYTHONPATH=. python benchmarks/bench_dequant.py WORK_DIR [--layers 4] [--hidden 4096] [--inter 12288]
-                                                   [--workers 2] [--repeat 2]
+                                                   [--workers 2] [--repeat 2] [--format fp8|mxfp4]
+                                                   [--experts 16]
+
+``--format mxfp4``: a gpt-oss-shaped checkpoint instead (``--hidden``/``--inter`` default 2880 as in
+gpt-oss-20b/120b; ``--experts`` experts per layer, every expert's ``gate_up_proj``/``down_proj`` as
+``_blocks`` U8 with E8M0 ``_scales``; bf16 attention, router, biases, embeddings; vocab 8192), converted
+with ``--dequantize`` (gate_up folded, down widened, written as bf16 ``[E, in, out]``).
 
 Writes a Qwen3-shaped checkpoint (every projection F8_E4M3 with 128x128 F32 ``weight_scale_inv``,
 ``quantization_config`` fp8; norms random in [0.5, 2]; bf16 embeddings and an untied ``lm_head``) into
@@ -32,7 +38,7 @@ def _write(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray
     """A safetensors file; ``None`` data: random FP8 codes (no NaN) of that shape, streamed."""
     header, off = {}, 0
     for name, (dtype, shape, data) in tensors.items():
-        n = int(np.prod(shape)) * {"F8_E4M3": 1, "F32": 4, "BF16": 2}[dtype]
+        n = int(np.prod(shape)) * {"F8_E4M3": 1, "F32": 4, "BF16": 2, "U8": 1}[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     raw = json.dumps(header).encode()
@@ -90,6 +96,48 @@ def make(src: Path, layers: int, hidden: int, inter: int, rng) -> None:
                                 "weight_block_size": [128, 128]}}))
 
 
+def make_mxfp4(src: Path, layers: int, hidden: int, inter: int, experts: int, rng) -> None:
+    src.mkdir(parents=True, exist_ok=True)
+    heads, kv, hd, vocab = 64, 8, 64, 8192
+    bf = lambda a: (np.asarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16)  # noqa: E731
+    rnd = lambda *shape: ("BF16", shape, bf(rng.normal(0, 0.02, shape)))  # noqa: E731
+    norms, codes, rest = {}, {}, {}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            norms[p + n + ".weight"] = ("BF16", (hidden,), bf(rng.uniform(0.5, 2, hidden)))
+        for n, o in (("q_proj", heads * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)):
+            rest[p + f"self_attn.{n}.weight"], rest[p + f"self_attn.{n}.bias"] = rnd(o, hidden), rnd(o)
+        rest[p + "self_attn.o_proj.weight"], rest[p + "self_attn.o_proj.bias"] = rnd(hidden, heads * hd), rnd(hidden)
+        rest[p + "self_attn.sinks"] = rnd(heads)
+        rest[p + "mlp.router.weight"], rest[p + "mlp.router.bias"] = rnd(experts, hidden), rnd(experts)
+        for n, (o, k) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
+            codes[p + f"mlp.experts.{n}_blocks"] = ("U8", (experts, o, k // 32, 16), None)
+            rest[p + f"mlp.experts.{n}_scales"] = ("U8", (experts, o, k // 32),
+                                                   rng.integers(118, 126, (experts, o, k // 32), dtype=np.uint8))
+            rest[p + f"mlp.experts.{n}_bias"] = rnd(experts, o)
+    norms["model.norm.weight"] = ("BF16", (hidden,), bf(rng.uniform(0.5, 2, hidden)))
+    rest["model.embed_tokens.weight"], rest["lm_head.weight"] = rnd(vocab, hidden), rnd(vocab, hidden)
+    _shards(src, norms, codes, rest, rng)
+    (src / "config.json").write_text(json.dumps({
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "head_dim": hd, "vocab_size": vocab, "num_local_experts": experts,
+        "num_experts_per_tok": 4, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}}))
+
+
+def _shards(src: Path, norms: dict, codes: dict, rest: dict, rng) -> None:
+    shards = {"model-00001-of-00003.safetensors": norms, "model-00002-of-00003.safetensors": codes,
+              "model-00003-of-00003.safetensors": rest}
+    wm = {}
+    for fname, ts in shards.items():
+        _write(src / fname, dict(sorted(ts.items())), rng)
+        wm.update({k: fname for k in ts})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+
+
 def timed(argv: list[str]) -> tuple[float, int]:
     """Wall seconds and the child's peak RSS (bytes)."""
     t0 = time.perf_counter()
@@ -104,19 +152,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work", type=Path)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--inter", type=int, default=12288)
+    ap.add_argument("--hidden", type=int, default=None, help="default 4096 (fp8), 2880 (mxfp4)")
+    ap.add_argument("--inter", type=int, default=None, help="default 12288 (fp8), 2880 (mxfp4)")
+    ap.add_argument("--format", choices=("fp8", "mxfp4"), default="fp8")
+    ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    mx = args.format == "mxfp4"
+    args.hidden = args.hidden or (2880 if mx else 4096)
+    args.inter = args.inter or (2880 if mx else 12288)
     src, dst, cp = args.work / "src", args.work / "out", args.work / "cp"
     if args.make_only:
-        make(src, args.layers, args.hidden, args.inter, np.random.default_rng(0))
+        if mx:
+            make_mxfp4(src, args.layers, args.hidden, args.inter, args.experts, np.random.default_rng(0))
+        else:
+            make(src, args.layers, args.hidden, args.inter, np.random.default_rng(0))
         return
     if not (src / "config.json").exists():
         timed([sys.executable, __file__, str(args.work), "--make-only", "--layers", str(args.layers),
-               "--hidden", str(args.hidden), "--inter", str(args.inter)])
+               "--hidden", str(args.hidden), "--inter", str(args.inter), "--format", args.format,
+               "--experts", str(args.experts)])
     best, rss, cp_best = float("inf"), 0, float("inf")
     for _ in range(args.repeat):
         shutil.rmtree(dst, ignore_errors=True)

@@ -162,3 +162,32 @@ def test_mxfp4_band_every_code_and_exponent(out_dtype):
                     assert torch.equal(tf.view(torch.int16), torch.from_numpy(got[:, :255].astype(np.int16)))
                 fin = np.isfinite(f(got))
                 assert (fin[:, :255] == np.isfinite(q[:, :255])).all()  # float32 overflows at 2^128 too
+
+
+def test_mxfp4_records_one_expert_band_at_a_time(src):
+    """Each MXFP4 dequant record covers a band of 32-row multiples of ONE expert's transposed output,
+    names that expert's blocks and its E8M0 scales (another shard) by byte range, its ``src_bytes`` add
+    up to the blocks tensor, the header has transformers' [E, in, out] names and shapes, and the records
+    survive the task JSON round trip."""
+    import streamfold
+    from streamfold.core.reader import Checkpoint
+    from streamfold.planning.tasks import Op, Task
+    p = streamfold.plan(src, dequantize=True, memory_budget=1 << 20)
+    ck = Checkpoint(src)
+    recs = [c for t in p.tasks for c in t.chunks if c.op == Op.DEQUANT]
+    assert {c.tensor for c in recs} == set(EXPERTS)
+    header = {n: (dt, sh) for t in p.tasks for n, dt, sh in t.tensors}
+    for name in EXPERTS:
+        e, out, groups, _ = ck.tensors[name + "_blocks"].shape
+        assert header[name] == ("BF16", (e, groups * 32, out)) and name + "_blocks" not in header
+        mine = [c for c in recs if c.tensor == name]
+        assert sum(c.src_bytes for c in mine) == ck.tensors[name + "_blocks"].nbytes
+        assert len(mine) > e  # several bands per expert with a 1 MB budget
+        for c in mine:
+            r0, r1 = c.rows
+            assert r0 % 32 == 0 and (r1 % 32 == 0) and c.fmt == "mxfp4" and c.shape == (out, groups, 16)
+            assert c.scale[0] == ck.shard_of[name + "_scales"] != c.src and c.scale[3] == (out, groups)
+    for t in p.tasks:
+        back = Task.from_json(t.to_json())
+        assert [c.to_dict() for c in back.chunks] == [c.to_dict() for c in t.chunks]
+        assert all(b.shape == c.shape and b.fmt == c.fmt for b, c in zip(back.chunks, t.chunks))
