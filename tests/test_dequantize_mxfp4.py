@@ -70,6 +70,9 @@ def check_output(src, dst, dtype: torch.dtype) -> None:
         assert torch.equal(d[name + "_bias"], s[name + "_bias"])  # biases copied (RMSNorm: no shift)
     cfg = json.loads((dst / "config.json").read_text())
     assert "quantization_config" not in cfg
+    card = (dst / "README.md").read_text()
+    assert "4 quantized weights were decoded" in card and "from 835584 to " in card, card
+    assert "gpt-oss MXFP4 experts are written as transformers' dequantized parameters" in card
 
 
 def test_dequantize_mxfp4_float32_merged(src, out_f32):
@@ -191,3 +194,36 @@ def test_mxfp4_records_one_expert_band_at_a_time(src):
         back = Task.from_json(t.to_json())
         assert [c.to_dict() for c in back.chunks] == [c.to_dict() for c in t.chunks]
         assert all(b.shape == c.shape and b.fmt == c.fmt for b, c in zip(back.chunks, t.chunks))
+
+
+@pytest.mark.parametrize("out_dtype", ["BF16", pytest.param("F32", marks=pytest.mark.full)])
+def test_mxfp4_float32_path_equals_oracle(out_dtype):
+    """Bands whose products are all normal float32s take the float32 path (decode, scale, transpose, x g
+    exact; one rounding): every code under exponents 27..226 with a bf16-valued g far from 1, and a g
+    with 22 significant bits, against the integer oracle bit for bit; a 23-bit g or an exponent
+    near either end sends the band to the float64 path (same bits, checked above)."""
+    import numpy as np
+    from streamfold.check.quant_oracle import mxfp4_expected
+    from streamfold.planning.tasks import Chunk, Op
+    from streamfold.run import dequant_job as J
+    rows, groups = 200, 16
+    rng = np.random.default_rng(7)
+    blocks = np.stack([np.roll(np.arange(256, dtype=np.uint8), r) for r in range(rows)]).reshape(rows, groups, 16)
+    scales = np.repeat((27 + np.arange(rows, dtype=np.uint8))[:, None], groups, axis=1)
+    inner, osz = groups * 32, 2 if out_dtype == "BF16" else 4
+    g16 = np.ldexp(rng.uniform(1, 2, inner), rng.integers(-20, 20, inner)).astype(np.float32)
+    g16 = (g16.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    g22 = (g16.view(np.uint32) | 0x100).view(np.float32)  # 8 + 14 = 22 significant bits at most
+    assert J._f32_exact(scales, g16.reshape(-1, 1)) and J._f32_exact(scales, g22.reshape(-1, 1))
+    assert not J._f32_exact(scales, (g16.view(np.uint32) | 0x1).view(np.float32).reshape(-1, 1))
+    assert J._f32_exact(np.array([[2]], np.uint8), None) and J._f32_exact(np.array([[251]], np.uint8), None)
+    assert not J._f32_exact(np.array([[1]], np.uint8), None) and not J._f32_exact(np.array([[252]], np.uint8), None)
+    for g in (None, g16, g22):
+        c = Chunk(Op.DEQUANT, "x", 0, inner * rows * osz, rows=(0, inner), cols=rows, width=inner,
+                  out_dtype=out_dtype, shape=(rows, groups, 16), block=(1, 32), fmt="mxfp4")
+        out = np.empty(inner * rows * osz, np.uint8)
+        J.mxfp4_band_out(c, blocks.reshape(-1), scales.reshape(-1), g, out)
+        want, exact = mxfp4_expected(blocks, scales, 0, inner, g, out_dtype)
+        assert np.array_equal(out.view(want.dtype).reshape(want.shape), want), (out_dtype, g is None)
+        if g is None:
+            assert exact.all()

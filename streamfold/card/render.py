@@ -354,6 +354,9 @@ def dequant_note(plan: Plan, tensors: dict) -> str:
             "fused siblings or expert down projections widened so that loaders see one precision per fused layer: "
             "`q · s` rounded once, exact where it fits, e.g. power-of-two scales into bf16), and their scales dropped; "
             f"those weights grew from {before} to {after} bytes. "
+            + ("gpt-oss MXFP4 experts are written as transformers' dequantized parameters (`X` for `X_blocks` and "
+               "`X_scales`, shaped `[experts, in, out]`). " if any(qm.layout == "mxfp4" for qm in deq.widened.values())
+               else "")
             + (f"{left} quantized modules are byte-for-byte copies, and `quantization_config` lists the widened ones "
                "as not converted." if left else "Nothing quantized is left, so `quantization_config` was removed."))
 

@@ -18,7 +18,7 @@ from ..core.fold import Scratch
 from ..core.reader import pread_into
 from ..core.writer import pwrite_all
 from ..planning.tasks import Chunk
-from ..quant.decode import fp8_block_band, mxfp4_band, scale_values
+from ..quant.decode import E2M1_PAIR_TABLE, E8M0_TABLE, fp8_block_band, mxfp4_band, scale_values
 from ..quant.kernel import code_bits, dequant_fold, sig_bits
 
 
@@ -47,10 +47,57 @@ def mxfp4_band_out(c: Chunk, blocks: np.ndarray, scale_raw: np.ndarray, g: np.nd
     h0, h1 = c.rows
     rows, groups, width = c.shape
     g0, g1 = h0 // 32, -(-h1 // 32)
+    gv = None if g is None else np.asarray(g, dtype=np.float32)[h0:h1].reshape(-1, 1)
+    sc = scale_raw.reshape(rows, groups)[:, g0:g1]
+    if _f32_exact(sc, gv):
+        _mxfp4_band_f32(c, blocks.reshape(rows, groups, width)[:, g0:g1], sc, gv, out)
+        return
     vals = mxfp4_band(blocks.reshape(rows, groups, width)[:, g0:g1], scale_raw.reshape(rows, groups)[:, g0:g1])
     band = np.ascontiguousarray(vals[:, h0 - g0 * 32:h1 - g0 * 32].T)  # [h1 - h0, out]
-    gv = None if g is None else np.asarray(g, dtype=np.float32)[h0:h1].reshape(-1, 1)
     dequant_fold(band, gv, c.out_dtype, out.view(DTYPES[c.out_dtype]).reshape(h1 - h0, c.cols), code_bits("e2m1") + 1)
+
+
+_E2M1_PAIR_F32 = E2M1_PAIR_TABLE.astype(np.float32)
+_E8M0_F32 = E8M0_TABLE.astype(np.float32)  # every 2^(u-127), u < 255, is a float32 (u = 0 a subnormal)
+
+
+def _f32_exact(scales: np.ndarray, g: np.ndarray | None) -> bool:
+    """Whether every ``q · 2^(u-127) · g`` of a band is exactly a NORMAL float32: g has at most 22
+    significant bits (q has 2) and, over the band's scale bytes and g's magnitudes, the smallest nonzero
+    product is >= 2^-126 and the largest < 2^127 (no NaN scale, no non-finite g). Then float32 holds
+    the exact product and the one rounding is to the output dtype, as on the float64 path."""
+    if scales.size == 0:
+        return True
+    umin, umax = int(scales.min()), int(scales.max())
+    if umax == 255 or (g is not None and sig_bits(g) > 22):
+        return False
+    mag = np.array([1.0]) if g is None else np.abs(g.astype(np.float64))
+    nz = mag[mag != 0]
+    if nz.size == 0:
+        return True
+    with np.errstate(invalid="ignore"):
+        lo, hi = 0.5 * np.ldexp(1.0, umin - 127) * nz.min(), 6.0 * np.ldexp(1.0, umax - 127) * nz.max()
+    return bool(lo >= 2.0 ** -126 and hi < 2.0 ** 127)
+
+
+def _mxfp4_band_f32(c: Chunk, blocks: np.ndarray, scales: np.ndarray, g: np.ndarray | None, out: np.ndarray) -> None:
+    """:func:`mxfp4_band_out` in float32, for bands :func:`_f32_exact` accepts: decode, scale, transpose and
+    multiply are exact, then one rounding to nearest-even bf16 (or none for float32)."""
+    h0, h1 = c.rows
+    rows, ng = scales.shape
+    vals = _E2M1_PAIR_F32[blocks.view(np.uint8)].reshape(rows, ng, 32)
+    vals *= _E8M0_F32[scales.view(np.uint8)][:, :, None]
+    g0 = h0 // 32
+    band = np.ascontiguousarray(vals.reshape(rows, ng * 32)[:, h0 - g0 * 32:h1 - g0 * 32].T)  # [h1 - h0, out]
+    if g is not None:
+        band *= g  # exact: a normal float32 product of <= 24 significant bits
+    dst = out.view(DTYPES[c.out_dtype]).reshape(band.shape)
+    if c.out_dtype == "F32":
+        np.copyto(dst, band)
+        return
+    w = band.view(np.uint32)  # finite normals (and zeros): add 0x7FFF + the kept lsb, truncate
+    w += 0x7FFF + ((w >> 16) & 1)
+    np.copyto(dst.view(np.uint16), w >> 16, casting="unsafe")
 
 
 def dequant_job(c: Chunk, g: np.ndarray | None, fds: dict[str, int], dst_fd: int, paths: dict[str, Path],
