@@ -227,3 +227,14 @@ def test_mxfp4_float32_path_equals_oracle(out_dtype):
         assert np.array_equal(out.view(want.dtype).reshape(want.shape), want), (out_dtype, g is None)
         if g is None:
             assert exact.all()
+
+
+@pytest.mark.full
+def test_dequantize_mxfp4_ray_same_bytes(src, out_f32, tmp_path):
+    """Through real local Ray (one task per shard, records in JSON): the same shards byte for byte."""
+    pytest.importorskip("ray")
+    dst = tmp_path / "ray"
+    r = cli(src, dst, "--dequantize", "--merged-dtype", "float32", "--ray", "-q")
+    assert r.returncode == 0, r.stderr
+    for f in sorted(out_f32.glob("*.safetensors")):
+        assert (dst / f.name).read_bytes() == f.read_bytes(), f.name
