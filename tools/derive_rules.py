@@ -205,6 +205,9 @@ def derive_group(name: str, description: str, model_types: list[str], log, check
                                                           "compat_max_rel_err": {}, "strict_max_rel_err": {}}}
         f = out[target]
         f["model_types"].append(mt)
+        lay_rel = {k: v for r in results for k, v in r.layouts_rel.items()}
+        if lay_rel:  # errors of the other name layouts transformers loads (streamfold.derive.layouts)
+            f["derived"].setdefault("layouts_max_rel_err", {})[mt] = lay_rel
         f["derived"]["compat_max_rel_err"][mt] = float(f"{rel:.2e}")
         if strict:
             f["derived"]["strict_max_rel_err"][mt] = float(f"{max(strict):.2e}")

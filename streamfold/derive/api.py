@@ -11,6 +11,7 @@ from pathlib import Path
 from .build import assemble
 from .check import CheckResult, check_family
 from .family import derive_model
+from .layouts import derive_layouts
 
 
 def _text(cfg):
@@ -65,7 +66,18 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
             results.append(r)
             if r.strict_refused and "strict_refused" not in fam:
                 fam["strict_refused"] = r.strict_refused
+    add_layouts(fam, derive_layouts(models[0], fam, check=check), results)
     return fam, results
+
+
+def add_layouts(fam: dict, got, results: list[CheckResult]) -> None:
+    """Store the proven layouts and forms (``derive.layouts``) in ``fam``; their errors in ``results[0]``."""
+    if got.layouts:
+        fam["layouts"] = [{}] + [lay for lay in fam.get("layouts", []) if lay] + got.layouts
+    if got.forms:
+        fam["forms"] = got.forms
+    if results:
+        results[0].layouts_rel = dict(got.rel)
 
 
 def local_config(model_dir: str | Path):

@@ -16,9 +16,9 @@ from ..core.dtypes import DTYPES, FOLDABLE, QUANTIZED
 from ..core.errors import StreamfoldError
 from ..core.fold import merged_out_dtype
 from ..core.reader import TensorInfo
-from ..rules.patterns import Consumer, apply_layout, config_get, expand_consumer, generalize, looks_like_norm, \
+from ..rules.patterns import Consumer, config_get, expand_consumer, generalize, looks_like_norm, \
     natural_key, pattern_regex, present, stars
-from ..rules.schema import family_for
+from .compose import resolve, untiled
 
 MODES = ("compat", "strict")
 MERGED_DTYPES = ("source", "float32")
@@ -93,6 +93,11 @@ class Plan:
     # norms restored in strict -> compat), and the source's FlashNormState. Empty / None for folds.
     added: list = field(default_factory=list)
     flashnorm: object | None = None
+    # How the checkpoint spells the rules' names when not as save_pretrained writes them (bare base
+    # model, nested prefix, in-memory form: streamfold.rules.layout), and a composed wrapper's layout
+    # (streamfold.planning.compose.Composed); None when neither applies.
+    layout: str | None = None
+    composed: object | None = None
 
     @property
     def folded(self) -> list[NormPlan]:
@@ -129,6 +134,8 @@ class Plan:
                            "consumers": [c.weight for c in n.consumers]} for n in self.norms],
             "unknown_norms": self.unknown_norms,
             "tensors": {str(k): self.count(k) for k in (Kind.SCALE, Kind.BIAS, Kind.FILL, Kind.DROP, Kind.COPY)},
+            "layout": self.layout,
+            "composed": self.composed.to_dict() if self.composed is not None else None,
         }
 
     def describe(self, each: bool = False) -> str:
@@ -136,6 +143,10 @@ class Plan:
         lines = [f"model_type {self.model_type} (family {self.family}), norm multiplies by "
                  f"{'1 + w' if self.offset else 'w'}, tied embeddings: {'yes' if self.tied else 'no'}",
                  f"mode {self.mode}, merged dtype {self.merged_dtype}"]
+        if self.composed is not None:
+            lines.append(self.composed.describe())
+        if self.layout:
+            lines.append(f"tensor names: {self.layout} (written back the same way)")
         for g in self.groups():
             head = f"  {g['status'].upper():4}  {g['norm']}  x{g['count']}"
             if g["status"] == "fold":
@@ -182,18 +193,15 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     if want is None:
         raise StreamfoldError(f"merged dtype must be one of {', '.join(MERGED_ALIASES)}, not {merged_dtype!r}")
     merged_dtype = "source" if want == "bf16" else want
-    model_type = cfg.get("model_type")
-    if not isinstance(model_type, str):
-        raise StreamfoldError("config.json: no \"model_type\"; is this a transformers checkpoint?")
-    family, fam = family_for(model_type, rules)
-    user_rules = bool(rules) and rules.get(family) is fam
+    resolved = resolve(cfg, tensors, rules)
+    family, fam, model_type = resolved.family, resolved.fam, resolved.model_type
+    user_rules = bool(rules) and family in rules and model_type in rules[family]["model_types"]
     if mode == "strict" and fam.get("strict_refused"):
         raise StreamfoldError(f"{model_type}: strict mode is not exact for this architecture "
                               f"({fam['strict_refused']}); use --mode compat")
     check_not_quantized(cfg, tensors)
     offset = fam.get("offset", 0)
     tied = is_tied(cfg, model_type, fam)
-    fam = apply_layout(fam, tensors)
 
     ordered = sorted(tensors, key=natural_key)  # plan and report in layer order
     names = sorted(tensors)  # for prefix look-ups (bisect)
@@ -247,7 +255,9 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     covered = {x for n in norms for x in (n.weight, n.bias) if x}
     unknown = sorted((t for t in tensors if looks_like_norm(t) and t not in claimed and t not in covered
                       and actions[t].kind == Kind.COPY), key=natural_key)
-    return Plan(family, model_type, offset, tied, mode, merged_dtype, norms, actions, unknown)
+    untiled(resolved, unknown)
+    return Plan(family, cfg["model_type"], offset, tied, mode, merged_dtype, norms, actions, unknown,
+                layout=resolved.layout, composed=resolved.composed)
 
 
 def is_tied(cfg: dict, model_type: str, fam: dict) -> bool:
