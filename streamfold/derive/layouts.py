@@ -140,9 +140,12 @@ def memory_form(model, fam: dict) -> dict | None:
     from .build import assemble
     from .family import derive_model
     d = derive_model(model, tiny.example_inputs(model), names="memory")
+    from ..rules.layout import relay
     got = assemble(list(fam["model_types"]), [({}, d)], {})
-    if got["folds"] == fam["folds"] and got.get("keep", []) == fam.get("keep", []):
-        return None
+    for lay in [{}] + list(fam.get("layouts", [])):  # already a spelling of the family: not a form
+        laid = relay(fam, lay)
+        if got["folds"] == laid["folds"] and got.get("keep", []) == laid.get("keep", []):
+            return None
     form = {"name": "transformers' in-memory names", "folds": got["folds"]}
     if got.get("keep"):
         form["keep"] = got["keep"]
