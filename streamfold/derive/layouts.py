@@ -212,13 +212,19 @@ def derive_layouts(model, fam: dict, root: Path | None = None, check: bool = Tru
         cands: list[tuple[str, Path | None, dict]] = []
         for i, lay in enumerate(prefix_candidates(model, fam)):
             cands.append((describe(lay), respell(src, td / f"lay{i}", lambda k, lay=lay: spell(k, lay)), {"layout": lay}))
-        form = memory_form(model, fam)
+        try:
+            form = memory_form(model, fam)
+        except Exception as e:  # a model whose in-memory names cannot be traced: no form, said why
+            form, res.rejected["in-memory names"] = None, f"not derived: {type(e).__name__}: {e}"
         if form is not None:
             norms = set(getattr(model, "tiny_norms", {}))
             path = save_memory_names(model, td / "memory", {n + s for n in norms for s in (".weight", ".bias")})
             cands.append((form["name"], path, {"form": form}))
         for i, (what, path, item) in enumerate(cands):
-            why = _loads_same(path, mt, inputs, ref)
+            try:
+                why = _loads_same(path, mt, inputs, ref)
+            except Exception as e:  # the loader refuses this spelling outright
+                why = f"transformers cannot load it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if why is None:
                 trial = dict(fam)
                 if "layout" in item:
