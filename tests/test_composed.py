@@ -237,3 +237,19 @@ def test_an_unknown_text_model_is_unsupported(wrapper, tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     line = _refused(src, tmp_path)
     assert f"unsupported model_type {WRAPPER!r}" in line and "sf_no_such_text_model" in line
+
+
+def test_converted_wrapper_is_recognized_and_changes_mode(wrapper, tmp_path):
+    """detect finds the folded language model through the same composition: converting the output again
+    writes nothing (already FlashNorm), and strict -> compat restores identity norms that load exactly."""
+    with pytest.raises(streamfold.AlreadyFlashNorm) as ei:
+        streamfold.convert(wrapper.outs["compat", "source"], tmp_path / "again")
+    assert ei.value.state.mode == "compat" and not (tmp_path / "again").exists()
+    back = tmp_path / "back"
+    report = streamfold.convert(wrapper.outs["strict", "float32"], back, mode="compat")
+    assert report.mode_change == "strict -> compat"
+    model, info = _load(back)
+    assert not info.get("missing_keys") and not info.get("unexpected_keys"), info
+    got = _logits(model, wrapper.inputs)
+    for k in ("text", "image"):
+        assert _rel(got[k], wrapper.ref[k]) <= MAX_REL_F32, k

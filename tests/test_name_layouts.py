@@ -140,3 +140,53 @@ def test_output_keeps_the_layout_and_is_exact_in_transformers(case):
 def test_verify_passes_in_the_layout(case):
     report = streamfold.verify(case.src, case.outs["compat", "source"])
     assert report.ok, report.summary()
+
+
+def test_card_and_detect_follow_the_layout(case, tmp_path):
+    out = case.outs["compat", "source"]
+    assert case.words in (out / "README.md").read_text()
+    with pytest.raises(streamfold.AlreadyFlashNorm) as ei:  # detect reads the same layout
+        streamfold.convert(out, tmp_path / "again")
+    assert ei.value.state.mode == "compat" and len(ei.value.state.norms) == len(case.plan.folded)
+
+
+# -- every stored layout of every family (--full) ---------------------------------------------------------
+def _stored_spellings() -> list:
+    from streamfold.rules.schema import FAMILIES
+    out = []
+    for name, fam in sorted(FAMILIES.items()):
+        if fam.get("refused") or fam.get("nothing_to_fold"):
+            continue
+        mt = fam["model_types"][0]
+        out += [pytest.param(mt, "layout", lay, id=f"{name}-layout{i}", marks=pytest.mark.full)
+                for i, lay in enumerate(fam.get("layouts", [])) if lay]
+        out += [pytest.param(mt, "form", form["name"], id=f"{name}-form{i}", marks=pytest.mark.full)
+                for i, form in enumerate(fam.get("forms", []))]
+    return out
+
+
+@pytest.mark.parametrize("mt, kind, which", _stored_spellings())
+def test_every_stored_layout_loads_and_converts_exactly(mt, kind, which, tmp_path):
+    """Each layout and form a family's data records (derived by tools/derive_rules.py) on that family's
+    tiny model: transformers loads it as the saved model, streamfold converts it in its own names, exact."""
+    model = tiny.build_tiny_model(config=tiny.tiny_config(mt, tie_word_embeddings=False), seed=0)
+    default = tiny.save_sharded(model, tmp_path / "default", dtype="bfloat16")
+    if kind == "form":
+        src = save_memory_names(model, tmp_path / "src", {n + s for n in model.tiny_norms for s in (".weight", ".bias")})
+    else:
+        src = respell(default, tmp_path / "src", lambda k: spell(k, which))
+    del model
+    ref_model, _ = tiny.load_pretrained(default, mt)
+    inputs = tiny.example_inputs(ref_model)
+    ref = tiny.forward_logits(ref_model, inputs)
+    del ref_model
+    model, info = tiny.load_pretrained(src, mt)
+    assert not info.get("missing_keys") and not info.get("unexpected_keys"), info
+    assert torch.equal(tiny.forward_logits(model, inputs), ref)
+    _, _, plan = streamfold.load_plan(src)
+    assert plan.folded and plan.layout and not plan.unknown_norms
+    streamfold.convert(src, tmp_path / "out", merged_dtype="float32")
+    assert _names(tmp_path / "out") == _names(src)
+    model, info = tiny.load_pretrained(tmp_path / "out", mt)
+    assert not info.get("missing_keys") and not info.get("unexpected_keys"), info
+    assert _rel(tiny.forward_logits(model, inputs), ref) <= MAX_REL_F32

@@ -53,7 +53,8 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
         models.append(model)
     base = _text(models[0].config)
     keys = {k for ov in variants for k in ov}
-    fam = assemble([model_type], derived, {k: getattr(base, k, None) for k in keys})
+    base_values = {k: getattr(base, k, None) for k in keys}
+    fam = assemble([model_type], derived, base_values)
     whens = {k for f in fam["folds"] for k in f.get("when", {})}
     if whens:
         fam["defaults"] = {k: _class_default(model_type, k) for k in sorted(whens)}
@@ -66,7 +67,8 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
             results.append(r)
             if r.strict_refused and "strict_refused" not in fam:
                 fam["strict_refused"] = r.strict_refused
-    add_layouts(fam, derive_layouts(models[0], fam, check=check), results)
+    pairs = [(ov, m) for (ov, _), m in zip(derived, models)]
+    add_layouts(fam, derive_layouts(models[0], fam, check=check, variants=pairs, base_values=base_values), results)
     return fam, results
 
 

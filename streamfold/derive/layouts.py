@@ -134,20 +134,22 @@ def save_memory_names(model, out: Path, norms: set[str]) -> Path:
     return out
 
 
-def memory_form(model, fam: dict) -> dict | None:
-    """The family's rules in the model's in-memory names, when they differ from ``fam``'s; else None."""
+def memory_form(model, fam: dict, variants: list | None = None, base_values: dict | None = None) -> dict | None:
+    """The family's rules in the model's in-memory names, when they differ from ``fam``'s; else None.
+    ``variants``: ``[(config overrides, model), ...]`` (the first is ``model``), assembled as ``fam`` was."""
     from . import tiny
     from .build import assemble
     from .family import derive_model
-    d = derive_model(model, tiny.example_inputs(model), names="memory")
     from ..rules.layout import relay
-    got = assemble(list(fam["model_types"]), [({}, d)], {})
+    pairs = variants or [({}, model)]
+    derived = [(ov, derive_model(m, tiny.example_inputs(m), names="memory")) for ov, m in pairs]
+    got = assemble(list(fam["model_types"]), derived, base_values or {})
     for lay in [{}] + list(fam.get("layouts", [])):  # already a spelling of the family: not a form
         laid = relay(fam, lay)
         if got["folds"] == laid["folds"] and got.get("keep", []) == laid.get("keep", []):
             return None
     form = {"name": "transformers' in-memory names", "folds": got["folds"]}
-    if got.get("keep"):
+    if got.get("keep") and got["keep"] != fam.get("keep"):  # else the family's keep rules apply
         form["keep"] = got["keep"]
     return form
 
@@ -189,16 +191,18 @@ def _converts(path: Path, fam: dict, mt: str, inputs, ref, td: Path) -> tuple[fl
     return rel, None if rel <= MAX_REL else f"converted logits max rel err {rel:.1e} > {MAX_REL}"
 
 
-def derive_layouts(model, fam: dict, root: Path | None = None, check: bool = True) -> LayoutResult:
+def derive_layouts(model, fam: dict, root: Path | None = None, check: bool = True, variants: list | None = None,
+                   base_values: dict | None = None) -> LayoutResult:
     """The layouts and forms of ``fam`` (derived from ``model``'s saved names) that transformers loads and
     streamfold converts exactly; ``fam`` itself is not changed. ``check=False``: the candidates, unproven
-    (for drift of the rules alone)."""
+    (for drift of the rules alone). ``variants``/``base_values``: the config variants ``fam`` was assembled
+    from (``[(overrides, model), ...]``), so a form has the same variants; proven on ``model``."""
     from . import tiny
     from ..rules.layout import spell
     res = LayoutResult()
     if not check:
         res.layouts = prefix_candidates(model, fam)
-        form = memory_form(model, fam)
+        form = memory_form(model, fam, variants, base_values)
         res.forms = [form] if form else []
         return res
     mt = model.config.model_type
@@ -213,7 +217,7 @@ def derive_layouts(model, fam: dict, root: Path | None = None, check: bool = Tru
         for i, lay in enumerate(prefix_candidates(model, fam)):
             cands.append((describe(lay), respell(src, td / f"lay{i}", lambda k, lay=lay: spell(k, lay)), {"layout": lay}))
         try:
-            form = memory_form(model, fam)
+            form = memory_form(model, fam, variants, base_values)
         except Exception as e:  # a model whose in-memory names cannot be traced: no form, said why
             form, res.rejected["in-memory names"] = None, f"not derived: {type(e).__name__}: {e}"
         if form is not None:

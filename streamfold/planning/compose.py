@@ -103,19 +103,25 @@ def _base(fam: dict) -> tuple[str, str | None]:
     return firsts.pop() + ".", head
 
 
-def _prefixes(fam: dict, base: str, names: list[str]) -> dict[str, str]:
-    """Checkpoint prefix -> one tensor found there, for every prefix under which a fold norm of the text
-    family (spelled without its base prefix) is found."""
-    found: dict[str, str] = {}
-    for f in fam["folds"]:
+def _prefixes(fam: dict, base: str, names: list[str], by_consumers: bool = False) -> dict[str, set]:
+    """Checkpoint prefix -> the fold rules of the text family (spelled without its base prefix) found under
+    it: by their norms, or (a strict checkpoint, norms removed) by the first consumer of each variant."""
+    found: dict[str, set] = {}
+    for i, f in enumerate(fam["folds"]):
         if f.get("untied_head") or not f["norm"].startswith(base):
             continue
-        tail = pattern_regex(f["norm"][len(base):] + ".weight").pattern
-        rx = re.compile(r"(?P<pre>(?:[^.]+\.)*?)" + tail)
-        for t in names:
-            m = rx.match(t)
-            if m:
-                found.setdefault(m.group("pre"), t)
+        pats = [f["norm"] + ".weight"]
+        if by_consumers:
+            firsts = [v[0] for v in f.get("variants", [f.get("into")])]
+            pats = [c + ".weight" if isinstance(c, str) else c["weight"] for c in firsts]
+        for pat in pats:
+            if not pat.startswith(base):
+                continue
+            rx = re.compile(r"(?P<pre>(?:[^.]+\.)*?)" + pattern_regex(pat[len(base):]).pattern)
+            for t in names:
+                m = rx.match(t)
+                if m:
+                    found.setdefault(m.group("pre"), set()).add(i)
     return found
 
 
@@ -123,11 +129,15 @@ def _composed(wrapper: str, tmt: str, family: str, fam: dict, tensors: dict) -> 
     base, head = _base(fam)
     names = sorted(tensors)
     found = _prefixes(fam, base, names)
+    if not found:  # strict (norms removed): the prefix under which every rule's consumers are
+        by = _prefixes(fam, base, names, by_consumers=True)
+        most = max((len(v) for v in by.values()), default=0)
+        found = {p: v for p, v in by.items() if len(v) == most}
     if not found:
         raise StreamfoldError(f"config.json: unsupported model_type {wrapper!r}; its text_config model_type {tmt!r} "
                               f"is family {family!r}, but no tensor is a norm of that family under any name prefix")
     if len(found) > 1:
-        where = ", ".join(f"{t!r}" for t in found.values())
+        where = ", ".join(f"{p or '(none)'}*" for p in found)
         raise StreamfoldError(f"composed wrapper {wrapper!r}: norms of its language model ({tmt}) are under "
                               f"{len(found)} prefixes ({where}); the names do not tile into one language model")
     prefix = next(iter(found))

@@ -185,7 +185,9 @@ def load_rules_file(path: str | Path) -> dict[str, dict]:
 
 
 def supported_model_types() -> list[str]:
-    return sorted({m for fam in FAMILIES.values() for m in fam["model_types"]})
+    """Model types streamfold folds (not those its data refuses: out of scope, nothing to fold)."""
+    return sorted({m for fam in FAMILIES.values() if not (fam.get("refused") or fam.get("nothing_to_fold"))
+                   for m in fam["model_types"]})
 
 
 def family_for(model_type: str, extra: dict[str, dict] | None = None) -> tuple[str, dict]:
