@@ -10,7 +10,9 @@ model with the llama family's rules under the prefix the names show and keeps ev
 saying so in ``inspect`` and the card. transformers (the LLaVA class) loads each output: logits of a
 text-only prompt and of a prompt with an image (pixel values generated here) match the source's:
 float32-merged within 1e-5 relative, bf16-merged cosine >= 0.9999; the tower and projector are
-byte-identical. Names that do not tile are refused in one line, exit 2.
+byte-identical. A tiny Aya Vision (SigLIP tower, pixel-shuffle projector with its own LayerNorm, Cohere2
+language model with a parallel block) is checked the same way. Names that do not tile are refused in one
+line, exit 2.
 """
 from __future__ import annotations
 
@@ -42,38 +44,66 @@ def _llava():
                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN, tie_word_embeddings=False,
                       image_seq_length=N_IMAGE_TOKENS)
+    return LlavaForConditionalGeneration, cfg
+
+
+def _aya_vision():
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, Cohere2Config, SiglipVisionConfig
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=SIDE, patch_size=PATCH)
+    tc = Cohere2Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=8,
+                       layer_types=["sliding_attention", "full_attention"])
+    cfg = AyaVisionConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN, downsample_factor=2,
+                          tie_word_embeddings=False, vision_feature_layer=-1)
+    return AyaVisionForConditionalGeneration, cfg
+
+
+# wrapper -> (builder, its model_type, text family, folded norm modules under the language model's prefix,
+# image tokens per image)
+WRAPPERS = {
+    "llava": (_llava, "llava", "llama", ["layers.0.input_layernorm", "layers.0.post_attention_layernorm",
+                                          "layers.1.input_layernorm", "layers.1.post_attention_layernorm", "norm"],
+              N_IMAGE_TOKENS),
+    # Aya Vision: SigLIP tower, pixel-shuffle projector with its own LayerNorm, Cohere2 (parallel block)
+    "aya_vision": (_aya_vision, "aya_vision", "cohere2", ["layers.0.input_layernorm", "layers.1.input_layernorm",
+                                                         "norm"], N_IMAGE_TOKENS // 4),
+}
+
+
+def _build(kind: str):
+    cls, cfg = WRAPPERS[kind][0]()
     cfg._attn_implementation = "eager"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = LlavaForConditionalGeneration(cfg).eval()
+        model = cls(cfg).eval()
     model.tiny_norms = tiny.randomize(model, 0)
     return model
 
 
-def _as_unknown(folder: Path) -> None:
+def _as_unknown(folder: Path, kind: str) -> None:
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["model_type"] == "llava" and cfg["text_config"]["model_type"] == "llama"
+    assert cfg["model_type"] == WRAPPERS[kind][1]
     cfg["model_type"] = WRAPPER
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def _load(folder: Path):
-    """The LLaVA class on ``folder``, its config's model_type restored (transformers knows no WRAPPER)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def _load(folder: Path, kind: str):
+    """The wrapper's class on ``folder``, its config's model_type restored (transformers knows no WRAPPER)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
     d = json.loads((folder / "config.json").read_text())
-    d["model_type"] = "llava"
-    cfg = LlavaConfig.from_dict({k: v for k, v in d.items() if not k.startswith("flashnorm")})
-    model, info = LlavaForConditionalGeneration.from_pretrained(str(folder), config=cfg, dtype=torch.float32,
-                                                                attn_implementation="eager",
-                                                                output_loading_info=True)
+    d["model_type"] = WRAPPERS[kind][1]
+    cfg = AutoConfig.for_model(**{k: v for k, v in d.items() if not k.startswith("flashnorm")})
+    model, info = AutoModelForImageTextToText.from_pretrained(str(folder), config=cfg, dtype=torch.float32,
+                                                              attn_implementation="eager", output_loading_info=True)
     return model.eval(), info
 
 
-def _inputs() -> dict[str, dict]:
+def _inputs(n_image: int) -> dict[str, dict]:
     g = torch.Generator().manual_seed(7)
     text = torch.randint(3, IMAGE_TOKEN - 1, (2, 12), generator=g)
-    ids = torch.randint(3, IMAGE_TOKEN - 1, (2, N_IMAGE_TOKENS + 8), generator=g)
-    ids[:, 3:3 + N_IMAGE_TOKENS] = IMAGE_TOKEN
+    ids = torch.randint(3, IMAGE_TOKEN - 1, (2, n_image + 8), generator=g)
+    ids[:, 3:3 + n_image] = IMAGE_TOKEN
     pixels = torch.randn(2, 3, SIDE, SIDE, generator=g)
     return {"text": {"input_ids": text, "attention_mask": torch.ones_like(text)},
             "image": {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}}
@@ -107,18 +137,20 @@ LAYOUTS = {"legacy": ("language_model.model.", "language_model.lm_head.weight"),
 
 
 class Wrapper:
-    def __init__(self, layout: str, root: Path):
-        self.prefix, self.head = LAYOUTS[layout]
-        model = _llava()
+    def __init__(self, kind: str, layout: str, root: Path):
+        self.kind, self.prefix, self.head = kind, *LAYOUTS[layout]
+        _, _, self.family, folded, n_image = WRAPPERS[kind]
+        self.folded = {f"{self.prefix}{m}.weight" for m in folded}
+        model = _build(kind)
         if layout == "legacy":
             self.src = tiny.save_sharded(model, root / "src", dtype="bfloat16")
         else:
             norms = {n + s for n in model.tiny_norms for s in (".weight", ".bias")}
             self.src = save_memory_names(model, root / "src", norms)
         del model
-        _as_unknown(self.src)
-        self.inputs = _inputs()
-        ref, info = _load(self.src)
+        _as_unknown(self.src, kind)
+        self.inputs = _inputs(n_image)
+        ref, info = _load(self.src, kind)
         assert not info.get("missing_keys") and not info.get("unexpected_keys"), info
         self.ref = _logits(ref, self.inputs)
         del ref
@@ -130,29 +162,32 @@ class Wrapper:
             self.outs[mode, merged] = out
 
 
-@pytest.fixture(scope="module", params=[pytest.param("inmemory"), pytest.param("legacy", marks=pytest.mark.full)])
+@pytest.fixture(scope="module", params=[pytest.param(("llava", "inmemory"), id="llava-inmemory"),
+                                        pytest.param(("llava", "legacy"), id="llava-legacy", marks=pytest.mark.full),
+                                        pytest.param(("aya_vision", "inmemory"), id="aya_vision-inmemory",
+                                                     marks=pytest.mark.full)])
 def wrapper(request, tmp_path_factory):
-    return Wrapper(request.param, tmp_path_factory.mktemp(request.param))
+    kind, layout = request.param
+    return Wrapper(kind, layout, tmp_path_factory.mktemp(f"{kind}-{layout}"))
 
 
 def test_plan_is_the_text_family_under_the_prefix(wrapper):
     plan = wrapper.plan
-    assert plan.composed is not None and plan.family == "llama" and plan.model_type == WRAPPER
+    from streamfold.rules.patterns import looks_like_norm
+    assert plan.composed is not None and plan.family == wrapper.family and plan.model_type == WRAPPER
     assert plan.composed.prefix == wrapper.prefix and plan.composed.head + ".weight" == wrapper.head
-    folded = {n.weight for n in plan.folded}
-    want = {f"{wrapper.prefix}layers.{i}.{n}.weight" for i in range(2)
-            for n in ("input_layernorm", "post_attention_layernorm")} | {f"{wrapper.prefix}norm.weight"}
-    assert folded == want
-    assert all(n.name.startswith(tuple(plan.composed.others)) for n in plan.kept)  # the tower's norms
-    assert len(plan.kept) == 2 * 2 * 1 + 2  # CLIP: 2 layers x layer_norm1/2, pre and post layernorm
+    assert {n.weight for n in plan.folded} == wrapper.folded
+    outside = {t for t in _tensors(wrapper.src) if not t.startswith(wrapper.prefix) and t.endswith(".weight")
+               and looks_like_norm(t)}
+    assert outside and {n.weight for n in plan.kept} == outside  # the tower's (and projector's) norms
     text = plan.describe()
     assert "composed wrapper" in text and wrapper.prefix in text
-    assert plan.to_dict()["composed"]["text_model_type"] == "llama"
+    assert plan.to_dict()["composed"]["text_family"] == wrapper.family
 
 
 def test_outputs_are_exact_in_transformers_text_and_image(wrapper):
     for (mode, merged), out in wrapper.outs.items():
-        model, info = _load(out)
+        model, info = _load(out, wrapper.kind)
         assert not info.get("unexpected_keys"), info
         got = _logits(model, wrapper.inputs)
         for k in ("text", "image"):
@@ -167,6 +202,7 @@ def test_everything_outside_the_language_model_is_untouched(wrapper):
     assert sorted(src) == sorted(out)
     outside = [k for k in src if not k.startswith(wrapper.prefix) and k != wrapper.head]
     assert any("vision_tower" in k for k in outside) and any("multi_modal_projector" in k for k in outside)
+    assert any(k.endswith("norm.weight") for k in outside)
     for k in outside:
         assert torch.equal(src[k].view(torch.uint8) if src[k].dtype == torch.bfloat16 else src[k],
                            out[k].view(torch.uint8) if out[k].dtype == torch.bfloat16 else out[k]), k
@@ -248,7 +284,7 @@ def test_converted_wrapper_is_recognized_and_changes_mode(wrapper, tmp_path):
     back = tmp_path / "back"
     report = streamfold.convert(wrapper.outs["strict", "float32"], back, mode="compat")
     assert report.mode_change == "strict -> compat"
-    model, info = _load(back)
+    model, info = _load(back, wrapper.kind)
     assert not info.get("missing_keys") and not info.get("unexpected_keys"), info
     got = _logits(model, wrapper.inputs)
     for k in ("text", "image"):

@@ -194,17 +194,13 @@ def _converts(path: Path, fam: dict, mt: str, inputs, ref, td: Path) -> tuple[fl
 def derive_layouts(model, fam: dict, root: Path | None = None, check: bool = True, variants: list | None = None,
                    base_values: dict | None = None) -> LayoutResult:
     """The layouts and forms of ``fam`` (derived from ``model``'s saved names) that transformers loads and
-    streamfold converts exactly; ``fam`` itself is not changed. ``check=False``: the candidates, unproven
-    (for drift of the rules alone). ``variants``/``base_values``: the config variants ``fam`` was assembled
-    from (``[(overrides, model), ...]``), so a form has the same variants; proven on ``model``."""
+    streamfold converts exactly; ``fam`` itself is not changed. ``check=False`` (drift of the rules alone):
+    the candidates transformers loads as the saved model, without streamfold's conversion check.
+    ``variants``/``base_values``: the config variants ``fam`` was assembled from (``[(overrides, model),
+    ...]``), so a form has the same variants; proven on ``model``."""
     from . import tiny
     from ..rules.layout import spell
     res = LayoutResult()
-    if not check:
-        res.layouts = prefix_candidates(model, fam)
-        form = memory_form(model, fam, variants, base_values)
-        res.forms = [form] if form else []
-        return res
     mt = model.config.model_type
     inputs = tiny.example_inputs(model)
     with tempfile.TemporaryDirectory(prefix="sf_layouts_", dir=root) as td:
@@ -215,7 +211,8 @@ def derive_layouts(model, fam: dict, root: Path | None = None, check: bool = Tru
         del ref_model
         cands: list[tuple[str, Path | None, dict]] = []
         for i, lay in enumerate(prefix_candidates(model, fam)):
-            cands.append((describe(lay), respell(src, td / f"lay{i}", lambda k, lay=lay: spell(k, lay)), {"layout": lay}))
+            path = respell(src, td / f"lay{i}", lambda k, lay=lay: spell(k, lay))
+            cands.append((describe(lay), path, {"layout": lay}))
         try:
             form = memory_form(model, fam, variants, base_values)
         except Exception as e:  # a model whose in-memory names cannot be traced: no form, said why
@@ -229,7 +226,7 @@ def derive_layouts(model, fam: dict, root: Path | None = None, check: bool = Tru
                 why = _loads_same(path, mt, inputs, ref)
             except Exception as e:  # the loader refuses this spelling outright
                 why = f"transformers cannot load it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            if why is None:
+            if why is None and check:
                 trial = dict(fam)
                 if "layout" in item:
                     trial["layouts"] = [{}] + [lay for lay in fam.get("layouts", []) if lay] + [item["layout"]]
@@ -241,6 +238,7 @@ def derive_layouts(model, fam: dict, root: Path | None = None, check: bool = Tru
             if why is not None:
                 res.rejected[what] = why
                 continue
-            res.rel[what] = float(f"{rel:.2e}")
+            if check:
+                res.rel[what] = float(f"{rel:.2e}")
             (res.layouts.append(item["layout"]) if "layout" in item else res.forms.append(item["form"]))
     return res

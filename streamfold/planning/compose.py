@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ..core.errors import NothingToFold, StreamfoldError
 from ..rules.layout import Laid, choose
-from ..rules.patterns import pattern_regex
+from ..rules.patterns import expand_consumer, pattern_regex
 from ..rules.schema import family_for
 
 
@@ -105,22 +105,23 @@ def _base(fam: dict) -> tuple[str, str | None]:
 
 def _prefixes(fam: dict, base: str, names: list[str], by_consumers: bool = False) -> dict[str, set]:
     """Checkpoint prefix -> the fold rules of the text family (spelled without its base prefix) found under
-    it: by their norms, or (a strict checkpoint, norms removed) by the first consumer of each variant."""
+    it: by their norms, or (a strict checkpoint, norms removed) by a complete consumer set of a variant."""
     found: dict[str, set] = {}
+    present = set(names)
     for i, f in enumerate(fam["folds"]):
         if f.get("untied_head") or not f["norm"].startswith(base):
             continue
-        pats = [f["norm"] + ".weight"]
-        if by_consumers:
-            firsts = [v[0] for v in f.get("variants", [f.get("into")])]
-            pats = [c + ".weight" if isinstance(c, str) else c["weight"] for c in firsts]
-        for pat in pats:
-            if not pat.startswith(base):
+        sets = [[f["norm"]]] if not by_consumers else f.get("variants", [f.get("into")])
+        for cons in sets:
+            pats = [c + ".weight" if isinstance(c, str) else c["weight"] for c in cons]
+            if not all(p.startswith(base) for p in pats):
                 continue
-            rx = re.compile(r"(?P<pre>(?:[^.]+\.)*?)" + pattern_regex(pat[len(base):]).pattern)
+            rx = re.compile(r"(?P<pre>(?:[^.]+\.)*?)" + pattern_regex(pats[0][len(base):]).pattern)
             for t in names:
                 m = rx.match(t)
-                if m:
+                if m and all(expand_consumer({"weight": m.group("pre") + p[len(base):]},
+                                             {k: v for k, v in m.groupdict().items() if k != "pre"},
+                                             present, names) for p in pats[1:]):
                     found.setdefault(m.group("pre"), set()).add(i)
     return found
 
