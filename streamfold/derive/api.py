@@ -68,7 +68,11 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
             if r.strict_refused and "strict_refused" not in fam:
                 fam["strict_refused"] = r.strict_refused
     pairs = [(ov, m) for (ov, _), m in zip(derived, models)]
-    add_layouts(fam, derive_layouts(models[0], fam, check=check, variants=pairs, base_values=base_values), results)
+    # layouts are proven on the variant where most norms fold (LayerNorm biases fold only with biased linears)
+    def folding(d) -> int:  # a LayerNorm bias folds only when every consumer has a bias
+        return sum(x.fold and not (x.has_bias and any(b is None for *_, b in x.consumers)) for x in d.instances)
+    best = max(range(len(models)), key=lambda i: (folding(derived[i][1]), -i))
+    add_layouts(fam, derive_layouts(models[best], fam, check=check, variants=pairs, base_values=base_values), results)
     return fam, results
 
 

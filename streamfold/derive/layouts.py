@@ -165,6 +165,19 @@ def _loads_same(path: Path, mt: str, inputs, ref) -> str | None:
     return None if rel <= MAX_REL else f"transformers loads different logits (max rel err {rel:.1e})"
 
 
+def _applicable(fam: dict, names: list[str]) -> dict:
+    """``fam`` with only the fold rules that match a norm of this checkpoint in the spelling it uses (another
+    config variant's rules are left out: a rules file must match every rule, a built-in family need not)."""
+    from ..rules.layout import choose, relay
+    from ..rules.patterns import pattern_regex
+    laid = choose(fam, dict.fromkeys(names))
+    form = next((f for f in fam.get("forms", []) if f["name"] == laid.form), None)
+    folds = form["folds"] if form else fam["folds"]
+    spelled = relay(fam, laid.layout, form)["folds"]
+    kept = [f for f, g in zip(folds, spelled) if any(pattern_regex(g["norm"] + ".weight").match(t) for t in names)]
+    return {**fam, "forms": [{**form, "folds": kept}]} if form else {**fam, "folds": kept}
+
+
 def _converts(path: Path, fam: dict, mt: str, inputs, ref, td: Path) -> tuple[float | None, str | None]:
     """(compat float32 max rel err, None) when streamfold converts ``path`` exactly in its own names."""
     from safetensors import safe_open
@@ -173,6 +186,8 @@ def _converts(path: Path, fam: dict, mt: str, inputs, ref, td: Path) -> tuple[fl
     from ..core.errors import StreamfoldError
     from ..run.conversion import load_plan
     from . import tiny
+    names = sorted(k for f in path.glob("*.safetensors") for k in safe_open(str(f), "pt").keys())
+    fam = _applicable(fam, names)
     rules = td / "rules.json"
     rules.write_text(json.dumps({"families": {"derived": {**fam, "model_types": [mt]}}}))
     out = td / "out"
