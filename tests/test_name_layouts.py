@@ -151,6 +151,13 @@ def test_card_and_detect_follow_the_layout(case, tmp_path):
 
 
 # -- every stored layout of every family (--full) ---------------------------------------------------------
+# configs under which the family's LayerNorm biases fold (with the defaults its linears have no biases, so
+# nothing would fold), as in tests/test_families.py
+FOLDING_CONFIG = {"phimoe": {"attention_bias": True, "lm_head_bias": True},
+                  "nemotron": {"attention_bias": True, "mlp_bias": True},
+                  "falcon": {"bias": True}, "stablelm": {"use_qkv_bias": True}}
+
+
 def _stored_spellings() -> list:
     from streamfold.rules.schema import FAMILIES
     out = []
@@ -169,7 +176,8 @@ def _stored_spellings() -> list:
 def test_every_stored_layout_loads_and_converts_exactly(mt, kind, which, tmp_path):
     """Each layout and form a family's data records (derived by tools/derive_rules.py) on that family's
     tiny model: transformers loads it as the saved model, streamfold converts it in its own names, exact."""
-    model = tiny.build_tiny_model(config=tiny.tiny_config(mt, tie_word_embeddings=False), seed=0)
+    cfg = tiny.tiny_config(mt, tie_word_embeddings=False, **FOLDING_CONFIG.get(mt, {}))
+    model = tiny.build_tiny_model(config=cfg, seed=0)
     default = tiny.save_sharded(model, tmp_path / "default", dtype="bfloat16")
     if kind == "form":
         src = save_memory_names(model, tmp_path / "src", {n + s for n in model.tiny_norms for s in (".weight", ".bias")})

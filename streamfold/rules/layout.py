@@ -43,9 +43,15 @@ class Laid:
 
 
 def spell(p: str, lay: dict) -> str:
-    """``p`` with its longest prefix found in ``lay`` replaced by the checkpoint's spelling."""
-    key = max((k for k in lay if p.startswith(k)), key=len, default=None)
-    return p if key is None else lay[key] + p[len(key):]
+    """``p`` with its longest prefix found in ``lay`` replaced by the checkpoint's spelling. A prefix
+    ``X.`` also spells the module ``X`` itself (a head pattern ``embed_out`` under ``{"embed_out.":
+    "lm_head."}`` is ``lm_head``)."""
+    key = max((k for k in lay if p.startswith(k) or (k.endswith(".") and p == k[:-1])), key=len, default=None)
+    if key is None:
+        return p
+    if p == key[:-1]:
+        return lay[key][:-1] if lay[key].endswith(".") else lay[key]
+    return lay[key] + p[len(key):]
 
 
 def _consumer(c, lay: dict):
