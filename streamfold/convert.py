@@ -154,10 +154,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
     ``executor="ray"`` each task does that on its worker and returns the upload; the driver makes the
     one commit (``report.peak_disk``: the largest task's).
 
-    The output is built beside ``dst`` and published in one step (:mod:`streamfold.staging`): an existing
+    The output is built beside ``dst`` and published in one step (:mod:`streamfold.run.staging`): an existing
     ``dst`` (replaced only with ``overwrite``) stays complete until then. ``log`` receives one-line notes
     (default: the ``streamfold`` logger), such as a killed run's partial output being removed or resumed:
-    the staging folder keeps a journal of completed shards (:mod:`streamfold.journal`), and when a
+    the staging folder keeps a journal of completed shards (:mod:`streamfold.run.journal`), and when a
     conversion is killed the same call re-uses the shards that check out (``resume=False`` discards them).
     """
     t0 = time.perf_counter()
@@ -271,7 +271,7 @@ def run_tasks(cplan: ConversionPlan, out_dir: Path, *, executor: str = "local", 
               on_done=None, hub=None, verify: bool = False) -> dict[str, str]:
     """Run ``tasks`` (default: all of the plan's) into ``out_dir``; returns shard sha256s when hashed.
 
-    ``hub`` (Ray only): a :class:`~streamfold.hub_remote.HubRef`; each task fetches its own source
+    ``hub`` (Ray only): a :class:`~streamfold.hub.remote.HubRef`; each task fetches its own source
     shards from it (and, with ``verify``, checks its shard against them)."""
     tasks = cplan.tasks if tasks is None else tasks
     if executor == "ray":

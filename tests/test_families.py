@@ -38,6 +38,7 @@ tiny = pytest.importorskip("streamfold.derive.tiny")
 import streamfold  # noqa: E402
 from streamfold.core.reader import Checkpoint  # noqa: E402
 from streamfold.rules.schema import FAMILIES  # noqa: E402
+from tests.representatives import FAMILY_TYPES, matrix  # noqa: E402
 
 MAX_REL_F32 = 1e-5
 MIN_COS_BF16 = 0.9999
@@ -143,7 +144,7 @@ _CASES: dict[str, Case] = {}
 NUMBERS: dict[str, dict] = {}
 
 
-@pytest.fixture(scope="module", params=_model_types())
+@pytest.fixture(scope="module", params=matrix(_model_types(), FAMILY_TYPES))
 def case(request, tmp_path_factory):
     mt = request.param
     if mt not in _CASES:

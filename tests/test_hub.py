@@ -27,6 +27,7 @@ from streamfold.hub import client as hub
 from streamfold.hub import push as hub_push
 from streamfold.hub import remote as hub_remote
 from tests.hubserver import GITATTRIBUTES, hub_server  # noqa: F401  (hub_server is a fixture)
+from tests.representatives import matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "streamfold" / "sample"
@@ -224,7 +225,7 @@ def test_local_path_wins_over_repo_id(tmp_path):
     assert r.returncode == 2 and "--revision applies to Hub repo ids" in r.stderr
 
 
-@pytest.mark.parametrize("src", ["./no-such-dir", "a/b/c", "no such", "org/..x"])
+@pytest.mark.parametrize("src", matrix(["./no-such-dir", "a/b/c", "no such", "org/..x"], {"a/b/c"}))
 def test_neither_path_nor_repo_id(tmp_path, src):
     r = run_cli(src, tmp_path / "out", env=offline_env(tmp_path / "hf"), cwd=tmp_path)
     assert r.returncode == 2
@@ -413,7 +414,7 @@ def test_gitattributes_is_not_reported_as_skipped(tmp_path, hub_server):
 
 # --- remote plans: headers only (Range reads) -----------------------------------------------------
 
-@pytest.mark.parametrize("mode,merged", [("compat", "source"), ("strict", "float32")])
+@pytest.mark.parametrize("mode,merged", matrix([("compat", "source"), ("strict", "float32")], {("strict", "float32")}))
 def test_remote_plan_matches_local_plan_and_sizes(tmp_path, hub_server, mode, merged):
     sha = hub_server.add_repo(REPO, _files())
     remote = streamfold.inspect(REPO, mode=mode, merged_dtype=merged)

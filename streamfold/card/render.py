@@ -242,6 +242,13 @@ def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_displ
     if plan.unknown_norms:
         notes.append(f"{len(plan.unknown_norms)} norm-like tensors that no streamfold rule covers were copied "
                      "unchanged.")
+    quant = plan.quant_summary()
+    if quant:
+        kinds = ", ".join(f"{n} {k}" for k, n in quant["formats"].items())
+        notes.append(f"The source is quantized (`{quant['method']}`: {kinds} modules): their codes and scales are "
+                     "byte-for-byte copies and `quantization_config` is unchanged. A norm is folded only where every "
+                     "linear reading it is unquantized; a norm read by a quantized linear is kept (see the table), "
+                     "since codes and scales cannot absorb a per-channel factor exactly.")
     notes.append("All other tensors are byte-for-byte copies of the source.")
     L += [" ".join(notes), ""]
     L += _usage(cfg, folder, load_ref, compat, tokenizer_from=source_repo or base_model,
@@ -314,7 +321,7 @@ def _usage(cfg: dict, folder: Path | None, ref: str, compat: bool, tokenizer_fro
 def write_card(folder: str | os.PathLike, *, plan, tensors, cfg: dict, source, dst: str | os.PathLike,
                version: str, bytes_in: int, bytes_out: int, push_to_hub: str | None = None,
                base_model: str | None = None, rules=None, private: bool = False) -> Path:
-    """Write ``folder/README.md`` for a conversion (``source`` is a :class:`streamfold.hub.Source`)."""
+    """Write ``folder/README.md`` for a conversion (``source`` is a :class:`streamfold.hub.client.Source`)."""
     # The card names DST by its folder name (what the usage snippet loads) or the repo it is pushed to,
     # never by its location: the same conversion into folders of the same name gives the same bytes
     # (and SHA256SUMS) wherever they are.

@@ -1,7 +1,7 @@
 """verify's checks of everything but tensor data: config, shard layout, index, other files, manifest.
 
-Each function appends :class:`~streamfold.verify_report.Problem` s to ``problems`` and returns what
-the later checks need. The tensor data itself is checked by :mod:`streamfold.taskcheck`.
+Each function appends :class:`~streamfold.check.report.Problem` s to ``problems`` and returns what
+the later checks need. The tensor data itself is checked by :mod:`streamfold.check.taskcheck`.
 """
 from __future__ import annotations
 

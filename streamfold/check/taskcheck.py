@@ -1,10 +1,10 @@
 """The one element check: output tensors against the chunk records of the task that wrote them.
 
-The same records the engine executed (:mod:`streamfold.tasks`), checked independently of how it
+The same records the engine executed (:mod:`streamfold.planning.tasks`), checked independently of how it
 executed them: copied ranges are byte-identical to the source; every folded element has exactly the
-bits of the exact product rounded once (:func:`streamfold.oracle.check_scaled`: a float64 product and
+bits of the exact product rounded once (:func:`streamfold.check.oracle.check_scaled`: a float64 product and
 ml_dtypes/numpy rounding, not fold.py's kernels); identity fills are exact; folded biases have
-exactly the bits of ``b + W @ beta``, the exact sum rounded once (:func:`streamfold.oracle.expected_bias`:
+exactly the bits of ``b + W @ beta``, the exact sum rounded once (:func:`streamfold.check.oracle.expected_bias`:
 math.fsum where the float64 sum's error interval straddles a rounding boundary).
 
 Chunk records are cut into :class:`Piece` s of at most ``piece_bytes`` output bytes, each restricted
@@ -12,7 +12,7 @@ to one tensor (a copy record spans a run of tensors), so memory stays bounded wh
 task was planned with, and every problem names its tensor. A tensor is checked wherever the output
 actually holds it (:class:`Target`), so a shard whose header differs from the task's (a tensor
 missing or added) still has its other tensors checked. Used by ``verify`` (every shard, with the
-manifest hash fed from the same reads: :mod:`streamfold.checkrun`) and by the streaming Hub path
+manifest hash fed from the same reads: :mod:`streamfold.check.checkrun`) and by the streaming Hub path
 (``--stream --verify``: :func:`check_task`, each shard before it is uploaded).
 """
 from __future__ import annotations

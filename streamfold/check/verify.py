@@ -1,36 +1,36 @@
 """verify(): prove a converted checkpoint is its source with the norms folded, without torch.
 
 The source is re-planned (the same planner convert uses, in the mode and merged dtype the output
-declares) and cut into the same task records convert executes (:func:`streamfold.tasks.build_tasks`);
-every output shard is then checked against its task's chunk records (:mod:`streamfold.taskcheck`,
+declares) and cut into the same task records convert executes (:func:`streamfold.planning.tasks.build_tasks`);
+every output shard is then checked against its task's chunk records (:mod:`streamfold.check.taskcheck`,
 the one element check):
 
 - unchanged tensors (including norms that cannot fold) are byte-identical to the source, compared
   piece by piece (a direct byte comparison: stronger than comparing hashes, and cheaper);
 - folded weights are, element by element and bit for bit, the exact product ``source x multiplier``
   rounded once to nearest-even to their stored dtype (any NaN matches any NaN), recomputed
-  independently of the kernel (:mod:`streamfold.oracle`: float64 product, ml_dtypes/numpy rounding);
+  independently of the kernel (:mod:`streamfold.check.oracle`: float64 product, ml_dtypes/numpy rounding);
   wrong elements are reported with their index and distance from the exact product in ulps;
 - folded norms are the identity (compat) or absent (strict); LayerNorm biases folded into consumer
   biases have exactly the bits of ``b + W @ beta``, the exact sum rounded once
-  (:func:`streamfold.oracle.expected_bias`);
+  (:func:`streamfold.check.oracle.expected_bias`);
 - ``config.json`` carries the FlashNorm flags and is otherwise the source's; every tensor sits in the
   shard the source has it in with the planned dtype and shape; each shard header is byte for byte the
   task's; the index matches the shard headers; the other files are the source's; no other weight
-  format of the unfolded model was left behind (:mod:`streamfold.verify_meta`);
+  format of the unfolded model was left behind (:mod:`streamfold.check.meta`);
 - ``SHA256SUMS`` (written by convert) matches every file and lists all of them, when present.
 
 Output shards are read once, sequentially per file (each piece feeds both the manifest hash and the
 tensor check; the headers, a few KB, twice), source tensors once, all through bounded reused buffers
 (never memory-mapped), so peak memory is set by the buffer budget whatever the model size
-(:mod:`streamfold.checkrun`).
+(:mod:`streamfold.check.checkrun`).
 
 What this proves, and what it does not: the source is re-planned with the same planner and rules
 convert used, so a pass means "DST is exactly this plan executed on SRC" (every byte accounted for),
 whichever engine wrote it (local threads, Ray, tasks run from JSON). It does not prove the plan is
 right for the model (that a norm really feeds only those linears, that the rules match the
 architecture): that is what ``forward=True`` (an independent numpy forward pass of both checkpoints,
-for the decoders :mod:`streamfold.forward` supports; :mod:`streamfold.forward_check`) and the
+for the decoders :mod:`streamfold.check.forward` supports; :mod:`streamfold.check.forward_check`) and the
 transformers test suite (``tests/test_architectures.py``: logits of the converted model in stock
 transformers) check.
 """

@@ -25,9 +25,10 @@ from typing import Callable
 import numpy as np
 
 from ..rules.patterns import Consumer, config_get, expand_consumer, looks_like_norm, natural_key, pattern_regex
-from .compose import resolve
 from .planner import is_tied
 from ..core.reader import TensorInfo
+from ..quant.formats import classify
+from .compose import resolve
 
 FLAG_KEYS = ("flashnorm", "flashnorm_mode", "flashnorm_version")
 _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")
@@ -169,6 +170,8 @@ NORM_BIAS_FAMILIES = frozenset({"gpt_neox", "phi", "starcoder2", "stablelm", "ne
 def foldable(cfg: dict, tensors: dict[str, TensorInfo], rules: dict | None = None):
     """(family name, family as laid out in this checkpoint, tied, [(rule, module name, consumers)]) for
     every norm the rules fold in this checkpoint, whether the norm tensor is present or not."""
+    quant = classify(cfg, tensors)
+    tensors = quant.view(tensors)  # consumers by their logical names (X.weight of X.weight_packed)
     resolved = resolve(cfg, tensors, rules)  # the layout that tiles: by norms, or by consumers (strict)
     family, laid = resolved.family, resolved.fam
     tied = is_tied(cfg, resolved.model_type, laid)
@@ -178,6 +181,8 @@ def foldable(cfg: dict, tensors: dict[str, TensorInfo], rules: dict | None = Non
     # a norm of this model (e.g. StableLM's parallel block has no post_attention_layernorm).
     owned = {c.weight for _, name, cs in found if name + ".weight" in tensors for c in cs}
     found = [x for x in found if x[1] + ".weight" in tensors or not any(c.weight in owned for c in x[2])]
+    # A norm with a quantized consumer is never folded (partial fold keeps it): not a foldable norm here.
+    found = [x for x in found if not any(quant.consumer(c.weight) for c in x[2])]
     return family, laid, tied, found
 
 

@@ -3,6 +3,11 @@
 The plan reads ``config.json``, the index and shard headers, plus the (tiny) norm vectors; it never
 touches weight data, so ``inspect`` is instant and every shape or naming problem surfaces before any
 output exists.
+
+A quantized source (``quantization_config``) is classified by :mod:`streamfold.quant.formats` and folded
+partially: consumers are resolved by their logical names (``X.weight`` of ``X.weight_packed``, gpt-oss's
+``experts.gate_up_proj`` of ``..._blocks``), a norm folds only when none of its consumers is quantized
+(otherwise it is kept and the reason names the quantized consumer), and every quantized tensor is a copy.
 """
 from __future__ import annotations
 
@@ -12,10 +17,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..core.dtypes import DTYPES, FOLDABLE, QUANTIZED
+from ..core.dtypes import DTYPES, FOLDABLE
 from ..core.errors import StreamfoldError
 from ..core.fold import merged_out_dtype
 from ..core.reader import TensorInfo
+from ..quant.formats import Quantization, classify
 from ..rules.patterns import Consumer, config_get, expand_consumer, generalize, looks_like_norm, \
     natural_key, pattern_regex, present, stars
 from .compose import resolve, untiled
@@ -26,16 +32,6 @@ MERGED_DTYPES = ("source", "float32")
 # and refused otherwise (streamfold never narrows a weight's dtype).
 MERGED_ALIASES = {"source": "source", "float32": "float32", "fp32": "float32", "f32": "float32",
                   "bf16": "bf16", "bfloat16": "bf16"}
-# (tensor-name suffixes, what they are) of checkpoints whose stored values are not the weights
-_QUANT_KINDS = (
-    (("weight_scale_inv",), "FP8 weights with block scales"),
-    ((".qweight", ".qzeros", ".g_idx", ".scales"), "GPTQ/AWQ packed integer weights"),
-    (("_blocks", "_scales"), "MXFP4 expert blocks"),
-    (("weight_scale", "input_scale"), "FP8/INT8 weights with scales"),
-    ((".absmax", ".quant_map", ".SCB"), "bitsandbytes weights"),
-)
-_QUANT_WHY = ("the stored values are quantized codes with separate scales, so multiplying them by a norm is "
-              "not the fold; convert the unquantized (bf16/fp16/fp32) checkpoint")
 
 
 @dataclass
@@ -89,10 +85,11 @@ class Plan:
     norms: list[NormPlan]
     actions: dict[str, Action]
     unknown_norms: list[str]
-    # Mode changes of an already-folded checkpoint (streamfold.remode): tensors to create (identity
+    # Mode changes of an already-folded checkpoint (streamfold.planning.remode): tensors to create (identity
     # norms restored in strict -> compat), and the source's FlashNormState. Empty / None for folds.
     added: list = field(default_factory=list)
     flashnorm: object | None = None
+    quant: Quantization | None = None  # the source's quantized modules (copied byte for byte)
     # How the checkpoint spells the rules' names when not as save_pretrained writes them (bare base
     # model, nested prefix, in-memory form: streamfold.rules.layout), and a composed wrapper's layout
     # (streamfold.planning.compose.Composed); None when neither applies.
@@ -134,9 +131,19 @@ class Plan:
                            "consumers": [c.weight for c in n.consumers]} for n in self.norms],
             "unknown_norms": self.unknown_norms,
             "tensors": {str(k): self.count(k) for k in (Kind.SCALE, Kind.BIAS, Kind.FILL, Kind.DROP, Kind.COPY)},
+            "quantization": self.quant_summary(),
             "layout": self.layout,
             "composed": self.composed.to_dict() if self.composed is not None else None,
         }
+
+    def quant_summary(self) -> dict | None:
+        """The quantized source's method and module count per format (None when not quantized)."""
+        if self.quant is None or not self.quant.quantized:
+            return None
+        formats: dict[str, int] = {}
+        for qm in self.quant.modules.values():
+            formats[qm.describe()] = formats.get(qm.describe(), 0) + 1
+        return {"method": self.quant.method, "modules": len(self.quant.modules), "formats": formats}
 
     def describe(self, each: bool = False) -> str:
         """The plan as text: one line per norm family, or per norm with ``each``."""
@@ -147,6 +154,11 @@ class Plan:
             lines.append(self.composed.describe())
         if self.layout:
             lines.append(f"tensor names: {self.layout} (written back the same way)")
+        q = self.quant_summary()
+        if q:
+            kinds = ", ".join(f"{n} modules {k}" for k, n in q["formats"].items())
+            lines.append(f"quantized source ({q['method']}): {kinds}; their tensors are copied byte for byte, "
+                         "quantization_config unchanged; only norms whose consumers are all unquantized fold")
         for g in self.groups():
             head = f"  {g['status'].upper():4}  {g['norm']}  x{g['count']}"
             if g["status"] == "fold":
@@ -167,18 +179,17 @@ class Plan:
         return "\n".join(lines)
 
 
-def check_not_quantized(cfg: dict, tensors: dict[str, TensorInfo]) -> None:
-    """Refuse checkpoints whose stored values are not the weights (a multiply would be wrong)."""
-    q = config_get(cfg, "quantization_config")
-    if q:
-        method = q.get("quant_method", "unknown") if isinstance(q, dict) else "unknown"
-        raise StreamfoldError(f"config.json: quantized checkpoint (quantization_config, method {method!r}): "
-                              + _QUANT_WHY)
-    for sfx, kind in _QUANT_KINDS + ((None, "FP8 weights"),):  # the most telling tensor first
-        t = next((t for t in tensors.values() if (t.name.endswith(sfx) if sfx else t.dtype in QUANTIZED)), None)
-        if t is not None:
-            raise StreamfoldError(f"{t.path.name}: tensor {t.name!r} ({t.dtype}) is quantized ({kind}): "
-                                  + _QUANT_WHY)
+def quantized_keep(n: NormPlan, quant: Quantization) -> None:
+    """Keep a fold-planned norm that has a quantized consumer (partial fold): codes and scales cannot
+    absorb a per-input-channel factor exactly, so its consumers and the norm are copied unchanged."""
+    hits = [(c, qm) for c in n.consumers if (qm := quant.consumer(c.weight))]
+    if not hits:
+        return
+    c, qm = next((h for h in hits if h[1].input_scale), hits[0])  # a static input scale says the most
+    static = (f" with a static input scale {generalize(qm.input_scale)!r} (its activations are quantized against "
+              "a fixed range, so it must see the norm's output)") if qm.input_scale else ""
+    n.status, n.consumers = "keep", []
+    n.reason = f"consumer {generalize(c.weight)} is {qm.describe()}{static}; use --dequantize"
 
 
 def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.ndarray] | None, *,
@@ -193,13 +204,16 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     if want is None:
         raise StreamfoldError(f"merged dtype must be one of {', '.join(MERGED_ALIASES)}, not {merged_dtype!r}")
     merged_dtype = "source" if want == "bf16" else want
-    resolved = resolve(cfg, tensors, rules)
+    if not isinstance(cfg.get("model_type"), str):
+        raise StreamfoldError("config.json: no \"model_type\"; is this a transformers checkpoint?")
+    quant = classify(cfg, tensors)
+    real, tensors = tensors, quant.view(tensors)  # consumers by their logical names (X.weight of X.qweight)
+    resolved = resolve(cfg, tensors, rules)  # the family as laid out here, a composed wrapper, or a refusal
     family, fam, model_type = resolved.family, resolved.fam, resolved.model_type
     user_rules = bool(rules) and family in rules and model_type in rules[family]["model_types"]
     if mode == "strict" and fam.get("strict_refused"):
         raise StreamfoldError(f"{model_type}: strict mode is not exact for this architecture "
                               f"({fam['strict_refused']}); use --mode compat")
-    check_not_quantized(cfg, tensors)
     offset = fam.get("offset", 0)
     tied = is_tied(cfg, model_type, fam)
 
@@ -241,6 +255,10 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
                 claimed[tname] = name
                 norms.append(NormPlan(k["norm"], name, tname, present(name + ".bias", tensors), "keep", k["why"]))
 
+    for n in norms:
+        if n.status == "fold":
+            quantized_keep(n, quant)
+    tensors = real
     actions: dict[str, Action] = {}
     for n in norms:
         if n.status == "fold":
@@ -256,7 +274,7 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     unknown = sorted((t for t in tensors if looks_like_norm(t) and t not in claimed and t not in covered
                       and actions[t].kind == Kind.COPY), key=natural_key)
     untiled(resolved, unknown)
-    return Plan(family, cfg["model_type"], offset, tied, mode, merged_dtype, norms, actions, unknown,
+    return Plan(family, cfg["model_type"], offset, tied, mode, merged_dtype, norms, actions, unknown, quant=quant,
                 layout=resolved.layout, composed=resolved.composed)
 
 

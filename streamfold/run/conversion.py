@@ -36,7 +36,7 @@ def load_plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: 
     """Open and validate a local checkpoint and plan its conversion (headers and norms only).
 
     An already-FlashNorm ``src`` raises :class:`AlreadyFlashNorm` (closing it) or plans a mode change;
-    see :func:`streamfold.remode.plan_checkpoint` (``label`` names ``src`` in its messages).
+    see :func:`streamfold.planning.remode.plan_checkpoint` (``label`` names ``src`` in its messages).
     ``read(tensor_info)`` overrides how the (tiny) norm vectors are read, e.g. by HTTP range requests
     when the local shards are header-only stubs."""
     src = Path(src)
@@ -58,7 +58,7 @@ def load_plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: 
 
 @dataclass
 class ConversionPlan:
-    """A planned conversion: the norm plan, one :class:`~streamfold.tasks.Task` per output shard,
+    """A planned conversion: the norm plan, one :class:`~streamfold.planning.tasks.Task` per output shard,
     and what :func:`finish` needs (config, other files, the source's provenance)."""
 
     source: Source
