@@ -181,6 +181,7 @@ def test_no_family_drifted():
         r.stdout + r.stderr[-3000:]
 
 
+@pytest.mark.full
 def test_rules_only_reports_drift(tmp_path):
     """--rules-only still sees an edited rule (and needs --check)."""
     import shutil

@@ -196,6 +196,7 @@ def test_offline_missing_shard_is_one_line_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.full
 def test_revision_tag_and_commit_resolve_from_cache(tmp_path, hf_home):
     files = _files()
     files["README.md"] = SOURCE_CARD.replace("apache-2.0", "mit").encode()

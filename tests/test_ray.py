@@ -145,6 +145,7 @@ def _cached_weights(cluster, repo: str) -> list[Path]:
     return list((cluster["hf_home"] / "hub" / f"models--{repo.replace('/', '--')}").rglob("*.safetensors"))
 
 
+@pytest.mark.full
 def test_ray_from_hub_fetches_each_shard_once_in_its_task(cluster, faults, layered, tmp_path):  # noqa: F811
     repo = "org/toy-fetch"  # a repo of its own: nothing of it in the HF cache from other tests
     hub = _hub_repo(cluster, layered, repo)

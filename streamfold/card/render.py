@@ -18,7 +18,7 @@ from pathlib import Path
 from .table import change_rows, dtype_names
 from ..core.errors import StreamfoldError
 from ..core.files import CARD_NAME
-from ..planning.planner import Kind
+from ..planning.planner import Kind, Plan
 from ..core.units import human_bytes
 
 PAPER = "https://arxiv.org/abs/2407.09577"
@@ -243,7 +243,9 @@ def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_displ
         notes.append(f"{len(plan.unknown_norms)} norm-like tensors that no streamfold rule covers were copied "
                      "unchanged.")
     quant = plan.quant_summary()
-    if quant:
+    if quant and plan.dequant is not None:
+        notes.append(dequant_note(plan, tensors))
+    elif quant:
         kinds = ", ".join(f"{n} {k}" for k, n in quant["formats"].items())
         notes.append(f"The source is quantized (`{quant['method']}`: {kinds} modules): their codes and scales are "
                      "byte-for-byte copies and `quantization_config` is unchanged. A norm is folded only where every "
@@ -341,3 +343,23 @@ def write_card(folder: str | os.PathLike, *, plan, tensors, cfg: dict, source, d
     path = folder / CARD_NAME
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def dequant_note(plan: Plan, tensors: dict) -> str:
+    """The card's paragraph on ``--dequantize``: what was widened, what is exact, the size change."""
+    deq = plan.dequant
+    widened = [a for a in plan.actions.values() if a.kind == Kind.DEQUANT]
+    folded = sum(1 for a in widened if a.norm is not None)
+    out = {a.out_dtype for a in widened}
+    before = sum(tensors[x].nbytes for qm in deq.widened.values() for x in qm.tensors)
+    after = sum(tensors[qm.weight].numel * (4 if "F32" in out else 2) for qm in deq.widened.values())
+    left = len(deq.quant.modules) - len(deq.widened)
+    return (f"The source is quantized (`{deq.quant.method}`). Converted with `--dequantize`: {len(widened)} quantized "
+            f"weights were decoded to {dtype_names(out)} ({folded} folded with their norm: every element is the exact "
+            f"product `q · s · g` of code, block scale and norm weight, rounded once to nearest-even; {len(widened) - folded} "
+            "fused siblings or expert down projections widened so that loaders see one precision per fused layer: "
+            "`q · s` rounded once, exact where it fits, e.g. power-of-two scales into bf16), and their scales dropped; "
+            f"those weights grew from {before} to {after} bytes. "
+            + (f"{left} quantized modules are byte-for-byte copies, and `quantization_config` lists the widened ones "
+               "as not converted." if left else "Nothing quantized is left, so `quantization_config` was removed."))
+

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ..core.errors import NothingToFold, StreamfoldError
 from ..rules.layout import Laid, choose
-from ..rules.patterns import expand_consumer, pattern_regex
+from ..rules.patterns import config_get, expand_consumer, pattern_regex
 from ..rules.schema import family_for
 
 
@@ -80,6 +80,14 @@ def resolve(cfg: dict, tensors: dict, rules: dict | None = None) -> Resolved:
     refuse(model_type, fam)
     laid = choose(fam, tensors)
     return Resolved(family, laid.fam, model_type, laid.describe())
+
+
+def is_tied(cfg: dict, model_type: str, fam: dict) -> bool:
+    """Whether the embeddings are tied: config.json (or its text_config), else the family's default."""
+    tie_default = fam.get("tie_default", False)
+    if isinstance(tie_default, list):
+        tie_default = model_type in tie_default
+    return bool(config_get(cfg, "tie_word_embeddings", tie_default))
 
 
 def refuse(model_type: str, fam: dict) -> None:

@@ -25,10 +25,9 @@ from typing import Callable
 import numpy as np
 
 from ..rules.patterns import Consumer, config_get, expand_consumer, looks_like_norm, natural_key, pattern_regex
-from .planner import is_tied
 from ..core.reader import TensorInfo
 from ..quant.formats import classify
-from .compose import resolve
+from .compose import is_tied, resolve
 
 FLAG_KEYS = ("flashnorm", "flashnorm_mode", "flashnorm_version")
 _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")

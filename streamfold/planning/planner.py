@@ -8,6 +8,7 @@ A quantized source (``quantization_config``) is classified by :mod:`streamfold.q
 partially: consumers are resolved by their logical names (``X.weight`` of ``X.weight_packed``, gpt-oss's
 ``experts.gate_up_proj`` of ``..._blocks``), a norm folds only when none of its consumers is quantized
 (otherwise it is kept and the reason names the quantized consumer), and every quantized tensor is a copy.
+With ``dequantize`` they are widened instead (``Kind.DEQUANT``; :mod:`streamfold.planning.dequant`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from ..core.reader import TensorInfo
 from ..quant.formats import Quantization, classify
 from ..rules.patterns import Consumer, config_get, expand_consumer, generalize, looks_like_norm, \
     natural_key, pattern_regex, present, stars
-from .compose import resolve, untiled
+from .compose import is_tied, resolve, untiled
+from .dequant import Dequant, check_shape, dequantize_mode, out_dtype as dequant_dtype
 
 MODES = ("compat", "strict")
 MERGED_DTYPES = ("source", "float32")
@@ -57,7 +59,8 @@ class Kind(StrEnum):
     SCALE = "scale"  # multiplied by ``norm.scale`` along ``axis``
     FILL = "fill"  # set to ``value`` (a folded norm's identity, compat mode)
     BIAS = "bias"  # source bias + W @ shift (W = ``norm``'s consumer weight ``source``)
-    DROP = "drop"  # removed (a folded norm, strict mode)
+    DROP = "drop"  # removed (a folded norm, strict mode; a widened weight's scales)
+    DEQUANT = "dequant"  # a quantized weight decoded to bf16/f32, times ``norm.scale`` if ``norm`` is set
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Action:
     axis: int = -1
     value: float = 0.0
     source: str | None = None
+    quant: object | None = None  # DEQUANT: the module's streamfold.quant.formats.QuantModule
 
 
 @dataclass
@@ -89,12 +93,11 @@ class Plan:
     # norms restored in strict -> compat), and the source's FlashNormState. Empty / None for folds.
     added: list = field(default_factory=list)
     flashnorm: object | None = None
+    # --dequantize: the widening decisions (streamfold.planning.dequant.Dequant), None otherwise
+    dequant: object | None = None
     quant: Quantization | None = None  # the source's quantized modules (copied byte for byte)
-    # How the checkpoint spells the rules' names when not as save_pretrained writes them (bare base
-    # model, nested prefix, in-memory form: streamfold.rules.layout), and a composed wrapper's layout
-    # (streamfold.planning.compose.Composed); None when neither applies.
-    layout: str | None = None
-    composed: object | None = None
+    layout: str | None = None  # the tensor-name layout when not save_pretrained's (rules.layout.Laid.describe)
+    composed: object | None = None  # a composed wrapper (planning.compose.Composed)
 
     @property
     def folded(self) -> list[NormPlan]:
@@ -130,7 +133,8 @@ class Plan:
             "each_norm": [{"norm": n.name, "status": n.status, "reason": n.reason,
                            "consumers": [c.weight for c in n.consumers]} for n in self.norms],
             "unknown_norms": self.unknown_norms,
-            "tensors": {str(k): self.count(k) for k in (Kind.SCALE, Kind.BIAS, Kind.FILL, Kind.DROP, Kind.COPY)},
+            "tensors": {str(k): self.count(k) for k in (Kind.SCALE, Kind.BIAS, Kind.FILL, Kind.DROP, Kind.COPY,
+                                                        Kind.DEQUANT) if k != Kind.DEQUANT or self.dequant},
             "quantization": self.quant_summary(),
             "layout": self.layout,
             "composed": self.composed.to_dict() if self.composed is not None else None,
@@ -150,12 +154,12 @@ class Plan:
         lines = [f"model_type {self.model_type} (family {self.family}), norm multiplies by "
                  f"{'1 + w' if self.offset else 'w'}, tied embeddings: {'yes' if self.tied else 'no'}",
                  f"mode {self.mode}, merged dtype {self.merged_dtype}"]
-        if self.composed is not None:
-            lines.append(self.composed.describe())
-        if self.layout:
-            lines.append(f"tensor names: {self.layout} (written back the same way)")
+        lines += [self.composed.describe()] if self.composed is not None else []
+        lines += [f"tensor names: {self.layout} (written back the same way)"] if self.layout else []
         q = self.quant_summary()
-        if q:
+        if q and self.dequant is not None:
+            lines.append(self.dequant.describe())
+        elif q:
             kinds = ", ".join(f"{n} modules {k}" for k, n in q["formats"].items())
             lines.append(f"quantized source ({q['method']}): {kinds}; their tensors are copied byte for byte, "
                          "quantization_config unchanged; only norms whose consumers are all unquantized fold")
@@ -174,7 +178,8 @@ class Plan:
         for name in self.unknown_norms:
             lines.append(f"  NOTE  {name}: looks like a norm but no rule covers it; copied unchanged")
         t = self.to_dict()["tensors"]
-        lines.append(f"tensors: {t['scale']} folded, {t['bias']} biases updated, {t['fill']} set to "
+        deq = f", {t['dequant']} dequantized" if t.get("dequant") else ""
+        lines.append(f"tensors: {t['scale']} folded{deq}, {t['bias']} biases updated, {t['fill']} set to "
                      f"identity, {t['drop']} dropped, {t['copy']} copied unchanged")
         return "\n".join(lines)
 
@@ -194,7 +199,7 @@ def quantized_keep(n: NormPlan, quant: Quantization) -> None:
 
 def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.ndarray] | None, *,
               mode: str = "compat", merged_dtype: str = "source",
-              rules: dict[str, dict] | None = None) -> Plan:
+              rules: dict[str, dict] | None = None, dequantize=None) -> Plan:
     """Resolve every norm's consumers and each tensor's action. ``read(name)`` returns a small
     tensor's values (used for norm vectors only); ``read=None`` plans from headers alone (remote
     ``inspect``): no scales, and whether a LayerNorm bias folds is left to the conversion."""
@@ -207,6 +212,12 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     if not isinstance(cfg.get("model_type"), str):
         raise StreamfoldError("config.json: no \"model_type\"; is this a transformers checkpoint?")
     quant = classify(cfg, tensors)
+    deq_mode = dequantize_mode(dequantize)
+    deq = None
+    if deq_mode is not None:
+        if not quant.quantized:
+            raise StreamfoldError("--dequantize: the checkpoint has no quantized tensors (nothing to dequantize)")
+        deq = Dequant(quant, deq_mode)
     real, tensors = tensors, quant.view(tensors)  # consumers by their logical names (X.weight of X.qweight)
     resolved = resolve(cfg, tensors, rules)  # the family as laid out here, a composed wrapper, or a refusal
     family, fam, model_type = resolved.family, resolved.fam, resolved.model_type
@@ -256,13 +267,20 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
                 norms.append(NormPlan(k["norm"], name, tname, present(name + ".bias", tensors), "keep", k["why"]))
 
     for n in norms:
-        if n.status == "fold":
+        if n.status == "fold" and deq is None:  # partial fold (with --dequantize: widened instead)
             quantized_keep(n, quant)
     tensors = real
     actions: dict[str, Action] = {}
     for n in norms:
         if n.status == "fold":
-            _fold_norm(n, tensors, read, n.offset if n.offset is not None else offset, mode, merged_dtype, actions)
+            _fold_norm(n, tensors, read, n.offset if n.offset is not None else offset, mode, merged_dtype, actions,
+                       deq)
+    if deq is not None:
+        for qm in deq.close_siblings():  # fused siblings, expert down projections (or all): widened, no norm
+            check_shape(qm, tensors[qm.weight].shape, -1)
+            actions[qm.weight] = Action(Kind.DEQUANT, dequant_dtype(merged_dtype), None, axis=1, quant=qm)
+        actions.update({x: Action(Kind.DROP, tensors[x].dtype) for qm in deq.widened.values() for x in qm.tensors
+                        if x != qm.weight})  # the widened weights' scales
     if want == "bf16":
         narrow = next((n for n, a in actions.items() if a.kind == "scale" and a.out_dtype != "BF16"), None)
         if narrow is not None:
@@ -275,15 +293,7 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
                       and actions[t].kind == Kind.COPY), key=natural_key)
     untiled(resolved, unknown)
     return Plan(family, cfg["model_type"], offset, tied, mode, merged_dtype, norms, actions, unknown, quant=quant,
-                layout=resolved.layout, composed=resolved.composed)
-
-
-def is_tied(cfg: dict, model_type: str, fam: dict) -> bool:
-    """Whether the embeddings are tied: config.json (or its text_config), else the family's default."""
-    tie_default = fam.get("tie_default", False)
-    if isinstance(tie_default, list):
-        tie_default = model_type in tie_default
-    return bool(config_get(cfg, "tie_word_embeddings", tie_default))
+                dequant=deq, layout=resolved.layout, composed=resolved.composed)
 
 
 def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, names: list[str], tied: bool,
@@ -326,15 +336,18 @@ def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, names: list[st
 
 
 def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, mode: str,
-               merged_dtype: str, actions: dict[str, Action]) -> None:
+               merged_dtype: str, actions: dict[str, Action], deq=None) -> None:
     t = tensors[n.weight]
     if len(t.shape) != 1 or t.dtype not in FOLDABLE:
         raise StreamfoldError(f"{t.path.name}: norm {n.weight!r} has shape {list(t.shape)} {t.dtype}; "
                               "expected a 1-D float vector")
     width = t.shape[0]
+    quant = {c.weight: qm for c in n.consumers if deq is not None and (qm := deq.module_of(c.weight))}
     for c in n.consumers:
         ct = tensors[c.weight]
-        if ct.dtype not in FOLDABLE:
+        if c.weight in quant:
+            check_shape(quant[c.weight], ct.shape, c.axis)
+        elif ct.dtype not in FOLDABLE:
             raise StreamfoldError(f"{ct.path.name}: tensor {c.weight!r} is {ct.dtype}, not a float weight; "
                                   "folding needs the unquantized checkpoint")
         if not ct.shape or not -len(ct.shape) <= c.axis < len(ct.shape) or ct.shape[c.axis] != width:
@@ -359,9 +372,16 @@ def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, m
                 n.scale = None
                 return
             n.shift = beta
+            if quant:
+                raise StreamfoldError(f"--dequantize: norm {n.weight!r} has a LayerNorm bias and its consumer "
+                                      f"{next(iter(quant))!r} is quantized; folding that bias is not supported")
     for c in n.consumers:
         ct = tensors[c.weight]
         axis = c.axis % len(ct.shape)
+        if c.weight in quant:
+            deq.widen(quant[c.weight])
+            actions[c.weight] = Action(Kind.DEQUANT, dequant_dtype(merged_dtype), n, axis=axis, quant=quant[c.weight])
+            continue
         actions[c.weight] = Action(Kind.SCALE, merged_out_dtype(ct.dtype, merged_dtype), n, axis=axis)
         if n.shift is not None and c.bias is not None:
             actions[c.bias] = Action(Kind.BIAS, merged_out_dtype(tensors[c.bias].dtype, merged_dtype), n, axis=axis,

@@ -48,7 +48,8 @@ class NewTensor:
 
 def plan_checkpoint(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.ndarray] | None, *,
                     mode: str | None = None, merged_dtype: str | None = None, rules: dict | None = None,
-                    shard_of: dict[str, str] | None = None, src: str = "the checkpoint") -> Plan:
+                    shard_of: dict[str, str] | None = None, src: str = "the checkpoint",
+                    dequantize=None) -> Plan:
     """The plan for converting ``tensors``: a fold, or a mode change of an already-FlashNorm checkpoint.
 
     ``mode`` / ``merged_dtype`` None mean the defaults (``compat`` / ``source``), and for an already
@@ -64,13 +65,13 @@ def plan_checkpoint(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[s
         merged_dtype = want
     if not isinstance(cfg.get("model_type"), str):  # make_plan says what is wrong
         return make_plan(cfg, tensors, read, mode=mode or "compat", merged_dtype=merged_dtype or "source",
-                         rules=rules)
+                         rules=rules, dequantize=dequantize)
     state = detect(cfg, tensors, read, rules)
     if state.inconsistent:
         raise StreamfoldError(f"{src}: {state.inconsistent}")
     if not state.folded:
         return make_plan(cfg, tensors, read, mode=mode or "compat", merged_dtype=merged_dtype or "source",
-                         rules=rules)
+                         rules=rules, dequantize=dequantize)
     quant = classify(cfg, tensors)  # refuses what cannot be classified; quantized tensors are copied
     if merged_dtype == "float32":
         dts = sorted({tensors[c.weight].dtype for n in state.norms for c in n.consumers})
