@@ -18,8 +18,7 @@ import threading
 from typing import Callable, Sequence
 
 from .core.version import __version__
-from .core.errors import EXIT_ALREADY_FLASHNORM, EXIT_NOTHING_TO_FOLD, AlreadyFlashNorm, NothingToFold, \
-    StreamfoldError
+from .core.errors import EXIT_ALREADY_FLASHNORM, EXIT_NOTHING_TO_FOLD, AlreadyFlashNorm, NothingToFold, StreamfoldError
 from .run.staging import Terminated, handle_sigterm
 
 EXAMPLES = """\
@@ -379,14 +378,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"already_flashnorm": True, "message": str(e), **e.state.to_dict()}, indent=2))
         print(f"streamfold: {e}", file=sys.stderr)
         return EXIT_ALREADY_FLASHNORM
-    except NothingToFold as e:  # not an error either: the architecture has nothing to fold (exit 5)
+    except StreamfoldError as e:  # NothingToFold: not an error either (exit 5); StreamVerifyFailed: exit 3
         _close_bars()
-        print(f"streamfold: {e}", file=sys.stderr)
-        return EXIT_NOTHING_TO_FOLD
-    except StreamfoldError as e:
-        _close_bars()
-        print(f"streamfold: error: {e}", file=sys.stderr)
-        return 3 if type(e).__name__ == "StreamVerifyFailed" else 2  # no import of stream.py for the check
+        nothing = isinstance(e, NothingToFold)
+        print(f"streamfold: {'' if nothing else 'error: '}{e}", file=sys.stderr)
+        return EXIT_NOTHING_TO_FOLD if nothing else 3 if type(e).__name__ == "StreamVerifyFailed" else 2
     except KeyboardInterrupt:
         _close_bars()
         print(f"streamfold: interrupted{cleaned}", file=sys.stderr)

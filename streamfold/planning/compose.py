@@ -73,8 +73,8 @@ def resolve(cfg: dict, tensors: dict, rules: dict | None = None) -> Resolved:
         try:
             family, fam = family_for(tmt, rules)
         except StreamfoldError:
-            raise StreamfoldError(f"config.json: unsupported model_type {model_type!r} (and its text_config "
-                                  f"model_type {tmt!r} is not supported either); describe it with --rules FILE") from None
+            raise StreamfoldError(f"config.json: unsupported model_type {model_type!r} (and its text_config model_type "
+                                  f"{tmt!r} is not supported either); describe it with --rules FILE") from None
         refuse(tmt, fam)
         return _composed(model_type, tmt, family, fam, tensors)
     refuse(model_type, fam)
