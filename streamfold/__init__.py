@@ -20,7 +20,7 @@ Hub repo ids work as sources, and the output can be pushed (huggingface_hub is i
 from .core.version import __version__  # noqa: E402
 from .run.conversion import ConversionPlan, ShardResult, finish, load_plan, plan, run_task  # noqa: E402
 from .convert import ConversionReport, convert  # noqa: E402
-from .core.errors import AlreadyFlashNorm, StreamfoldError  # noqa: E402
+from .core.errors import AlreadyFlashNorm, NothingToFold, StreamfoldError  # noqa: E402
 from .inspection import Inspection, inspect  # noqa: E402
 from .planning.planner import Kind  # noqa: E402
 from .planning.tasks import Chunk, Op, Task  # noqa: E402
@@ -30,4 +30,4 @@ from .check.verify import VerifyReport, verify  # noqa: E402
 
 __all__ = ["convert", "plan", "run_task", "finish", "ConversionPlan", "ShardResult", "Task", "Chunk", "Op",
            "Kind", "load_plan", "inspect", "Inspection", "verify", "VerifyReport", "ConversionReport",
-           "StreamfoldError", "AlreadyFlashNorm", "__version__"]
+           "StreamfoldError", "AlreadyFlashNorm", "NothingToFold", "__version__"]

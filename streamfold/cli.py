@@ -18,7 +18,7 @@ import threading
 from typing import Callable, Sequence
 
 from .core.version import __version__
-from .core.errors import EXIT_ALREADY_FLASHNORM, AlreadyFlashNorm, StreamfoldError
+from .core.errors import EXIT_ALREADY_FLASHNORM, EXIT_NOTHING_TO_FOLD, AlreadyFlashNorm, NothingToFold, StreamfoldError
 from .run.staging import Terminated, handle_sigterm
 
 EXAMPLES = """\
@@ -48,7 +48,9 @@ Hugging Face Hub (SRC may be a repo id org/name; a local path of that name wins)
 
 exit status: 0 ok, 1 internal error, 2 bad input (one line: streamfold: error: ...), 3 verification
   found problems, 4 SRC is already a FlashNorm checkpoint (config.json flags, or every foldable norm
-  the identity or absent): nothing written, unless --mode asks for the other mode; 130 interrupted.
+  the identity or absent): nothing written, unless --mode asks for the other mode; 5 nothing to fold:
+  the architecture has no foldable norm (one line: ...: nothing to fold: every norm ...), nothing
+  written; an encoder or encoder-decoder model_type is bad input (2); 130 interrupted.
 """
 
 VERIFY_PROVES = """\
@@ -376,10 +378,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"already_flashnorm": True, "message": str(e), **e.state.to_dict()}, indent=2))
         print(f"streamfold: {e}", file=sys.stderr)
         return EXIT_ALREADY_FLASHNORM
-    except StreamfoldError as e:
+    except StreamfoldError as e:  # NothingToFold: not an error either (exit 5); StreamVerifyFailed: exit 3
         _close_bars()
-        print(f"streamfold: error: {e}", file=sys.stderr)
-        return 3 if type(e).__name__ == "StreamVerifyFailed" else 2  # no import of stream.py for the check
+        nothing = isinstance(e, NothingToFold)
+        print(f"streamfold: {'' if nothing else 'error: '}{e}", file=sys.stderr)
+        return EXIT_NOTHING_TO_FOLD if nothing else 3 if type(e).__name__ == "StreamVerifyFailed" else 2
     except KeyboardInterrupt:
         _close_bars()
         print(f"streamfold: interrupted{cleaned}", file=sys.stderr)

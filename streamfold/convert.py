@@ -59,6 +59,8 @@ class ConversionReport:
     peak_disk: int | None = None  # stream=True: most local disk in use at once (source + output shards)
     resumed_shards: int = 0  # shards re-used from an interrupted run of the same conversion
     executor: str = "local"  # "ray": one Ray task per output shard (peak_disk is then the largest task's)
+    layout: str | None = None  # the tensor-name layout, when not save_pretrained's (Plan.layout)
+    composed: str | None = None  # a composed wrapper: how its language model was planned (Composed.describe)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -82,6 +84,10 @@ class ConversionReport:
                  f"{self.tensors_folded}, set to identity: {self.tensors_identity}, dropped: "
                  f"{self.tensors_dropped}, copied: {self.tensors_copied}"
                  + (f", biases updated: {self.biases_updated}" if self.biases_updated else "")]
+        if self.composed:
+            lines.append(f"  {self.composed}")
+        if self.layout:
+            lines.append(f"  tensor names: {self.layout} (written back the same way)")
         for g in self.groups:
             if g["status"] == "keep":
                 lines.append(f"  kept {g['norm']} x{g['count']}: {g['reason']}")
@@ -300,4 +306,5 @@ def _report(cplan: ConversionPlan, dst: Path, t0: float, workers: int, manifest:
         skipped_files=cplan.skipped, copied_files=list(cplan.files), source_commit=cplan.source.commit,
         manifest=manifest, manifest_seconds=round(t_manifest, 3),
         mode_change=f"{p.flashnorm.mode} -> {p.mode}" if p.flashnorm is not None else None,
-        tensors_restored=len(p.added))
+        tensors_restored=len(p.added), layout=p.layout,
+        composed=p.composed.describe() if p.composed is not None else None)

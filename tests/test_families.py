@@ -65,7 +65,8 @@ CONFIG_VARIANTS: dict[str, dict[str, dict]] = {
 
 
 def _model_types() -> list[str]:
-    types = sorted({mt for fam in FAMILIES.values() for mt in fam["model_types"]})
+    types = sorted({mt for fam in FAMILIES.values() if not (fam.get("refused") or fam.get("nothing_to_fold"))
+                    for mt in fam["model_types"]})  # refusals: tests/test_scope.py
     return types + sorted(f"{mt}+{v}" for mt, vs in CONFIG_VARIANTS.items() for v in vs)
 
 

@@ -232,6 +232,15 @@ def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_displ
     if any("tied" in n.reason for n in kept):
         notes.append("The final norm is unchanged because the model ties `lm_head` to the input embeddings: "
                      "folding it would change the embeddings too.")
+    composed = getattr(plan, "composed", None)
+    if composed is not None:
+        kept_whole = ", ".join(f"`{o}*`" for o in composed.others) or "nothing else"
+        notes.append(f"Composed wrapper: model type `{composed.wrapper_type}` has no streamfold family of its own; "
+                     f"its language model (`text_config` model type `{composed.text_type}`, under "
+                     f"`{composed.prefix}*`) was folded with the rules of family `{composed.text_family}`, and "
+                     f"everything else was kept whole ({kept_whole}).")
+    if getattr(plan, "layout", None):
+        notes.append(f"Tensor names are spelled as in the source ({plan.layout}), which transformers loads.")
     if plan.unknown_norms:
         notes.append(f"{len(plan.unknown_norms)} norm-like tensors that no streamfold rule covers were copied "
                      "unchanged.")

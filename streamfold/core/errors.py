@@ -24,3 +24,12 @@ class AlreadyFlashNorm(StreamfoldError):
 
 
 EXIT_ALREADY_FLASHNORM = 4  # CLI exit status for AlreadyFlashNorm
+
+
+class NothingToFold(StreamfoldError):
+    """The architecture has no norm that can fold (every norm is a post-norm, ...; its family data says
+    why), so there is nothing to convert and nothing was written. The CLI prints the one line
+    (``... nothing to fold: every norm ...``) and exits with status 5 (``EXIT_NOTHING_TO_FOLD``)."""
+
+
+EXIT_NOTHING_TO_FOLD = 5  # CLI exit status for NothingToFold

@@ -11,6 +11,7 @@ from pathlib import Path
 from .build import assemble
 from .check import CheckResult, check_family
 from .family import derive_model
+from .layouts import derive_layouts
 
 
 def _text(cfg):
@@ -52,7 +53,8 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
         models.append(model)
     base = _text(models[0].config)
     keys = {k for ov in variants for k in ov}
-    fam = assemble([model_type], derived, {k: getattr(base, k, None) for k in keys})
+    base_values = {k: getattr(base, k, None) for k in keys}
+    fam = assemble([model_type], derived, base_values)
     whens = {k for f in fam["folds"] for k in f.get("when", {})}
     if whens:
         fam["defaults"] = {k: _class_default(model_type, k) for k in sorted(whens)}
@@ -65,7 +67,23 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
             results.append(r)
             if r.strict_refused and "strict_refused" not in fam:
                 fam["strict_refused"] = r.strict_refused
+    pairs = [(ov, m) for (ov, _), m in zip(derived, models)]
+    # layouts are proven on the variant where most norms fold (LayerNorm biases fold only with biased linears)
+    def folding(d) -> int:  # a LayerNorm bias folds only when every consumer has a bias
+        return sum(x.fold and not (x.has_bias and any(b is None for *_, b in x.consumers)) for x in d.instances)
+    best = max(range(len(models)), key=lambda i: (folding(derived[i][1]), -i))
+    add_layouts(fam, derive_layouts(models[best], fam, check=check, variants=pairs, base_values=base_values), results)
     return fam, results
+
+
+def add_layouts(fam: dict, got, results: list[CheckResult]) -> None:
+    """Store the proven layouts and forms (``derive.layouts``) in ``fam``; their errors in ``results[0]``."""
+    if got.layouts:
+        fam["layouts"] = [{}] + [lay for lay in fam.get("layouts", []) if lay] + got.layouts
+    if got.forms:
+        fam["forms"] = got.forms
+    if results:
+        results[0].layouts_rel = dict(got.rel)
 
 
 def local_config(model_dir: str | Path):

@@ -25,6 +25,7 @@ class CheckResult:
     strict_rel: float | None = None
     strict_refused: str | None = None
     errors: list[str] = field(default_factory=list)
+    layouts_rel: dict[str, float] = field(default_factory=dict)  # other name layouts (derive.layouts)
 
     @property
     def ok(self) -> bool:
@@ -48,8 +49,9 @@ def _logits(model, inputs):
 def _applicable(fam: dict, names: list[str]) -> dict:
     """The family without the fold rules that match no norm of this checkpoint (another config
     variant's norms): a rules file must match every rule, a built-in family need not."""
-    from ..rules.patterns import apply_layout, pattern_regex
-    laid = apply_layout(fam, dict.fromkeys(names))
+    from ..rules.layout import choose, relay
+    from ..rules.patterns import pattern_regex
+    laid = relay(fam, choose(fam, dict.fromkeys(names)).layout)
     keep = [f for f, lf in zip(fam["folds"], laid["folds"])
             if any(pattern_regex(lf["norm"] + ".weight").match(t) for t in names)]
     return {**fam, "folds": keep}

@@ -82,9 +82,17 @@ def _reason(uses: list[Use], input_from: str | None) -> str:
     return why
 
 
+def _memory_names(model, wanted: dict[str, int]) -> dict[str, list]:
+    """``saved_names`` for a checkpoint in the model's in-memory names (its ``state_dict``, unconverted)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {n: [_names.Saved(n, axis % params[n].dim(), params[n].dim())] for n, axis in wanted.items()}
+
+
 @torch.no_grad()
-def derive_model(model, inputs: dict) -> Derived:
-    """Trace ``model`` (a tiny random model from ``tiny.build_tiny_model``) and describe every norm."""
+def derive_model(model, inputs: dict, names: str = "saved") -> Derived:
+    """Trace ``model`` (a tiny random model from ``tiny.build_tiny_model``) and describe every norm, in the
+    tensor names ``save_pretrained`` writes (``names="saved"``) or in the in-memory names (``"memory"``:
+    a checkpoint of the ``state_dict``, which the loader takes unconverted)."""
     from . import tiny
     norms = getattr(model, "tiny_norms", None) or tiny.find_norms(model)
     traces = trace(model, list(norms), inputs)
@@ -103,7 +111,8 @@ def derive_model(model, inputs: dict) -> Derived:
                 wanted[u.param] = u.axis
                 if u.bias:
                     wanted[u.bias] = -1
-    saved = _names.saved_names(model, wanted)
+    memory = names == "memory"
+    saved = _memory_names(model, wanted) if memory else _names.saved_names(model, wanted)
     prefixes: dict[str, str] = {}
     for p, lst in saved.items():
         for s in lst:
@@ -144,8 +153,8 @@ def derive_model(model, inputs: dict) -> Derived:
         else:
             inst.why = _reason(uses, traces[n].input_from)
         instances.append(inst)
-    return Derived(model.config.model_type, instances, outside, prefixes, type(model).__name__,
-                   _names.all_saved_names(model))
+    every = sorted(model.state_dict()) if memory else _names.all_saved_names(model)
+    return Derived(model.config.model_type, instances, outside, prefixes, type(model).__name__, every)
 
 
 # -- patterns ----------------------------------------------------------------------------------------------

@@ -37,16 +37,24 @@ def _keep(k: dict) -> str:
 
 
 def table(families: dict[str, dict]) -> str:
-    """The markdown table, one row per family file."""
+    """The markdown table, one row per family file that folds; then the families refused with a reason
+    (``nothing_to_fold``, ``refused``), one line each."""
     rows = ["| family (`model_type`) | norm | folds | stays (why) | strict |", "|---|---|---|---|---|"]
+    after = []
     for name, fam in sorted(families.items()):
+        if fam.get("nothing_to_fold") or fam.get("refused"):
+            what = (f"nothing to fold: {fam['nothing_to_fold']}" if fam.get("nothing_to_fold")
+                    else f"refused: {fam['refused']}")
+            after.append(f"- {fam.get('description', name)}: {what}. "
+                         + ", ".join(f"`{m}`" for m in fam["model_types"]))
+            continue
         mts = ", ".join(f"`{m}`" for m in fam["model_types"])
         conv = "1 + w" if fam.get("offset") else "w"
         folds = "<br>".join(_fold(f) for f in fam["folds"])
         keeps = "<br>".join(_keep(k) for k in fam.get("keep", [])) or "—"
         strict = "refused" if fam.get("strict_refused") else "yes"
         rows.append(f"| {fam.get('description', name)} ({mts}) | {conv} | {folds} | {keeps} | {strict} |")
-    return "\n".join(rows)
+    return "\n".join(rows + ([""] + after if after else []))
 
 
 def render(text: str, families: dict[str, dict]) -> str:

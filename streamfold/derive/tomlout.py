@@ -5,8 +5,8 @@ import json
 import re
 
 _BARE = re.compile(r"[A-Za-z0-9_-]+\Z")
-_TOP_ORDER = ("description", "model_types", "offset", "tie_default", "strict_refused", "defaults", "layouts",
-              "derived")
+_TOP_ORDER = ("description", "model_types", "offset", "tie_default", "strict_refused", "nothing_to_fold", "refused",
+              "defaults", "layouts", "derived")
 
 
 def _key(k: str) -> str:
@@ -35,15 +35,25 @@ def _array(items: list) -> str:
 
 
 def family_toml(fam: dict, header: str = "") -> str:
-    """The family as a TOML document: top-level keys, then ``[[folds]]`` and ``[[keep]]`` tables."""
+    """The family as a TOML document: top-level keys, then ``[[folds]]`` and ``[[keep]]`` tables, then each
+    of ``forms`` as ``[[forms]]`` with its ``[[forms.folds]]`` and ``[[forms.keep]]``."""
     lines = [f"# {h}" for h in header.splitlines()] if header else []
     for k in _TOP_ORDER:
         if k in fam:
             lines.append(f"{k} = {_array(fam[k]) if isinstance(fam[k], list) else value(fam[k])}")
+    if "folds" in fam and not fam["folds"]:
+        lines.append("folds = []")
+    _tables(lines, fam, "")
+    for form in fam.get("forms", []):
+        lines += ["", "[[forms]]", f"name = {value(form['name'])}"]
+        _tables(lines, form, "forms.")
+    return "\n".join(lines) + "\n"
+
+
+def _tables(lines: list[str], fam: dict, where: str) -> None:
     for table in ("folds", "keep"):
         for entry in fam.get(table, []):
             lines.append("")
-            lines.append(f"[[{table}]]")
+            lines.append(f"[[{where}{table}]]")
             for k, v in entry.items():
                 lines.append(f"{_key(k)} = {_array(v) if isinstance(v, list) else value(v)}")
-    return "\n".join(lines) + "\n"

@@ -24,11 +24,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..rules.patterns import Consumer, apply_layout, config_get, expand_consumer, looks_like_norm, natural_key, pattern_regex
-from .planner import is_tied
+from ..rules.patterns import Consumer, config_get, expand_consumer, looks_like_norm, natural_key, pattern_regex
 from ..core.reader import TensorInfo
 from ..quant.formats import classify
-from ..rules.schema import family_for
+from .compose import is_tied, resolve
 
 FLAG_KEYS = ("flashnorm", "flashnorm_mode", "flashnorm_version")
 _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")
@@ -170,18 +169,13 @@ NORM_BIAS_FAMILIES = frozenset({"gpt_neox", "phi", "starcoder2", "stablelm", "ne
 def foldable(cfg: dict, tensors: dict[str, TensorInfo], rules: dict | None = None):
     """(family name, family as laid out in this checkpoint, tied, [(rule, module name, consumers)]) for
     every norm the rules fold in this checkpoint, whether the norm tensor is present or not."""
-    model_type = cfg.get("model_type")
-    family, fam = family_for(model_type, rules)
-    tied = is_tied(cfg, model_type, fam)
     quant = classify(cfg, tensors)
     tensors = quant.view(tensors)  # consumers by their logical names (X.weight of X.weight_packed)
+    resolved = resolve(cfg, tensors, rules)  # the layout that tiles: by norms, or by consumers (strict)
+    family, laid = resolved.family, resolved.fam
+    tied = is_tied(cfg, resolved.model_type, laid)
     names = sorted(tensors)
-    found: list = []
-    for lay in fam.get("layouts") or [None]:  # the first layout under which any norm is found
-        laid = fam if lay is None else apply_layout({**fam, "layouts": [lay]}, tensors)
-        found = [x for rule in laid["folds"] for x in _instances(rule, cfg, tensors, names, tied)]
-        if found:
-            break
+    found = [x for rule in laid["folds"] for x in _instances(rule, cfg, tensors, names, tied)]
     # A consumer reads one norm: an absent norm inferred from consumers that a present norm reads is not
     # a norm of this model (e.g. StableLM's parallel block has no post_attention_layernorm).
     owned = {c.weight for _, name, cs in found if name + ".weight" in tensors for c in cs}

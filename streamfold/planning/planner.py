@@ -23,9 +23,9 @@ from ..core.errors import StreamfoldError
 from ..core.fold import merged_out_dtype
 from ..core.reader import TensorInfo
 from ..quant.formats import Quantization, classify
-from ..rules.patterns import Consumer, apply_layout, config_get, expand_consumer, generalize, looks_like_norm, \
+from ..rules.patterns import Consumer, config_get, expand_consumer, generalize, looks_like_norm, \
     natural_key, pattern_regex, present, stars
-from ..rules.schema import family_for
+from .compose import is_tied, resolve, untiled
 from .dequant import Dequant, check_shape, dequantize_mode, logical_infos, out_dtype as dequant_dtype
 
 MODES = ("compat", "strict")
@@ -96,6 +96,8 @@ class Plan:
     # --dequantize: the widening decisions (streamfold.planning.dequant.Dequant), None otherwise
     dequant: object | None = None
     quant: Quantization | None = None  # the source's quantized modules (copied byte for byte)
+    layout: str | None = None  # the tensor-name layout when not save_pretrained's (rules.layout.Laid.describe)
+    composed: object | None = None  # a composed wrapper (planning.compose.Composed)
 
     @property
     def folded(self) -> list[NormPlan]:
@@ -134,6 +136,8 @@ class Plan:
             "tensors": {str(k): self.count(k) for k in (Kind.SCALE, Kind.BIAS, Kind.FILL, Kind.DROP, Kind.COPY,
                                                         Kind.DEQUANT) if k != Kind.DEQUANT or self.dequant},
             "quantization": self.quant_summary(),
+            "layout": self.layout,
+            "composed": self.composed.to_dict() if self.composed is not None else None,
         }
 
     def quant_summary(self) -> dict | None:
@@ -150,6 +154,8 @@ class Plan:
         lines = [f"model_type {self.model_type} (family {self.family}), norm multiplies by "
                  f"{'1 + w' if self.offset else 'w'}, tied embeddings: {'yes' if self.tied else 'no'}",
                  f"mode {self.mode}, merged dtype {self.merged_dtype}"]
+        lines += [self.composed.describe()] if self.composed is not None else []
+        lines += [f"tensor names: {self.layout} (written back the same way)"] if self.layout else []
         q = self.quant_summary()
         if q and self.dequant is not None:
             lines.append(self.dequant.describe())
@@ -203,14 +209,8 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     if want is None:
         raise StreamfoldError(f"merged dtype must be one of {', '.join(MERGED_ALIASES)}, not {merged_dtype!r}")
     merged_dtype = "source" if want == "bf16" else want
-    model_type = cfg.get("model_type")
-    if not isinstance(model_type, str):
+    if not isinstance(cfg.get("model_type"), str):
         raise StreamfoldError("config.json: no \"model_type\"; is this a transformers checkpoint?")
-    family, fam = family_for(model_type, rules)
-    user_rules = bool(rules) and rules.get(family) is fam
-    if mode == "strict" and fam.get("strict_refused"):
-        raise StreamfoldError(f"{model_type}: strict mode is not exact for this architecture "
-                              f"({fam['strict_refused']}); use --mode compat")
     quant = classify(cfg, tensors)
     deq_mode = dequantize_mode(dequantize)
     deq = None
@@ -219,9 +219,14 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
             raise StreamfoldError("--dequantize: the checkpoint has no quantized tensors (nothing to dequantize)")
         deq = Dequant(quant, deq_mode)
     real, tensors = tensors, quant.view(tensors)  # consumers by their logical names (X.weight of X.qweight)
+    resolved = resolve(cfg, tensors, rules)  # the family as laid out here, a composed wrapper, or a refusal
+    family, fam, model_type = resolved.family, resolved.fam, resolved.model_type
+    user_rules = bool(rules) and family in rules and model_type in rules[family]["model_types"]
+    if mode == "strict" and fam.get("strict_refused"):
+        raise StreamfoldError(f"{model_type}: strict mode is not exact for this architecture "
+                              f"({fam['strict_refused']}); use --mode compat")
     offset = fam.get("offset", 0)
     tied = is_tied(cfg, model_type, fam)
-    fam = apply_layout(fam, tensors)
 
     ordered = sorted(tensors, key=natural_key)  # plan and report in layer order
     names = sorted(tensors)  # for prefix look-ups (bisect)
@@ -287,16 +292,9 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     covered = {x for n in norms for x in (n.weight, n.bias) if x}
     unknown = sorted((t for t in tensors if looks_like_norm(t) and t not in claimed and t not in covered
                       and actions[t].kind == Kind.COPY), key=natural_key)
-    return Plan(family, model_type, offset, tied, mode, merged_dtype, norms, actions, unknown, quant=quant,
-                dequant=deq)
-
-
-def is_tied(cfg: dict, model_type: str, fam: dict) -> bool:
-    """Whether the embeddings are tied: config.json (or its text_config), else the family's default."""
-    tie_default = fam.get("tie_default", False)
-    if isinstance(tie_default, list):
-        tie_default = model_type in tie_default
-    return bool(config_get(cfg, "tie_word_embeddings", tie_default))
+    untiled(resolved, unknown)
+    return Plan(family, cfg["model_type"], offset, tied, mode, merged_dtype, norms, actions, unknown, quant=quant,
+                dequant=deq, layout=resolved.layout, composed=resolved.composed)
 
 
 def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, names: list[str], tied: bool,

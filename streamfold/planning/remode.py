@@ -30,7 +30,7 @@ from ..rules.patterns import config_get, looks_like_norm
 from .planner import MERGED_ALIASES, MODES, Action, NormPlan, Plan, make_plan
 from ..core.reader import TensorInfo
 from ..quant.formats import classify
-from ..rules.schema import family_for
+from .compose import resolve
 
 _TORCH_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
 
@@ -86,7 +86,7 @@ def plan_checkpoint(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[s
     if version is not None and version != FLASHNORM_VERSION:
         raise StreamfoldError(f"{src}: config.json has flashnorm_version {version!r}; this streamfold understands "
                               f"version {FLASHNORM_VERSION} only, so it will not change the mode")
-    fam = family_for(state.model_type, rules)[1]
+    fam = resolve(cfg, tensors, rules).fam
     if mode == "strict" and fam.get("strict_refused"):
         raise StreamfoldError(f"{state.model_type}: strict mode is not exact for this architecture "
                               f"({fam['strict_refused']}); use --mode compat")

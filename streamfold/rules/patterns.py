@@ -1,4 +1,4 @@
-"""Rule patterns against tensor names: ``{n}``/``{e}`` placeholders, layouts, consumer expansion.
+"""Rule patterns against tensor names: ``{n}``/``{e}`` placeholders, consumer expansion (layouts: ``layout``).
 
 A family's rules (:mod:`streamfold.rules.schema`) name tensors by patterns such as
 ``model.layers.{n}.mlp.experts.{e}.up_proj``; the planner and ``detect`` both match them against a
@@ -54,44 +54,6 @@ def config_get(cfg: dict, key: str, default=None):
     if isinstance(text, dict) and key in text:
         return text[key]
     return default
-
-
-def apply_layout(fam: dict, tensors: dict) -> dict:
-    """The family with its patterns spelled as in this checkpoint: the first of ``layouts`` (prefix
-    maps; the longest matching prefix wins) under which some fold norm exists."""
-    layouts = fam.get("layouts")
-    if not layouts:
-        return fam
-
-    def spell(p: str, lay: dict) -> str:
-        key = max((k for k in lay if p.startswith(k)), key=len, default=None)
-        return p if key is None else lay[key] + p[len(key):]
-
-    def consumer(c, lay):
-        if isinstance(c, str):
-            return spell(c, lay)
-        return {**c, "weight": spell(c["weight"], lay),
-                **({"bias": spell(c["bias"], lay)} if c.get("bias") else {})}
-
-    def relaid(lay: dict) -> dict:
-        folds = []
-        for f in fam["folds"]:
-            g = {**f, "norm": spell(f["norm"], lay)}
-            for key in ("into", "variants"):
-                if key in f:
-                    g[key] = ([consumer(c, lay) for c in f[key]] if key == "into"
-                              else [[consumer(c, lay) for c in v] for v in f[key]])
-            folds.append(g)
-        return {**fam, "folds": folds,
-                "keep": [{**k, **{key: spell(k[key], lay) for key in ("norm", "under") if key in k}}
-                         for k in fam.get("keep", [])]}
-
-    for lay in layouts:
-        cand = relaid(lay)
-        rxs = [pattern_regex(f["norm"] + ".weight") for f in cand["folds"]]
-        if any(rx.match(t) for rx in rxs for t in tensors):
-            return cand
-    return relaid(layouts[0])
 
 
 def natural_key(name: str) -> list:

@@ -19,9 +19,19 @@ One schema for both (built-ins are ``streamfold/rules/families/*.toml``, one fam
   ``{"under": prefix, "why": reason}``: every norm whose name starts with ``prefix`` (vision towers).
 - ``tie_default``: whether embeddings are tied when ``config.json`` does not say (``true``/``false``,
   or the list of this family's model types whose config class defaults to tied).
-- ``layouts``: alternative tensor-name layouts (multimodal checkpoints nest the language model).
-  Each maps a pattern prefix, as written in the rules, to the checkpoint's spelling (the longest
-  matching prefix wins); the first layout in which a fold norm exists is used.
+- ``layouts``: the tensor-name layouts transformers' loader accepts besides the rules' own
+  spelling. Each maps a pattern prefix, as written in the rules, to the checkpoint's spelling (the
+  longest matching prefix wins): ``{"model.": ""}`` is a checkpoint saved as the bare base model,
+  ``{"model.": "model.language_model."}`` a language model under a wrapper's prefix, ``{}`` the
+  rules' own names. The layout that tiles the checkpoint is used (:mod:`streamfold.rules.layout`).
+- ``forms``: other complete spellings of the rules the loader converts, ``{"name": why, "folds":
+  [...], "keep": [...]}`` (``keep`` defaults to the family's): e.g. transformers' in-memory names,
+  fused ``mlp.experts.gate_up_proj`` for per-expert ``block_sparse_moe.experts.N.w1``. Every layout
+  applies to every form.
+- ``nothing_to_fold``: why no norm of the family can fold (``"every norm ..."``): its model types are
+  refused with ``nothing to fold: <reason>`` (exit 5); ``folds`` may then be empty.
+- ``refused``: why the model types are out of scope (encoders, encoder-decoders): refused with
+  that reason (exit 2); ``folds`` may then be empty.
 - ``strict_refused``: why strict mode (folded norms removed) would not load as the identity;
   strict conversions of the family are refused with that reason.
 - ``description``, ``derived``: for people (README table; the generator's record of the
@@ -41,7 +51,8 @@ from .loader import FAMILIES
 from ..core.errors import StreamfoldError
 
 _FAMILY_KEYS = {"model_types", "offset", "folds", "keep", "tie_default", "description", "layouts",
-                "strict_refused", "defaults", "derived"}
+                "strict_refused", "defaults", "derived", "forms", "nothing_to_fold", "refused"}
+_FORM_KEYS = {"name", "folds", "keep"}
 _FOLD_KEYS = {"norm", "into", "variants", "untied_head", "when", "offset"}
 _CONSUMER_KEYS = {"weight", "axis", "bias"}
 _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")
@@ -69,6 +80,41 @@ def _check_consumer(c: object, where: str) -> None:
         _check_pattern(c["bias"], where)
     if not isinstance(c.get("axis", -1), int):
         raise StreamfoldError(f"{where}: consumer axis must be an integer, got {c['axis']!r}")
+
+
+def _check_folds(folds: object, where: str, empty_ok: bool) -> None:
+    if folds is None and empty_ok:
+        return
+    if not isinstance(folds, list) or (not folds and not empty_ok):
+        raise StreamfoldError(f"{where}: \"folds\" must be a non-empty list")
+    for i, f in enumerate(folds):
+        w = f"{where} fold #{i + 1}"
+        if not isinstance(f, dict) or set(f) - _FOLD_KEYS or "norm" not in f:
+            raise StreamfoldError(f"{w}: needs \"norm\" and \"into\" (or \"variants\"), got {f!r}")
+        _check_pattern(f["norm"], w)
+        if f.get("offset", 0) not in (0, 1):
+            raise StreamfoldError(f"{w}: \"offset\" must be 0 (norm scales by w) or 1 (by 1 + w)")
+        when = f.get("when", {})
+        if not isinstance(when, dict) or not all(isinstance(v, list) for v in when.values()):
+            raise StreamfoldError(f"{w}: \"when\" maps config keys to lists of accepted values")
+        variants = f.get("variants", [f.get("into")])
+        if ("into" in f) == ("variants" in f) or not isinstance(variants, list) or not variants:
+            raise StreamfoldError(f"{w}: give exactly one of \"into\" or \"variants\"")
+        for v in variants:
+            if not isinstance(v, list) or not v:
+                raise StreamfoldError(f"{w}: a consumer list must be a non-empty list")
+            for c in v:
+                _check_consumer(c, w)
+
+
+def _check_keep(keep: object, where: str) -> None:
+    if not isinstance(keep, list):
+        raise StreamfoldError(f"{where}: \"keep\" must be a list")
+    for i, k in enumerate(keep):
+        if not isinstance(k, dict) or set(k) not in ({"norm", "why"}, {"under", "why"}):
+            raise StreamfoldError(f"{where} keep #{i + 1}: needs exactly \"norm\" (or \"under\", a name prefix "
+                                  "whose norms all stay) and \"why\"")
+        _check_pattern(k.get("norm") or k["under"], f"{where} keep #{i + 1}")
 
 
 def validate_family(name: str, fam: object, source: str) -> dict:
@@ -99,32 +145,22 @@ def validate_family(name: str, fam: object, source: str) -> dict:
         raise StreamfoldError(f"{where}: \"layouts\" must be a list of {{pattern prefix: checkpoint prefix}} objects")
     if "strict_refused" in fam and (not isinstance(fam["strict_refused"], str) or not fam["strict_refused"]):
         raise StreamfoldError(f"{where}: \"strict_refused\" must be a reason string")
-    folds = fam.get("folds")
-    if not isinstance(folds, list) or not folds:
-        raise StreamfoldError(f"{where}: \"folds\" must be a non-empty list")
-    for i, f in enumerate(folds):
-        w = f"{where} fold #{i + 1}"
-        if not isinstance(f, dict) or set(f) - _FOLD_KEYS or "norm" not in f:
-            raise StreamfoldError(f"{w}: needs \"norm\" and \"into\" (or \"variants\"), got {f!r}")
-        _check_pattern(f["norm"], w)
-        if f.get("offset", 0) not in (0, 1):
-            raise StreamfoldError(f"{w}: \"offset\" must be 0 (norm scales by w) or 1 (by 1 + w)")
-        when = f.get("when", {})
-        if not isinstance(when, dict) or not all(isinstance(v, list) for v in when.values()):
-            raise StreamfoldError(f"{w}: \"when\" maps config keys to lists of accepted values")
-        variants = f.get("variants", [f.get("into")])
-        if ("into" in f) == ("variants" in f) or not isinstance(variants, list) or not variants:
-            raise StreamfoldError(f"{w}: give exactly one of \"into\" or \"variants\"")
-        for v in variants:
-            if not isinstance(v, list) or not v:
-                raise StreamfoldError(f"{w}: a consumer list must be a non-empty list")
-            for c in v:
-                _check_consumer(c, w)
-    for i, k in enumerate(fam.get("keep", [])):
-        if not isinstance(k, dict) or set(k) not in ({"norm", "why"}, {"under", "why"}):
-            raise StreamfoldError(f"{where} keep #{i + 1}: needs exactly \"norm\" (or \"under\", a name prefix "
-                                  "whose norms all stay) and \"why\"")
-        _check_pattern(k.get("norm") or k["under"], f"{where} keep #{i + 1}")
+    for key in ("nothing_to_fold", "refused"):
+        if key in fam and (not isinstance(fam[key], str) or not fam[key]):
+            raise StreamfoldError(f"{where}: \"{key}\" must be a reason string")
+    _check_folds(fam.get("folds"), where, empty_ok="nothing_to_fold" in fam or "refused" in fam)
+    _check_keep(fam.get("keep", []), where)
+    forms = fam.get("forms", [])
+    if not isinstance(forms, list):
+        raise StreamfoldError(f"{where}: \"forms\" must be a list of {{\"name\", \"folds\", \"keep\"}} objects")
+    for i, form in enumerate(forms):
+        w = f"{where} form #{i + 1}"
+        if not isinstance(form, dict) or set(form) - _FORM_KEYS or not isinstance(form.get("name"), str) \
+                or not form["name"]:
+            raise StreamfoldError(f"{w}: needs \"name\" and \"folds\" (and optionally \"keep\")")
+        _check_folds(form.get("folds"), w, empty_ok=False)
+        _check_keep(form.get("keep", []), w)
+    fam.setdefault("folds", [])
     return fam
 
 
@@ -149,7 +185,9 @@ def load_rules_file(path: str | Path) -> dict[str, dict]:
 
 
 def supported_model_types() -> list[str]:
-    return sorted({m for fam in FAMILIES.values() for m in fam["model_types"]})
+    """Model types streamfold folds (not those its data refuses: out of scope, nothing to fold)."""
+    return sorted({m for fam in FAMILIES.values() if not (fam.get("refused") or fam.get("nothing_to_fold"))
+                   for m in fam["model_types"]})
 
 
 def family_for(model_type: str, extra: dict[str, dict] | None = None) -> tuple[str, dict]:
