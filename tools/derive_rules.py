@@ -127,6 +127,25 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "glm4_moe_lite": ("GLM4-MoE-Lite (MLA latent norms; dense and MoE layers; shared experts)", ["glm4_moe_lite"]),
 }
 
+# multimodal wrappers whose language model can be of several types (their text_config is any
+# AutoConfig): the language model types each is derived and checked with, besides its default; the
+# family records them as text_model_types and the planner refuses any other (published checkpoints'
+# text models; Gemma inside LLaVA would multiply by 1 + w where Llama's norms multiply by w)
+TEXT_MODELS: dict[str, list[str]] = {
+    "llava": ["llama", "mistral", "qwen2"],
+    "llava_next": ["llama", "mistral", "qwen2", "granite"],
+    "llava_onevision": ["qwen2"],
+    "llava_next_video": ["llama", "mistral", "qwen2"],
+    "vipllava": ["llama"],
+    "idefics2": ["mistral"],
+    "idefics3": ["llama"],
+    "smolvlm": ["llama"],
+    "paligemma": ["gemma", "gemma2"],  # PaliGemma 2: Gemma 2's post_attention_layernorm is a post-norm
+    "aya_vision": ["cohere2"],
+    "internvl": ["qwen2", "qwen3", "llama"],
+    "cohere2_vision": ["cohere2"],
+}
+
 # config switches that change which tensors exist or where a norm's output goes: derive under each
 VARIANTS: dict[str, list[dict]] = {
     # Falcon: linear biases (off by default, so no LayerNorm bias could fold), the 40B/180B layout
@@ -180,7 +199,7 @@ def derive_group(name: str, description: str, model_types: list[str], log, check
     out: dict[str, dict] = {}
     for mt in model_types:
         try:
-            fam, results = derive_family(mt, VARIANTS.get(mt), check=check)
+            fam, results = derive_family(mt, VARIANTS.get(mt), check=check, text_models=TEXT_MODELS.get(mt))
         except Exception as e:  # a model transformers cannot build or run tiny: reported, not written
             raise DeriveError(f"{mt}: cannot derive: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         for r in results:

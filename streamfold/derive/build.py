@@ -70,15 +70,22 @@ def assemble(model_types: list[str], variants: list[tuple[dict, Derived]], base_
         fold_sets = list(dict.fromkeys(_freeze(oc[1]) for _, _, oc in ocs if oc[0] == "fold"))
         entries_of = {_freeze(oc[1]): oc[1] for _, _, oc in ocs if oc[0] == "fold"}
         keep_why = [oc[1] for _, _, oc in ocs if oc[0] == "keep"]
-        if keep_why and fold_sets:
+        fold_when = _config_split(ocs, variants, base_values) if keep_why and fold_sets else None
+        if fold_when:  # folds under some configs, stays under the others: a fold rule with `when`, and a
+            # keep rule for the rest (the planner's fold rules claim a norm before its keep rules)
+            keeps.append({"norm": pat, "why": keep_why[0]})
+            ocs = [x for x in ocs if x[2][0] == "fold"]
+        elif keep_why and fold_sets:
             keeps.append({"norm": pat, "why": "folds in some layers or configs but not in others, kept whole: "
                                               + keep_why[0]})
             continue
-        if keep_why:
+        elif keep_why:
             keeps.append({"norm": pat, "why": keep_why[0]})
             continue
         head = any(oc[2] for _, _, oc in ocs)
         offset = next(oc[3] for _, _, oc in ocs)
+        if any(oc[3] != offset for _, _, oc in ocs):  # e.g. a wrapper around Llama (w) and Gemma (1 + w)
+            raise ValueError(f"{pat}: multiplies by w in some configs and by 1 + w in others")
         sets = sorted(fold_sets, key=len, reverse=True)  # stable: first seen first among equals
         rules = _split(pat, sets, entries_of, ocs, variants, base_values)
         for when, chosen in rules:
@@ -92,8 +99,8 @@ def assemble(model_types: list[str], variants: list[tuple[dict, Derived]], base_
                 r["untied_head"] = True
             if offset != fam_offset:
                 r["offset"] = offset
-            if when:
-                r["when"] = when
+            if when or fold_when:
+                r["when"] = {**(fold_when or {}), **(when or {})}
             folds.append(r)
     fam = {"model_types": list(model_types), "offset": fam_offset, "folds": folds}
     if keeps:
@@ -109,6 +116,24 @@ def assemble(model_types: list[str], variants: list[tuple[dict, Derived]], base_
     if prefixes:
         fam["layouts"] = [{}, dict(sorted(prefixes.items()))]
     return fam
+
+
+def _config_split(ocs, variants, base_values) -> dict | None:
+    """``{config key: [values]}`` that holds in exactly the config variants where the norm folds, when
+    each variant either folds it in every layer or keeps it in every layer (else None: kept whole)."""
+    kinds: dict[int, set] = {}
+    for vi, _, oc in ocs:
+        kinds.setdefault(vi, set()).add(oc[0])
+    if any(len(k) > 1 for k in kinds.values()):
+        return None
+    folding = [vi for vi, k in kinds.items() if k == {"fold"}]
+    keeping = [vi for vi, k in kinds.items() if k == {"keep"}]
+    for key in sorted({k for ov, _ in variants for k in ov}):
+        val = [variants[vi][0].get(key, base_values.get(key)) for vi in folding]
+        other = [variants[vi][0].get(key, base_values.get(key)) for vi in keeping]
+        if not set(map(repr, val)) & set(map(repr, other)):
+            return {key: list(dict.fromkeys(val))}
+    return None
 
 
 def _split(pat, sets, entries_of, ocs, variants, base_values):

@@ -2,7 +2,8 @@
 
 The tiny model is saved sharded (bf16, norms in a shard of their own), converted by streamfold itself
 with the family as a rules file (compat and strict, float32 merged tensors), loaded in stock
-transformers and its float32 logits compared with the source's: max relative error must be <= 1e-5.
+transformers and its float32 logits compared with the source's: max relative error must be <= 1e-5,
+on a text prompt and, for multimodal wrappers (``pixels.PIXELS``), on a prompt with an image.
 The plan must fold exactly the derived norms into exactly the derived consumers. Strict mode is tried
 for real: when transformers does not load a removed norm as the identity (it fills a missing weight
 with ones, wrong for ``1 + w`` norms) the family gets ``strict_refused`` with the measured reason.
@@ -60,7 +61,7 @@ def check_family(model, fam: dict, derived, root: Path | None = None) -> CheckRe
     from ..convert import convert
     from ..run.conversion import load_plan
     fam = _applicable(fam, derived.saved)
-    from . import tiny
+    from . import pixels, tiny
     mt = model.config.model_type
     res = CheckResult(mt)
     inputs = tiny.example_inputs(model)
@@ -69,6 +70,8 @@ def check_family(model, fam: dict, derived, root: Path | None = None) -> CheckRe
         src = tiny.save_sharded(model, td / "src", dtype="bfloat16")
         ref_model, _ = _load(src, mt)
         ref = _logits(ref_model.eval(), inputs)
+        images = pixels.image_inputs(ref_model)  # a prompt with an image, for wrappers (else None)
+        ref_images = _logits(ref_model, images) if images is not None else None
         del ref_model
         rules = td / "rules.json"
         rules.write_text(json.dumps({"families": {"derived": {**fam, "model_types": [mt]}}}))
@@ -79,6 +82,8 @@ def check_family(model, fam: dict, derived, root: Path | None = None) -> CheckRe
         convert(src, td / "compat", merged_dtype="float32", rules=rules)
         m, info = _load(td / "compat", mt)
         res.compat_rel = _rel(_logits(m.eval(), inputs), ref)
+        if images is not None:
+            res.compat_rel = max(res.compat_rel, _rel(_logits(m, images), ref_images))
         del m
         if res.compat_rel > MAX_REL:
             res.errors.append(f"compat float32-merged logits max rel err {res.compat_rel:.2e} > {MAX_REL}")
@@ -86,11 +91,12 @@ def check_family(model, fam: dict, derived, root: Path | None = None) -> CheckRe
             res.errors.append(f"compat loads with missing {info.get('missing_keys')} / unexpected "
                               f"{info.get('unexpected_keys')}")
         if plan.folded:
-            res.strict_rel, res.strict_refused = _strict(model, fam, plan, rules, src, td, inputs, ref)
+            res.strict_rel, res.strict_refused = _strict(model, fam, plan, rules, src, td, inputs, ref, images,
+                                                         ref_images)
     return res
 
 
-def _strict(model, fam, plan, rules, src, td, inputs, ref):
+def _strict(model, fam, plan, rules, src, td, inputs, ref, images=None, ref_images=None):
     from ..convert import convert
     fam_strict = {k: v for k, v in fam.items() if k != "strict_refused"}
     rules_s = td / "rules_strict.json"
@@ -98,6 +104,8 @@ def _strict(model, fam, plan, rules, src, td, inputs, ref):
     convert(src, td / "strict", mode="strict", merged_dtype="float32", rules=rules_s)
     m, _ = _load(td / "strict", model.config.model_type)
     rel = _rel(_logits(m.eval(), inputs), ref)
+    if images is not None:
+        rel = max(rel, _rel(_logits(m, images), ref_images))
     if rel <= MAX_REL:
         return rel, None
     params = dict(m.named_parameters())

@@ -170,6 +170,18 @@ def check_not_quantized(cfg: dict, tensors: dict[str, TensorInfo]) -> None:
                                   + _QUANT_WHY)
 
 
+def check_text_model(cfg: dict, model_type: str, family: str, fam: dict) -> None:
+    """Refuse a wrapper whose language model is of a type its family's rules were not derived for."""
+    allowed = fam.get("text_model_types")
+    if not allowed:
+        return
+    got = config_get(cfg, "text_config.model_type", fam.get("defaults", {}).get("text_config.model_type"))
+    if got not in allowed:
+        raise StreamfoldError(f"config.json: {model_type} with a {got!r} language model (text_config.model_type) "
+                              f"is not supported: the {family!r} rules were derived and checked for "
+                              f"{', '.join(allowed)} language models only")
+
+
 def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.ndarray] | None, *,
               mode: str = "compat", merged_dtype: str = "source",
               rules: dict[str, dict] | None = None) -> Plan:
@@ -190,6 +202,7 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     if mode == "strict" and fam.get("strict_refused"):
         raise StreamfoldError(f"{model_type}: strict mode is not exact for this architecture "
                               f"({fam['strict_refused']}); use --mode compat")
+    check_text_model(cfg, model_type, family, fam)
     check_not_quantized(cfg, tensors)
     offset = fam.get("offset", 0)
     tied = is_tied(cfg, model_type, fam)

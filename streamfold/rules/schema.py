@@ -22,6 +22,11 @@ One schema for both (built-ins are ``streamfold/rules/families/*.toml``, one fam
 - ``layouts``: alternative tensor-name layouts (multimodal checkpoints nest the language model).
   Each maps a pattern prefix, as written in the rules, to the checkpoint's spelling (the longest
   matching prefix wins); the first layout in which a fold norm exists is used.
+- ``text_model_types``: for a multimodal wrapper whose language model can be of several types, the
+  ``text_config.model_type`` values the rules were derived and checked with; a checkpoint with any
+  other language model is refused (its norms could mean something else: Gemma 2's
+  ``post_attention_layernorm`` is a post-norm, Llama's feeds the MLP). A missing
+  ``text_config.model_type`` takes the family's ``defaults`` value.
 - ``strict_refused``: why strict mode (folded norms removed) would not load as the identity;
   strict conversions of the family are refused with that reason.
 - ``description``, ``derived``: for people (README table; the generator's record of the
@@ -41,7 +46,7 @@ from .loader import FAMILIES
 from ..core.errors import StreamfoldError
 
 _FAMILY_KEYS = {"model_types", "offset", "folds", "keep", "tie_default", "description", "layouts",
-                "strict_refused", "defaults", "derived"}
+                "strict_refused", "defaults", "derived", "text_model_types"}
 _FOLD_KEYS = {"norm", "into", "variants", "untied_head", "when", "offset"}
 _CONSUMER_KEYS = {"weight", "axis", "bias"}
 _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")
@@ -99,6 +104,9 @@ def validate_family(name: str, fam: object, source: str) -> dict:
         raise StreamfoldError(f"{where}: \"layouts\" must be a list of {{pattern prefix: checkpoint prefix}} objects")
     if "strict_refused" in fam and (not isinstance(fam["strict_refused"], str) or not fam["strict_refused"]):
         raise StreamfoldError(f"{where}: \"strict_refused\" must be a reason string")
+    tmts = fam.get("text_model_types", ["-"])
+    if not isinstance(tmts, list) or not tmts or not all(isinstance(m, str) and m for m in tmts):
+        raise StreamfoldError(f"{where}: \"text_model_types\" must be a non-empty list of model types")
     folds = fam.get("folds")
     if not isinstance(folds, list) or not folds:
         raise StreamfoldError(f"{where}: \"folds\" must be a non-empty list")
