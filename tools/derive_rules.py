@@ -125,6 +125,10 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "exaone_moe": ("EXAONE MoE, dots.llm1 (q/k norms; dense and MoE layers; shared experts)", ["exaone_moe", "dots1"]),
     "granitemoe_swa": ("Granite MoE SWA (fused experts, shared MLP)", ["granitemoe_swa"]),
     "glm4_moe_lite": ("GLM4-MoE-Lite (MLA latent norms; dense and MoE layers; shared experts)", ["glm4_moe_lite"]),
+    # -- vision-language wrappers (issue 20): derived through the wrapper, traced and checked on a prompt
+    # with an image (streamfold/derive/pixels.py); towers kept whole by prefix --
+    "qwen2_vl": ("Qwen2-VL (language model nested; vision tower untouched)", ["qwen2_vl"]),
+    "llava": ("LLaVA 1.5 (language model nested; vision tower untouched)", ["llava"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
