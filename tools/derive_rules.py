@@ -129,6 +129,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     # with an image (streamfold/derive/pixels.py); towers kept whole by prefix --
     "qwen2_vl": ("Qwen2-VL (language model nested; vision tower untouched)", ["qwen2_vl"]),
     "llava": ("LLaVA 1.5 (language model nested; vision tower untouched)", ["llava"]),
+    "qwen2_5_vl": ("Qwen2.5-VL (language model nested; vision tower untouched)", ["qwen2_5_vl"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
