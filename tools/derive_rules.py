@@ -132,6 +132,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "qwen2_5_vl": ("Qwen2.5-VL (language model nested; vision tower untouched)", ["qwen2_5_vl"]),
     "llava_next": ("LLaVA-NeXT (language model nested; vision tower untouched)", ["llava_next"]),
     "llava_onevision": ("LLaVA-OneVision (language model nested; vision tower untouched)", ["llava_onevision"]),
+    "llava_next_video": ("LLaVA-NeXT-Video (language model nested; vision tower untouched)", ["llava_next_video"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
