@@ -133,6 +133,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "llava_next": ("LLaVA-NeXT (language model nested; vision tower untouched)", ["llava_next"]),
     "llava_onevision": ("LLaVA-OneVision (language model nested; vision tower untouched)", ["llava_onevision"]),
     "llava_next_video": ("LLaVA-NeXT-Video (language model nested; vision tower untouched)", ["llava_next_video"]),
+    "vipllava": ("ViP-LLaVA (language model nested; vision tower and projector untouched)", ["vipllava"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
