@@ -134,6 +134,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "llava_onevision": ("LLaVA-OneVision (language model nested; vision tower untouched)", ["llava_onevision"]),
     "llava_next_video": ("LLaVA-NeXT-Video (language model nested; vision tower untouched)", ["llava_next_video"]),
     "vipllava": ("ViP-LLaVA (language model nested; vision tower and projector untouched)", ["vipllava"]),
+    "mllama": ("Llama 3.2 Vision (cross-attention layers; vision model untouched)", ["mllama"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
