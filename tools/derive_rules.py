@@ -135,6 +135,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "llava_next_video": ("LLaVA-NeXT-Video (language model nested; vision tower untouched)", ["llava_next_video"]),
     "vipllava": ("ViP-LLaVA (language model nested; vision tower and projector untouched)", ["vipllava"]),
     "mllama": ("Llama 3.2 Vision (cross-attention layers; vision model untouched)", ["mllama"]),
+    "idefics2": ("Idefics2 (language model nested; vision model and perceiver connector untouched)", ["idefics2"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
