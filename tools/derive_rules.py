@@ -138,6 +138,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "idefics2": ("Idefics2 (language model nested; vision model and perceiver connector untouched)", ["idefics2"]),
     "idefics3": ("Idefics3, SmolVLM (language model nested; vision model untouched)", ["idefics3", "smolvlm"]),
     "paligemma": ("PaliGemma 1 and 2 (Gemma or Gemma 2 language model; vision tower untouched)", ["paligemma"]),
+    "aya_vision": ("Aya Vision (Cohere2 language model, parallel block; vision tower untouched)", ["aya_vision"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
