@@ -139,6 +139,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "idefics3": ("Idefics3, SmolVLM (language model nested; vision model untouched)", ["idefics3", "smolvlm"]),
     "paligemma": ("PaliGemma 1 and 2 (Gemma or Gemma 2 language model; vision tower untouched)", ["paligemma"]),
     "aya_vision": ("Aya Vision (Cohere2 language model, parallel block; vision tower untouched)", ["aya_vision"]),
+    "internvl": ("InternVL (Qwen2, Qwen3 or Llama language model; vision tower untouched)", ["internvl"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
