@@ -141,6 +141,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "aya_vision": ("Aya Vision (Cohere2 language model, parallel block; vision tower untouched)", ["aya_vision"]),
     "internvl": ("InternVL (Qwen2, Qwen3 or Llama language model; vision tower untouched)", ["internvl"]),
     "glm4v": ("GLM-4V, GLM-4.6V (language model nested; vision tower untouched)", ["glm4v", "glm46v"]),
+    "glm4v_moe": ("GLM-4.5V (MoE language model nested; vision tower untouched)", ["glm4v_moe"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
