@@ -70,11 +70,13 @@ CONFIG_VARIANTS: dict[str, dict[str, dict]] = {
 TEXT_VARIANT_PREFIX = "text:"
 
 # Issue 20's vision-language wrappers: one case stays in the fast suite, the rest of that matrix runs
-# under --full (each is a few seconds of conversions and loads).
+# under --full (each is a few seconds of conversions and loads); so do its decoders (the fast suite has
+# representatives of their kinds: hybrid Mamba, MLA, MoE).
 VLM_FAST = "llava"
 VLM_FULL = {"qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision", "llava_next_video", "vipllava", "mllama",
             "idefics2", "idefics3", "smolvlm", "paligemma", "aya_vision", "internvl", "glm4v", "glm46v", "glm4v_moe",
-            "lfm2_vl", "cohere2_vision"}
+            "lfm2_vl", "cohere2_vision",
+            "doge", "olmo_hybrid", "zamba", "zamba2", "longcat_flash"}
 
 
 def _model_types() -> list:

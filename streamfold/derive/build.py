@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import re
 
-from .family import Derived, consumer_entry, consumer_pattern, generalize_why, norm_pattern
+from .family import _DIGITS, Derived, consumer_entry, consumer_pattern, generalize_why, norm_pattern
 
 def _rx(pattern: str) -> re.Pattern:
     return re.compile(re.escape(pattern).replace(r"\{e\}", r"\d+") + r"\Z")
 
 
-def _present(entries: tuple, n: str | None, names: list[str]) -> bool:
+def _present(entries: tuple, concrete: dict, names: list[str]) -> bool:
     for c in entries:
         w = c + ".weight" if isinstance(c, str) else c["weight"]
-        w = w.replace("{n}", n) if n is not None else w
+        for k, v in concrete.items():
+            w = w.replace("{" + k + "}", v) if v is not None else w
         rx = _rx(w)
         if not any(rx.match(t) for t in names):
             return False
@@ -28,6 +29,28 @@ def _present(entries: tuple, n: str | None, names: list[str]) -> bool:
 
 def _freeze(entries) -> tuple:
     return tuple(c if isinstance(c, str) else tuple(sorted(c.items())) for c in entries)
+
+
+def _own_index(pattern: str, concrete: dict, names: list[str], mine: set[str]) -> str:
+    """``pattern`` with one ``{e}`` turned into ``{h}`` when, as ``{e}``, it would also reach tensors that are
+    not this norm's consumers (several blocks per layer, each with its own norm: LongCat-Flash's
+    ``input_layernorm.{h}`` feeds ``self_attn.{h}``): the first ``{e}`` that, read as the norm's own second
+    index, reaches only this norm's consumers. Checked against the checkpoint's names, never guessed."""
+    if "{e}" not in pattern or concrete.get("h") is None:
+        return pattern
+
+    def reach(p: str) -> set[str]:
+        rx = _rx(p.replace("{n}", concrete["n"]).replace("{h}", concrete["h"]))
+        return {t for t in names if rx.match(t)}
+
+    if reach(pattern) <= mine:
+        return pattern
+    parts = pattern.split("{e}")
+    for i in range(1, len(parts)):
+        cand = "{e}".join(parts[:i]) + "{h}" + "{e}".join(parts[i:])
+        if reach(cand) <= mine:
+            return cand
+    return pattern
 
 
 def _instances(d: Derived):
@@ -39,15 +62,20 @@ def _instances(d: Derived):
         pat, pre, n = norm_pattern(inst.weight)
         if inst.fold:
             entries = []
+            idx = _DIGITS.findall(inst.weight[: -len(".weight")])
+            concrete = {"n": n, "h": idx[1] if len(idx) > 1 else None}
+            mine_w = {w for w, *_ in inst.consumers}
+            mine_b = {b for *_, b in inst.consumers if b}
             for w, axis, ndim, bias in inst.consumers:
-                wp = consumer_pattern(w, pre, n)
-                bp = consumer_pattern(bias, pre, n) if bias else None
+                wp = _own_index(consumer_pattern(w, pre, n), concrete, d.saved, mine_w)
+                bp = _own_index(consumer_pattern(bias, pre, n), concrete, d.saved, mine_b) if bias else None
                 e = consumer_entry(wp, axis, bp, axis == ndim - 1)
                 if e not in entries:
                     entries.append(e)
-            yield pat, n, ("fold", tuple(entries), inst.head, inst.offset)
+            yield pat, concrete, ("fold", tuple(entries), inst.head, inst.offset)
         else:
-            yield pat, n, ("keep", generalize_why(inst.why), inst.offset)
+            idx = _DIGITS.findall(inst.weight[: -len(".weight")])
+            yield pat, {"n": n, "h": idx[1] if len(idx) > 1 else None}, ("keep", generalize_why(inst.why), inst.offset)
 
 
 def assemble(model_types: list[str], variants: list[tuple[dict, Derived]], base_values: dict) -> dict:
@@ -62,6 +90,8 @@ def assemble(model_types: list[str], variants: list[tuple[dict, Derived]], base_
             if pat not in outcomes:
                 order.append(pat)
             outcomes.setdefault(pat, []).append((vi, n, oc))
+    for pat in [p for p in order if "{h}" in p]:
+        _split_by_index(pat, order, outcomes)
     offsets = [oc[-1] for pat in order for _, _, oc in outcomes[pat] if oc[0] == "fold"]
     fam_offset = max(set(offsets), key=offsets.count) if offsets else 0
     folds, keeps = [], []
@@ -116,6 +146,36 @@ def assemble(model_types: list[str], variants: list[tuple[dict, Derived]], base_
     if prefixes:
         fam["layouts"] = [{}, dict(sorted(prefixes.items()))]
     return fam
+
+
+def _subst_h(x, h: str):
+    if isinstance(x, str):
+        return x.replace("{h}", h)
+    if isinstance(x, dict):
+        return {k: _subst_h(v, h) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_subst_h(v, h) for v in x)
+    return x
+
+
+def _split_by_index(pat: str, order: list[str], outcomes: dict) -> None:
+    """A norm pattern whose instances differ by their second index (LongCat-Flash's
+    ``post_attention_layernorm.0`` feeds the MoE and ``mlps.0``, ``.1`` only ``mlps.1``) becomes one pattern
+    per index value, in place; patterns whose instances agree are left as they are."""
+    ocs = outcomes[pat]
+    by_h: dict[str, set] = {}
+    for _, c, oc in ocs:
+        by_h.setdefault(c["h"], set()).add((oc[0], _freeze(oc[1]) if oc[0] == "fold" else oc[1]))
+    if len({frozenset(v) for v in by_h.values()}) <= 1 or None in by_h:
+        return
+    i = order.index(pat)
+    order.pop(i)
+    del outcomes[pat]
+    for h in sorted(by_h, key=int):
+        hp = pat.replace("{h}", h)
+        order.insert(i, hp)
+        i += 1
+        outcomes[hp] = [(vi, {**c, "h": None}, _subst_h(oc, h)) for vi, c, oc in ocs if c["h"] == h]
 
 
 def _config_split(ocs, variants, base_values) -> dict | None:

@@ -119,6 +119,10 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "glm4v_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}},
     "glm4v_moe_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
                                            "mrope_section": [1, 1, 2]}},
+    # Zamba / Zamba2: two hybrid layers, so the shared attention block (one module, tied across the layers
+    # that use it; Zamba2 adds per-use adapters) runs twice: layers 2 and 4 / 1 and 3 of 5
+    "zamba": {"num_hidden_layers": 5, "attn_layer_period": 2, "attn_layer_offset": 1},
+    "zamba2": {"num_hidden_layers": 5, "layers_block_type": ["mamba", "hybrid", "mamba", "hybrid", "mamba"]},
     "gemma3": {"mm_tokens_per_image": 4},  # 32x32 image, 8x8 patches: 16 patches pooled to 4 tokens
     "gemma3.vision_config": {"vision_use_head": False},  # as published Gemma 3 checkpoints
     # Conditioning (values only, no effect on which tensors exist or how they are used): Gemma 4 uses
