@@ -144,6 +144,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "glm4v_moe": ("GLM-4.5V (MoE language model nested; vision tower untouched)", ["glm4v_moe"]),
     "lfm2_vl": ("LFM2-VL (hybrid short-conv / attention language model; vision tower untouched)", ["lfm2_vl"]),
     "cohere2_vision": ("Command A Vision (Cohere2 language model; vision tower untouched)", ["cohere2_vision"]),
+    "doge": ("Doge (dynamic mask attention, q/k norms kept)", ["doge"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
