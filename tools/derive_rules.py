@@ -146,6 +146,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "cohere2_vision": ("Command A Vision (Cohere2 language model; vision tower untouched)", ["cohere2_vision"]),
     "doge": ("Doge (dynamic mask attention, q/k norms kept)", ["doge"]),
     "olmo_hybrid": ("OLMo hybrid (Gated DeltaNet / attention layers; post-norm attention layers)", ["olmo_hybrid"]),
+    "zamba": ("Zamba (Mamba layers and a shared attention block)", ["zamba"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
