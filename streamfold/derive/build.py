@@ -31,25 +31,34 @@ def _freeze(entries) -> tuple:
     return tuple(c if isinstance(c, str) else tuple(sorted(c.items())) for c in entries)
 
 
-def _own_index(pattern: str, concrete: dict, names: list[str], mine: set[str]) -> str:
-    """``pattern`` with one ``{e}`` turned into ``{h}`` when, as ``{e}``, it would also reach tensors that are
-    not this norm's consumers (several blocks per layer, each with its own norm: LongCat-Flash's
-    ``input_layernorm.{h}`` feeds ``self_attn.{h}``): the first ``{e}`` that, read as the norm's own second
-    index, reaches only this norm's consumers. Checked against the checkpoint's names, never guessed."""
-    if "{e}" not in pattern or concrete.get("h") is None:
+def _own_index(pattern: str, name: str, concrete: dict, names: list[str], mine: set[str]) -> str:
+    """``pattern`` (of consumer ``name``) with one ``{e}`` narrowed when, as ``{e}``, it would also reach
+    tensors that are not this norm's consumers: the first ``{e}`` that, read as the norm's own second index
+    (several blocks per layer, each with its own norm: LongCat-Flash's ``input_layernorm.{h}`` feeds
+    ``self_attn.{h}``), else kept as its literal index (Zamba2's ``adapter_list.{e}.0``: only each
+    adapter's first linear reads the norm), reaches only this norm's consumers. Checked against the
+    checkpoint's names, never guessed."""
+    if "{e}" not in pattern:
         return pattern
 
     def reach(p: str) -> set[str]:
-        rx = _rx(p.replace("{n}", concrete["n"]).replace("{h}", concrete["h"]))
+        for k in ("n", "h"):
+            if concrete.get(k) is not None:
+                p = p.replace("{" + k + "}", concrete[k])
+        rx = _rx(p)
         return {t for t in names if rx.match(t)}
 
     if reach(pattern) <= mine:
         return pattern
     parts = pattern.split("{e}")
-    for i in range(1, len(parts)):
-        cand = "{e}".join(parts[:i]) + "{h}" + "{e}".join(parts[i:])
-        if reach(cand) <= mine:
-            return cand
+    digits = _DIGITS.findall(name)[-(len(parts) - 1):]  # the concrete indices the {e}s stand for
+    fills = (["{h}"] if concrete.get("h") is not None else []) + [None]
+    for fill in fills:  # the norm's own index, else the literal index (Zamba2's adapter_list.{e}.0)
+        for i in range(1, len(parts)):
+            cand = "{e}".join(parts[:i]) + (fill or digits[i - 1]) + "{e}".join(parts[i:])
+            got = reach(cand)
+            if name in got and got <= mine:
+                return cand
     return pattern
 
 
@@ -67,8 +76,8 @@ def _instances(d: Derived):
             mine_w = {w for w, *_ in inst.consumers}
             mine_b = {b for *_, b in inst.consumers if b}
             for w, axis, ndim, bias in inst.consumers:
-                wp = _own_index(consumer_pattern(w, pre, n), concrete, d.saved, mine_w)
-                bp = _own_index(consumer_pattern(bias, pre, n), concrete, d.saved, mine_b) if bias else None
+                wp = _own_index(consumer_pattern(w, pre, n), w, concrete, d.saved, mine_w)
+                bp = _own_index(consumer_pattern(bias, pre, n), bias, concrete, d.saved, mine_b) if bias else None
                 e = consumer_entry(wp, axis, bp, axis == ndim - 1)
                 if e not in entries:
                     entries.append(e)
