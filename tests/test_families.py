@@ -76,7 +76,8 @@ VLM_FAST = "llava"
 VLM_FULL = {"qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision", "llava_next_video", "vipllava", "mllama",
             "idefics2", "idefics3", "smolvlm", "paligemma", "aya_vision", "internvl", "glm4v", "glm46v", "glm4v_moe",
             "lfm2_vl", "cohere2_vision",
-            "doge", "olmo_hybrid", "zamba", "zamba2", "longcat_flash"}
+            "doge", "olmo_hybrid", "zamba", "zamba2", "longcat_flash", "hy_v4", "gemma4_unified_text", "lfm3",
+            "laguna", "biogpt"}
 
 
 def _model_types() -> list:
