@@ -65,6 +65,10 @@ def _own_index(pattern: str, name: str, concrete: dict, names: list[str], mine: 
 def _instances(d: Derived):
     """(norm pattern, layer index, outcome) per in-scope instance; outcome ("fold", entries, head) or
     ("keep", why)."""
+    feeds: dict[str, set[str]] = {}  # a norm tensor's consumers over all its uses (a shared block runs in
+    for inst in d.instances:         # several layers: Zamba2's, with one adapter per use)
+        feeds.setdefault(inst.weight, set()).update(c[0] for c in inst.consumers)
+        feeds.setdefault(inst.weight + "|bias", set()).update(c[3] for c in inst.consumers if c[3])
     for inst in d.instances:
         if inst.why and not inst.fold and inst.why.startswith("vision/audio side"):
             continue
@@ -73,8 +77,7 @@ def _instances(d: Derived):
             entries = []
             idx = _DIGITS.findall(inst.weight[: -len(".weight")])
             concrete = {"n": n, "h": idx[1] if len(idx) > 1 else None}
-            mine_w = {w for w, *_ in inst.consumers}
-            mine_b = {b for *_, b in inst.consumers if b}
+            mine_w, mine_b = feeds[inst.weight], feeds[inst.weight + "|bias"]
             for w, axis, ndim, bias in inst.consumers:
                 wp = _own_index(consumer_pattern(w, pre, n), w, concrete, d.saved, mine_w)
                 bp = _own_index(consumer_pattern(bias, pre, n), bias, concrete, d.saved, mine_b) if bias else None
