@@ -147,6 +147,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "doge": ("Doge (dynamic mask attention, q/k norms kept)", ["doge"]),
     "olmo_hybrid": ("OLMo hybrid (Gated DeltaNet / attention layers; post-norm attention layers)", ["olmo_hybrid"]),
     "zamba": ("Zamba (Mamba layers and a shared attention block)", ["zamba"]),
+    "hy_v4": ("Hunyuan v4 (MLA with an indexer and a gated attention output; MoE with shared experts)", ["hy_v4"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
