@@ -148,6 +148,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "olmo_hybrid": ("OLMo hybrid (Gated DeltaNet / attention layers; post-norm attention layers)", ["olmo_hybrid"]),
     "zamba": ("Zamba (Mamba layers and a shared attention block)", ["zamba"]),
     "hy_v4": ("Hunyuan v4 (MLA with an indexer and a gated attention output; MoE with shared experts)", ["hy_v4"]),
+    "laguna": ("Laguna (gated attention, q/k norms; MoE with shared expert)", ["laguna"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
