@@ -130,6 +130,10 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     # a random model's softmax, amplifying bf16 rounding of folded weights (min bf16-merged cosine 0.990).
     # Head dims 8 / 16 keep the real 1:2 sliding/global ratio; with init 0.02 the cosine is >= 0.99993.
     "gemma4_text": {"head_dim": 8, "global_head_dim": 16, "initializer_range": 0.02},
+    # the same conditioning for Gemma 4 unified (measured at the defaults: bf16-merged min cosine 0.99893)
+    "gemma4_unified_text": {"head_dim": 8, "global_head_dim": 16, "initializer_range": 0.02},
+    # conditioning (values only): at init 0.05 the tiny LFM3's bf16-merged min cosine is 0.99984
+    "lfm3": {"initializer_range": 0.02},
 }
 # Gated DeltaNet hybrids amplify weight rounding through the recurrence at the shared default init 0.05
 # (min logit cosine under 2^-9 relative weight noise 0.96-0.999); at 0.02 it is 0.99999, as llama at 0.05.
