@@ -150,6 +150,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "hy_v4": ("Hunyuan v4 (MLA with an indexer and a gated attention output; MoE with shared experts)", ["hy_v4"]),
     "laguna": ("Laguna (gated attention, q/k norms; MoE with shared expert)", ["laguna"]),
     "biogpt": ("BioGPT (LayerNorm with bias)", ["biogpt"]),
+    "longcat_flash": ("LongCat-Flash (two attention / MLP blocks per layer, MLA, shortcut MoE)", ["longcat_flash"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
