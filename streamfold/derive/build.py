@@ -62,13 +62,25 @@ def _own_index(pattern: str, name: str, concrete: dict, names: list[str], mine: 
     return pattern
 
 
+def _in_layer(norm_weight: str, name: str) -> str:
+    """``name`` with the norm's layer index as ``{n}`` (when it is inside the norm's layer)."""
+    _, pre, n = norm_pattern(norm_weight)
+    if pre is not None and name.startswith(pre + n + "."):
+        return pre + "{n}" + name[len(pre) + len(n):]
+    return name
+
+
 def _instances(d: Derived):
     """(norm pattern, layer index, outcome) per in-scope instance; outcome ("fold", entries, head) or
     ("keep", why)."""
-    feeds: dict[str, set[str]] = {}  # a norm tensor's consumers over all its uses (a shared block runs in
-    for inst in d.instances:         # several layers: Zamba2's, with one adapter per use)
-        feeds.setdefault(inst.weight, set()).update(c[0] for c in inst.consumers)
-        feeds.setdefault(inst.weight + "|bias", set()).update(c[3] for c in inst.consumers if c[3])
+    # a norm's consumers over all its layers, layer index as {n} (other indices concrete): a shared block
+    # saved once per layer that uses it feeds, in each copy, what any of its uses feeds (Zamba2: one
+    # adapter per use, adapter_list.{e}.0)
+    feeds: dict[str, set[str]] = {}
+    for inst in d.instances:
+        key = _in_layer(inst.weight, inst.weight)
+        feeds.setdefault(key, set()).update(_in_layer(inst.weight, c[0]) for c in inst.consumers)
+        feeds.setdefault(key + "|bias", set()).update(_in_layer(inst.weight, c[3]) for c in inst.consumers if c[3])
     for inst in d.instances:
         if inst.why and not inst.fold and inst.why.startswith("vision/audio side"):
             continue
@@ -77,7 +89,9 @@ def _instances(d: Derived):
             entries = []
             idx = _DIGITS.findall(inst.weight[: -len(".weight")])
             concrete = {"n": n, "h": idx[1] if len(idx) > 1 else None}
-            mine_w, mine_b = feeds[inst.weight], feeds[inst.weight + "|bias"]
+            key = _in_layer(inst.weight, inst.weight)
+            mine_w = {x.replace("{n}", n) if n is not None else x for x in feeds[key]}
+            mine_b = {x.replace("{n}", n) if n is not None else x for x in feeds[key + "|bias"]}
             for w, axis, ndim, bias in inst.consumers:
                 wp = _own_index(consumer_pattern(w, pre, n), w, concrete, d.saved, mine_w)
                 bp = _own_index(consumer_pattern(bias, pre, n), bias, concrete, d.saved, mine_b) if bias else None
