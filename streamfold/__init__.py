@@ -26,7 +26,7 @@ from .planning.planner import Kind  # noqa: E402
 from .planning.tasks import Chunk, Op, Task  # noqa: E402
 from .check.verify import VerifyReport, verify  # noqa: E402
 
-# ``streamfold.plan`` is the function; the planner module is ``streamfold.planner``.
+# ``streamfold.plan`` is the function; the planner module is ``streamfold.planning.planner``.
 
 __all__ = ["convert", "plan", "run_task", "finish", "ConversionPlan", "ShardResult", "Task", "Chunk", "Op",
            "Kind", "load_plan", "inspect", "Inspection", "verify", "VerifyReport", "ConversionReport",

@@ -106,6 +106,10 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help=MERGED_HELP + " (float32 is refused for an already-FlashNorm SRC)")
     p.add_argument("--rules", metavar="FILE",
                    help="JSON or TOML rules (norm -> consumers) for an architecture streamfold does not know")
+    p.add_argument("--dequantize", nargs="?", const="consumers", choices=("consumers", "all"), default=None,
+                   help="a quantized SRC (FP8 block so far): decode the quantized consumers of folded norms (and "
+                        "their fused siblings) to bf16 (float32 with --merged-dtype float32), each element the "
+                        "exact q*s*g rounded once; 'all': every quantized weight")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--all", action="store_true",
                    help="with inspect / --plan: list every norm and its consumer tensors, not just families")
@@ -197,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--merged-dtype", type=merged_dtype, default=None, metavar="{source,float32,bf16}",
                    help="expected merged dtype, spelled as for convert (default: read from DST's folded tensors)")
     v.add_argument("--rules", metavar="FILE", help="the rules file the conversion used, if any")
+    v.add_argument("--dequantize", nargs="?", const="consumers", choices=("consumers", "all"), default=None,
+                   help="the conversion used --dequantize (default: read from DST's config.json)")
     v.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub repo id SRC")
     _resource_options(v, WORKERS_VERIFY)
     v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -248,7 +254,7 @@ def _close_bars() -> None:
 def _print_plan(args) -> int:
     from .inspection import inspect
     found = inspect(args.src, mode=args.mode, merged_dtype=args.merged_dtype, rules=args.rules,
-                    revision=args.revision)
+                    revision=args.revision, dequantize=args.dequantize)
     print(json.dumps(found.to_dict(), indent=2) if args.json else found.describe(args.all))
     return 0
 
@@ -267,7 +273,7 @@ def _convert(args) -> int:
                      base_model=args.base_model, push_to_hub=args.push_to_hub, private=args.private,
                      commit_message=args.commit_message, manifest=args.manifest, verify=args.verify,
                      executor="local" if args.ray is None else "ray", ray_address=args.ray or None,
-                     stream=args.stream, resume=args.resume)
+                     stream=args.stream, resume=args.resume, dequantize=args.dequantize)
     v = report.verification
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -308,6 +314,7 @@ def _verify(args) -> int:
     tokens = _tokens(args.tokens)
     src = resolve_source(args.src, revision=args.revision, quiet=args.quiet or args.json).path
     report = verify(src, args.dst, mode=args.mode, merged_dtype=args.merged_dtype, rules=args.rules,
+                    dequantize=args.dequantize,
                     workers=args.workers, memory_budget=args.memory_budget, forward=args.forward,
                     forward_tokens=tokens, progress=_progress(args.quiet or args.json, "verifying"))
     if args.json:

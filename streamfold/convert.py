@@ -110,11 +110,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
             commit_message: str | None = None, manifest: bool = False,
             verify: bool = False, executor: str = "local", ray_address: str | None = None,
             stream: bool = False, resume: bool = True,
-            log: Callable[[str], None] | None = None) -> ConversionReport:
+            log: Callable[[str], None] | None = None, dequantize: bool | str | None = None) -> ConversionReport:
     """Convert checkpoint ``src`` into a FlashNorm checkpoint at ``dst``.
 
     ``mode``: ``"compat"`` (folded norms set to identity, the default) or ``"strict"`` (removed).
     ``merged_dtype``: ``"source"`` (default) or ``"float32"`` for folded weights.
+    ``dequantize`` (a quantized ``src``, FP8 block so far): True widens the quantized consumers of folded
+    norms and their fused siblings to bf16 (float32 with ``merged_dtype="float32"``), each element the
+    exact ``q·s·g`` rounded once, and updates ``quantization_config``; ``"all"`` widens every one.
 
     An already-FlashNorm ``src`` (config.json flags, or every foldable norm the identity / absent) is
     not folded again: without ``mode`` (or with its own mode) :class:`AlreadyFlashNorm` is raised and
@@ -148,10 +151,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
     ``executor="ray"`` each task does that on its worker and returns the upload; the driver makes the
     one commit (``report.peak_disk``: the largest task's).
 
-    The output is built beside ``dst`` and published in one step (:mod:`streamfold.staging`): an existing
+    The output is built beside ``dst`` and published in one step (:mod:`streamfold.run.staging`): an existing
     ``dst`` (replaced only with ``overwrite``) stays complete until then. ``log`` receives one-line notes
     (default: the ``streamfold`` logger), such as a killed run's partial output being removed or resumed:
-    the staging folder keeps a journal of completed shards (:mod:`streamfold.journal`), and when a
+    the staging folder keeps a journal of completed shards (:mod:`streamfold.run.journal`), and when a
     conversion is killed the same call re-uses the shards that check out (``resume=False`` discards them).
     """
     t0 = time.perf_counter()
@@ -163,6 +166,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
     local = not is_repo_id(os.fspath(src)) or Path(src).exists()
     check_destination(src if local else None, dst, overwrite)  # before any download
     if stream:
+        if dequantize:
+            raise StreamfoldError("--dequantize with --stream is not supported yet; convert to a local folder")
         return _stream(src, Path(dst), t0, locals())
     dst = Path(dst)
     if executor == "ray":
@@ -172,7 +177,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
         remote = executor == "ray" and not local and not _offline()  # each Ray task fetches its own shards
         cplan, hub = _plan(src, dst, cleanup, remote=remote, overwrite=overwrite, revision=revision, token=token,
                            quiet=progress is None, mode=mode, merged_dtype=merged_dtype, rules=rules,
-                           workers=workers, memory_budget=memory_budget)
+                           workers=workers, memory_budget=memory_budget,
+                           **({"dequantize": dequantize} if dequantize else {}))
         return _convert(cplan, hub, dst, t0, locals())
 
 
@@ -229,8 +235,10 @@ def _convert(cplan: ConversionPlan, hub, dst: Path, t0: float, opts: dict) -> Co
     report.resumed_shards, report.executor = resumed, opts["executor"]
     if opts["verify"] and hub is None:  # from the Hub each Ray task checked its shard against its sources
         from .check.verify import verify as run_verify
+        deq = cplan.plan.dequant.mode if cplan.plan.dequant is not None else None
         report.verification = run_verify(source.path, dst, mode=mode, merged_dtype=cplan.plan.merged_dtype,
-                                         rules=opts["rules"], workers=workers, memory_budget=memory_budget)
+                                         rules=opts["rules"], workers=workers, memory_budget=memory_budget,
+                                         dequantize=deq)
         if not report.verification.ok:
             return report  # not pushed: the caller sees report.verification.problems
     if push_to_hub:
@@ -265,7 +273,7 @@ def run_tasks(cplan: ConversionPlan, out_dir: Path, *, executor: str = "local", 
               on_done=None, hub=None, verify: bool = False) -> dict[str, str]:
     """Run ``tasks`` (default: all of the plan's) into ``out_dir``; returns shard sha256s when hashed.
 
-    ``hub`` (Ray only): a :class:`~streamfold.hub_remote.HubRef`; each task fetches its own source
+    ``hub`` (Ray only): a :class:`~streamfold.hub.remote.HubRef`; each task fetches its own source
     shards from it (and, with ``verify``, checks its shard against them)."""
     tasks = cplan.tasks if tasks is None else tasks
     if executor == "ray":

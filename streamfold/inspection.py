@@ -93,7 +93,8 @@ class Inspection:
 
 
 def inspect(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str | None = None,
-            rules=None, revision: str | None = None, token: str | bool | None = None) -> Inspection:
+            rules=None, revision: str | None = None, token: str | bool | None = None,
+            dequantize=None) -> Inspection:
     """The fold plan and output sizes for ``src``, reading headers only.
 
     A local folder (or, with ``HF_HUB_OFFLINE`` set, a cached Hub repo) is planned from its files. A Hub
@@ -103,11 +104,14 @@ def inspect(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: st
 
     An already-FlashNorm SRC gives its FlashNormState (``.state``: mode, version, each foldable norm
     identity or absent) and no plan, or with ``mode`` set to the other mode, the plan of that change.
+    ``dequantize``: plan ``--dequantize`` (local sources only so far).
     """
     text = os.fspath(src)
     if Path(text).exists() or not is_repo_id(text) or _offline():
         return _inspect_folder(resolve_source(text, revision=revision, token=token), text, mode=mode,
-                               merged_dtype=merged_dtype, rules=rules)
+                               merged_dtype=merged_dtype, rules=rules, dequantize=dequantize)
+    if dequantize:
+        raise StreamfoldError("--dequantize: inspect plans a local (or cached) checkpoint only so far")
     with _quiet_bars(True):
         found = _inspect_remote(text, mode=mode, merged_dtype=merged_dtype, rules=rules, revision=revision,
                                 token=token)
@@ -116,9 +120,10 @@ def inspect(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: st
     return found
 
 
-def _inspect_folder(source: Source, text: str, *, mode, merged_dtype, rules) -> Inspection:
+def _inspect_folder(source: Source, text: str, *, mode, merged_dtype, rules, dequantize=None) -> Inspection:
     try:
-        ckpt, _, plan = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, label=text)
+        ckpt, _, plan = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, label=text,
+                                  dequantize=dequantize)
     except AlreadyFlashNorm as e:  # nothing to fold: its FlashNorm state instead of a plan
         plan, state, ckpt = None, e.state, Checkpoint(source.path)
     else:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from streamfold.cli import main
 from streamfold.core.reader import Checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1] / "streamfold" / "sample"
@@ -102,15 +103,15 @@ def test_plan_lists_every_norm_with_all():
     assert each[-1] == {"norm": "model.norm", "status": "fold", "reason": "", "consumers": ["lm_head.weight"]}
 
 
-def test_dry_run_and_dtype_spellings(tmp_path):
+def test_dry_run_and_dtype_spellings(tmp_path, capsys):
     plan = run([SAMPLE, "--plan", "--json"]).stdout
     r = run([SAMPLE, "--dry-run", "--json"])
     assert r.returncode == 0 and r.stdout == plan
     assert not any(tmp_path.iterdir())
-    for spelling in ("fp32", "f32", "FP32", "float32"):
-        r = run(["inspect", SAMPLE, "--merged-dtype", spelling, "--json"])
-        assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout)["merged_dtype"] == "float32"
+    capsys.readouterr()
+    for spelling in ("fp32", "f32", "FP32", "float32"):  # argument parsing: in this process
+        assert main(["inspect", str(SAMPLE), "--merged-dtype", spelling, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["merged_dtype"] == "float32"
     r = run([SAMPLE, tmp_path / "bf", "--merged-dtype", "bf16", "--json"])  # the sample is bf16: = source
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["merged_dtype"] == "source"

@@ -108,7 +108,7 @@ def test_builtin_families_are_the_data_files():
     from streamfold.rules.loader import FAMILIES
     stems = sorted(p.stem for p in FAMILY_DIR.glob("*.toml"))
     assert sorted(FAMILIES) == stems and len(stems) >= 19
-    src = (ROOT / "streamfold" / "architectures.py").read_text()
+    src = (ROOT / "streamfold" / "rules" / "loader.py").read_text()
     assert "model.layers" not in src  # no rules in code
     for name in stems:  # the same loader and validation as a user's --rules file
         from streamfold.rules.schema import load_rules_file
@@ -151,6 +151,7 @@ def test_derive_rules_file_converts_exactly(tmp_path):
     assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5
 
 
+@pytest.mark.full
 def test_drift_check(tmp_path):
     """--check re-derives (and re-checks numerically) families and compares them with the stored files:
     the stored ones match under the installed transformers; an edited file is reported as drift."""
@@ -170,6 +171,7 @@ def test_drift_check(tmp_path):
     assert "DRIFT phi3" in r.stderr and "FAILED" not in r.stderr
 
 
+@pytest.mark.full
 def test_no_family_drifted():
     """Every stored family's rules equal what its tiny models derive under the installed transformers
     (--rules-only: tests/test_families.py checks the stored rules numerically, family by family)."""
@@ -179,6 +181,7 @@ def test_no_family_drifted():
         r.stdout + r.stderr[-3000:]
 
 
+@pytest.mark.full
 def test_rules_only_reports_drift(tmp_path):
     """--rules-only still sees an edited rule (and needs --check)."""
     import shutil

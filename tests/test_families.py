@@ -40,6 +40,7 @@ import streamfold  # noqa: E402
 from streamfold.core.reader import Checkpoint  # noqa: E402
 from streamfold.rules.patterns import config_get  # noqa: E402
 from streamfold.rules.schema import FAMILIES  # noqa: E402
+from tests.representatives import FAMILY_TYPES, matrix  # noqa: E402
 
 MAX_REL_F32 = 1e-5
 MIN_COS_BF16 = 0.9999
@@ -69,24 +70,16 @@ CONFIG_VARIANTS: dict[str, dict[str, dict]] = {
 # type is one more case (id "type+text:<text model type>"), checked like the default one.
 TEXT_VARIANT_PREFIX = "text:"
 
-# Issue 20's vision-language wrappers: one case stays in the fast suite, the rest of that matrix runs
-# under --full (each is a few seconds of conversions and loads); so do its decoders (the fast suite has
-# representatives of their kinds: hybrid Mamba, MLA, MoE).
+# Issue 20's vision-language wrappers: LLaVA is the fast representative of a wrapper traced and checked
+# with an image (and of text_model_types); the rest of that matrix runs under --full.
 VLM_FAST = "llava"
-VLM_FULL = {"qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision", "llava_next_video", "vipllava", "mllama",
-            "idefics2", "idefics3", "smolvlm", "paligemma", "aya_vision", "internvl", "glm4v", "glm46v", "glm4v_moe",
-            "lfm2_vl", "cohere2_vision",
-            "doge", "olmo_hybrid", "zamba", "zamba2", "longcat_flash", "hy_v4", "gemma4_unified_text", "lfm3",
-            "laguna", "biogpt"}
 
 
-def _model_types() -> list:
+def _model_types() -> list[str]:
     types = sorted({mt for fam in FAMILIES.values() for mt in fam["model_types"]})
     types += sorted(f"{mt}+{v}" for mt, vs in CONFIG_VARIANTS.items() for v in vs)
-    types += sorted(f"{mt}+{TEXT_VARIANT_PREFIX}{t}" for fam in FAMILIES.values() for mt in fam["model_types"]
-                    for t in fam.get("text_model_types", [])[1:])
-    return [pytest.param(t, marks=pytest.mark.full) if t.split("+")[0] in VLM_FULL or
-            (t.split("+")[0] == VLM_FAST and "+" in t) else t for t in types]
+    return types + sorted(f"{mt}+{TEXT_VARIANT_PREFIX}{t}" for fam in FAMILIES.values() for mt in fam["model_types"]
+                          for t in fam.get("text_model_types", [])[1:])
 
 
 def _family(mt: str) -> dict:
@@ -171,7 +164,7 @@ _CASES: dict[str, Case] = {}
 NUMBERS: dict[str, dict] = {}
 
 
-@pytest.fixture(scope="module", params=_model_types())
+@pytest.fixture(scope="module", params=matrix(_model_types(), FAMILY_TYPES | {VLM_FAST}))
 def case(request, tmp_path_factory):
     mt = request.param
     if mt not in _CASES:

@@ -16,6 +16,7 @@ import pytest
 from streamfold.core import fold
 from streamfold.core.fold import Scratch, scale_chunk
 from streamfold.check.oracle import check_scaled
+from tests.representatives import matrix
 
 BF16 = ml_dtypes.bfloat16
 SCALE_F64 = fold._scale_f64
@@ -317,8 +318,8 @@ def double_rounding_pairs(norms: np.ndarray, offset: int, rng, want: int = 12):
     return [(int(i), int(mant[np.flatnonzero(wrong[i])[0]])) for i in rows]
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-@pytest.mark.parametrize("norm", ["float32 w", "float32 1+w", "bf16 1+w"])
+@pytest.mark.parametrize("norm,workers", matrix([(n, w) for n in ["float32 w", "float32 1+w", "bf16 1+w"] for w in (1, 3)],
+                                                 {("float32 1+w", 3), ("bf16 1+w", 1)}))
 def test_convert_takes_the_midpoint_kernel(tmp_path, monkeypatch, norm, workers):
     """Through convert (many chunks, axis 1 and axis 0 consumers): a float32 norm, a float32 norm in
     the ``1 + w`` convention and a Gemma-style bf16 ``1 + w`` fold on the midpoint kernel (the float64

@@ -16,6 +16,7 @@ import streamfold
 from streamfold.check import forward
 from streamfold.core.errors import StreamfoldError
 from tests.factory import ARCHS, build_checkpoint, logits
+from tests.representatives import matrix
 from tests.factory import test_input_ids as input_ids  # (not collected as a test)
 
 REL_TOL = 1e-4
@@ -37,7 +38,7 @@ def test_covers_the_brief():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("name", FORWARD_ARCHS)
+@pytest.mark.parametrize("name", matrix(FORWARD_ARCHS, {"llama", "llama_tied", "qwen2_moe", "phi3"}))
 def test_matches_transformers(tmp_path, name, dtype):
     path = build_checkpoint(name, tmp_path / name, dtype=dtype)
     ids = input_ids(name)

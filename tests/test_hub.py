@@ -27,6 +27,7 @@ from streamfold.hub import client as hub
 from streamfold.hub import push as hub_push
 from streamfold.hub import remote as hub_remote
 from tests.hubserver import GITATTRIBUTES, hub_server  # noqa: F401  (hub_server is a fixture)
+from tests.representatives import matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "streamfold" / "sample"
@@ -195,6 +196,7 @@ def test_offline_missing_shard_is_one_line_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.full
 def test_revision_tag_and_commit_resolve_from_cache(tmp_path, hf_home):
     files = _files()
     files["README.md"] = SOURCE_CARD.replace("apache-2.0", "mit").encode()
@@ -224,7 +226,7 @@ def test_local_path_wins_over_repo_id(tmp_path):
     assert r.returncode == 2 and "--revision applies to Hub repo ids" in r.stderr
 
 
-@pytest.mark.parametrize("src", ["./no-such-dir", "a/b/c", "no such", "org/..x"])
+@pytest.mark.parametrize("src", matrix(["./no-such-dir", "a/b/c", "no such", "org/..x"], {"a/b/c"}))
 def test_neither_path_nor_repo_id(tmp_path, src):
     r = run_cli(src, tmp_path / "out", env=offline_env(tmp_path / "hf"), cwd=tmp_path)
     assert r.returncode == 2
@@ -413,7 +415,7 @@ def test_gitattributes_is_not_reported_as_skipped(tmp_path, hub_server):
 
 # --- remote plans: headers only (Range reads) -----------------------------------------------------
 
-@pytest.mark.parametrize("mode,merged", [("compat", "source"), ("strict", "float32")])
+@pytest.mark.parametrize("mode,merged", matrix([("compat", "source"), ("strict", "float32")], {("strict", "float32")}))
 def test_remote_plan_matches_local_plan_and_sizes(tmp_path, hub_server, mode, merged):
     sha = hub_server.add_repo(REPO, _files())
     remote = streamfold.inspect(REPO, mode=mode, merged_dtype=merged)

@@ -11,7 +11,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "streamfold"
 
 # floor of each top-level part of the package; "" is the face (cli, convert, inspect, demo, __main__)
-FLOORS = {"core": 0, "rules": 1, "planning": 2, "check": 3, "hub": 3, "card": 4, "run": 5, "": 6, "derive": 6}
+FLOORS = {"core": 0, "quant": 1, "rules": 1, "planning": 2, "check": 3, "hub": 3, "card": 4, "run": 5, "": 6, "derive": 6}
 MAX_LINES = 400
 RUNTIME_THIRD_PARTY = {"numpy", "ml_dtypes", "safetensors", "huggingface_hub", "tqdm", "ray", "tomllib"}
 

@@ -145,6 +145,7 @@ def _cached_weights(cluster, repo: str) -> list[Path]:
     return list((cluster["hf_home"] / "hub" / f"models--{repo.replace('/', '--')}").rglob("*.safetensors"))
 
 
+@pytest.mark.full
 def test_ray_from_hub_fetches_each_shard_once_in_its_task(cluster, faults, layered, tmp_path):  # noqa: F811
     repo = "org/toy-fetch"  # a repo of its own: nothing of it in the HF cache from other tests
     hub = _hub_repo(cluster, layered, repo)
@@ -163,6 +164,7 @@ def test_ray_from_hub_fetches_each_shard_once_in_its_task(cluster, faults, layer
     assert _files(out) == _files(ref)
 
 
+@pytest.mark.full
 def test_ray_from_hub_retries_a_killed_task(cluster, faults, layered, tmp_path):  # noqa: F811
     hub = _hub_repo(cluster, layered)
     (faults / "crash").write_text("")
@@ -205,7 +207,7 @@ def test_stream_ray_makes_one_commit_equal_to_local_stream(cluster, faults, laye
     ("fail-model-00003-of-00004.safetensors", 2,
      "streamfold: error: model-00003-of-00004.safetensors: Ray task failed: RuntimeError: injected failure in "
      "model-00003-of-00004.safetensors"),
-    ("wrong", 3, "streamfold: error: verification of model-0000")])
+    pytest.param("wrong", 3, "streamfold: error: verification of model-0000", marks=pytest.mark.full)])
 def test_stream_ray_commits_nothing_when_a_task_fails(cluster, faults, layered, tmp_path, capsys,  # noqa: F811
                                                      fault, code, message):
     hub = _hub_repo(cluster, layered)
@@ -222,6 +224,7 @@ def test_stream_ray_commits_nothing_when_a_task_fails(cluster, faults, layered, 
     assert not list(tmp_path.glob(".*"))
 
 
+@pytest.mark.full
 def test_ray_from_hub_verify_checks_each_shard_in_its_task(cluster, faults, layered, tmp_path):  # noqa: F811
     _hub_repo(cluster, layered)
     (faults / "wrong").write_text("")

@@ -5,25 +5,30 @@ import torch
 
 import streamfold
 from streamfold.core.reader import Checkpoint
+from tests.conftest import full_run
+from tests.representatives import matrix
 from tests.realmodel import PROMPTS, greedy_generate, load, smollm2_checkpoint
 
-N_PROMPTS = 4
+# (prompts, greedy tokens each): the fast suite checks one prompt's continuation, --full four
+GREEDY_FULL, GREEDY_FAST = (4, 40), (1, 24)
 
 
 @pytest.fixture(scope="module")
-def source():
+def source(request):
+    n_prompts, n_tokens = GREEDY_FULL if full_run(request.config) else GREEDY_FAST
     path = smollm2_checkpoint()
     model, tok = load(path)
     ids = tok("The quick brown fox jumps over the lazy dog because", return_tensors="pt").input_ids
     with torch.no_grad():
         ref_logits = model(ids).logits
-    texts = [greedy_generate(model, tok, p, n=40) for p in PROMPTS[:N_PROMPTS]]
-    return path, ids, ref_logits, texts
+    texts = [greedy_generate(model, tok, p, n=n_tokens) for p in PROMPTS[:n_prompts]]
+    return path, ids, ref_logits, texts, n_tokens
 
 
-@pytest.mark.parametrize("mode,merged", [("compat", "source"), ("strict", "source"), ("compat", "float32")])
+@pytest.mark.parametrize("mode,merged", matrix([("compat", "source"), ("strict", "source"), ("compat", "float32")],
+                                               {("compat", "source")}))
 def test_smollm2_greedy_identical(source, tmp_path, mode, merged):
-    path, ids, ref_logits, ref_texts = source
+    path, ids, ref_logits, ref_texts, n_tokens = source
     dst = tmp_path / "flash"
     report = streamfold.convert(path, dst, mode=mode, merged_dtype=merged)
     assert report.norms_folded == 60 and report.norms_kept == 1  # 30 layers x 2; tied final norm kept
@@ -47,5 +52,5 @@ def test_smollm2_greedy_identical(source, tmp_path, mode, merged):
         rel = ((got - ref_logits).abs().max() / ref_logits.abs().max()).item()
         assert rel <= 1e-5, rel
     assert cos >= 0.9999, cos
-    for prompt, want in zip(PROMPTS[:N_PROMPTS], ref_texts):
-        assert greedy_generate(model, tok, prompt, n=40) == want, prompt
+    for prompt, want in zip(PROMPTS, ref_texts):
+        assert greedy_generate(model, tok, prompt, n=n_tokens) == want, prompt

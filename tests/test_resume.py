@@ -17,6 +17,7 @@ from streamfold.run.staging import PARTIAL_SUFFIX
 from .test_engine import RULES
 from .test_stream import layered  # noqa: F401 - four one-layer shards
 from .test_tasks import _env, _files
+from tests.representatives import matrix
 
 # Runs the CLI with a kill injected by the test (not by streamfold): after the N-th journaled shard,
 # or at the K-th kernel copy (mid-shard).
@@ -78,7 +79,7 @@ def _shard_ids(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("model-*.safetensors")}
 
 
-@pytest.mark.parametrize("what,n,kept", [("copies", 1, 0), ("shards", 1, 1), ("shards", 3, 3)])
+@pytest.mark.parametrize("what,n,kept", matrix([("copies", 1, 0), ("shards", 1, 1), ("shards", 3, 3)], {("shards", 1, 1)}))
 def test_sigkill_then_same_command_resumes(layered, rules_file, reference, tmp_path, what, n, kept):  # noqa: F811
     dst = tmp_path / "out"
     _killed(layered, dst, rules_file, what, n, "--manifest")

@@ -21,6 +21,7 @@ import streamfold
 from streamfold.run import staging
 from streamfold.core.errors import StreamfoldError
 from streamfold.run.staging import Staging
+from tests.representatives import matrix
 
 SAMPLE = Path(__file__).resolve().parents[1] / "streamfold" / "sample"
 ROOT = SAMPLE.parents[1]
@@ -154,7 +155,7 @@ def test_dst_in_source_still_refused(tmp_path):
 
 # --- modes ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+@pytest.mark.parametrize("umask", matrix([0o022, 0o027, 0o002], {0o027}))
 def test_output_modes_follow_the_umask(tmp_path, umask):
     src = tmp_path / "src"
     shutil.copytree(SAMPLE, src)
@@ -213,9 +214,10 @@ def test_dead_owner_folder_is_adopted_only_when_asked(tmp_path):
 
 # --- signals ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sig,code,word,workers", [(signal.SIGTERM, 143, "terminated (SIGTERM)", "1"),
-                                                   (signal.SIGTERM, 143, "terminated (SIGTERM)", "3"),
-                                                   (signal.SIGINT, 130, "interrupted", "3")])
+@pytest.mark.parametrize("sig,code,word,workers", matrix([(signal.SIGTERM, 143, "terminated (SIGTERM)", "1"),
+                                                          (signal.SIGTERM, 143, "terminated (SIGTERM)", "3"),
+                                                          (signal.SIGINT, 130, "interrupted", "3")],
+                                                         lambda c: c[3] == "3"))
 def test_signal_mid_conversion_cleans_up(tmp_path, sig, code, word, workers):
     dst = tmp_path / "out"
     proc = child(SAMPLE, dst, "--workers", workers, "--memory-budget", "1M", SF_SLOW=0.2)
@@ -253,8 +255,9 @@ def _old_dst(root: Path, tmp_path: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("point,after", [("rename-before", "old"), ("rename-after", "new"),
-                                         ("remove-before", "new"), ("remove-mid", "new")])
+@pytest.mark.parametrize("point,after", matrix([("rename-before", "old"), ("rename-after", "new"),
+                                                ("remove-before", "new"), ("remove-mid", "new")],
+                                               {("rename-before", "old"), ("remove-mid", "new")}))
 def test_sigkill_at_each_publish_step(tmp_path, versions, point, after):
     hashes, root = versions
     dst = _old_dst(root, tmp_path)
@@ -268,6 +271,7 @@ def test_sigkill_at_each_publish_step(tmp_path, versions, point, after):
     assert tree_hash(dst) == hashes["new"] and leftovers(tmp_path) == []
 
 
+@pytest.mark.full
 def test_sigkill_at_a_spread_of_moments(tmp_path, versions):
     hashes, root = versions
     t0 = time.monotonic()
@@ -330,7 +334,7 @@ def test_library_staging_publish_and_exchange(tmp_path, monkeypatch):
     assert report.dst == str(tmp_path / "d0") and (tmp_path / "d0" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("workers", matrix([1, 3], {3}))
 def test_interrupt_in_process_stops_every_thread(tmp_path, workers):
     """Terminated raised mid-run (as the SIGTERM handler does): no thread survives, nothing is left."""
     import threading

@@ -69,6 +69,7 @@ def test_other_language_model_is_refused_in_one_line(llava, tmp_path):
     assert not (tmp_path / "out").exists() and _digest(src) == before
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("text_type", ["mistral", None])  # another derived type; none given: the default
 def test_derived_language_models_convert(llava, tmp_path, text_type):
     src = _with_text_model(llava, tmp_path / "src", text_type)

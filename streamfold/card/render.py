@@ -18,7 +18,7 @@ from pathlib import Path
 from .table import change_rows, dtype_names
 from ..core.errors import StreamfoldError
 from ..core.files import CARD_NAME
-from ..planning.planner import Kind
+from ..planning.planner import Kind, Plan
 from ..core.units import human_bytes
 
 PAPER = "https://arxiv.org/abs/2407.09577"
@@ -233,6 +233,15 @@ def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_displ
     if plan.unknown_norms:
         notes.append(f"{len(plan.unknown_norms)} norm-like tensors that no streamfold rule covers were copied "
                      "unchanged.")
+    quant = plan.quant_summary()
+    if quant and plan.dequant is not None:
+        notes.append(dequant_note(plan, tensors))
+    elif quant:
+        kinds = ", ".join(f"{n} {k}" for k, n in quant["formats"].items())
+        notes.append(f"The source is quantized (`{quant['method']}`: {kinds} modules): their codes and scales are "
+                     "byte-for-byte copies and `quantization_config` is unchanged. A norm is folded only where every "
+                     "linear reading it is unquantized; a norm read by a quantized linear is kept (see the table), "
+                     "since codes and scales cannot absorb a per-channel factor exactly.")
     notes.append("All other tensors are byte-for-byte copies of the source.")
     L += [" ".join(notes), ""]
     L += _usage(cfg, folder, load_ref, compat, tokenizer_from=source_repo or base_model,
@@ -305,7 +314,7 @@ def _usage(cfg: dict, folder: Path | None, ref: str, compat: bool, tokenizer_fro
 def write_card(folder: str | os.PathLike, *, plan, tensors, cfg: dict, source, dst: str | os.PathLike,
                version: str, bytes_in: int, bytes_out: int, push_to_hub: str | None = None,
                base_model: str | None = None, rules=None, private: bool = False) -> Path:
-    """Write ``folder/README.md`` for a conversion (``source`` is a :class:`streamfold.hub.Source`)."""
+    """Write ``folder/README.md`` for a conversion (``source`` is a :class:`streamfold.hub.client.Source`)."""
     # The card names DST by its folder name (what the usage snippet loads) or the repo it is pushed to,
     # never by its location: the same conversion into folders of the same name gives the same bytes
     # (and SHA256SUMS) wherever they are.
@@ -325,3 +334,23 @@ def write_card(folder: str | os.PathLike, *, plan, tensors, cfg: dict, source, d
     path = folder / CARD_NAME
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def dequant_note(plan: Plan, tensors: dict) -> str:
+    """The card's paragraph on ``--dequantize``: what was widened, what is exact, the size change."""
+    deq = plan.dequant
+    widened = [a for a in plan.actions.values() if a.kind == Kind.DEQUANT]
+    folded = sum(1 for a in widened if a.norm is not None)
+    out = {a.out_dtype for a in widened}
+    before = sum(tensors[x].nbytes for qm in deq.widened.values() for x in qm.tensors)
+    after = sum(tensors[qm.weight].numel * (4 if "F32" in out else 2) for qm in deq.widened.values())
+    left = len(deq.quant.modules) - len(deq.widened)
+    return (f"The source is quantized (`{deq.quant.method}`). Converted with `--dequantize`: {len(widened)} quantized "
+            f"weights were decoded to {dtype_names(out)} ({folded} folded with their norm: every element is the exact "
+            f"product `q · s · g` of code, block scale and norm weight, rounded once to nearest-even; {len(widened) - folded} "
+            "fused siblings or expert down projections widened so that loaders see one precision per fused layer: "
+            "`q · s` rounded once, exact where it fits, e.g. power-of-two scales into bf16), and their scales dropped; "
+            f"those weights grew from {before} to {after} bytes. "
+            + (f"{left} quantized modules are byte-for-byte copies, and `quantization_config` lists the widened ones "
+               "as not converted." if left else "Nothing quantized is left, so `quantization_config` was removed."))
+

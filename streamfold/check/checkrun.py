@@ -1,11 +1,11 @@
 """Run read-only check jobs on threads: positional reads through cached file descriptors, and a pool.
 
-The checks (:mod:`streamfold.taskcheck`) read the output once, piece by piece, and each piece also
-feeds its file's ``SHA256SUMS`` hash (:class:`~streamfold.manifest.OrderedHasher`, which takes the
+The checks (:mod:`streamfold.check.taskcheck`) read the output once, piece by piece, and each piece also
+feeds its file's ``SHA256SUMS`` hash (:class:`~streamfold.core.manifest.OrderedHasher`, which takes the
 pieces of one file in order). Jobs are run in the order given, one file's jobs interleaved with the
 others' (:func:`run_jobs`), so several files are read at once and a hash never waits long for its
 predecessor. Every job runs even when one raises (a hash needs every piece); the first error is
-re-raised at the end. Buffers are per thread (:class:`~streamfold.fold.Scratch`), so memory is
+re-raised at the end. Buffers are per thread (:class:`~streamfold.core.fold.Scratch`), so memory is
 ``workers`` x the largest piece, whatever the model size. Nothing is memory-mapped.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ Gemma's ``1 + w`` norms and scaled embeddings, and Mixtral / Qwen2-MoE / Qwen3-M
 layers (top-k routing, shared experts).
 
 Memory stays bounded: every weight matrix is read in row blocks (``os.preadv`` into reused buffers,
-never memory-mapped; :mod:`streamfold.forward_weights`), converted to float32 and multiplied block by
+never memory-mapped; :mod:`streamfold.check.forward_weights`), converted to float32 and multiplied block by
 block, and only the experts a token is routed to are read. So an 8B checkpoint runs in a few hundred
 MB plus the logits.
 """
@@ -171,6 +171,9 @@ class Decoder:
             raise ForwardUnsupported(f"config.json: the forward pass supports model_type "
                                   f"{', '.join(SUPPORTED)}, not {self.model_type!r}")
         self.cfg = raw.get("text_config", raw) if "text_config" in raw else raw
+        if raw.get("quantization_config") or self.cfg.get("quantization_config"):
+            raise ForwardUnsupported("config.json: a quantized checkpoint (quantization_config); the forward "
+                                     "pass reads unquantized weights only")
         c = self.cfg
         self.hidden = int(c["hidden_size"])
         self.heads = int(c["num_attention_heads"])

@@ -1,4 +1,4 @@
-"""``verify --forward``: float32 numpy logits of both checkpoints (:mod:`streamfold.forward`), and the verdict.
+"""``verify --forward``: float32 numpy logits of both checkpoints (:mod:`streamfold.check.forward`), and the verdict.
 
 Folds rounded to bf16/fp16 perturb every folded weight by up to half an ulp, so only a gross error is
 a failure: every position's logits must have at least :data:`MIN_COSINE_ROUNDED` cosine to the

@@ -2,7 +2,7 @@
 
 Every weight matrix is read in row blocks (``os.preadv`` into reused buffers, never memory-mapped),
 converted to float32 and multiplied block by block (:meth:`Weights.linear`), so an 8B checkpoint runs
-in a few hundred MB. Used by :mod:`streamfold.forward`.
+in a few hundred MB. Used by :mod:`streamfold.check.forward`.
 """
 from __future__ import annotations
 

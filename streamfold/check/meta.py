@@ -1,7 +1,7 @@
 """verify's checks of everything but tensor data: config, shard layout, index, other files, manifest.
 
-Each function appends :class:`~streamfold.verify_report.Problem` s to ``problems`` and returns what
-the later checks need. The tensor data itself is checked by :mod:`streamfold.taskcheck`.
+Each function appends :class:`~streamfold.check.report.Problem` s to ``problems`` and returns what
+the later checks need. The tensor data itself is checked by :mod:`streamfold.check.taskcheck`.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def open_shards(dst: Path, src_ckpt: Checkpoint, problems: list[Problem]) -> tup
 def _what(kind: Kind, a) -> str:
     return {Kind.COPY: "unchanged", Kind.SCALE: f"folded with {a.norm.weight if a.norm else '?'}",
             Kind.FILL: "folded norm set to identity", Kind.BIAS: "bias with the norm's shift folded in",
-            Kind.DROP: "removed"}[kind]
+            Kind.DROP: "removed", Kind.DEQUANT: "dequantized" + (f" and folded with {a.norm.weight}" if a.norm else "")}[kind]
 
 
 def check_layout(plan: Plan, src_ckpt: Checkpoint, files: Shards, where: dict[str, str],
@@ -92,13 +92,17 @@ def check_layout(plan: Plan, src_ckpt: Checkpoint, files: Shards, where: dict[st
         problems.append(Problem(check, subject, msg))
     checkable: set[str] = set()
     lost: dict[str, list[str]] = {}
+    widened_aux = ({x for qm in plan.dequant.widened.values() for x in qm.tensors if x != qm.weight}
+                   if plan.dequant is not None else set())
     for name, a in plan.actions.items():
         st = src_ckpt.tensors[name]
         if a.kind == Kind.DROP:
+            scale = name in widened_aux
             if name in tensors:
-                fail("tensor", name, "folded norm must be absent in strict mode, but is present")
+                fail("tensor", name, "scale of a dequantized weight must be absent, but is present" if scale
+                     else "folded norm must be absent in strict mode, but is present")
             else:
-                counts["absent"] += 1
+                counts["scales_dropped" if scale else "absent"] += 1
             continue
         if name not in tensors:
             shard = src_ckpt.shard_of[name]

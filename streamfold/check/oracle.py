@@ -5,7 +5,7 @@ to its stored dtype. Here the product is formed in float64 (exact for bf16/f16/f
 float32 multiplier: at most 48 significant bits, far inside float64's exponent range; a float64 weight
 gets the float64 multiply, itself one correct rounding) and rounded by ml_dtypes (bf16: measured to
 round once from float64, not through float32) or numpy (float16, float32). The kernel
-(:mod:`streamfold.fold`) takes other routes: a float32 bit-pattern kernel where the float32 product is
+(:mod:`streamfold.core.fold`) takes other routes: a float32 bit-pattern kernel where the float32 product is
 exact, and its own round-to-odd rounding from float64; agreement of the two is the check.
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ def expected_bias(b: np.ndarray, w: np.ndarray, beta: np.ndarray, out_dtype: str
     :func:`math.fsum` (the correctly rounded float64 sum ``r``); if ``r``'s two float64 neighbours round
     to different values, ``r`` is a rounding boundary and the sign of the exact remainder (``fsum``
     again, with ``-r``) decides. Rounding is ml_dtypes'/numpy's cast from float64. Rows holding NaN or
-    infinity get the IEEE float64 sum, rounded. (The kernel, :func:`streamfold.fold.fold_bias_rows`,
+    infinity get the IEEE float64 sum, rounded. (The kernel, :func:`streamfold.core.fold.fold_bias_rows`,
     settles its boundary rows by exact integer summation instead.)"""
     import math
     target = DTYPES[out_dtype]

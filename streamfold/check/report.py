@@ -85,7 +85,10 @@ class VerifyReport:
                      f"{c.get('kept_norms', 0)} norms that cannot fold), {c.get('folded', 0)} folded "
                      f"(every element bit-identical to the exact product rounded once), "
                      f"{c.get('identity', 0)} norms identity, {c.get('absent', 0)} absent, "
-                     f"{c.get('biases', 0)} biases, {c.get('files', 0)} other files; "
+                     f"{c.get('biases', 0)} biases, "
+                     + (f"{c['dequantized']} dequantized (every element the exact q*s*g rounded once, "
+                        f"{c.get('scales_dropped', 0)} scale tensors dropped), " if c.get("dequantized") else "")
+                     + f"{c.get('files', 0)} other files; "
                      f"manifest {self.manifest}")
         for n in self.notes:
             lines.append(f"  note: {n}")

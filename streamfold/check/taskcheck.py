@@ -1,10 +1,10 @@
 """The one element check: output tensors against the chunk records of the task that wrote them.
 
-The same records the engine executed (:mod:`streamfold.tasks`), checked independently of how it
+The same records the engine executed (:mod:`streamfold.planning.tasks`), checked independently of how it
 executed them: copied ranges are byte-identical to the source; every folded element has exactly the
-bits of the exact product rounded once (:func:`streamfold.oracle.check_scaled`: a float64 product and
+bits of the exact product rounded once (:func:`streamfold.check.oracle.check_scaled`: a float64 product and
 ml_dtypes/numpy rounding, not fold.py's kernels); identity fills are exact; folded biases have
-exactly the bits of ``b + W @ beta``, the exact sum rounded once (:func:`streamfold.oracle.expected_bias`:
+exactly the bits of ``b + W @ beta``, the exact sum rounded once (:func:`streamfold.check.oracle.expected_bias`:
 math.fsum where the float64 sum's error interval straddles a rounding boundary).
 
 Chunk records are cut into :class:`Piece` s of at most ``piece_bytes`` output bytes, each restricted
@@ -12,7 +12,7 @@ to one tensor (a copy record spans a run of tensors), so memory stays bounded wh
 task was planned with, and every problem names its tensor. A tensor is checked wherever the output
 actually holds it (:class:`Target`), so a shard whose header differs from the task's (a tensor
 missing or added) still has its other tensors checked. Used by ``verify`` (every shard, with the
-manifest hash fed from the same reads: :mod:`streamfold.checkrun`) and by the streaming Hub path
+manifest hash fed from the same reads: :mod:`streamfold.check.checkrun`) and by the streaming Hub path
 (``--stream --verify``: :func:`check_task`, each shard before it is uploaded).
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ..core.errors import StreamfoldError
 from ..core.fold import Scratch
 from ..core.manifest import OrderedHasher
 from .oracle import FoldTally, check_scaled, expected_bias, uint_of
+from .quant_oracle import check_dequant_band
 from ..planning.tasks import Chunk, Op, Task
 from .report import Problem, fmt_index, fmt_ulps
 
@@ -93,6 +94,10 @@ class TensorCheck:
             msg = (f"is not source x {c.norm} rounded once: {t.bad} of {self.numel} elements wrong (worst "
                    f"{fmt_ulps(t.worst_ulp)}), first at {fmt_index(idx, self.shape)}: {got:.6g}, expected "
                    f"{want:.6g}{hint}")
+        elif self.op == Op.DEQUANT:
+            what = f"q·s x {c.norm}" if c.norm else "q·s"
+            msg = (f"is not the dequantized {what} rounded once: {t.bad} of {self.numel} elements wrong, first at "
+                   f"{fmt_index(idx, self.shape)}: {got:.6g}, expected {want:.6g}")
         elif self.op == Op.FILL:
             msg = (f"folded norm is not the identity ({c.value:g}): {t.bad} of {self.numel} elements differ, "
                    f"first at {fmt_index(idx, self.shape)}: {got:.6g}")
@@ -128,7 +133,10 @@ def tensor_checks(task: Task, piece_bytes: int, labels: dict[str, str] | None = 
         tc = checks[c.tensor]
         tc.op = c.op
         base = lay.tensors[c.tensor].begin
-        if c.op == Op.FOLD:
+        if c.op == Op.DEQUANT:  # one piece per record (records are bounded bands already)
+            tc.vec = task.norms[c.norm]["scale"].astype(np.float32) if c.norm else None
+            tc.pieces.append(Piece(c, c.dst - base, c.size, c.src_off, c.rows))
+        elif c.op == Op.FOLD:
             tc.vec = task.norms[c.norm]["scale"].astype(np.float32)
             isz, osz = DTYPES[c.src_dtype].itemsize, DTYPES[c.out_dtype].itemsize
             step = max(1, piece_bytes // max(1, c.cols * max(isz, osz)))
@@ -273,7 +281,20 @@ class Checker:
         return t
 
 
-_CHECKS = {Op.COPY: Checker._copy, Op.FOLD: Checker._fold, Op.FILL: Checker._fill, Op.BIAS: Checker._bias}
+def _dequant(self: Checker, p: Piece, tc: TensorCheck, d: np.ndarray, s: Scratch) -> FoldTally:
+    """Bit for bit the exact ``q·s·g`` rounded once, from the integer oracle (streamfold.check.quant_oracle)."""
+    c, (r0, r1) = p.chunk, p.rows
+    codes = s.get("src", (r1 - r0) * c.cols)
+    self.reader.read(self.sources[c.src], p.src_off, codes)
+    sfile, soff, sdtype, sshape = c.scale
+    sraw = np.empty(math.prod(sshape) * DTYPES[sdtype].itemsize, np.uint8)
+    self.reader.read(self.sources[sfile], soff, sraw)
+    return check_dequant_band(codes.reshape(r1 - r0, c.cols), sraw, sdtype, tuple(c.block), r0, tc.vec,
+                              c.out_dtype, d, base_index=r0 * c.cols)
+
+
+_CHECKS = {Op.COPY: Checker._copy, Op.FOLD: Checker._fold, Op.FILL: Checker._fill, Op.BIAS: Checker._bias,
+           Op.DEQUANT: _dequant}
 
 
 def _f64(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -1,36 +1,36 @@
 """verify(): prove a converted checkpoint is its source with the norms folded, without torch.
 
 The source is re-planned (the same planner convert uses, in the mode and merged dtype the output
-declares) and cut into the same task records convert executes (:func:`streamfold.tasks.build_tasks`);
-every output shard is then checked against its task's chunk records (:mod:`streamfold.taskcheck`,
+declares) and cut into the same task records convert executes (:func:`streamfold.planning.tasks.build_tasks`);
+every output shard is then checked against its task's chunk records (:mod:`streamfold.check.taskcheck`,
 the one element check):
 
 - unchanged tensors (including norms that cannot fold) are byte-identical to the source, compared
   piece by piece (a direct byte comparison: stronger than comparing hashes, and cheaper);
 - folded weights are, element by element and bit for bit, the exact product ``source x multiplier``
   rounded once to nearest-even to their stored dtype (any NaN matches any NaN), recomputed
-  independently of the kernel (:mod:`streamfold.oracle`: float64 product, ml_dtypes/numpy rounding);
+  independently of the kernel (:mod:`streamfold.check.oracle`: float64 product, ml_dtypes/numpy rounding);
   wrong elements are reported with their index and distance from the exact product in ulps;
 - folded norms are the identity (compat) or absent (strict); LayerNorm biases folded into consumer
   biases have exactly the bits of ``b + W @ beta``, the exact sum rounded once
-  (:func:`streamfold.oracle.expected_bias`);
+  (:func:`streamfold.check.oracle.expected_bias`);
 - ``config.json`` carries the FlashNorm flags and is otherwise the source's; every tensor sits in the
   shard the source has it in with the planned dtype and shape; each shard header is byte for byte the
   task's; the index matches the shard headers; the other files are the source's; no other weight
-  format of the unfolded model was left behind (:mod:`streamfold.verify_meta`);
+  format of the unfolded model was left behind (:mod:`streamfold.check.meta`);
 - ``SHA256SUMS`` (written by convert) matches every file and lists all of them, when present.
 
 Output shards are read once, sequentially per file (each piece feeds both the manifest hash and the
 tensor check; the headers, a few KB, twice), source tensors once, all through bounded reused buffers
 (never memory-mapped), so peak memory is set by the buffer budget whatever the model size
-(:mod:`streamfold.checkrun`).
+(:mod:`streamfold.check.checkrun`).
 
 What this proves, and what it does not: the source is re-planned with the same planner and rules
 convert used, so a pass means "DST is exactly this plan executed on SRC" (every byte accounted for),
 whichever engine wrote it (local threads, Ray, tasks run from JSON). It does not prove the plan is
 right for the model (that a norm really feeds only those linears, that the rules match the
 architecture): that is what ``forward=True`` (an independent numpy forward pass of both checkpoints,
-for the decoders :mod:`streamfold.forward` supports; :mod:`streamfold.forward_check`) and the
+for the decoders :mod:`streamfold.check.forward` supports; :mod:`streamfold.check.forward_check`) and the
 transformers test suite (``tests/test_architectures.py``: logits of the converted model in stock
 transformers) check.
 """
@@ -47,6 +47,7 @@ from ..core.errors import AlreadyFlashNorm, StreamfoldError
 from .forward_check import MIN_COSINE_EXACT, MIN_COSINE_ROUNDED, add_forward, run_forward
 from ..core.manifest import MANIFEST_NAME
 from .oracle import check_scaled
+from ..quant.formats import quant_config
 from ..planning.planner import MERGED_ALIASES, MODES, Kind, Plan, make_plan
 from ..core.reader import Checkpoint, TensorInfo, read_config
 from ..planning.remode import plan_checkpoint
@@ -58,14 +59,15 @@ from .report import EXIT_FAILED, Problem, VerifyReport, sort_problems
 __all__ = ["verify", "VerifyReport", "Problem", "EXIT_FAILED", "check_scaled", "run_forward",
            "MIN_COSINE_ROUNDED", "MIN_COSINE_EXACT"]
 # what a checked tensor counts as, by its planned action
-_COUNT = {Kind.COPY: "unchanged", Kind.SCALE: "folded", Kind.FILL: "identity", Kind.BIAS: "biases"}
+_COUNT = {Kind.COPY: "unchanged", Kind.SCALE: "folded", Kind.FILL: "identity", Kind.BIAS: "biases",
+          Kind.DEQUANT: "dequantized"}
 
 
 def verify(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None = None,
            merged_dtype: str | None = None, rules: str | os.PathLike | dict | None = None,
            workers: int | None = None, memory_budget: int | None = None, forward: bool = False,
            forward_tokens: list[int] | int | None = None,
-           progress: Callable[[int], Callable[[int], None]] | None = None) -> VerifyReport:
+           progress: Callable[[int], Callable[[int], None]] | None = None, dequantize=None) -> VerifyReport:
     """Check that ``dst`` is a correct FlashNorm conversion of ``src``; returns a :class:`VerifyReport`
     (``report.ok``, ``report.problems``). Reads only headers up front, then streams both checkpoints
     once through bounded buffers.
@@ -73,7 +75,9 @@ def verify(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None =
     ``mode`` / ``merged_dtype`` default to what ``dst`` declares (``config.json`` ``flashnorm_mode``;
     float32 if folded tensors are stored float32). ``forward`` additionally compares float32 logits of
     both checkpoints on ``forward_tokens`` (a list of ids, or a count of fixed pseudo-random ids; 16 by
-    default). Raises :class:`StreamfoldError` for bad input (an unreadable source, a missing ``dst``);
+    default). ``dequantize`` (None: read from ``dst``'s config.json: its quantization_config lists more
+    modules as unquantized than the source's, or is gone) expects a ``--dequantize`` conversion.
+    Raises :class:`StreamfoldError` for bad input (an unreadable source, a missing ``dst``);
     problems with ``dst`` itself are reported, not raised.
     """
     src, dst = Path(src), Path(dst)
@@ -91,26 +95,44 @@ def verify(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None =
     extra = load_rules_file(rules) if isinstance(rules, (str, os.PathLike)) else rules
     workers = max(1, workers or default_workers())
     report = _verify_tensors(src, dst, extra, mode, merged_dtype, workers, memory_budget or DEFAULT_BUDGET,
-                             progress)
+                             progress, dequantize)
     if forward:
         add_forward(report, src, dst, forward_tokens, memory_budget)
     return report
 
 
-def _plan(src_ckpt: Checkpoint, src_cfg: dict, src: Path, mode: str, merged: str, rules) -> Plan:
+def _plan(src_ckpt: Checkpoint, src_cfg: dict, src: Path, mode: str, merged: str, rules, deq=None) -> Plan:
     try:  # an already-FlashNorm source converted to the other mode: the plan of that change
         return plan_checkpoint(src_cfg, src_ckpt.tensors, src_ckpt.read, mode=mode, merged_dtype=merged, rules=rules,
-                               shard_of=src_ckpt.shard_of, src=str(src))
+                               shard_of=src_ckpt.shard_of, src=str(src), dequantize=deq)
     except AlreadyFlashNorm:  # same mode: the output must be the source's fold (of identity norms)
-        return make_plan(src_cfg, src_ckpt.tensors, src_ckpt.read, mode=mode, merged_dtype=merged, rules=rules)
+        return make_plan(src_cfg, src_ckpt.tensors, src_ckpt.read, mode=mode, merged_dtype=merged, rules=rules,
+                         dequantize=deq)
+
+
+def _dequant_of(src_cfg: dict, dst: Path, want) -> str | None:
+    """The ``dequantize`` mode a conversion used: as asked, else read from the two configs."""
+    if want:
+        return "consumers" if want is True else want
+    try:
+        dst_cfg = read_config(dst)
+    except StreamfoldError:
+        return None
+    q_src = quant_config(src_cfg)
+    if q_src is None:
+        return None
+    q_dst = quant_config(dst_cfg)
+    if q_dst is None:
+        return "all"
+    return "consumers" if q_dst != q_src else None
 
 
 def _derive_plan(src_ckpt: Checkpoint, src_cfg: dict, src: Path, dst_cfg: dict | None,
                  dst_tensors: dict[str, TensorInfo], want_mode: str | None, want_merged: str | None, rules,
-                 problems: list[Problem], notes: list[str]) -> tuple[Plan, str, str]:
+                 problems: list[Problem], notes: list[str], deq=None) -> tuple[Plan, str, str]:
     """What should have happened: the source's plan in the mode and merged dtype asked for, or else
     the ones the output declares (or, when it does not say, shows)."""
-    plan = _plan(src_ckpt, src_cfg, src, "compat", "source", rules)
+    plan = _plan(src_ckpt, src_cfg, src, "compat", "source", rules, deq)
     mode = want_mode or (dst_cfg or {}).get("flashnorm_mode")
     if mode not in MODES:
         folded_norms = [n.weight for n in plan.folded]
@@ -123,7 +145,7 @@ def _derive_plan(src_ckpt: Checkpoint, src_cfg: dict, src: Path, dst_cfg: dict |
     if merged is None:
         merged = "source"
         for name, a in plan.actions.items():
-            if a.kind == Kind.SCALE and src_ckpt.tensors[name].dtype in ("BF16", "F16") \
+            if a.kind in (Kind.SCALE, Kind.DEQUANT) and src_ckpt.tensors[name].dtype in ("BF16", "F16", "F8_E4M3") \
                     and name in dst_tensors and dst_tensors[name].dtype == "F32":
                 merged = "float32"
                 break
@@ -132,10 +154,10 @@ def _derive_plan(src_ckpt: Checkpoint, src_cfg: dict, src: Path, dst_cfg: dict |
         if want is None:
             raise StreamfoldError(f"merged dtype must be one of {', '.join(MERGED_ALIASES)}, not {merged!r}")
         if want == "bf16":
-            _plan(src_ckpt, src_cfg, src, mode, want, rules)  # raises for a source whose folded weights are not bf16
+            _plan(src_ckpt, src_cfg, src, mode, want, rules, deq)  # raises for a source whose folded weights are not bf16
         merged = "source" if want == "bf16" else want
     if (mode, merged) != ("compat", "source"):
-        plan = _plan(src_ckpt, src_cfg, src, mode, merged, rules)
+        plan = _plan(src_ckpt, src_cfg, src, mode, merged, rules, deq)
     return plan, mode, merged
 
 
@@ -149,19 +171,26 @@ def _labels(plan: Plan) -> dict[str, str]:
 
 
 def _verify_tensors(src: Path, dst: Path, rules, want_mode, want_merged, workers: int, budget: int,
-                    progress) -> VerifyReport:
+                    progress, want_dequant=None) -> VerifyReport:
     t0 = time.perf_counter()
     problems: list[Problem] = []
     notes: list[str] = []
-    counts = dict.fromkeys(("unchanged", "kept_norms", "folded", "identity", "absent", "biases", "files"), 0)
+    counts = dict.fromkeys(("unchanged", "kept_norms", "folded", "identity", "absent", "biases", "dequantized",
+                            "scales_dropped", "files"), 0)
     src_ckpt = Checkpoint(src)
     reader = Reader()
     try:
         src_cfg = read_config(src)
-        dst_cfg = meta.check_config(dst, src_cfg, problems)
+        deq = _dequant_of(src_cfg, dst, want_dequant)
         files, where, dst_tensors = meta.open_shards(dst, src_ckpt, problems)
+        cfg_problems: list[Problem] = []
+        dst_cfg = meta.check_config(dst, src_cfg, cfg_problems)  # read first; compared below with the plan's
         plan, mode, merged = _derive_plan(src_ckpt, src_cfg, src, dst_cfg, dst_tensors, want_mode, want_merged,
-                                          rules, problems, notes)
+                                          rules, problems, notes, deq)
+        if plan.dequant is not None:  # the source config with the widened modules listed as unquantized
+            cfg_problems = []
+            meta.check_config(dst, plan.dequant.apply_config(src_cfg), cfg_problems)
+        problems.extend(cfg_problems)
         checkable = meta.check_layout(plan, src_ckpt, files, where, dst_tensors, problems, counts)
         meta.check_index(dst, src_ckpt, files, where, problems)
         tasks = build_tasks(src_ckpt, plan, chunk_bytes_for(workers, budget))

@@ -20,11 +20,16 @@ DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    # E8M0: a bare exponent, 2^(u - 127) (255 is NaN); FP8 block and MX scales (``scale_fmt: ue8m0``)
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+    # AMD's FNUZ float8: parsed so the refusal can name them (streamfold.quant.formats refuses them)
+    "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz),
 }
 
 # Float dtypes a fold can be computed in and written back to.
 FOLDABLE = {"F16", "BF16", "F32", "F64"}
-QUANTIZED = {"F8_E4M3", "F8_E5M2"}
+QUANTIZED = {"F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 
 
 def itemsize(dtype: str) -> int:

@@ -12,7 +12,7 @@ class StreamfoldError(Exception):
 class AlreadyFlashNorm(StreamfoldError):
     """SRC is already a FlashNorm checkpoint and the request would change nothing; nothing was written.
 
-    ``state`` is its :class:`streamfold.detect.FlashNormState` (mode, version, how it was recognized,
+    ``state`` is its :class:`streamfold.planning.detect.FlashNormState` (mode, version, how it was recognized,
     each foldable norm). The CLI prints the one-line message and exits with status 4
     (``EXIT_ALREADY_FLASHNORM``). A subclass of StreamfoldError, so code that treats any refusal as
     "no output" keeps working; catch it first to tell "already done" from bad input.

@@ -2,8 +2,8 @@
 
 Everything that talks to the Hub goes through one ``huggingface_hub.HfApi`` instance, imported
 lazily: converting a local folder never imports huggingface_hub. The jobs built on this are in their
-own modules: :mod:`streamfold.hub_source` (a repo id as SRC: resolve, download, the cache),
-:mod:`streamfold.hub_push` (the output: one commit, pre-uploads) and :mod:`streamfold.hub_remote`
+own modules: :mod:`streamfold.hub.source` (a repo id as SRC: resolve, download, the cache),
+:mod:`streamfold.hub.push` (the output: one commit, pre-uploads) and :mod:`streamfold.hub.remote`
 (range reads: remote headers, norm vectors, planning without downloading the weights).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ def is_repo_id(text: str) -> bool:
 
 
 def wanted_file(path: str) -> bool:
-    """Whether a non-shard repo file belongs in a converted checkpoint (the policy: :mod:`streamfold.files`)."""
+    """Whether a non-shard repo file belongs in a converted checkpoint (the policy: :mod:`streamfold.core.files`)."""
     return is_wanted(path)
 
 

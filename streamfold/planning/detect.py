@@ -27,6 +27,7 @@ import numpy as np
 from ..rules.patterns import Consumer, apply_layout, config_get, expand_consumer, looks_like_norm, natural_key, pattern_regex
 from .planner import is_tied
 from ..core.reader import TensorInfo
+from ..quant.formats import classify
 from ..rules.schema import family_for
 
 FLAG_KEYS = ("flashnorm", "flashnorm_mode", "flashnorm_version")
@@ -172,6 +173,8 @@ def foldable(cfg: dict, tensors: dict[str, TensorInfo], rules: dict | None = Non
     model_type = cfg.get("model_type")
     family, fam = family_for(model_type, rules)
     tied = is_tied(cfg, model_type, fam)
+    quant = classify(cfg, tensors)
+    tensors = quant.view(tensors)  # consumers by their logical names (X.weight of X.weight_packed)
     names = sorted(tensors)
     found: list = []
     for lay in fam.get("layouts") or [None]:  # the first layout under which any norm is found
@@ -183,6 +186,8 @@ def foldable(cfg: dict, tensors: dict[str, TensorInfo], rules: dict | None = Non
     # a norm of this model (e.g. StableLM's parallel block has no post_attention_layernorm).
     owned = {c.weight for _, name, cs in found if name + ".weight" in tensors for c in cs}
     found = [x for x in found if x[1] + ".weight" in tensors or not any(c.weight in owned for c in x[2])]
+    # A norm with a quantized consumer is never folded (partial fold keeps it): not a foldable norm here.
+    found = [x for x in found if not any(quant.consumer(c.weight) for c in x[2])]
     return family, laid, tied, found
 
 

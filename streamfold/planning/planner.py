@@ -3,6 +3,12 @@
 The plan reads ``config.json``, the index and shard headers, plus the (tiny) norm vectors; it never
 touches weight data, so ``inspect`` is instant and every shape or naming problem surfaces before any
 output exists.
+
+A quantized source (``quantization_config``) is classified by :mod:`streamfold.quant.formats` and folded
+partially: consumers are resolved by their logical names (``X.weight`` of ``X.weight_packed``, gpt-oss's
+``experts.gate_up_proj`` of ``..._blocks``), a norm folds only when none of its consumers is quantized
+(otherwise it is kept and the reason names the quantized consumer), and every quantized tensor is a copy.
+With ``dequantize`` they are widened instead (``Kind.DEQUANT``; :mod:`streamfold.planning.dequant`).
 """
 from __future__ import annotations
 
@@ -12,13 +18,15 @@ from typing import Callable
 
 import numpy as np
 
-from ..core.dtypes import DTYPES, FOLDABLE, QUANTIZED
+from ..core.dtypes import DTYPES, FOLDABLE
 from ..core.errors import StreamfoldError
 from ..core.fold import merged_out_dtype
 from ..core.reader import TensorInfo
+from ..quant.formats import Quantization, classify
 from ..rules.patterns import Consumer, apply_layout, config_get, expand_consumer, generalize, looks_like_norm, \
     natural_key, pattern_regex, present, stars
-from ..rules.schema import family_for
+from ..rules.schema import check_text_model, family_for
+from .dequant import Dequant, check_shape, dequantize_mode, out_dtype as dequant_dtype
 
 MODES = ("compat", "strict")
 MERGED_DTYPES = ("source", "float32")
@@ -26,16 +34,6 @@ MERGED_DTYPES = ("source", "float32")
 # and refused otherwise (streamfold never narrows a weight's dtype).
 MERGED_ALIASES = {"source": "source", "float32": "float32", "fp32": "float32", "f32": "float32",
                   "bf16": "bf16", "bfloat16": "bf16"}
-# (tensor-name suffixes, what they are) of checkpoints whose stored values are not the weights
-_QUANT_KINDS = (
-    (("weight_scale_inv",), "FP8 weights with block scales"),
-    ((".qweight", ".qzeros", ".g_idx", ".scales"), "GPTQ/AWQ packed integer weights"),
-    (("_blocks", "_scales"), "MXFP4 expert blocks"),
-    (("weight_scale", "input_scale"), "FP8/INT8 weights with scales"),
-    ((".absmax", ".quant_map", ".SCB"), "bitsandbytes weights"),
-)
-_QUANT_WHY = ("the stored values are quantized codes with separate scales, so multiplying them by a norm is "
-              "not the fold; convert the unquantized (bf16/fp16/fp32) checkpoint")
 
 
 @dataclass
@@ -61,7 +59,8 @@ class Kind(StrEnum):
     SCALE = "scale"  # multiplied by ``norm.scale`` along ``axis``
     FILL = "fill"  # set to ``value`` (a folded norm's identity, compat mode)
     BIAS = "bias"  # source bias + W @ shift (W = ``norm``'s consumer weight ``source``)
-    DROP = "drop"  # removed (a folded norm, strict mode)
+    DROP = "drop"  # removed (a folded norm, strict mode; a widened weight's scales)
+    DEQUANT = "dequant"  # a quantized weight decoded to bf16/f32, times ``norm.scale`` if ``norm`` is set
 
 
 @dataclass
@@ -74,6 +73,7 @@ class Action:
     axis: int = -1
     value: float = 0.0
     source: str | None = None
+    quant: object | None = None  # DEQUANT: the module's streamfold.quant.formats.QuantModule
 
 
 @dataclass
@@ -89,10 +89,13 @@ class Plan:
     norms: list[NormPlan]
     actions: dict[str, Action]
     unknown_norms: list[str]
-    # Mode changes of an already-folded checkpoint (streamfold.remode): tensors to create (identity
+    # Mode changes of an already-folded checkpoint (streamfold.planning.remode): tensors to create (identity
     # norms restored in strict -> compat), and the source's FlashNormState. Empty / None for folds.
     added: list = field(default_factory=list)
     flashnorm: object | None = None
+    # --dequantize: the widening decisions (streamfold.planning.dequant.Dequant), None otherwise
+    dequant: object | None = None
+    quant: Quantization | None = None  # the source's quantized modules (copied byte for byte)
 
     @property
     def folded(self) -> list[NormPlan]:
@@ -128,14 +131,32 @@ class Plan:
             "each_norm": [{"norm": n.name, "status": n.status, "reason": n.reason,
                            "consumers": [c.weight for c in n.consumers]} for n in self.norms],
             "unknown_norms": self.unknown_norms,
-            "tensors": {str(k): self.count(k) for k in (Kind.SCALE, Kind.BIAS, Kind.FILL, Kind.DROP, Kind.COPY)},
+            "tensors": {str(k): self.count(k) for k in (Kind.SCALE, Kind.BIAS, Kind.FILL, Kind.DROP, Kind.COPY,
+                                                        Kind.DEQUANT) if k != Kind.DEQUANT or self.dequant},
+            "quantization": self.quant_summary(),
         }
+
+    def quant_summary(self) -> dict | None:
+        """The quantized source's method and module count per format (None when not quantized)."""
+        if self.quant is None or not self.quant.quantized:
+            return None
+        formats: dict[str, int] = {}
+        for qm in self.quant.modules.values():
+            formats[qm.describe()] = formats.get(qm.describe(), 0) + 1
+        return {"method": self.quant.method, "modules": len(self.quant.modules), "formats": formats}
 
     def describe(self, each: bool = False) -> str:
         """The plan as text: one line per norm family, or per norm with ``each``."""
         lines = [f"model_type {self.model_type} (family {self.family}), norm multiplies by "
                  f"{'1 + w' if self.offset else 'w'}, tied embeddings: {'yes' if self.tied else 'no'}",
                  f"mode {self.mode}, merged dtype {self.merged_dtype}"]
+        q = self.quant_summary()
+        if q and self.dequant is not None:
+            lines.append(self.dequant.describe())
+        elif q:
+            kinds = ", ".join(f"{n} modules {k}" for k, n in q["formats"].items())
+            lines.append(f"quantized source ({q['method']}): {kinds}; their tensors are copied byte for byte, "
+                         "quantization_config unchanged; only norms whose consumers are all unquantized fold")
         for g in self.groups():
             head = f"  {g['status'].upper():4}  {g['norm']}  x{g['count']}"
             if g["status"] == "fold":
@@ -151,40 +172,28 @@ class Plan:
         for name in self.unknown_norms:
             lines.append(f"  NOTE  {name}: looks like a norm but no rule covers it; copied unchanged")
         t = self.to_dict()["tensors"]
-        lines.append(f"tensors: {t['scale']} folded, {t['bias']} biases updated, {t['fill']} set to "
+        deq = f", {t['dequant']} dequantized" if t.get("dequant") else ""
+        lines.append(f"tensors: {t['scale']} folded{deq}, {t['bias']} biases updated, {t['fill']} set to "
                      f"identity, {t['drop']} dropped, {t['copy']} copied unchanged")
         return "\n".join(lines)
 
 
-def check_not_quantized(cfg: dict, tensors: dict[str, TensorInfo]) -> None:
-    """Refuse checkpoints whose stored values are not the weights (a multiply would be wrong)."""
-    q = config_get(cfg, "quantization_config")
-    if q:
-        method = q.get("quant_method", "unknown") if isinstance(q, dict) else "unknown"
-        raise StreamfoldError(f"config.json: quantized checkpoint (quantization_config, method {method!r}): "
-                              + _QUANT_WHY)
-    for sfx, kind in _QUANT_KINDS + ((None, "FP8 weights"),):  # the most telling tensor first
-        t = next((t for t in tensors.values() if (t.name.endswith(sfx) if sfx else t.dtype in QUANTIZED)), None)
-        if t is not None:
-            raise StreamfoldError(f"{t.path.name}: tensor {t.name!r} ({t.dtype}) is quantized ({kind}): "
-                                  + _QUANT_WHY)
-
-
-def check_text_model(cfg: dict, model_type: str, family: str, fam: dict) -> None:
-    """Refuse a wrapper whose language model is of a type its family's rules were not derived for."""
-    allowed = fam.get("text_model_types")
-    if not allowed:
+def quantized_keep(n: NormPlan, quant: Quantization) -> None:
+    """Keep a fold-planned norm that has a quantized consumer (partial fold): codes and scales cannot
+    absorb a per-input-channel factor exactly, so its consumers and the norm are copied unchanged."""
+    hits = [(c, qm) for c in n.consumers if (qm := quant.consumer(c.weight))]
+    if not hits:
         return
-    got = config_get(cfg, "text_config.model_type", fam.get("defaults", {}).get("text_config.model_type"))
-    if got not in allowed:
-        raise StreamfoldError(f"config.json: {model_type} with a {got!r} language model (text_config.model_type) "
-                              f"is not supported: the {family!r} rules were derived and checked for "
-                              f"{', '.join(allowed)} language models only")
+    c, qm = next((h for h in hits if h[1].input_scale), hits[0])  # a static input scale says the most
+    static = (f" with a static input scale {generalize(qm.input_scale)!r} (its activations are quantized against "
+              "a fixed range, so it must see the norm's output)") if qm.input_scale else ""
+    n.status, n.consumers = "keep", []
+    n.reason = f"consumer {generalize(c.weight)} is {qm.describe()}{static}; use --dequantize"
 
 
 def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.ndarray] | None, *,
               mode: str = "compat", merged_dtype: str = "source",
-              rules: dict[str, dict] | None = None) -> Plan:
+              rules: dict[str, dict] | None = None, dequantize=None) -> Plan:
     """Resolve every norm's consumers and each tensor's action. ``read(name)`` returns a small
     tensor's values (used for norm vectors only); ``read=None`` plans from headers alone (remote
     ``inspect``): no scales, and whether a LayerNorm bias folds is left to the conversion."""
@@ -203,7 +212,14 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
         raise StreamfoldError(f"{model_type}: strict mode is not exact for this architecture "
                               f"({fam['strict_refused']}); use --mode compat")
     check_text_model(cfg, model_type, family, fam)
-    check_not_quantized(cfg, tensors)
+    quant = classify(cfg, tensors)
+    deq_mode = dequantize_mode(dequantize)
+    deq = None
+    if deq_mode is not None:
+        if not quant.quantized:
+            raise StreamfoldError("--dequantize: the checkpoint has no quantized tensors (nothing to dequantize)")
+        deq = Dequant(quant, deq_mode)
+    real, tensors = tensors, quant.view(tensors)  # consumers by their logical names (X.weight of X.qweight)
     offset = fam.get("offset", 0)
     tied = is_tied(cfg, model_type, fam)
     fam = apply_layout(fam, tensors)
@@ -246,10 +262,21 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
                 claimed[tname] = name
                 norms.append(NormPlan(k["norm"], name, tname, present(name + ".bias", tensors), "keep", k["why"]))
 
+    for n in norms:
+        if n.status == "fold" and deq is None:  # partial fold (with --dequantize: widened instead)
+            quantized_keep(n, quant)
+    tensors = real
     actions: dict[str, Action] = {}
     for n in norms:
         if n.status == "fold":
-            _fold_norm(n, tensors, read, n.offset if n.offset is not None else offset, mode, merged_dtype, actions)
+            _fold_norm(n, tensors, read, n.offset if n.offset is not None else offset, mode, merged_dtype, actions,
+                       deq)
+    if deq is not None:
+        for qm in deq.close_siblings():  # fused siblings, expert down projections (or all): widened, no norm
+            check_shape(qm, tensors[qm.weight].shape, -1)
+            actions[qm.weight] = Action(Kind.DEQUANT, dequant_dtype(merged_dtype), None, axis=1, quant=qm)
+        actions.update({x: Action(Kind.DROP, tensors[x].dtype) for qm in deq.widened.values() for x in qm.tensors
+                        if x != qm.weight})  # the widened weights' scales
     if want == "bf16":
         narrow = next((n for n, a in actions.items() if a.kind == "scale" and a.out_dtype != "BF16"), None)
         if narrow is not None:
@@ -260,7 +287,8 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     covered = {x for n in norms for x in (n.weight, n.bias) if x}
     unknown = sorted((t for t in tensors if looks_like_norm(t) and t not in claimed and t not in covered
                       and actions[t].kind == Kind.COPY), key=natural_key)
-    return Plan(family, model_type, offset, tied, mode, merged_dtype, norms, actions, unknown)
+    return Plan(family, model_type, offset, tied, mode, merged_dtype, norms, actions, unknown, quant=quant,
+                dequant=deq)
 
 
 def is_tied(cfg: dict, model_type: str, fam: dict) -> bool:
@@ -311,15 +339,18 @@ def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, names: list[st
 
 
 def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, mode: str,
-               merged_dtype: str, actions: dict[str, Action]) -> None:
+               merged_dtype: str, actions: dict[str, Action], deq=None) -> None:
     t = tensors[n.weight]
     if len(t.shape) != 1 or t.dtype not in FOLDABLE:
         raise StreamfoldError(f"{t.path.name}: norm {n.weight!r} has shape {list(t.shape)} {t.dtype}; "
                               "expected a 1-D float vector")
     width = t.shape[0]
+    quant = {c.weight: qm for c in n.consumers if deq is not None and (qm := deq.module_of(c.weight))}
     for c in n.consumers:
         ct = tensors[c.weight]
-        if ct.dtype not in FOLDABLE:
+        if c.weight in quant:
+            check_shape(quant[c.weight], ct.shape, c.axis)
+        elif ct.dtype not in FOLDABLE:
             raise StreamfoldError(f"{ct.path.name}: tensor {c.weight!r} is {ct.dtype}, not a float weight; "
                                   "folding needs the unquantized checkpoint")
         if not ct.shape or not -len(ct.shape) <= c.axis < len(ct.shape) or ct.shape[c.axis] != width:
@@ -344,9 +375,16 @@ def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, m
                 n.scale = None
                 return
             n.shift = beta
+            if quant:
+                raise StreamfoldError(f"--dequantize: norm {n.weight!r} has a LayerNorm bias and its consumer "
+                                      f"{next(iter(quant))!r} is quantized; folding that bias is not supported")
     for c in n.consumers:
         ct = tensors[c.weight]
         axis = c.axis % len(ct.shape)
+        if c.weight in quant:
+            deq.widen(quant[c.weight])
+            actions[c.weight] = Action(Kind.DEQUANT, dequant_dtype(merged_dtype), n, axis=axis, quant=quant[c.weight])
+            continue
         actions[c.weight] = Action(Kind.SCALE, merged_out_dtype(ct.dtype, merged_dtype), n, axis=axis)
         if n.shift is not None and c.bias is not None:
             actions[c.bias] = Action(Kind.BIAS, merged_out_dtype(tensors[c.bias].dtype, merged_dtype), n, axis=axis,

@@ -1,7 +1,7 @@
 """Plan a checkpoint that may already be FlashNorm: fold it, say there is nothing to do, or change its mode.
 
 :func:`plan_checkpoint` is the planner convert and inspect call. A checkpoint with norms to fold gets
-:func:`streamfold.planner.make_plan`. One that is already folded (see :mod:`streamfold.detect`) gets:
+:func:`streamfold.planning.planner.make_plan`. One that is already folded (see :mod:`streamfold.planning.detect`) gets:
 
 - :class:`AlreadyFlashNorm` when the request changes nothing (no ``mode``, or its own mode);
 - a refusal of ``merged_dtype="float32"``: its folded weights were rounded when it was made (or are
@@ -27,8 +27,9 @@ from .detect import NORM_BIAS_FAMILIES, FlashNormState, detect
 from ..core.errors import AlreadyFlashNorm, StreamfoldError
 from ..core.files import FLASHNORM_VERSION
 from ..rules.patterns import config_get, looks_like_norm
-from .planner import MERGED_ALIASES, MODES, Action, NormPlan, Plan, check_not_quantized, make_plan
+from .planner import MERGED_ALIASES, MODES, Action, NormPlan, Plan, make_plan
 from ..core.reader import TensorInfo
+from ..quant.formats import classify
 from ..rules.schema import family_for
 
 _TORCH_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
@@ -47,7 +48,8 @@ class NewTensor:
 
 def plan_checkpoint(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.ndarray] | None, *,
                     mode: str | None = None, merged_dtype: str | None = None, rules: dict | None = None,
-                    shard_of: dict[str, str] | None = None, src: str = "the checkpoint") -> Plan:
+                    shard_of: dict[str, str] | None = None, src: str = "the checkpoint",
+                    dequantize=None) -> Plan:
     """The plan for converting ``tensors``: a fold, or a mode change of an already-FlashNorm checkpoint.
 
     ``mode`` / ``merged_dtype`` None mean the defaults (``compat`` / ``source``), and for an already
@@ -63,14 +65,14 @@ def plan_checkpoint(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[s
         merged_dtype = want
     if not isinstance(cfg.get("model_type"), str):  # make_plan says what is wrong
         return make_plan(cfg, tensors, read, mode=mode or "compat", merged_dtype=merged_dtype or "source",
-                         rules=rules)
+                         rules=rules, dequantize=dequantize)
     state = detect(cfg, tensors, read, rules)
     if state.inconsistent:
         raise StreamfoldError(f"{src}: {state.inconsistent}")
     if not state.folded:
         return make_plan(cfg, tensors, read, mode=mode or "compat", merged_dtype=merged_dtype or "source",
-                         rules=rules)
-    check_not_quantized(cfg, tensors)
+                         rules=rules, dequantize=dequantize)
+    quant = classify(cfg, tensors)  # refuses what cannot be classified; quantized tensors are copied
     if merged_dtype == "float32":
         dts = sorted({tensors[c.weight].dtype for n in state.norms for c in n.consumers})
         why = ("they are float32 already (it was converted with --merged-dtype float32)" if dts == ["F32"] else
@@ -88,7 +90,9 @@ def plan_checkpoint(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[s
     if mode == "strict" and fam.get("strict_refused"):
         raise StreamfoldError(f"{state.model_type}: strict mode is not exact for this architecture "
                               f"({fam['strict_refused']}); use --mode compat")
-    return _remode(state, cfg, tensors, mode, shard_of or {n: t.path.name for n, t in tensors.items()})
+    plan = _remode(state, cfg, tensors, mode, shard_of or {n: t.path.name for n, t in tensors.items()})
+    plan.quant = quant
+    return plan
 
 
 def _norm_dtype(state: FlashNormState, rule: str, cfg: dict, tensors: dict[str, TensorInfo]) -> str:

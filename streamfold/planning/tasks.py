@@ -16,7 +16,11 @@ Chunk records (``Op``):
   fused ``[E, in, out]`` layouts scaled on a middle axis, one scale per row (``scale[r % width]``);
 - ``fill``: ``count`` elements of ``dtype`` set to ``value`` (a folded norm's identity);
 - ``bias``: a consumer bias plus ``W @ shift`` (LayerNorm bias fold), ``W`` read in ``step``-row
-  chunks.
+  chunks;
+- ``dequant``: rows ``r0..r1`` of a quantized ``[rows, cols]`` weight decoded and, when ``norm`` is
+  set, folded with it (``--dequantize``), every element the exact ``q·s·g`` rounded once to
+  ``out_dtype``; ``scale`` is the byte range of the scale rows those rows use, ``(file, offset, dtype,
+  shape)`` (the scale may sit in another shard), ``block`` the config's block size.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ import numpy as np
 from ..core.dtypes import DTYPES
 from ..core.errors import StreamfoldError
 from .planner import Kind, Plan
+from ..quant.decode import check_block_scale
+from .dequant import tile
 from ..core.reader import Checkpoint
 from ..core.writer import ShardLayout
 
@@ -59,6 +65,7 @@ class Op(StrEnum):
     FOLD = "fold"
     FILL = "fill"
     BIAS = "bias"
+    DEQUANT = "dequant"
 
 
 @dataclass
@@ -84,13 +91,15 @@ class Chunk:
     weight: tuple = ()  # bias: (file, offset, dtype, shape) of the consumer weight W
     axis: int = -1  # bias: the axis of W that meets the norm
     step: int = 0  # bias: rows of W per read
+    scale: tuple = ()  # dequant: (file, offset, dtype, shape) of the scale rows of ``rows``
+    block: tuple = ()  # dequant: the block size (rows, cols) one scale covers
 
     def to_dict(self) -> dict:
         d = {"op": str(self.op), "tensor": self.tensor, "dst": self.dst, "size": self.size}
         for k, default in _CHUNK_DEFAULTS.items():
             v = getattr(self, k)
             if v != default:
-                d[k] = list(v) if isinstance(v, tuple) else v
+                d[k] = [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v
         return d
 
     @classmethod
@@ -100,9 +109,12 @@ class Chunk:
         for k in ("rows", "shape"):
             if k in kw:
                 kw[k] = tuple(kw[k])
-        if "weight" in kw:
-            f, off, dt, shape = kw["weight"]
-            kw["weight"] = (f, off, dt, tuple(shape))
+        for k in ("weight", "scale"):
+            if k in kw:
+                f, off, dt, shape = kw[k]
+                kw[k] = (f, off, dt, tuple(shape))
+        if "block" in kw:
+            kw["block"] = tuple(kw["block"])
         return cls(**kw)
 
 
@@ -274,6 +286,12 @@ def _shard_task(ckpt: Checkpoint, plan: Plan, shard: str, files: dict[str, Sourc
                                      src_bytes=t.nbytes, src_dtype=t.dtype, out_dtype=a.out_dtype,
                                      shape=t.shape, weight=(wshard, w.begin, w.dtype, w.shape), axis=a.axis,
                                      norm=a.norm.weight, step=step))
+        elif a.kind == Kind.DEQUANT:
+            if a.norm is not None:
+                task.norms.setdefault(a.norm.weight, {})["scale"] = a.norm.scale
+            chunks = _dequant_chunks(ckpt, t, a, o.begin, shard, chunk_bytes)
+            used.update(c.scale[0] for c in chunks)
+            task.chunks.extend(chunks)
         else:  # pragma: no cover - every Kind is handled above
             raise AssertionError(a.kind)
     flush()
@@ -302,4 +320,29 @@ def _fold_chunks(t, a, dst_begin: int, shard: str, chunk_bytes: int) -> list[Chu
                          src_off=t.begin + r0 * cols * isz, src_bytes=n * cols * isz, rows=(r0, r1), cols=cols,
                          width=width, per_row=per_row, norm=a.norm.weight, src_dtype=t.dtype,
                          out_dtype=a.out_dtype))
+    return out
+
+
+def _dequant_chunks(ckpt: Checkpoint, t, a, dst_begin: int, shard: str, chunk_bytes: int) -> list[Chunk]:
+    """Row bands of a quantized weight, each a whole number of scale blocks, with its scale rows' range."""
+    qm = a.quant
+    st = ckpt.tensors[qm.scales[0]]
+    block = tile(qm, t.shape)
+    scale_shape = (1, 1) if qm.strategy == "tensor" and st.numel == 1 else st.shape  # [] or [1]: one tile
+    check_block_scale(st.name, t.shape, scale_shape, block)
+    rows, cols = t.shape
+    grid_cols = scale_shape[-1]
+    isz, osz, ssz = DTYPES[t.dtype].itemsize, DTYPES[a.out_dtype].itemsize, DTYPES[st.dtype].itemsize
+    br = block[0]
+    step = max(br, chunk_bytes // max(1, cols * 8) // br * br)  # the kernel works in float64
+    out = []
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        n = r1 - r0
+        t0, t1 = r0 // br, (r1 - 1) // br + 1
+        out.append(Chunk(Op.DEQUANT, t.name, dst_begin + r0 * cols * osz, n * cols * osz, src=shard,
+                         src_off=t.begin + r0 * cols * isz, src_bytes=n * cols * isz, rows=(r0, r1), cols=cols,
+                         width=cols, norm=a.norm.weight if a.norm is not None else "", src_dtype=t.dtype,
+                         out_dtype=a.out_dtype, scale=(ckpt.shard_of[st.name], st.begin + t0 * grid_cols * ssz,
+                                                       st.dtype, (t1 - t0, grid_cols)), block=block))
     return out

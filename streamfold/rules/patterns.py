@@ -1,6 +1,6 @@
 """Rule patterns against tensor names: ``{n}``/``{e}`` placeholders, layouts, consumer expansion.
 
-A family's rules (:mod:`streamfold.rules`) name tensors by patterns such as
+A family's rules (:mod:`streamfold.rules.schema`) name tensors by patterns such as
 ``model.layers.{n}.mlp.experts.{e}.up_proj``; the planner and ``detect`` both match them against a
 checkpoint's tensor names with these helpers, so the two never disagree on what a pattern means.
 """

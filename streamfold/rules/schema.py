@@ -43,6 +43,7 @@ import tomllib
 from pathlib import Path
 
 from .loader import FAMILIES
+from .patterns import config_get
 from ..core.errors import StreamfoldError
 
 _FAMILY_KEYS = {"model_types", "offset", "folds", "keep", "tie_default", "description", "layouts",
@@ -169,6 +170,18 @@ def family_for(model_type: str, extra: dict[str, dict] | None = None) -> tuple[s
     raise StreamfoldError(
         f"config.json: unsupported model_type {model_type!r}; supported: "
         f"{', '.join(supported_model_types())} (or describe it with --rules FILE)")
+
+
+def check_text_model(cfg: dict, model_type: str, family: str, fam: dict) -> None:
+    """Refuse a wrapper whose language model is of a type its family's rules were not derived for."""
+    allowed = fam.get("text_model_types")
+    if not allowed:
+        return
+    got = config_get(cfg, "text_config.model_type", fam.get("defaults", {}).get("text_config.model_type"))
+    if got not in allowed:
+        raise StreamfoldError(f"config.json: {model_type} with a {got!r} language model (text_config.model_type) "
+                              f"is not supported: the {family!r} rules were derived and checked for "
+                              f"{', '.join(allowed)} language models only")
 
 
 for _name, _fam in FAMILIES.items():

@@ -32,11 +32,11 @@ from ..planning.tasks import SCHEMA, Task, build_tasks, chunk_bytes_for
 
 def load_plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str | None = None,
               rules: str | os.PathLike | dict | None = None, label: str | None = None,
-              read=None) -> tuple[Checkpoint, dict, Plan]:
+              read=None, dequantize=None) -> tuple[Checkpoint, dict, Plan]:
     """Open and validate a local checkpoint and plan its conversion (headers and norms only).
 
     An already-FlashNorm ``src`` raises :class:`AlreadyFlashNorm` (closing it) or plans a mode change;
-    see :func:`streamfold.remode.plan_checkpoint` (``label`` names ``src`` in its messages).
+    see :func:`streamfold.planning.remode.plan_checkpoint` (``label`` names ``src`` in its messages).
     ``read(tensor_info)`` overrides how the (tiny) norm vectors are read, e.g. by HTTP range requests
     when the local shards are header-only stubs."""
     src = Path(src)
@@ -49,7 +49,7 @@ def load_plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: 
         return ckpt.read(name) if custom is None else custom(ckpt.tensors[name])
     try:
         plan = plan_checkpoint(cfg, ckpt.tensors, read, mode=mode, merged_dtype=merged_dtype, rules=extra,
-                               shard_of=ckpt.shard_of, src=label or str(src))
+                               shard_of=ckpt.shard_of, src=label or str(src), dequantize=dequantize)
     except BaseException:
         ckpt.close()
         raise
@@ -58,7 +58,7 @@ def load_plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: 
 
 @dataclass
 class ConversionPlan:
-    """A planned conversion: the norm plan, one :class:`~streamfold.tasks.Task` per output shard,
+    """A planned conversion: the norm plan, one :class:`~streamfold.planning.tasks.Task` per output shard,
     and what :func:`finish` needs (config, other files, the source's provenance)."""
 
     source: Source
@@ -108,6 +108,7 @@ class ConversionPlan:
                               "mtime_ns": None if commit else os.stat(self.src / s).st_mtime_ns}
         return {"schema": SCHEMA, "sources": sources, "commit": commit,
                 "options": {"mode": self.plan.mode, "merged_dtype": self.plan.merged_dtype,
+                            "dequantize": self.plan.dequant.mode if self.plan.dequant is not None else None,
                             "rules": json.dumps(rules, sort_keys=True, default=str) if rules else None},
                 "norms_sha256": norms.hexdigest()}
 
@@ -115,7 +116,8 @@ class ConversionPlan:
 def plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str | None = None,
          rules: str | os.PathLike | dict | None = None, workers: int | None = None,
          memory_budget: int | None = None, revision: str | None = None, token: str | bool | None = None,
-         quiet: bool = True, source: Source | None = None, read=None, label: str | None = None) -> ConversionPlan:
+         quiet: bool = True, source: Source | None = None, read=None, label: str | None = None,
+         dequantize=None) -> ConversionPlan:
     """Plan the conversion of ``src`` (a folder, or a Hub repo id: downloaded first) into tasks.
 
     ``workers`` and ``memory_budget`` set the chunk size the tasks are cut into (the output bytes do
@@ -124,7 +126,7 @@ def plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str |
     if not source.path.is_dir():
         raise StreamfoldError(f"{source.path}: not a folder (give a local checkpoint folder or a Hub repo id)")
     ckpt, cfg, p = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, read=read,
-                             label=label or source.display)
+                             label=label or source.display, dequantize=dequantize)
     try:
         tasks = build_tasks(ckpt, p, chunk_bytes_for(workers, memory_budget))
         files, skipped = other_files(source.path, set(ckpt.shards))
@@ -134,7 +136,8 @@ def plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str |
         rels = [r for r in rels if r != CARD_NAME]  # the model card replaces the source's
         return ConversionPlan(source=source, cfg=cfg, plan=p, tensors=dict(ckpt.tensors), sharded=ckpt.sharded,
                               tasks=tasks, files=rels, skipped=skipped,
-                              options={"mode": mode, "merged_dtype": merged_dtype, "rules": rules})
+                              options={"mode": mode, "merged_dtype": merged_dtype, "rules": rules,
+                                       "dequantize": dequantize})
     finally:
         ckpt.close()
 
@@ -190,8 +193,10 @@ def finish(cplan: ConversionPlan, out_dir: str | os.PathLike, *, digests: dict[s
                  "weight_map": {n: wm[n] for n in cplan.tensors if cplan.plan.actions[n].kind != Kind.DROP}}
         index["weight_map"].update({t.name: t.shard for t in cplan.plan.added})  # restored identity norms
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "config.json").write_text(json.dumps(flashnorm_config(cplan.cfg, cplan.plan.mode), indent=2) + "\n",
-                                         encoding="utf-8")
+    cfg_out = flashnorm_config(cplan.cfg, cplan.plan.mode)
+    if cplan.plan.dequant is not None:  # widened modules listed as unquantized (or no quantization left)
+        cfg_out = cplan.plan.dequant.apply_config(cfg_out)
+    (out_dir / "config.json").write_text(json.dumps(cfg_out, indent=2) + "\n", encoding="utf-8")
     for rel in cplan.files:
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cplan.src / rel, out_dir / rel)  # contents only: modes from the umask, as with cp

@@ -30,6 +30,7 @@ from ..core.fold import Scratch, fold_bias_rows, scale_chunk
 from ..core.reader import pread_into
 from ..planning.tasks import DEFAULT_BUDGET, Chunk, Op, Task, chunk_bytes_for, default_workers
 from ..core.writer import pwrite_all
+from .dequant_job import dequant_job
 
 WRITEBACK_STEP = 64 << 20
 PARTIAL_SUFFIX = ".partial"
@@ -336,6 +337,9 @@ class Engine:
             elif c.op == Op.FILL:
                 data = np.full(c.shape, c.value, dtype=DTYPES[c.out_dtype])
                 jobs.append(Job(c.src_bytes, lambda _, d=data, o=c.dst: pwrite_all(dst_fd, d, o), end=c.dst + c.size))
+            elif c.op == Op.DEQUANT:
+                g = task.norms[c.norm]["scale"] if c.norm else None
+                jobs.append(dequant_job(c, g, src_fds, dst_fd, paths, with_source_window, Job))
             elif c.op == Op.BIAS:
                 data = biases[c.tensor]
                 jobs.append(Job(c.src_bytes, lambda _, d=data, o=c.dst: pwrite_all(dst_fd, d, o), end=c.dst + c.size))

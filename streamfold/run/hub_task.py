@@ -1,8 +1,8 @@
 """One task from a Hub source, wherever it runs: fetch its source shards, write its shard, check it,
 pre-upload it, delete what it fetched and wrote.
 
-Shared by the streaming Hub path on this machine (:mod:`streamfold.stream`: the same steps, task after
-task) and the Ray tasks (:mod:`streamfold.ray_executor`: :func:`run_hub_task` on each worker).
+Shared by the streaming Hub path on this machine (:mod:`streamfold.run.stream`: the same steps, task after
+task) and the Ray tasks (:mod:`streamfold.run.ray_executor`: :func:`run_hub_task` on each worker).
 """
 from __future__ import annotations
 

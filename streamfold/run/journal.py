@@ -1,4 +1,4 @@
-"""Resume: a journal of completed shards in the staging folder (:mod:`streamfold.staging`).
+"""Resume: a journal of completed shards in the staging folder (:mod:`streamfold.run.staging`).
 
 The staging folder (``.DST.streamfold-partial`` beside DST, locked while a run owns it) holds the
 shards as they complete (each written under a temporary name and renamed when whole) and

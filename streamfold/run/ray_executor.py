@@ -1,6 +1,6 @@
 """The distributed executor: one Ray task per output shard (``--ray [ADDRESS]``, ``executor="ray"``).
 
-The driver plans and finishes; each Ray task gets one :class:`~streamfold.tasks.Task` as JSON, reads
+The driver plans and finishes; each Ray task gets one :class:`~streamfold.planning.tasks.Task` as JSON, reads
 its source files from the path the driver planned (shared storage: every node must see the source
 and the staging folder at the same paths) and writes its shard into the staging folder under a
 temporary name, renamed when complete, so a killed attempt never leaves a file that looks done. Ray
@@ -10,14 +10,14 @@ engine's threads (``--workers``, default 2: one folds, one writes) and ``memory`
 plus the worker's own footprint.
 
 From a Hub repo id the driver downloads no weights (it plans from remote headers, see
-:mod:`streamfold.hub_remote`): each task downloads only its own source shard(s), pinned to the
+:mod:`streamfold.hub.remote`): each task downloads only its own source shard(s), pinned to the
 planned commit and endpoint, into ``streamfold-<run>-<shard>`` in its worker's temporary directory
 (``TMPDIR``; not into the Hugging Face cache, which would grow to the whole model on every node;
 huggingface_hub copies a file from the worker's cache when it is already there), and
 removes it when its shard is written; a retried attempt on the same node first removes what a killed
 one fetched. The worker's own ``HF_TOKEN`` (or login) authenticates, unless a token was passed
 explicitly. With ``--push-to-hub --stream`` the task also pre-uploads its shard and returns the commit
-operation (:mod:`streamfold.hub_task`): nothing reaches shared storage at all.
+operation (:mod:`streamfold.run.hub_task`): nothing reaches shared storage at all.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def run_on_ray(tasks, src: Path | None, out_dir: Path | None, *, address: str | 
     "op", "peak_disk"}}``.
 
     The sources are the folder ``src`` on shared storage, or, with ``hub`` (a
-    :class:`~streamfold.hub_remote.HubRef`), each task downloads its own source shards from the Hub into
+    :class:`~streamfold.hub.remote.HubRef`), each task downloads its own source shards from the Hub into
     its worker's temporary directory and deletes them when its shard is written (``verify``: checked
     there against them first). With ``push_to_hub`` each task pre-uploads its shard (``out_dir`` None:
     written in the worker's temporary directory) and returns the commit operation in ``"op"``.

@@ -1,6 +1,6 @@
 """Bounded-disk Hub to Hub conversion (``SRC`` a repo id, ``--push-to-hub REPO --stream [--ray]``).
 
-The plan is made without downloading any weights (:func:`streamfold.hub_remote.plan_remote`: remote
+The plan is made without downloading any weights (:func:`streamfold.hub.remote.plan_remote`: remote
 headers, range-read norm vectors). Then, task by task: download the source shards the task reads
 (usually one), write its output shard, check it (``--verify``), pre-upload it (huggingface_hub
 ``preupload_lfs_files``), delete it and every source shard no later task needs. One commit at the
@@ -9,7 +9,7 @@ local disk is about one source shard plus one output shard (plus a source shard 
 another shard needs), not the model twice.
 
 With ``--ray`` each output shard is one Ray task doing the same on its worker
-(:func:`streamfold.hub_task.run_hub_task`: fetch into a per-task folder of the worker's temporary
+(:func:`streamfold.run.hub_task.run_hub_task`: fetch into a per-task folder of the worker's temporary
 directory, run, check, pre-upload, delete) and returning the upload's commit operation; the driver
 makes the one commit. Each worker's peak disk is its task's source shard(s) plus its output shard.
 """

@@ -1,0 +1,135 @@
+"""``--dequantize`` end to end on a synthetic FP8 block checkpoint, against ``cp`` of the output bytes.
+
+    PYTHONPATH=. python benchmarks/bench_dequant.py WORK_DIR [--layers 4] [--hidden 4096] [--inter 12288]
+                                                   [--workers 2] [--repeat 2]
+
+Writes a Qwen3-shaped checkpoint (every projection F8_E4M3 with 128x128 F32 ``weight_scale_inv``,
+``quantization_config`` fp8; norms random in [0.5, 2]; bf16 embeddings and an untied ``lm_head``) into
+``WORK_DIR/src`` (norms, codes and scales in three shards), converts it with ``--dequantize`` (q/k/v and
+gate/up of every layer widened and folded to bf16, o/down copied) and reports wall time, peak RSS of
+the converter (``ru_maxrss`` of the child; the source is written by another child first, so this
+process stays small: a forked child's high-water mark starts at its parent's size) and the time of ``cp -r`` of the OUTPUT folder (the bytes a
+plain copy of the result would move), best of ``--repeat``. Random codes exclude the NaN bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray | None]], rng) -> None:
+    """A safetensors file; ``None`` data: random FP8 codes (no NaN) of that shape, streamed."""
+    header, off = {}, 0
+    for name, (dtype, shape, data) in tensors.items():
+        n = int(np.prod(shape)) * {"F8_E4M3": 1, "F32": 4, "BF16": 2}[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    block = rng.integers(0, 256, 16 << 20, dtype=np.uint8)
+    block[(block & 0x7F) == 0x7F] = 0x3F
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name, (dtype, shape, data) in tensors.items():
+            if data is not None:
+                f.write(np.ascontiguousarray(data).tobytes())
+                continue
+            left = int(np.prod(shape))
+            while left:
+                k = min(left, block.size)
+                start = int(rng.integers(0, block.size - k + 1))
+                f.write(block[start:start + k].tobytes())
+                left -= k
+
+
+def make(src: Path, layers: int, hidden: int, inter: int, rng) -> None:
+    src.mkdir(parents=True, exist_ok=True)
+    heads, kv, hd, vocab = hidden // 128, max(1, hidden // 512), 128, 32000
+    bf = lambda a: (np.asarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16)  # noqa: E731
+    norms, codes, rest = {}, {}, {}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            norms[p + n + ".weight"] = ("BF16", (hidden,), bf(rng.uniform(0.5, 2, hidden)))
+        for n in ("q_norm", "k_norm"):
+            norms[p + f"self_attn.{n}.weight"] = ("BF16", (hd,), bf(rng.uniform(0.5, 2, hd)))
+        for n, (o, k) in {"self_attn.q_proj": (heads * hd, hidden), "self_attn.k_proj": (kv * hd, hidden),
+                          "self_attn.v_proj": (kv * hd, hidden), "self_attn.o_proj": (hidden, heads * hd),
+                          "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+                          "mlp.down_proj": (hidden, inter)}.items():
+            codes[p + n + ".weight"] = ("F8_E4M3", (o, k), None)
+            grid = (-(-o // 128), -(-k // 128))
+            rest[p + n + ".weight_scale_inv"] = ("F32", grid, rng.uniform(1e-4, 1e-2, grid).astype(np.float32))
+    norms["model.norm.weight"] = ("BF16", (hidden,), bf(rng.uniform(0.5, 2, hidden)))
+    rest["model.embed_tokens.weight"] = ("BF16", (vocab, hidden), bf(rng.normal(0, 0.02, (vocab, hidden))))
+    rest["lm_head.weight"] = ("BF16", (vocab, hidden), bf(rng.normal(0, 0.02, (vocab, hidden))))
+    shards = {"model-00001-of-00003.safetensors": norms, "model-00002-of-00003.safetensors": codes,
+              "model-00003-of-00003.safetensors": rest}
+    wm = {}
+    for fname, ts in shards.items():
+        _write(src / fname, dict(sorted(ts.items())), rng)
+        wm.update({k: fname for k in ts})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    (src / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "head_dim": hd, "vocab_size": vocab, "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
+        "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                "weight_block_size": [128, 128]}}))
+
+
+def timed(argv: list[str]) -> tuple[float, int]:
+    """Wall seconds and the child's peak RSS (bytes)."""
+    t0 = time.perf_counter()
+    pid = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT)}).pid
+    _, status, ru = os.wait4(pid, 0)
+    if status:
+        sys.exit(f"{argv[:4]} failed ({status})")
+    return time.perf_counter() - t0, ru.ru_maxrss * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--inter", type=int, default=12288)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    src, dst, cp = args.work / "src", args.work / "out", args.work / "cp"
+    if args.make_only:
+        make(src, args.layers, args.hidden, args.inter, np.random.default_rng(0))
+        return
+    if not (src / "config.json").exists():
+        timed([sys.executable, __file__, str(args.work), "--make-only", "--layers", str(args.layers),
+               "--hidden", str(args.hidden), "--inter", str(args.inter)])
+    best, rss, cp_best = float("inf"), 0, float("inf")
+    for _ in range(args.repeat):
+        shutil.rmtree(dst, ignore_errors=True)
+        t, r = timed([sys.executable, "-m", "streamfold", str(src), str(dst), "--dequantize", "-q",
+                      "--workers", str(args.workers)])
+        best, rss = min(best, t), max(rss, r)
+        shutil.rmtree(cp, ignore_errors=True)
+        cp_best = min(cp_best, timed(["cp", "-r", str(dst), str(cp)])[0])
+    size = lambda p: sum(f.stat().st_size for f in p.glob("*.safetensors"))  # noqa: E731
+    print(f"source {size(src) / 1e9:.2f} GB -> output {size(dst) / 1e9:.2f} GB; --dequantize (workers "
+          f"{args.workers}) best {best:.2f} s ({size(dst) / best / 1e9:.2f} GB/s of output), peak RSS "
+          f"{rss / 2**20:.0f} MB; cp -r of the output {cp_best:.2f} s; ratio {best / cp_best:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
