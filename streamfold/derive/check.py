@@ -133,9 +133,19 @@ def _compare_plan(plan, derived, res: CheckResult, kept_whole: frozenset = froze
         res.errors.append(f"plan folds {sorted(set(got) - set(want))[:3]} extra, misses "
                           f"{sorted(set(want) - set(got))[:3]}")
         return
+    from .build import _in_layer
+    from .family import norm_pattern
+    feeds: dict[str, set] = {}  # what a norm feeds over all its layers (a shared block: every use's adapter)
+    for i in derived.instances:
+        feeds.setdefault(_in_layer(i.weight, i.weight), set()).update(
+            (_in_layer(i.weight, cw), ax, nd) for cw, ax, nd, _ in i.consumers)
+    saved = set(derived.saved)
     for w, inst in want.items():
-        pc = sorted((c.weight, c.axis % inst_nd) for c, inst_nd in
-                    ((c, next((nd for cw, _, nd, _ in inst.consumers if cw == c.weight), 1)) for c in got[w].consumers))
-        dc = sorted((cw, ax) for cw, ax, _, _ in inst.consumers)
+        n = norm_pattern(w)[2]
+        cons = {(cw.replace("{n}", n) if n is not None else cw, ax, nd) for cw, ax, nd in feeds[_in_layer(w, w)]}
+        cons = {c for c in cons if c[0] in saved}
+        nd_of = {cw: nd for cw, _, nd in cons}
+        pc = sorted((c.weight, c.axis % nd_of.get(c.weight, 1)) for c in got[w].consumers)
+        dc = sorted((cw, ax) for cw, ax, _ in cons)
         if pc != dc:
             res.errors.append(f"{w}: plan consumers {pc[:3]} != derived {dc[:3]}")
