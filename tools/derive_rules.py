@@ -152,6 +152,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "biogpt": ("BioGPT (LayerNorm with bias)", ["biogpt"]),
     "longcat_flash": ("LongCat-Flash (two attention / MLP blocks per layer, MLA, shortcut MoE)", ["longcat_flash"]),
     "lfm3": ("LFM3 (hybrid short-conv / gated attention layers, post-norms)", ["lfm3"]),
+    "zamba2": ("Zamba2 (Mamba2 layers and shared attention blocks)", ["zamba2"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
