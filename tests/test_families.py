@@ -34,9 +34,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 tiny = pytest.importorskip("streamfold.derive.tiny")
+pixels = pytest.importorskip("streamfold.derive.pixels")
 
 import streamfold  # noqa: E402
 from streamfold.core.reader import Checkpoint  # noqa: E402
+from streamfold.rules.patterns import config_get  # noqa: E402
 from streamfold.rules.schema import FAMILIES  # noqa: E402
 from tests.representatives import FAMILY_TYPES, matrix  # noqa: E402
 
@@ -64,10 +66,21 @@ CONFIG_VARIANTS: dict[str, dict[str, dict]] = {
 }
 
 
+# Multimodal wrappers derived with several language model types (``text_model_types``): each other
+# type is one more case (id "type+text:<text model type>"), checked like the default one.
+TEXT_VARIANT_PREFIX = "text:"
+
+# Issue 20's vision-language wrappers: LLaVA is the fast representative of a wrapper traced and checked
+# with an image (and of text_model_types); the rest of that matrix runs under --full.
+VLM_FAST = "llava"
+
+
 def _model_types() -> list[str]:
     types = sorted({mt for fam in FAMILIES.values() if not (fam.get("refused") or fam.get("nothing_to_fold"))
                     for mt in fam["model_types"]})  # refusals: tests/test_scope.py
-    return types + sorted(f"{mt}+{v}" for mt, vs in CONFIG_VARIANTS.items() for v in vs)
+    types += sorted(f"{mt}+{v}" for mt, vs in CONFIG_VARIANTS.items() for v in vs)
+    return types + sorted(f"{mt}+{TEXT_VARIANT_PREFIX}{t}" for fam in FAMILIES.values() for mt in fam["model_types"]
+                          for t in fam.get("text_model_types", [])[1:])
 
 
 def _family(mt: str) -> dict:
@@ -100,7 +113,10 @@ class Case:
     def __init__(self, case_id: str, root: Path):
         mt, _, variant = case_id.partition("+")
         self.mt, self.id, self.fam = mt, case_id, _family(mt)
-        overrides = CONFIG_VARIANTS[mt][variant] if variant else {}
+        if variant.startswith(TEXT_VARIANT_PREFIX):
+            overrides = {"text_config.model_type": variant[len(TEXT_VARIANT_PREFIX):]}
+        else:
+            overrides = CONFIG_VARIANTS[mt][variant] if variant else {}
         model = tiny.build_tiny_model(config=tiny.tiny_config(mt, **overrides), seed=0)
         self.norm_info = model.tiny_norms  # module -> NormInfo, found and classified numerically
         # Norms the conversion keeps get mild random scales (tiny.calm_norms: conditioning, so that bf16
@@ -120,6 +136,9 @@ class Case:
         self.norm_tensors = {k for k, s in wm.items() if s == tiny.NORM_SHARD}
         # saved name -> in-memory parameter name (what from_pretrained's loading info reports)
         self.param_of = {v: k for k, v in model.tiny_saved_names.items()}
+        self.aliases: dict[str, list[str]] = {}  # saved name -> every parameter name of it (tied norms: Zamba)
+        for k, v in model.tiny_saved_names.items():
+            self.aliases.setdefault(v, []).append(k)
         del model
         self.outs: dict[str, Path] = {}
         self.reports: dict[str, streamfold.ConversionReport] = {}
@@ -137,6 +156,8 @@ class Case:
         self.inputs = tiny.example_inputs(ref_model)
         self.ref = tiny.forward_logits(ref_model, self.inputs)
         self.ref_greedy = tiny.greedy_tokens(ref_model, self.inputs, GREEDY_STEPS)
+        self.images = pixels.image_inputs(ref_model)  # a prompt with a generated image (wrappers), else None
+        self.ref_images = tiny.forward_logits(ref_model, self.images) if self.images is not None else None
         _, _, self.plan = streamfold.load_plan(self.src)
 
 
@@ -144,7 +165,7 @@ _CASES: dict[str, Case] = {}
 NUMBERS: dict[str, dict] = {}
 
 
-@pytest.fixture(scope="module", params=matrix(_model_types(), FAMILY_TYPES))
+@pytest.fixture(scope="module", params=matrix(_model_types(), FAMILY_TYPES | {VLM_FAST}))
 def case(request, tmp_path_factory):
     mt = request.param
     if mt not in _CASES:
@@ -193,19 +214,19 @@ def test_report_folds_what_the_rules_declare(case):
     ``when`` does not hold); kept == the rest, each matched by a keep rule or a tied head."""
     fam, plan = case.fam, case.plan
     cfg = json.loads((case.src / "config.json").read_text())
-    sub = cfg.get("text_config") or {}
     defaults = fam.get("defaults", {})
     weights = {n for n in case.norm_tensors if n.endswith(".weight")}
     declared, heads = set(), set()
     for rule in fam["folds"]:
-        ok = all((cfg[k] if k in cfg else sub.get(k, defaults.get(k))) in v for k, v in rule.get("when", {}).items())
+        ok = all(config_get(cfg, k, defaults.get(k)) in v for k, v in rule.get("when", {}).items())
         hit = _matching(fam, rule["norm"], weights)
         if rule.get("untied_head") and plan.tied:
             heads |= hit
         elif ok:
             declared |= hit
     folded = {n.weight for n in plan.folded}
-    if case.id != case.mt:  # the point of CONFIG_VARIANTS: a LayerNorm with bias folds (W @ beta into biases)
+    if case.id != case.mt and TEXT_VARIANT_PREFIX not in case.id:  # the point of CONFIG_VARIANTS: a LayerNorm
+        # with bias folds (W @ beta into biases)
         assert any(n.bias for n in plan.folded), f"{case.id}: no LayerNorm with bias folded"
     # a declared LayerNorm-with-bias fold stays when a consumer has no bias to absorb W @ beta
     bias_kept = {n.weight for n in plan.kept if n.bias and "LayerNorm bias" in n.reason}
@@ -287,7 +308,7 @@ def test_tensors_untouched_except_folds(case):
 
 # -- stock transformers -----------------------------------------------------------------------------------
 def test_logits_and_greedy_in_transformers(case):
-    removed = sorted(case.param_of[x] for n in case.plan.folded for x in (n.weight, n.bias) if x)
+    removed = sorted(p for n in case.plan.folded for x in (n.weight, n.bias) if x for p in case.aliases[x])
     rel, cos = {}, {}
     for key, out_dir in sorted(case.outs.items(), key=lambda kv: OUTPUTS[kv[0]][1] != "float32"):
         mode, merged = OUTPUTS[key]
@@ -306,6 +327,25 @@ def test_logits_and_greedy_in_transformers(case):
             folded=len(case.plan.folded), kept=len(case.plan.kept))
     worst = min(cos.values())
     assert worst >= MIN_COS_BF16, f"bf16-merged cosine {worst:.6f}"
+
+
+def test_image_prompt_logits_in_transformers(case):
+    """Multimodal wrappers on a prompt with a generated image (``pixels.image_inputs``): the language model
+    sees the image features (Mllama's cross-attention layers run only then); same bounds as text."""
+    if case.images is None:
+        pytest.skip(f"{case.mt}: no pixel inputs (not a vision-language wrapper of pixels.PIXELS)")
+    rel, cos = {}, {}
+    for key, out_dir in sorted(case.outs.items()):
+        model, _ = _load(out_dir, case.mt)
+        got = tiny.forward_logits(model, case.images)
+        if OUTPUTS[key][1] == "float32":
+            rel[key] = _rel(got, case.ref_images)
+        else:
+            cos[key] = _min_cos(got, case.ref_images)
+        del model
+    _record(case.id, image_max_rel_f32=max(rel.values()), image_min_cos_bf16=min(cos.values()))
+    assert max(rel.values()) <= MAX_REL_F32, rel
+    assert min(cos.values()) >= MIN_COS_BF16, cos
 
 
 # -- tiny.py itself ------------------------------------------------------------------------------------------

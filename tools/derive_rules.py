@@ -125,6 +125,53 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "exaone_moe": ("EXAONE MoE, dots.llm1 (q/k norms; dense and MoE layers; shared experts)", ["exaone_moe", "dots1"]),
     "granitemoe_swa": ("Granite MoE SWA (fused experts, shared MLP)", ["granitemoe_swa"]),
     "glm4_moe_lite": ("GLM4-MoE-Lite (MLA latent norms; dense and MoE layers; shared experts)", ["glm4_moe_lite"]),
+    # -- vision-language wrappers (issue 20): derived through the wrapper, traced and checked on a prompt
+    # with an image (streamfold/derive/pixels.py); towers kept whole by prefix --
+    "qwen2_vl": ("Qwen2-VL (language model nested; vision tower untouched)", ["qwen2_vl"]),
+    "llava": ("LLaVA 1.5 (language model nested; vision tower untouched)", ["llava"]),
+    "qwen2_5_vl": ("Qwen2.5-VL (language model nested; vision tower untouched)", ["qwen2_5_vl"]),
+    "llava_next": ("LLaVA-NeXT (language model nested; vision tower untouched)", ["llava_next"]),
+    "llava_onevision": ("LLaVA-OneVision (language model nested; vision tower untouched)", ["llava_onevision"]),
+    "llava_next_video": ("LLaVA-NeXT-Video (language model nested; vision tower untouched)", ["llava_next_video"]),
+    "vipllava": ("ViP-LLaVA (language model nested; vision tower and projector untouched)", ["vipllava"]),
+    "mllama": ("Llama 3.2 Vision (cross-attention layers; vision model untouched)", ["mllama"]),
+    "idefics2": ("Idefics2 (language model nested; vision model and perceiver connector untouched)", ["idefics2"]),
+    "idefics3": ("Idefics3, SmolVLM (language model nested; vision model untouched)", ["idefics3", "smolvlm"]),
+    "paligemma": ("PaliGemma 1 and 2 (Gemma or Gemma 2 language model; vision tower untouched)", ["paligemma"]),
+    "aya_vision": ("Aya Vision (Cohere2 language model, parallel block; vision tower untouched)", ["aya_vision"]),
+    "internvl": ("InternVL (Qwen2, Qwen3 or Llama language model; vision tower untouched)", ["internvl"]),
+    "glm4v": ("GLM-4V, GLM-4.6V (language model nested; vision tower untouched)", ["glm4v", "glm46v"]),
+    "glm4v_moe": ("GLM-4.5V (MoE language model nested; vision tower untouched)", ["glm4v_moe"]),
+    "lfm2_vl": ("LFM2-VL (hybrid short-conv / attention language model; vision tower untouched)", ["lfm2_vl"]),
+    "cohere2_vision": ("Command A Vision (Cohere2 language model; vision tower untouched)", ["cohere2_vision"]),
+    "doge": ("Doge (dynamic mask attention, q/k norms kept)", ["doge"]),
+    "olmo_hybrid": ("OLMo hybrid (Gated DeltaNet / attention layers; post-norm attention layers)", ["olmo_hybrid"]),
+    "zamba": ("Zamba (Mamba layers and a shared attention block)", ["zamba"]),
+    "hy_v4": ("Hunyuan v4 (MLA with an indexer and a gated attention output; MoE with shared experts)", ["hy_v4"]),
+    "laguna": ("Laguna (gated attention, q/k norms; MoE with shared expert)", ["laguna"]),
+    "biogpt": ("BioGPT (LayerNorm with bias)", ["biogpt"]),
+    "longcat_flash": ("LongCat-Flash (two attention / MLP blocks per layer, MLA, shortcut MoE)", ["longcat_flash"]),
+    "lfm3": ("LFM3 (hybrid short-conv / gated attention layers, post-norms)", ["lfm3"]),
+    "zamba2": ("Zamba2 (Mamba2 layers and shared attention blocks)", ["zamba2"]),
+}
+
+# multimodal wrappers whose language model can be of several types (their text_config is any
+# AutoConfig): the language model types each is derived and checked with, besides its default; the
+# family records them as text_model_types and the planner refuses any other (published checkpoints'
+# text models; Gemma inside LLaVA would multiply by 1 + w where Llama's norms multiply by w)
+TEXT_MODELS: dict[str, list[str]] = {
+    "llava": ["llama", "mistral", "qwen2"],
+    "llava_next": ["llama", "mistral", "qwen2", "granite"],
+    "llava_onevision": ["qwen2"],
+    "llava_next_video": ["llama", "mistral", "qwen2"],
+    "vipllava": ["llama"],
+    "idefics2": ["mistral"],
+    "idefics3": ["llama"],
+    "smolvlm": ["llama"],
+    "paligemma": ["gemma", "gemma2"],  # PaliGemma 2: Gemma 2's post_attention_layernorm is a post-norm
+    "aya_vision": ["cohere2"],
+    "internvl": ["qwen2", "qwen3", "llama"],
+    "cohere2_vision": ["cohere2"],
 }
 
 # data files of model types out of scope (streamfold.derive.scope): refused with the reason, nothing derived
@@ -183,7 +230,7 @@ def derive_group(name: str, description: str, model_types: list[str], log, check
     out: dict[str, dict] = {}
     for mt in model_types:
         try:
-            fam, results = derive_family(mt, VARIANTS.get(mt), check=check)
+            fam, results = derive_family(mt, VARIANTS.get(mt), check=check, text_models=TEXT_MODELS.get(mt))
         except Exception as e:  # a model transformers cannot build or run tiny: reported, not written
             raise DeriveError(f"{mt}: cannot derive: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         for r in results:

@@ -18,10 +18,25 @@ def _text(cfg):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
+def _value(cfg, key: str):
+    """A config key's value as the planner reads it: the text config's field, else the wrapper's; a dotted
+    key (``text_config.model_type``) names a sub-config's field."""
+    head, dot, rest = key.partition(".")
+    if dot:
+        return getattr(getattr(cfg, head, None), rest, None)
+    return getattr(_text(cfg), key, getattr(cfg, key, None))
+
+
 def _class_default(model_type: str, key: str):
     from transformers.models.auto import configuration_auto
-    cfg = configuration_auto.CONFIG_MAPPING[model_type]()
-    return getattr(_text(cfg), key, getattr(cfg, key, None))
+    return _value(configuration_auto.CONFIG_MAPPING[model_type](), key)
+
+
+def trace_inputs(model) -> dict:
+    """What the tracer runs: a prompt with an image for wrappers with pixel inputs (``pixels.PIXELS``: the
+    language model sees image features, and Mllama's cross-attention layers run only then), else text."""
+    from . import pixels, tiny
+    return pixels.image_inputs(model) or tiny.example_inputs(model)
 
 
 def tie_default(model_type: str) -> bool:
@@ -36,12 +51,18 @@ def tie_default(model_type: str) -> bool:
 
 
 def derive_family(model_type: str, variants: list[dict] | None = None, *, config=None,
-                  check: bool = True) -> tuple[dict, list[CheckResult]]:
+                  check: bool = True, text_models: list[str] | None = None) -> tuple[dict, list[CheckResult]]:
     """The family of ``model_type`` derived under each config variant (overrides; ``{}`` first) and,
     with ``check``, the numerical check of every variant. ``config``: a (shrunk) config to use as the
-    base instead of ``tiny_config(model_type)``. The family's ``model_types`` is ``[model_type]``."""
+    base instead of ``tiny_config(model_type)``. The family's ``model_types`` is ``[model_type]``.
+
+    ``text_models``: for a multimodal wrapper, the language model types (``text_config.model_type``)
+    to derive it with besides its default one; each is one more config variant, and the family gets
+    ``text_model_types`` (every type derived and checked: the planner refuses any other)."""
     from . import tiny
     variants = [{}] + [v for v in (variants or []) if v]
+    default_text = _class_default(model_type, "text_config.model_type") if text_models is not None else None
+    variants += [{"text_config.model_type": t} for t in text_models or [] if t != default_text]
     derived, models = [], []
     for ov in variants:
         if config is not None:
@@ -49,13 +70,15 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
         else:
             cfg = tiny.tiny_config(model_type, **{"tie_word_embeddings": False, **ov})
         model = tiny.build_tiny_model(config=cfg)
-        derived.append((ov, derive_model(model, tiny.example_inputs(model))))
+        derived.append((ov, derive_model(model, trace_inputs(model))))
         models.append(model)
-    base = _text(models[0].config)
     keys = {k for ov in variants for k in ov}
-    base_values = {k: getattr(base, k, None) for k in keys}
+    base_values = {k: _value(models[0].config, k) for k in keys}
     fam = assemble([model_type], derived, base_values)
     whens = {k for f in fam["folds"] for k in f.get("when", {})}
+    if text_models is not None:
+        fam["text_model_types"] = [default_text] + [t for t in text_models if t != default_text]
+        whens.add("text_config.model_type")
     if whens:
         fam["defaults"] = {k: _class_default(model_type, k) for k in sorted(whens)}
     if tie_default(model_type):

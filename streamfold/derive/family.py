@@ -106,7 +106,7 @@ def derive_model(model, inputs: dict, names: str = "saved") -> Derived:
         wanted[n + ".weight"] = -1
         if info.has_bias:
             wanted[n + ".bias"] = -1
-        for u in traces[n].uses:
+        for u in traces[n].uses if n in in_scope else ():  # a tower's norms are kept whole by prefix
             if u.kind == "consumer":
                 wanted[u.param] = u.axis
                 if u.bias:

@@ -145,7 +145,8 @@ def _nonzero(shape, gen, lo, hi) -> torch.Tensor:
 
 @torch.no_grad()
 def randomize(model, seed: int = 0) -> dict[str, NormInfo]:
-    """Norm scales far from identity, norm and linear biases non-zero, constant tensors made random."""
+    """Norm scales far from identity, norm and linear biases non-zero, constant tensors made random (zero
+    scalar gates too: Mllama's ``tanh(gate)`` would otherwise switch its cross-attention layers off)."""
     gen = torch.Generator().manual_seed(10_007 + seed)
     norms = find_norms(model)
     mods = dict(model.named_modules())
@@ -162,6 +163,8 @@ def randomize(model, seed: int = 0) -> dict[str, NormInfo]:
             continue
         if pname.endswith("bias"):
             p.copy_(_nonzero(tuple(p.shape), gen, 0.05, 0.3))
+        elif p.numel() == 1 and float(p) == 0.0:  # zero-initialised scalar gates (Mllama's tanh gates)
+            p.copy_(_nonzero(tuple(p.shape), gen, 0.5, 1.0))
         elif p.numel() > 1 and bool((p == p.reshape(-1)[0]).all()):
             p.add_(torch.randn(tuple(p.shape), generator=gen) * 0.05)  # zero/one-initialised scalars, gates
     for bname, buf in model.named_buffers():

@@ -115,8 +115,9 @@ def _as_dtype(model, dtype: str):
 
 def saved_norm_names(model, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """Norm parameter name -> the name save_pretrained wrote it under, matched by exact value (norm
-    values are random, so the match is unique; anything else is an error)."""
-    params = dict(model.named_parameters())
+    values are random, so the match is unique; anything else is an error). A norm tied across layers
+    (Zamba's shared attention block) is found under each of its names; all map to the one saved tensor."""
+    params = dict(model.named_parameters(remove_duplicate=False))
     out = {}
     for mname, info in getattr(model, "tiny_norms", {}).items():
         for pn in ("weight", "bias") if info.has_bias else ("weight",):

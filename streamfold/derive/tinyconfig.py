@@ -103,6 +103,26 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "mpt": {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 256, "max_seq_len": 512,
             "initializer_range": 0.05},
     "dots1": {"n_shared_experts": 1},  # default None, but every MoE layer builds its shared expert
+    "qwen2_vl_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
+    "qwen2_vl.vision_config": {"embed_dim": 32, "hidden_size": 64},
+    "qwen2_5_vl_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
+    "qwen2_5_vl.vision_config": {"fullatt_block_indexes": [1], "window_size": 32},
+    "paligemma": {"projection_dim": 64, "hidden_size": 64},  # the projector's output is the text model's input
+    "vipllava": {"vision_feature_layers": [-2, -1]},  # default (-2, -5, -8, -11, 6): layers the tiny tower lacks
+    # LLaVA-NeXT family: one 32x32 grid pinpoint, so a 32x32 image is the base view plus one tile
+    "llava_next": {"image_grid_pinpoints": [[32, 32]]},
+    "llava_next_video": {"image_grid_pinpoints": [[32, 32]]},
+    "llava_onevision": {"image_grid_pinpoints": [[32, 32]]},
+    # Llama 3.2 Vision: layer 1 of 3 is a cross-attention layer (default [3, 8, ...] of 40)
+    "mllama_text_model": {"num_hidden_layers": 3, "cross_attention_layers": [1]},
+    "mllama.vision_config": {"attention_heads": 2, "num_global_layers": 1, "intermediate_layers_indices": [1]},
+    "glm4v_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}},
+    "glm4v_moe_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                                           "mrope_section": [1, 1, 2]}},
+    # Zamba / Zamba2: two hybrid layers, so the shared attention block (one module, tied across the layers
+    # that use it; Zamba2 adds per-use adapters) runs twice: layers 2 and 4 / 1 and 3 of 5
+    "zamba": {"num_hidden_layers": 5, "attn_layer_period": 2, "attn_layer_offset": 1},
+    "zamba2": {"num_hidden_layers": 5, "layers_block_type": ["mamba", "hybrid", "mamba", "hybrid", "mamba"]},
     "gemma3": {"mm_tokens_per_image": 4},  # 32x32 image, 8x8 patches: 16 patches pooled to 4 tokens
     "gemma3.vision_config": {"vision_use_head": False},  # as published Gemma 3 checkpoints
     # Conditioning (values only, no effect on which tensors exist or how they are used): Gemma 4 uses
@@ -110,6 +130,10 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     # a random model's softmax, amplifying bf16 rounding of folded weights (min bf16-merged cosine 0.990).
     # Head dims 8 / 16 keep the real 1:2 sliding/global ratio; with init 0.02 the cosine is >= 0.99993.
     "gemma4_text": {"head_dim": 8, "global_head_dim": 16, "initializer_range": 0.02},
+    # the same conditioning for Gemma 4 unified (measured at the defaults: bf16-merged min cosine 0.99893)
+    "gemma4_unified_text": {"head_dim": 8, "global_head_dim": 16, "initializer_range": 0.02},
+    # conditioning (values only): at init 0.05 the tiny LFM3's bf16-merged min cosine is 0.99984
+    "lfm3": {"initializer_range": 0.02},
 }
 # Gated DeltaNet hybrids amplify weight rounding through the recurrence at the shared default init 0.05
 # (min logit cosine under 2^-9 relative weight noise 0.96-0.999); at 0.02 it is 0.99999, as llama at 0.05.
@@ -143,7 +167,8 @@ def _sub_model_type(parent_cls, key: str) -> str | None:
 
 def tiny_config(model_type: str, **overrides) -> "transformers.PretrainedConfig":
     """A tiny config of ``model_type``: the class defaults shrunk (``_TEXT_SHRINK``), per-type
-    overrides (``_PER_TYPE``), then ``overrides``; sub-configs of multimodal wrappers shrunk too."""
+    overrides (``_PER_TYPE``), then ``overrides``; sub-configs of multimodal wrappers shrunk too.
+    ``text_config.model_type`` in ``overrides`` builds a wrapper around another language model type."""
     cls = configuration_auto.CONFIG_MAPPING[model_type]
     subs = dict(getattr(cls, "sub_configs", {}) or {})
     if not subs:
@@ -152,8 +177,11 @@ def tiny_config(model_type: str, **overrides) -> "transformers.PretrainedConfig"
         return _finish(_with_all_layer_kinds(cls, kw, cls(**kw)))
     kw: dict[str, Any] = {}
     default = cls()
+    text_mt = overrides.pop("text_config.model_type", None)  # another language model inside the wrapper
     for key in subs:
         sub_mt = getattr(getattr(default, key, None), "model_type", None) or _sub_model_type(cls, key)
+        if key == "text_config" and text_mt:
+            sub_mt = text_mt
         if sub_mt is None:
             continue
         if key == "text_config":

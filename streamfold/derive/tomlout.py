@@ -5,8 +5,8 @@ import json
 import re
 
 _BARE = re.compile(r"[A-Za-z0-9_-]+\Z")
-_TOP_ORDER = ("description", "model_types", "offset", "tie_default", "strict_refused", "nothing_to_fold", "refused",
-              "defaults", "layouts", "derived")
+_TOP_ORDER = ("description", "model_types", "text_model_types", "offset", "tie_default", "strict_refused",
+              "nothing_to_fold", "refused", "defaults", "layouts", "derived")
 
 
 def _key(k: str) -> str:

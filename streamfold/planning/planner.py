@@ -25,6 +25,7 @@ from ..core.reader import TensorInfo
 from ..quant.formats import Quantization, classify
 from ..rules.patterns import Consumer, config_get, expand_consumer, generalize, looks_like_norm, \
     natural_key, pattern_regex, present, stars
+from ..rules.schema import check_text_model
 from .compose import is_tied, resolve, untiled
 from .dequant import Dequant, check_shape, dequantize_mode, logical_infos, out_dtype as dequant_dtype
 
@@ -221,6 +222,7 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
     real, tensors = tensors, quant.view(tensors)  # consumers by their logical names (X.weight of X.qweight)
     resolved = resolve(cfg, tensors, rules)  # the family as laid out here, a composed wrapper, or a refusal
     family, fam, model_type = resolved.family, resolved.fam, resolved.model_type
+    check_text_model(cfg, model_type, family, fam)  # a wrapper's rules hold for the text models derived with
     user_rules = bool(rules) and family in rules and model_type in rules[family]["model_types"]
     if mode == "strict" and fam.get("strict_refused"):
         raise StreamfoldError(f"{model_type}: strict mode is not exact for this architecture "

@@ -47,9 +47,14 @@ def pattern_regex(pattern: str) -> re.Pattern:
 
 
 def config_get(cfg: dict, key: str, default=None):
-    """``cfg[key]``, else the multimodal wrapper's ``text_config[key]``, else ``default``."""
+    """``cfg[key]``, else the multimodal wrapper's ``text_config[key]``, else ``default``. A dotted key
+    names a sub-config's field (``text_config.model_type``: the wrapper's language model type)."""
     if key in cfg:
         return cfg[key]
+    head, dot, rest = key.partition(".")
+    if dot:
+        sub = cfg.get(head)
+        return config_get(sub, rest, default) if isinstance(sub, dict) else default
     text = cfg.get("text_config")
     if isinstance(text, dict) and key in text:
         return text[key]

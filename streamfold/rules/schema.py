@@ -32,6 +32,11 @@ One schema for both (built-ins are ``streamfold/rules/families/*.toml``, one fam
   refused with ``nothing to fold: <reason>`` (exit 5); ``folds`` may then be empty.
 - ``refused``: why the model types are out of scope (encoders, encoder-decoders): refused with
   that reason (exit 2); ``folds`` may then be empty.
+- ``text_model_types``: for a multimodal wrapper whose language model can be of several types, the
+  ``text_config.model_type`` values the rules were derived and checked with; a checkpoint with any
+  other language model is refused (its norms could mean something else: Gemma 2's
+  ``post_attention_layernorm`` is a post-norm, Llama's feeds the MLP). A missing
+  ``text_config.model_type`` takes the family's ``defaults`` value.
 - ``strict_refused``: why strict mode (folded norms removed) would not load as the identity;
   strict conversions of the family are refused with that reason.
 - ``description``, ``derived``: for people (README table; the generator's record of the
@@ -48,10 +53,11 @@ import tomllib
 from pathlib import Path
 
 from .loader import FAMILIES
+from .patterns import config_get
 from ..core.errors import StreamfoldError
 
 _FAMILY_KEYS = {"model_types", "offset", "folds", "keep", "tie_default", "description", "layouts",
-                "strict_refused", "defaults", "derived", "forms", "nothing_to_fold", "refused"}
+                "strict_refused", "defaults", "derived", "forms", "nothing_to_fold", "refused", "text_model_types"}
 _FORM_KEYS = {"name", "folds", "keep"}
 _FOLD_KEYS = {"norm", "into", "variants", "untied_head", "when", "offset"}
 _CONSUMER_KEYS = {"weight", "axis", "bias"}
@@ -161,6 +167,9 @@ def validate_family(name: str, fam: object, source: str) -> dict:
         _check_folds(form.get("folds"), w, empty_ok=False)
         _check_keep(form.get("keep", []), w)
     fam.setdefault("folds", [])
+    tmts = fam.get("text_model_types", ["-"])
+    if not isinstance(tmts, list) or not tmts or not all(isinstance(m, str) and m for m in tmts):
+        raise StreamfoldError(f"{where}: \"text_model_types\" must be a non-empty list of model types")
     return fam
 
 
@@ -199,6 +208,18 @@ def family_for(model_type: str, extra: dict[str, dict] | None = None) -> tuple[s
     raise StreamfoldError(
         f"config.json: unsupported model_type {model_type!r}; supported: "
         f"{', '.join(supported_model_types())} (or describe it with --rules FILE)")
+
+
+def check_text_model(cfg: dict, model_type: str, family: str, fam: dict) -> None:
+    """Refuse a wrapper whose language model is of a type its family's rules were not derived for."""
+    allowed = fam.get("text_model_types")
+    if not allowed:
+        return
+    got = config_get(cfg, "text_config.model_type", fam.get("defaults", {}).get("text_config.model_type"))
+    if got not in allowed:
+        raise StreamfoldError(f"config.json: {model_type} with a {got!r} language model (text_config.model_type) "
+                              f"is not supported: the {family!r} rules were derived and checked for "
+                              f"{', '.join(allowed)} language models only")
 
 
 for _name, _fam in FAMILIES.items():
