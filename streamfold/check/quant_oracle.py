@@ -235,17 +235,4 @@ def check_dequant_band(codes: np.ndarray, scale_raw: np.ndarray, scale_dtype: st
     """A :class:`FoldTally` of the output band ``got_raw`` (raw bytes) against
     :func:`fp8_block_band_expected` (bits equal; any NaN matches any NaN)."""
     want, _ = fp8_block_band_expected(codes, scale_raw, scale_dtype, block, row0, g, out_dtype)
-    u = np.uint16 if out_dtype == "BF16" else np.uint32
-    got = got_raw.view(u).reshape(want.shape)
-    differ = got != want
-    t = FoldTally()
-    if differ.any():
-        fl = np.float32 if out_dtype == "F32" else None
-        as_f = (lambda b: b.view(np.float32)) if fl else (lambda b: (b.astype(np.uint32) << 16).view(np.float32))
-        gf, wf = as_f(got), as_f(want)
-        differ &= ~(np.isnan(gf) & np.isnan(wf))
-        idx = np.flatnonzero(differ)
-        if idx.size:
-            i = int(idx[0])
-            t.bad, t.first = int(idx.size), (base_index + i, float(gf.reshape(-1)[i]), float(wf.reshape(-1)[i]))
-    return t
+    return compare_bits(want, out_dtype, got_raw, base_index)
