@@ -177,6 +177,7 @@ def test_ray_from_hub_retries_a_killed_task(cluster, faults, layered, tmp_path):
     assert _files(out) == _files(ref) and hub.commits(REPO)  # every shard whole, none from the dead attempt
 
 
+@pytest.mark.full
 def test_stream_ray_makes_one_commit_equal_to_local_stream(cluster, faults, layered, tmp_path):  # noqa: F811
     repo = "org/toy-stream"  # a repo of its own: no other test put its shards in the (shared) HF cache, from
     hub = _hub_repo(cluster, layered, repo)  # which huggingface_hub would copy them instead of fetching
