@@ -329,6 +329,7 @@ def test_logits_and_greedy_in_transformers(case):
     assert worst >= MIN_COS_BF16, f"bf16-merged cosine {worst:.6f}"
 
 
+@pytest.mark.only_for(set(pixels.PIXELS))
 def test_image_prompt_logits_in_transformers(case):
     """Multimodal wrappers on a prompt with a generated image (``pixels.image_inputs``): the language model
     sees the image features (Mllama's cross-attention layers run only then); same bounds as text."""
