@@ -17,15 +17,15 @@ from .core.units import human_bytes
 
 def output_bytes(plan, tensors: dict[str, TensorInfo]) -> int:
     """Tensor data bytes of the converted checkpoint (what ``ConversionReport.bytes_out`` counts)."""
-    from .core.dtypes import DTYPES
+    from .core.dtypes import itemsize
     from .planning.dequant import output_of
     total = 0
     for name, t in tensors.items():
         a = plan.actions[name]
         if a.kind != Kind.DROP:
-            total += math.prod(output_of(name, a, t.shape)[1]) * DTYPES[a.out_dtype].itemsize
+            total += math.prod(output_of(name, a, t.shape)[1]) * itemsize(a.out_dtype)
     for t in getattr(plan, "added", ()):  # identity norms restored by a mode change
-        total += math.prod(t.shape) * DTYPES[t.dtype].itemsize
+        total += math.prod(t.shape) * itemsize(t.dtype)
     return total
 
 

@@ -45,6 +45,15 @@ def test_converts_with_torch_unimportable(tmp_path):
     assert cfg["flashnorm"] is True and cfg["flashnorm_mode"] == "compat" and cfg["flashnorm_version"] == 1
 
 
+def test_help_and_usage_errors_do_not_import_ml_dtypes():
+    """ml_dtypes costs ~0.8 s to import (numpy 2.4 ufunc registration): only reading bf16/fp8 data pays it."""
+    code = ("import sys\nfrom streamfold.cli import main\nfor argv in (['--help'], ['--mode', 'nope']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('ml_dtypes' in sys.modules)")
+    r = run([], code=code)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "False", (r.stdout, r.stderr)
+
+
 def test_json_report_and_quiet(tmp_path):
     r = run([SAMPLE, tmp_path / "a", "--json"])
     assert r.returncode == 0, r.stderr

@@ -245,6 +245,7 @@ def test_dequant_records_carry_the_scale_range(src):
     assert p.plan.dequant is not None and sorted(p.plan.dequant.widened) == sorted(n[:-7] for n in WIDENED)
 
 
+@pytest.mark.full
 def test_dequantize_ragged_576_rows(tmp_path):
     """An MLP of 576 channels: gate/up are [576, 256] with a 64-row last tile (block size from the
     config); through tasks, engine and verify every element is the exact q·s·g rounded once (checked

@@ -302,6 +302,7 @@ def _shard_of(src: Path, name: str) -> Path:
     return src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][name]
 
 
+@pytest.mark.full
 def test_e8m0_scales_are_copied(built, tmp_path):
     """DeepSeek-V4 / MX-style scales stored as F8_E8M0 (and as raw U8 bytes) are copied byte for byte; verify passes."""
     case = built("fp8_qwen3")

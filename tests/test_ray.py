@@ -205,9 +205,9 @@ def test_stream_ray_makes_one_commit_equal_to_local_stream(cluster, faults, laye
 
 
 @pytest.mark.parametrize("fault, code, message", [
-    ("fail-model-00003-of-00004.safetensors", 2,
-     "streamfold: error: model-00003-of-00004.safetensors: Ray task failed: RuntimeError: injected failure in "
-     "model-00003-of-00004.safetensors"),
+    pytest.param("fail-model-00003-of-00004.safetensors", 2,
+                 "streamfold: error: model-00003-of-00004.safetensors: Ray task failed: RuntimeError: injected "
+                 "failure in model-00003-of-00004.safetensors", marks=pytest.mark.full),
     pytest.param("wrong", 3, "streamfold: error: verification of model-0000", marks=pytest.mark.full)])
 def test_stream_ray_commits_nothing_when_a_task_fails(cluster, faults, layered, tmp_path, capsys,  # noqa: F811
                                                      fault, code, message):

@@ -116,6 +116,7 @@ def test_changed_option_starts_fresh_and_says_why(layered, rules_file, tmp_path)
     assert _files(dst) == _files(ref)
 
 
+@pytest.mark.full
 def test_changed_source_refuses_the_shards(layered, rules_file, tmp_path):  # noqa: F811
     src = tmp_path / "src"
     shutil.copytree(layered, src)
@@ -128,6 +129,7 @@ def test_changed_source_refuses_the_shards(layered, rules_file, tmp_path):  # no
     assert "re-using" not in r.stderr
 
 
+@pytest.mark.full
 def test_tampered_shard_is_redone(layered, rules_file, reference, tmp_path):  # noqa: F811
     dst = tmp_path / "out"
     _killed(layered, dst, rules_file, "shards", 2, "--manifest")

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .dtypes import DTYPES
+from .dtypes import DTYPES, itemsize
 from .errors import StreamfoldError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -142,9 +142,9 @@ class SafetensorsFile:
             numel = 1
             for d in shape:
                 numel *= d
-            if end - begin != numel * DTYPES[dtype].itemsize:
+            if end - begin != numel * itemsize(dtype):
                 raise self._fail(f"tensor {name!r} spans {end - begin} bytes but shape {list(shape)} "
-                                 f"x {dtype} needs {numel * DTYPES[dtype].itemsize}")
+                                 f"x {dtype} needs {numel * itemsize(dtype)}")
             pos = end
         if pos != data_len:
             if pos > data_len:

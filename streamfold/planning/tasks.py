@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.dtypes import DTYPES
+from ..core.dtypes import itemsize
 from ..core.errors import StreamfoldError
 from .planner import Kind, Plan
 from ..quant.decode import check_block_scale
@@ -285,7 +285,7 @@ def _shard_task(ckpt: Checkpoint, plan: Plan, shard: str, files: dict[str, Sourc
             used.add(wshard)
             task.norms.setdefault(a.norm.weight, {})["shift"] = a.norm.shift
             cols = w.shape[-1]
-            step = max(1, chunk_bytes // max(1, cols * DTYPES[w.dtype].itemsize))
+            step = max(1, chunk_bytes // max(1, cols * itemsize(w.dtype)))
             task.chunks.append(Chunk(Op.BIAS, t.name, o.begin, o.end - o.begin, src=shard, src_off=t.begin,
                                      src_bytes=t.nbytes, src_dtype=t.dtype, out_dtype=a.out_dtype,
                                      shape=t.shape, weight=(wshard, w.begin, w.dtype, w.shape), axis=a.axis,
@@ -319,7 +319,7 @@ def _fold_chunks(t, a, dst_begin: int, shard: str, chunk_bytes: int) -> list[Chu
     # fused experts [E, in, out] scaled on axis 1: each row of prod(shape[axis+1:]) has one scale
     cols = math.prod(shape[axis + 1:]) if per_row else width
     rows = t.numel // max(cols, 1)
-    isz, osz = DTYPES[t.dtype].itemsize, DTYPES[a.out_dtype].itemsize
+    isz, osz = itemsize(t.dtype), itemsize(a.out_dtype)
     step = max(1, chunk_bytes // max(1, cols * max(isz, osz)))
     out = []
     for r0 in range(0, rows, step):
@@ -341,7 +341,7 @@ def _dequant_chunks(ckpt: Checkpoint, t, a, dst_begin: int, shard: str, chunk_by
     check_block_scale(st.name, t.shape, scale_shape, block)
     rows, cols = t.shape
     grid_cols = scale_shape[-1]
-    isz, osz, ssz = DTYPES[t.dtype].itemsize, DTYPES[a.out_dtype].itemsize, DTYPES[st.dtype].itemsize
+    isz, osz, ssz = itemsize(t.dtype), itemsize(a.out_dtype), itemsize(st.dtype)
     br = block[0]
     step = max(br, chunk_bytes // max(1, cols * 8) // br * br)  # the kernel works in float64
     out = []
@@ -367,7 +367,7 @@ def _mxfp4_chunks(ckpt: Checkpoint, t, a, dst_begin: int, shard: str, chunk_byte
         raise StreamfoldError(f"{st.name}: MXFP4 scale shape {list(st.shape)} is not [{experts}, {rows}, {groups}] "
                               f"(one E8M0 exponent per 32 codes of {t.name} {list(t.shape)})")
     _, inner, outer = mxfp4_shape(tuple(t.shape))
-    osz, ssz = DTYPES[a.out_dtype].itemsize, DTYPES[st.dtype].itemsize
+    osz, ssz = itemsize(a.out_dtype), itemsize(st.dtype)
     step = max(32, chunk_bytes // max(1, outer * 8) // 32 * 32)  # the kernel works in float64
     out = []
     for e in range(experts):

@@ -1,6 +1,6 @@
 """Decoders of quantized weights into their exact values (float64), a band of rows at a time.
 
-numpy + ml_dtypes only. Every decoder returns the exact dequantized value ``q·s`` of each element in
+numpy only. Every decoder returns the exact dequantized value ``q·s`` of each element in
 float64, which holds it exactly for every format here (significant bits: FP8 e4m3 4 × an F32 scale
 24 = 28; E2M1 2 × a power of two; an INT8 code with its zero point 9 × a bf16/f16/f32 scale ≤ 24 =
 33), so nothing is rounded until the kernel (:mod:`streamfold.quant.kernel`) rounds ``q·s·g`` once.
@@ -19,13 +19,22 @@ than the block (e.g. rows 512..575 of a 576-row tensor) uses that tile's scale.
 """
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
 from ..core.errors import StreamfoldError
 
 # code -> exact value tables (float64 holds every value exactly)
-F8_E4M3FN_TABLE: np.ndarray = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+# (built from the bit layout, not ml_dtypes, whose import costs ~0.8 s: see core/dtypes.py; tests compare
+# it with ml_dtypes' float8_e4m3fn and transformers' own dequantization)
+def _e4m3fn_table() -> np.ndarray:
+    u = np.arange(256)
+    exp, man = (u >> 3) & 0xF, (u & 7) / 8.0
+    mag = np.where(exp == 0, man * 2.0 ** -6, (1.0 + man) * np.exp2(exp - 7.0))  # bias 7, subnormals at exp 0
+    mag[(u & 0x7F) == 0x7F] = np.nan  # E4M3FN: no infinities, S.1111.111 is NaN
+    return np.where(u & 0x80, -mag, mag)
+
+
+F8_E4M3FN_TABLE: np.ndarray = _e4m3fn_table()
 E2M1_TABLE: np.ndarray = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                                    -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float64)
 E8M0_TABLE: np.ndarray = np.array([np.ldexp(1.0, u - 127) for u in range(255)] + [np.nan], dtype=np.float64)
