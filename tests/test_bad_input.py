@@ -245,7 +245,7 @@ def test_library_raises_streamfold_error(src, tmp_path):
 # before streamfold touches any checkpoint.
 AS_NOBODY = """
 import importlib, os, pkgutil, sys
-import streamfold, tqdm, yaml
+import ml_dtypes, streamfold, tqdm, yaml  # ml_dtypes: streamfold imports it lazily, on first bf16/fp8 use
 for m in pkgutil.walk_packages(streamfold.__path__, "streamfold."):  # every module but the torch tool
     if not m.name.startswith("streamfold.derive") and m.name != "streamfold.__main__":
         importlib.import_module(m.name)
