@@ -59,7 +59,8 @@ def run_hub_task(task: Task, ref: HubRef, work: Path, out_dir: Path | None = Non
     may have left it, and at the end): fetch its source shards, write its shard into ``out_dir``
     (default: inside ``work``), check it, pre-upload and delete it when ``push_to_hub``.
 
-    Returns ``{"shard", "size", "sha256", "op", "peak_disk"}`` (``op``: the commit operation, or None)."""
+    Returns ``{"shard", "size", "sha256", "op", "peak_disk", "dequant"}`` (``op``: the commit operation, or
+    None; ``dequant``: the shard's dequantized-element counts, :class:`ShardResult`)."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -72,6 +73,7 @@ def run_hub_task(task: Task, ref: HubRef, work: Path, out_dir: Path | None = Non
         if verify:
             check_shard(task, out / task.shard, sources)
         op = ship_shard(task, out, push_to_hub, push_token) if push_to_hub else None
-        return {"shard": r.shard, "size": r.size, "sha256": r.sha256, "op": op, "peak_disk": peak}
+        return {"shard": r.shard, "size": r.size, "sha256": r.sha256, "op": op, "peak_disk": peak,
+                "dequant": r.dequant}
     finally:
         shutil.rmtree(work, ignore_errors=True)

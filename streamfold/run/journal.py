@@ -25,6 +25,7 @@ from typing import Callable
 
 from .engine import PARTIAL_SUFFIX
 from ..core.manifest import hash_file
+from ..quant.counts import merge_counts
 
 JOURNAL = ".streamfold-journal.json"
 
@@ -103,12 +104,18 @@ class Journal:
             p.unlink(missing_ok=True)
         self._save()
 
-    def record(self, shard: str, size: int, sha256: str | None) -> None:
-        """Journal a completed shard (called from the engine's writer or hashing thread)."""
+    def record(self, shard: str, size: int, sha256: str | None, dequant: dict | None = None) -> None:
+        """Journal a completed shard (called from the engine's writer or hashing thread); ``dequant``: its
+        ``{tensor: [exact, rounded]}`` counts, kept so a resumed run's model card still has them."""
         st = os.stat(self.path / shard)
         with self._mutex:
-            self.done[shard] = {"size": size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+            self.done[shard] = {"size": size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns, "sha256": sha256,
+                                "dequant": dequant}
             self._save()
+
+    def dequant_counts(self) -> dict[str, list[int]] | None:
+        """Every journaled shard's dequantized-element counts merged (None: nothing was dequantized)."""
+        return merge_counts(r.get("dequant") for r in self.done.values())
 
     def digests(self) -> dict[str, str]:
         return {s: r["sha256"] for s, r in self.done.items() if r.get("sha256")}

