@@ -12,13 +12,19 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from tests import quant_models as qm
+from streamfold.run.journal import JOURNAL
 from tests.test_dequantize import WIDENED
 from tests.test_quant_partial import QWEN3, cli, read_all
+from tests.test_resume import KILLER, staging_path
+from tests.test_tasks import _env, _files
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +85,40 @@ def test_counts_on_card_json_and_verify(src, out_bf16, tmp_path):
     v = cli("verify", src, bad)
     assert v.returncode == 3, v.stdout
     assert f"README.md: states {e + 1} exact and {r - 1} rounded dequantized elements; recounted" in v.stdout
+
+
+def _killed_after_shards(src, dst, n: int, *args) -> None:
+    """The CLI SIGKILLed right after its ``n``-th shard is journaled (the kill injected by the test)."""
+    r = subprocess.run([sys.executable, "-c", KILLER, "shards", str(n), str(src), str(dst), "--workers", "2", *args],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+
+
+@pytest.mark.full
+def test_resume_after_sigkill_same_bytes_and_counts(src, out_bf16, tmp_path):
+    """Killed after the shard holding every dequantized tensor is journaled: the same command re-uses it
+    (its counts come from the journal) and writes the rest; every file, the card's counts included, is
+    byte-identical to the uninterrupted conversion."""
+    ref, _ = out_bf16
+    dst = tmp_path / "bf16"  # the card names DST's folder: the same name as the reference
+    _killed_after_shards(src, dst, 2, "--dequantize")
+    staging = staging_path(dst)
+    journal = json.loads((staging / JOURNAL).read_text())
+    deq = journal["shards"]["model-00002-of-00003.safetensors"]["dequant"]
+    assert deq == torch_counts(src, ref)  # every widened tensor sits in shard 2
+    r = cli(src, dst, "--dequantize")
+    assert r.returncode == 0, r.stderr
+    assert "re-using 2 completed shard(s)" in r.stderr
+    assert _files(dst) == _files(ref)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("again,why", [((), "option dequantize changed ('consumers' -> None)"),
+                                       (("--dequantize", "--merged-dtype", "float32"),
+                                        "option merged_dtype changed ('source' -> 'float32')")])
+def test_resume_fingerprint_has_dequantize_and_merged_dtype(src, tmp_path, again, why):
+    dst = tmp_path / "out"
+    _killed_after_shards(src, dst, 2, "--dequantize")
+    r = cli(src, dst, *again)
+    assert r.returncode == 0, r.stderr
+    assert why in r.stderr, r.stderr
