@@ -187,8 +187,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
     local = not is_repo_id(os.fspath(src)) or Path(src).exists()
     check_destination(src if local else None, dst, overwrite)  # before any download
     if stream:
-        if dequantize:
-            raise StreamfoldError("--dequantize with --stream is not supported yet; convert to a local folder")
         return _stream(src, Path(dst), t0, locals())
     dst = Path(dst)
     if executor == "ray":
@@ -284,9 +282,10 @@ def _stream(src, dst: Path, t0: float, opts: dict) -> ConversionReport:
                          rules=opts["rules"], workers=opts["workers"], memory_budget=opts["memory_budget"],
                          manifest=opts["manifest"], verify=opts["verify"], base_model=opts["base_model"],
                          private=opts["private"], commit_message=opts["commit_message"], progress=opts["progress"],
-                         executor=opts["executor"], ray_address=opts["ray_address"])
+                         executor=opts["executor"], ray_address=opts["ray_address"], dequantize=opts["dequantize"])
     report = _report(out["plan"], dst, t0, Engine(opts["workers"]).workers, opts["manifest"], 0.0)
     report.hub_url, report.peak_disk, report.executor = out["url"], out["peak_disk"], opts["executor"]
+    report.dequant_counts = out["dequant"]
     return report
 
 

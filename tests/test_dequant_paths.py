@@ -122,3 +122,30 @@ def test_resume_fingerprint_has_dequantize_and_merged_dtype(src, tmp_path, again
     r = cli(src, dst, *again)
     assert r.returncode == 0, r.stderr
     assert why in r.stderr, r.stderr
+
+
+# --- the Hub: remote plan, --stream, over real HTTP (tests/hubserver.py, huggingface_hub's own client) ---------
+from tests.hubserver import hub_server  # noqa: E402,F401  (a fixture)
+
+SCALES = "model-00003-of-00003.safetensors"  # the scales of every widened weight (in shard 2) sit here
+
+
+def test_stream_dequantize_fetches_scale_ranges(src, out_bf16, tmp_path, hub_server):  # noqa: F811
+    """``--stream --dequantize --verify`` from a repo id: the shards, index and config pushed in one commit are
+    the local conversion's, byte for byte; the card states the same counts; the task of shard 2 reads its
+    weights' scales from shard 3 by Range requests, before shard 3 is downloaded (once) for its own task."""
+    import streamfold
+    ref, _ = out_bf16
+    hub_server.add_repo("org/fp8", src)
+    before = len(hub_server.requests)
+    report = streamfold.convert("org/fp8", tmp_path / "small", push_to_hub="me/fp8-deq", stream=True, verify=True,
+                                dequantize=True)
+    assert report.dequant_counts == torch_counts(src, ref)
+    got = hub_server.files("me/fp8-deq")
+    for name in [p.name for p in ref.iterdir() if p.name != "README.md"]:
+        assert got[name] == (ref / name).read_bytes(), name
+    assert CARD_LINE.search(got["README.md"].decode()).groups() == CARD_LINE.search((ref / "README.md").read_text()).groups()
+    gets = [r for r in hub_server.requests[before:] if r.method == "GET" and r.path.endswith(SCALES)]
+    full = [i for i, r in enumerate(gets) if "range" not in r.headers]
+    scale_reads = [i for i, r in enumerate(gets) if r.headers.get("range", "bytes=0-").split("=")[1].split("-")[0] != "0"]
+    assert len(full) == 1 and scale_reads and max(scale_reads) < full[0], [r.headers.get("range") for r in gets]
