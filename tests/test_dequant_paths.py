@@ -149,3 +149,46 @@ def test_stream_dequantize_fetches_scale_ranges(src, out_bf16, tmp_path, hub_ser
     full = [i for i, r in enumerate(gets) if "range" not in r.headers]
     scale_reads = [i for i, r in enumerate(gets) if r.headers.get("range", "bytes=0-").split("=")[1].split("-")[0] != "0"]
     assert len(full) == 1 and scale_reads and max(scale_reads) < full[0], [r.headers.get("range") for r in gets]
+
+
+# --- Ray: one task per shard, locally (shared storage) and from the Hub; --stream --ray ---------------------
+from tests.test_ray import cluster, faults  # noqa: E402,F401  (fixtures: one local Ray cluster + a Hub it sees)
+
+
+@pytest.mark.full
+def test_ray_dequantize_same_bytes_and_counts(cluster, faults, src, out_bf16, tmp_path):  # noqa: F811
+    """``--ray --dequantize`` from the folder (shared storage) and from a repo id (each task fetches its own
+    shard and its scale rows by Range): every file the local conversion's, the counts carried back from the
+    tasks (through on_done and the journal) into the card and the report."""
+    import streamfold
+    ref, _ = out_bf16
+    want = torch_counts(src, ref)
+    rep = streamfold.convert(src, tmp_path / "a" / "bf16", executor="ray", dequantize=True, workers=1,
+                             memory_budget=1 << 20)
+    assert rep.dequant_counts == want
+    assert _files(tmp_path / "a" / "bf16") == _files(ref)
+    hub = cluster["hub"]
+    hub.add_repo("org/fp8-ray", src)
+    rep = streamfold.convert("org/fp8-ray", tmp_path / "b" / "bf16", executor="ray", dequantize=True, verify=True,
+                             workers=1, memory_budget=1 << 20)
+    assert rep.dequant_counts == want
+    got, exp = _files(tmp_path / "b" / "bf16"), _files(ref)
+    assert {k: v for k, v in got.items() if k != "README.md"} == {k: v for k, v in exp.items() if k != "README.md"}
+    assert CARD_LINE.search(got["README.md"].decode()).groups() == CARD_LINE.search(exp["README.md"].decode()).groups()
+
+
+@pytest.mark.full
+def test_stream_ray_dequantize(cluster, faults, src, out_bf16, tmp_path):  # noqa: F811
+    """``--stream --ray --dequantize --verify``: each task fetches, converts, checks and pre-uploads its shard;
+    the one commit holds the local conversion's shards, index and config, and the card's counts."""
+    import streamfold
+    ref, _ = out_bf16
+    hub = cluster["hub"]
+    hub.add_repo("org/fp8-stream-ray", src)
+    rep = streamfold.convert("org/fp8-stream-ray", tmp_path / "small", push_to_hub="me/fp8-stream-ray", stream=True,
+                             executor="ray", verify=True, dequantize=True, workers=1, memory_budget=1 << 20)
+    assert rep.dequant_counts == torch_counts(src, ref)
+    got = hub.files("me/fp8-stream-ray")
+    for name in [p.name for p in ref.iterdir() if p.name != "README.md"]:
+        assert got[name] == (ref / name).read_bytes(), name
+    assert CARD_LINE.search(got["README.md"].decode()).groups() == CARD_LINE.search((ref / "README.md").read_text()).groups()
