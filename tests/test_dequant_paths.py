@@ -192,3 +192,35 @@ def test_stream_ray_dequantize(cluster, faults, src, out_bf16, tmp_path):  # noq
     for name in [p.name for p in ref.iterdir() if p.name != "README.md"]:
         assert got[name] == (ref / name).read_bytes(), name
     assert CARD_LINE.search(got["README.md"].decode()).groups() == CARD_LINE.search((ref / "README.md").read_text()).groups()
+
+
+# --- verify --forward: the numpy forward reads FP8 block weights (q·s) -----------------------------------------
+@pytest.mark.full
+def test_verify_forward_fp8_block(src, out_bf16, tmp_path):
+    """The numpy forward of the FP8 source equals transformers' float32 dequantized logits (so it reads the FP8
+    layout right); ``verify --forward`` of the bf16 ``--dequantize`` output passes with argmax agreement, and
+    fails on an output whose folded norm was put back (the norm then applies twice)."""
+    from streamfold.check.forward import logits as np_logits
+    from tests.test_quant_partial import IDS, load, logits
+    want = logits(load(src))[0].numpy()
+    got = np_logits(src, IDS[0].numpy())
+    assert float(abs(got - want).max() / abs(want).max()) <= 1e-5
+    dst, _ = out_bf16
+    v = cli("verify", src, dst, "--forward", "--json")
+    assert v.returncode == 0, v.stdout
+    f = json.loads(v.stdout)["forward"]
+    assert f["min_cosine"] >= 0.9999 and f["argmax_agreement"] == 1.0, f
+    bad = tmp_path / "bad"
+    shutil.copytree(dst, bad)
+    norm = "model.layers.0.input_layernorm.weight"
+    index = json.loads((bad / "model.safetensors.index.json").read_text())["weight_map"]
+    from streamfold.core.reader import SafetensorsFile
+    t = SafetensorsFile(bad / index[norm]).tensors[norm]
+    s = SafetensorsFile(src / index[norm]).tensors[norm]
+    with open(s.path, "rb") as f_src, open(t.path, "r+b") as f_dst:
+        f_src.seek(s.begin)
+        f_dst.seek(t.begin)
+        f_dst.write(f_src.read(s.nbytes))
+    v = cli("verify", src, bad, "--forward", "--json")
+    assert v.returncode == 3
+    assert any(p["check"] == "forward" for p in json.loads(v.stdout)["problems"]), v.stdout

@@ -266,5 +266,6 @@ def _verify_tensors(src: Path, dst: Path, rules, want_mode, want_merged, workers
         src=str(src), dst=str(dst), mode=mode, merged_dtype=merged, family=plan.family,
         model_type=plan.model_type, problems=problems, notes=notes, counts=counts,
         bytes_read=reader.bytes_read + hashed, seconds=time.perf_counter() - t0, workers=workers,
-        folds_rounded=any(a.kind == Kind.SCALE and a.out_dtype in ("BF16", "F16") for a in plan.actions.values()),
+        folds_rounded=any(a.kind in (Kind.SCALE, Kind.DEQUANT) and a.out_dtype in ("BF16", "F16")
+                          for a in plan.actions.values()),
         manifest=manifest_state)
