@@ -15,6 +15,7 @@ from .core.files import FLASHNORM_VERSION, flashnorm_config  # noqa: F401 - re-e
 from .run.journal import Journal
 from .run.staging import Staging, check_destination
 from .planning.planner import Kind
+from .planning.tasks import Op
 from .core.units import human_bytes
 
 if TYPE_CHECKING:
@@ -232,7 +233,8 @@ def _convert(cplan: ConversionPlan, hub, dst: Path, t0: float, opts: dict) -> Co
     source, mode, log, manifest = cplan.source, cplan.plan.mode, opts["log"], opts["manifest"]
     workers, memory_budget, push_to_hub, private = (opts["workers"], opts["memory_budget"], opts["push_to_hub"],
                                                     opts["private"])
-    journal = Journal(cplan.fingerprint(), log=log)
+    journal = Journal(cplan.fingerprint(), log=log,
+                      counted={t.shard for t in cplan.tasks if any(c.op == Op.DEQUANT for c in t.chunks)})
     with Staging(dst, overwrite=opts["overwrite"], src=source.path, log=log,
                  adopt=journal.adopt if opts["resume"] else None) as st:
         journal.start(st.path)

@@ -224,3 +224,37 @@ def test_verify_forward_fp8_block(src, out_bf16, tmp_path):
     v = cli("verify", src, bad, "--forward", "--json")
     assert v.returncode == 3
     assert any(p["check"] == "forward" for p in json.loads(v.stdout)["problems"]), v.stdout
+
+
+def test_plan_run_task_finish_carries_the_counts(src, out_bf16, tmp_path):
+    """The library's three steps: ``finish(results=...)`` states the tasks' counts (the same bytes as the CLI's
+    conversion); without them, a dequantizing plan's finish refuses in one line instead of a card without them."""
+    import streamfold
+    from streamfold.core.errors import StreamfoldError
+    ref, _ = out_bf16
+    p = streamfold.plan(src, dequantize=True, memory_budget=1 << 18)
+    out = tmp_path / "bf16"
+    out.mkdir()
+    results = [streamfold.run_task(t, out, src=p.src) for t in p.tasks]
+    with pytest.raises(StreamfoldError, match="pass results="):
+        streamfold.finish(p, out)
+    streamfold.finish(p, out, results=results)
+    assert _files(out) == _files(ref)
+
+
+@pytest.mark.full
+def test_resume_redoes_a_dequantizing_shard_journaled_without_counts(src, out_bf16, tmp_path):
+    """A journal written before the counts existed: the shard that dequantized is written again (its counts
+    are unknown), the other re-used; the output is still the uninterrupted conversion's."""
+    ref, _ = out_bf16
+    dst = tmp_path / "bf16"
+    _killed_after_shards(src, dst, 2, "--dequantize")
+    path = staging_path(dst) / JOURNAL
+    journal = json.loads(path.read_text())
+    for rec in journal["shards"].values():
+        del rec["dequant"]
+    path.write_text(json.dumps(journal))
+    r = cli(src, dst, "--dequantize")
+    assert r.returncode == 0, r.stderr
+    assert "re-using 1 completed shard(s); redoing 1 that did not check out (model-00002-of-00003" in r.stderr
+    assert _files(dst) == _files(ref)

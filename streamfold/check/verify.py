@@ -177,6 +177,8 @@ def _check_dequant_counts(dst: Path, checks: list[TensorCheck], problems: list[P
     mask, tensor by tensor (:func:`streamfold.check.quant_oracle.round_exact`), not the converter's count."""
     from ..core.files import CARD_NAME
     from ..quant.counts import counts_line, parse_counts_line
+    if not checks:  # nothing dequantized (or nothing readable): no counts to state
+        return
     exact = sum(tc.tally.exact for tc in checks)
     rounded = sum(tc.numel for tc in checks) - exact
     counts["dequant_exact"], counts["dequant_rounded"] = exact, rounded

@@ -173,15 +173,23 @@ def run_task(task: Task, out_dir: str | os.PathLike, *, src: str | os.PathLike |
 def finish(cplan: ConversionPlan, out_dir: str | os.PathLike, *, digests: dict[str, str] | None = None,
            manifest: bool = False, base_model: str | None = None, push_to_hub: str | None = None,
            private: bool = False, workers: int | None = None, shards_present: bool = True,
-           dst: str | os.PathLike | None = None, dequant_counts: dict[str, list[int]] | None = None) -> float:
+           dst: str | os.PathLike | None = None, dequant_counts: dict[str, list[int]] | None = None,
+           results=None) -> float:
     """Complete ``out_dir`` after every task ran: index, config flags, card, other files, manifest.
 
     Checks that every shard is there at its planned size (``shards_present=False`` skips that, for
     the streaming Hub path where shards are uploaded and deleted as they are done). Returns the
     seconds spent on the manifest. ``dst``: the folder the output will be published as (the model
-    card names it; default ``out_dir``). ``dequant_counts``: ``{tensor: [exact, rounded]}`` over every
-    shard (:class:`ShardResult` ``.dequant`` merged), stated on the card of a ``--dequantize`` conversion."""
+    card names it; default ``out_dir``). A ``--dequantize`` plan's card states how many dequantized
+    elements are exact and how many were rounded: pass ``results`` (the :class:`ShardResult` of every
+    task) or ``dequant_counts`` (``{tensor: [exact, rounded]}``, their ``.dequant`` merged)."""
     from ..core.version import __version__
+    from ..quant.counts import merge_counts
+    if dequant_counts is None and results is not None:
+        dequant_counts = merge_counts(r.dequant for r in results)
+    if dequant_counts is None and any(a.kind == Kind.DEQUANT for a in cplan.plan.actions.values()):
+        raise StreamfoldError("finish: the plan dequantizes weights (--dequantize): pass results= (the ShardResult "
+                              "of every run_task) so the model card can state the exact and rounded element counts")
     out_dir = Path(out_dir)
     for p in out_dir.glob(f".*{PARTIAL_SUFFIX}"):  # left by a killed attempt
         p.unlink(missing_ok=True)

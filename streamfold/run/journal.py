@@ -53,8 +53,10 @@ def _why(old: dict, new: dict) -> str:
 class Journal:
     """The completed-shard journal of one conversion; ``adopt`` is the staging helper's callback."""
 
-    def __init__(self, fingerprint: dict, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, fingerprint: dict, log: Callable[[str], None] | None = None,
+                 counted: set[str] | frozenset = frozenset()) -> None:
         self.fingerprint = fingerprint
+        self.counted = counted  # shards that dequantize: re-used only with their element counts journaled
         self.log = log or (lambda _m: None)
         self.done: dict[str, dict] = {}
         self.path: Path | None = None
@@ -73,7 +75,7 @@ class Journal:
         else:
             kept, bad = {}, []
             for shard, rec in (old.get("shards") or {}).items():
-                if self._intact(folder / shard, rec):
+                if self._intact(folder / shard, rec) and (shard not in self.counted or rec.get("dequant") is not None):
                     kept[shard] = rec
                 else:
                     bad.append(shard)
