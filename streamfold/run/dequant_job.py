@@ -20,7 +20,7 @@ from ..core.writer import pwrite_all
 from ..planning.tasks import Chunk
 from ..quant.decode import E2M1_PAIR_TABLE, E8M0_TABLE, fp8_block_band, mxfp4_band, scale_values
 from ..quant.kernel import code_bits, dequant_fold, sig_bits
-from .dequant_count import Count, band_counts
+from .dequant_count import Count, DequantCounts, band_counts  # noqa: F401 - DequantCounts for the engine
 
 
 def read_scale_rows(c: Chunk, fds: dict[str, int], paths: dict[str, Path]) -> np.ndarray:

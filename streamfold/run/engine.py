@@ -30,8 +30,7 @@ from ..core.fold import Scratch, fold_bias_rows, scale_chunk
 from ..core.reader import pread_into
 from ..planning.tasks import DEFAULT_BUDGET, Chunk, Op, Task, chunk_bytes_for, default_workers
 from ..core.writer import pwrite_all
-from .dequant_count import DequantCounts
-from .dequant_job import dequant_job
+from .dequant_job import DequantCounts, dequant_job
 
 WRITEBACK_STEP = 64 << 20
 PARTIAL_SUFFIX = ".partial"
