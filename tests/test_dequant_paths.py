@@ -265,3 +265,14 @@ def test_resume_redoes_a_dequantizing_shard_journaled_without_counts(src, out_bf
     assert r.returncode == 0, r.stderr
     assert "re-using 1 completed shard(s); redoing 1 that did not check out (model-00002-of-00003" in r.stderr
     assert _files(dst) == _files(ref)
+
+
+@pytest.mark.full
+def test_forward_still_skips_other_quantized_formats(tmp_path):
+    """compressed-tensors FP8 (channel scales): not read by the numpy forward; verify notes it and moves on."""
+    from streamfold.check.forward import Decoder, ForwardUnsupported
+    path = tmp_path / "ct"
+    path.mkdir()
+    qm.ct_fp8_channel("qwen3", path, **QWEN3)
+    with pytest.raises(ForwardUnsupported, match="unquantized and FP8 block-quantized"):
+        Decoder(path)
