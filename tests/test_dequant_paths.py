@@ -61,10 +61,10 @@ def card_counts(card: bytes) -> tuple[int, int, int]:
 
 @pytest.fixture(scope="module")
 def out_bf16(src, tmp_path_factory):
+    import streamfold
     dst = tmp_path_factory.mktemp("deq") / "bf16"
-    r = cli(src, dst, "--dequantize", "--json")
-    assert r.returncode == 0, r.stderr
-    return dst, json.loads(r.stdout)
+    report = streamfold.convert(src, dst, dequantize=True)  # in-process; the CLI's --json prints to_dict()
+    return dst, json.loads(json.dumps(report.to_dict()))
 
 
 def test_counts_on_card_json_and_verify(src, out_bf16, tmp_path):
@@ -79,18 +79,19 @@ def test_counts_on_card_json_and_verify(src, out_bf16, tmp_path):
     assert m and tuple(map(int, m.groups())) == (e + r, e, r), card
     assert f"{e} are exact" in card and f"{r} were rounded once" in card
     assert "python -m streamfold qwen3-fp8 ./bf16 --dequantize\n" in card  # the reproduce command
-    v = cli("verify", src, dst, "--json")
-    assert v.returncode == 0, v.stdout
-    vr = json.loads(v.stdout)
-    assert (vr["counts"]["dequant_exact"], vr["counts"]["dequant_rounded"]) == (e, r)
-    # a card whose counts do not match verify's recount fails (exit 3), naming the card
+    import streamfold
+    v = streamfold.verify(src, dst)  # in-process (the CLI's --json prints this report's to_dict)
+    assert v.ok, v.summary()
+    assert (v.to_dict()["counts"]["dequant_exact"], v.counts["dequant_rounded"]) == (e, r)
+    # a card whose counts do not match verify's recount fails, naming the card
     bad = tmp_path / "bad"
     shutil.copytree(dst, bad)
     (bad / "README.md").write_text(card.replace(f"({e} exact, {r} rounded once)", f"({e + 1} exact, {r - 1} "
                                                                                    "rounded once)"))
-    v = cli("verify", src, bad)
-    assert v.returncode == 3, v.stdout
-    assert f"README.md: states {e + 1} exact and {r - 1} rounded dequantized elements; recounted" in v.stdout
+    v = streamfold.verify(src, bad)
+    assert [str(p) for p in v.problems] == [f"README.md: states {e + 1} exact and {r - 1} rounded dequantized "
+                                            f"elements; recounted: dequantized elements: {e + r} ({e} exact, {r} "
+                                            "rounded once)"]
 
 
 def _killed_after_shards(src, dst, n: int, *args) -> None:
