@@ -277,3 +277,26 @@ def test_forward_still_skips_other_quantized_formats(tmp_path):
     qm.ct_fp8_channel("qwen3", path, **QWEN3)
     with pytest.raises(ForwardUnsupported, match="unquantized and FP8 block-quantized"):
         Decoder(path)
+
+
+@pytest.mark.full
+def test_stream_dequantize_mxfp4(tmp_path, hub_server):  # noqa: F811
+    """gpt-oss MXFP4 through ``--stream --dequantize --verify``: the local conversion's shards, index and config,
+    and the same counts (every unfolded down_proj element exact: E2M1 x 2^k fits bf16)."""
+    import streamfold
+    from tests.test_quant_partial import GPT_OSS
+    src = tmp_path / "gptoss"
+    src.mkdir()
+    qm.gpt_oss_mxfp4(src, **GPT_OSS)
+    ref = streamfold.convert(src, tmp_path / "ref" / "small", dequantize=True)
+    hub_server.add_repo("org/gpt-oss", src)
+    rep = streamfold.convert("org/gpt-oss", tmp_path / "small", push_to_hub="me/gpt-oss-deq", stream=True,
+                             verify=True, dequantize=True, memory_budget=1 << 20)
+    assert rep.dequant_counts == ref.dequant_counts
+    down = [v for k, v in rep.dequant_counts.items() if k.endswith("down_proj")]
+    assert down and all(r == 0 for _, r in down)
+    got = hub_server.files("me/gpt-oss-deq")
+    for p in (tmp_path / "ref" / "small").iterdir():
+        if p.name != "README.md":
+            assert got[p.name] == p.read_bytes(), p.name
+    assert card_counts(got["README.md"]) == card_counts((tmp_path / "ref" / "small" / "README.md").read_bytes())
