@@ -7,9 +7,8 @@
 The same, step by step (each task is one output shard, a JSON-serialisable value):
 
 >>> p = streamfold.plan("Llama-3.2-1B")                                     # doctest: +SKIP
->>> for task in p.tasks:                                                    # doctest: +SKIP
-...     streamfold.run_task(task, "out", src=p.src)
->>> streamfold.finish(p, "out")                                             # doctest: +SKIP
+>>> results = [streamfold.run_task(task, "out", src=p.src) for task in p.tasks]  # doctest: +SKIP
+>>> streamfold.finish(p, "out", results=results)                            # doctest: +SKIP
 
 Hub repo ids work as sources, and the output can be pushed (huggingface_hub is imported only then):
 

@@ -15,6 +15,7 @@ from .core.files import FLASHNORM_VERSION, flashnorm_config  # noqa: F401 - re-e
 from .run.journal import Journal
 from .run.staging import Staging, check_destination
 from .planning.planner import Kind
+from .planning.tasks import Op
 from .core.units import human_bytes
 
 if TYPE_CHECKING:
@@ -61,9 +62,20 @@ class ConversionReport:
     executor: str = "local"  # "ray": one Ray task per output shard (peak_disk is then the largest task's)
     layout: str | None = None  # the tensor-name layout, when not save_pretrained's (Plan.layout)
     composed: str | None = None  # a composed wrapper: how its language model was planned (Composed.describe)
+    # --dequantize: per dequantized output tensor, [elements exact (the stored value is q*s*g), rounded once]
+    dequant_counts: dict[str, list[int]] | None = None
+
+    @property
+    def dequant_totals(self) -> tuple[int, int] | None:
+        """``(exact, rounded)`` dequantized elements over every tensor (None: nothing was dequantized)."""
+        if self.dequant_counts is None:
+            return None
+        return (sum(v[0] for v in self.dequant_counts.values()), sum(v[1] for v in self.dequant_counts.values()))
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if self.dequant_counts is not None:
+            d["dequant_exact"], d["dequant_rounded"] = self.dequant_totals
         if self.verification is not None:
             d["verification"] = self.verification.to_dict()
         return d
@@ -97,6 +109,10 @@ class ConversionReport:
             lines.append(f"  not copied (other weight formats): {', '.join(self.skipped_files)}")
         lines.append(f"  {human_bytes(self.bytes_in)} in, {human_bytes(self.bytes_out)} out, "
                      f"{self.seconds:.2f} s ({rate}{self.workers} worker{'s' if self.workers != 1 else ''})")
+        if self.dequant_counts is not None:
+            e, r = self.dequant_totals
+            lines.append(f"  dequantized: {len(self.dequant_counts)} tensors, {e + r} elements: {e} exact, "
+                         f"{r} rounded once")
         if self.resumed_shards:
             lines.append(f"  resumed: {self.resumed_shards} shard(s) re-used from the interrupted run")
         if self.peak_disk is not None:
@@ -172,8 +188,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
     local = not is_repo_id(os.fspath(src)) or Path(src).exists()
     check_destination(src if local else None, dst, overwrite)  # before any download
     if stream:
-        if dequantize:
-            raise StreamfoldError("--dequantize with --stream is not supported yet; convert to a local folder")
         return _stream(src, Path(dst), t0, locals())
     dst = Path(dst)
     if executor == "ray":
@@ -219,7 +233,8 @@ def _convert(cplan: ConversionPlan, hub, dst: Path, t0: float, opts: dict) -> Co
     source, mode, log, manifest = cplan.source, cplan.plan.mode, opts["log"], opts["manifest"]
     workers, memory_budget, push_to_hub, private = (opts["workers"], opts["memory_budget"], opts["push_to_hub"],
                                                     opts["private"])
-    journal = Journal(cplan.fingerprint(), log=log)
+    journal = Journal(cplan.fingerprint(), log=log,
+                      counted={t.shard for t in cplan.tasks if any(c.op == Op.DEQUANT for c in t.chunks)})
     with Staging(dst, overwrite=opts["overwrite"], src=source.path, log=log,
                  adopt=journal.adopt if opts["resume"] else None) as st:
         journal.start(st.path)
@@ -234,11 +249,13 @@ def _convert(cplan: ConversionPlan, hub, dst: Path, t0: float, opts: dict) -> Co
             raise StreamfoldError(f"{e.filename or dst}: write failed ({e.strerror or e})") from None
         digests = {**journal.digests(), **digests}  # re-used shards without a digest are hashed by finish
         journal.seal()
+        counts = journal.dequant_counts()  # every shard's, re-used ones included
         t_manifest = finish(cplan, st.path, digests=digests, manifest=manifest, base_model=opts["base_model"],
-                            push_to_hub=push_to_hub, private=private, workers=workers, dst=st.dst)
+                            push_to_hub=push_to_hub, private=private, workers=workers, dst=st.dst,
+                            dequant_counts=counts)
         st.publish()
     report = _report(cplan, dst, t0, Engine(workers).workers, manifest, t_manifest)
-    report.resumed_shards, report.executor = resumed, opts["executor"]
+    report.resumed_shards, report.executor, report.dequant_counts = resumed, opts["executor"], counts
     if opts["verify"] and hub is None:  # from the Hub each Ray task checked its shard against its sources
         from .check.verify import verify as run_verify
         deq = cplan.plan.dequant.mode if cplan.plan.dequant is not None else None
@@ -267,9 +284,10 @@ def _stream(src, dst: Path, t0: float, opts: dict) -> ConversionReport:
                          rules=opts["rules"], workers=opts["workers"], memory_budget=opts["memory_budget"],
                          manifest=opts["manifest"], verify=opts["verify"], base_model=opts["base_model"],
                          private=opts["private"], commit_message=opts["commit_message"], progress=opts["progress"],
-                         executor=opts["executor"], ray_address=opts["ray_address"])
+                         executor=opts["executor"], ray_address=opts["ray_address"], dequantize=opts["dequantize"])
     report = _report(out["plan"], dst, t0, Engine(opts["workers"]).workers, opts["manifest"], 0.0)
     report.hub_url, report.peak_disk, report.executor = out["url"], out["peak_disk"], opts["executor"]
+    report.dequant_counts = out["dequant"]
     return report
 
 
@@ -280,7 +298,8 @@ def run_tasks(cplan: ConversionPlan, out_dir: Path, *, executor: str = "local", 
     """Run ``tasks`` (default: all of the plan's) into ``out_dir``; returns shard sha256s when hashed.
 
     ``hub`` (Ray only): a :class:`~streamfold.hub.remote.HubRef`; each task fetches its own source
-    shards from it (and, with ``verify``, checks its shard against them)."""
+    shards from it (and, with ``verify``, checks its shard against them). ``on_done(shard, size, sha256,
+    dequant)`` is called as each shard completes (``dequant``: its dequantized-element counts or None)."""
     tasks = cplan.tasks if tasks is None else tasks
     if executor == "ray":
         from .run.ray_executor import run_on_ray
@@ -289,8 +308,9 @@ def run_tasks(cplan: ConversionPlan, out_dir: Path, *, executor: str = "local", 
                              on_done=on_done, hub=hub, verify=verify and hub is not None)
         return {s: r["sha256"] for s, r in results.items() if r["sha256"]}
     tick = progress(sum(t.src_bytes for t in tasks)) if progress else None
-    return Engine(workers, memory_budget).run(tasks, cplan.src, out_dir, tick, hash_outputs=hash_outputs,
-                                              on_done=on_done)
+    engine = Engine(workers, memory_budget)
+    done = None if on_done is None else (lambda s, n, d: on_done(s, n, d, engine.counts.of(s)))
+    return engine.run(tasks, cplan.src, out_dir, tick, hash_outputs=hash_outputs, on_done=done)
 
 
 def _report(cplan: ConversionPlan, dst: Path, t0: float, workers: int, manifest: bool,

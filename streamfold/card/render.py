@@ -9,17 +9,16 @@ license and lineage are carried over into this one.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import shlex
 import sys
 from pathlib import Path
 
+from .dequant import dequant_note, made_lines
 from .table import change_rows, dtype_names
 from ..core.errors import StreamfoldError
 from ..core.files import CARD_NAME
-from ..planning.dequant import output_of
 from ..planning.planner import Kind, Plan
 from ..core.units import human_bytes
 
@@ -94,14 +93,17 @@ def display_path(p: str | os.PathLike) -> str:
 
 def command_line(src: str, dst: str | os.PathLike, *, mode: str, merged_dtype: str, revision: str | None = None,
                  rules=None, base_model: str | None = None, push_to_hub: str | None = None,
-                 private: bool = False) -> str:
-    """The CLI command equivalent to a conversion (absolute local paths shortened to their names)."""
+                 private: bool = False, dequantize: str | None = None) -> str:
+    """The CLI command equivalent to a conversion (absolute local paths shortened to their names;
+    ``dequantize``: the plan's mode, ``"consumers"`` spelled as the bare flag)."""
     args = ["python", "-m", "streamfold", src if _repo_like(src) and not Path(src).exists() else display_path(src),
             display_path(dst)]
     if mode != "compat":
         args += ["--mode", mode]
     if merged_dtype != "source":
         args += ["--merged-dtype", merged_dtype]
+    if dequantize:
+        args += ["--dequantize"] + ([] if dequantize == "consumers" else [dequantize])
     if revision:
         args += ["--revision", revision]
     if isinstance(rules, (str, os.PathLike)):
@@ -177,8 +179,8 @@ def _lineage(source_meta: dict) -> str:
 def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_display: str,
            source_repo: str | None, source_commit: str | None, source_card: str | None,
            base_model: str | None, title: str, load_ref: str, command: str, version: str,
-           bytes_in: int, bytes_out: int) -> str:
-    """The full ``README.md`` text."""
+           bytes_in: int, bytes_out: int, dequant_counts: dict | None = None) -> str:
+    """The full ``README.md`` text (``dequant_counts``: ``{tensor: [exact, rounded]}`` of ``--dequantize``)."""
     import yaml
 
     src_meta, _ = front_matter(source_card)
@@ -246,7 +248,7 @@ def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_displ
                      "unchanged.")
     quant = plan.quant_summary()
     if quant and plan.dequant is not None:
-        notes.append(dequant_note(plan, tensors))
+        notes.append(dequant_note(plan, tensors, dequant_counts))
     elif quant:
         kinds = ", ".join(f"{n} {k}" for k, n in quant["formats"].items())
         notes.append(f"The source is quantized (`{quant['method']}`: {kinds} modules): their codes and scales are "
@@ -272,7 +274,8 @@ def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_displ
           f"- norms folded: {len(plan.norms) - len(kept)}, kept: {len(kept)}; tensors folded: {tcount['scale']}, "
           f"set to identity: {tcount['fill']}, removed: {tcount['drop']}, biases updated: {tcount['bias']}, "
           f"copied: {tcount['copy']}",
-          f"- tensor data: {human_bytes(bytes_in)} in, {human_bytes(bytes_out)} out", "",
+          f"- tensor data: {human_bytes(bytes_in)} in, {human_bytes(bytes_out)} out",
+          *made_lines(plan, dequant_counts), "",
           "## Citation", "", "```bibtex", CITATION, "```", "", "## License", ""]
     lic = src_meta.get("license_name") or src_meta.get("license")
     link = src_meta.get("license_link")
@@ -324,7 +327,8 @@ def _usage(cfg: dict, folder: Path | None, ref: str, compat: bool, tokenizer_fro
 
 def write_card(folder: str | os.PathLike, *, plan, tensors, cfg: dict, source, dst: str | os.PathLike,
                version: str, bytes_in: int, bytes_out: int, push_to_hub: str | None = None,
-               base_model: str | None = None, rules=None, private: bool = False) -> Path:
+               base_model: str | None = None, rules=None, private: bool = False,
+               dequant_counts: dict | None = None) -> Path:
     """Write ``folder/README.md`` for a conversion (``source`` is a :class:`streamfold.hub.client.Source`)."""
     # The card names DST by its folder name (what the usage snippet loads) or the repo it is pushed to,
     # never by its location: the same conversion into folders of the same name gives the same bytes
@@ -337,35 +341,12 @@ def write_card(folder: str | os.PathLike, *, plan, tensors, cfg: dict, source, d
     ref = push_to_hub or f"./{title}"
     command = command_line(source.repo_id or src_name, f"./{title}", mode=plan.mode,
                            merged_dtype=plan.merged_dtype, revision=source.revision, rules=rules,
-                           base_model=base_model, push_to_hub=push_to_hub, private=private)
+                           base_model=base_model, push_to_hub=push_to_hub, private=private,
+                           dequantize=plan.dequant.mode if plan.dequant is not None else None)
     text = render(plan=plan, tensors=tensors, cfg=cfg, folder=folder, source_display=src_name,
                   source_repo=source.repo_id, source_commit=source.commit, source_card=source.card_text,
                   base_model=base, title=title, load_ref=ref, command=command, version=version,
-                  bytes_in=bytes_in, bytes_out=bytes_out)
+                  bytes_in=bytes_in, bytes_out=bytes_out, dequant_counts=dequant_counts)
     path = folder / CARD_NAME
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def dequant_note(plan: Plan, tensors: dict) -> str:
-    """The card's paragraph on ``--dequantize``: what was widened, what is exact, the size change."""
-    deq = plan.dequant
-    widened = [a for a in plan.actions.values() if a.kind == Kind.DEQUANT]
-    folded = sum(1 for a in widened if a.norm is not None)
-    out = {a.out_dtype for a in widened}
-    before = sum(tensors[x].nbytes for qm in deq.widened.values() for x in qm.tensors)
-    after = sum(math.prod(output_of(n, a, tensors[n].shape)[1]) * (4 if a.out_dtype == "F32" else 2)
-                for n, a in plan.actions.items() if a.kind == Kind.DEQUANT)
-    left = len(deq.quant.modules) - len(deq.widened)
-    return (f"The source is quantized (`{deq.quant.method}`). Converted with `--dequantize`: {len(widened)} quantized "
-            f"weights were decoded to {dtype_names(out)} ({folded} folded with their norm: every element is the exact "
-            f"product `q · s · g` of code, block scale and norm weight, rounded once to nearest-even; {len(widened) - folded} "
-            "fused siblings or expert down projections widened so that loaders see one precision per fused layer: "
-            "`q · s` rounded once, exact where it fits, e.g. power-of-two scales into bf16), and their scales dropped; "
-            f"those weights grew from {before} to {after} bytes. "
-            + ("gpt-oss MXFP4 experts are written as transformers' dequantized parameters (`X` for `X_blocks` and "
-               "`X_scales`, shaped `[experts, in, out]`). " if any(qm.layout == "mxfp4" for qm in deq.widened.values())
-               else "")
-            + (f"{left} quantized modules are byte-for-byte copies, and `quantization_config` lists the widened ones "
-               "as not converted." if left else "Nothing quantized is left, so `quantization_config` was removed."))
-

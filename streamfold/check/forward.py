@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.errors import StreamfoldError
-from .forward_weights import DEFAULT_BLOCK, Weights
+from .forward_weights import DEFAULT_BLOCK, Weights, fp8_block_of
 from ..core.reader import read_config
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "phi3", "gemma",
@@ -171,9 +171,10 @@ class Decoder:
             raise ForwardUnsupported(f"config.json: the forward pass supports model_type "
                                   f"{', '.join(SUPPORTED)}, not {self.model_type!r}")
         self.cfg = raw.get("text_config", raw) if "text_config" in raw else raw
-        if raw.get("quantization_config") or self.cfg.get("quantization_config"):
+        q = raw.get("quantization_config") or self.cfg.get("quantization_config")
+        if q and fp8_block_of(q) is None:
             raise ForwardUnsupported("config.json: a quantized checkpoint (quantization_config); the forward "
-                                     "pass reads unquantized weights only")
+                                     "pass reads unquantized and FP8 block-quantized (fp8) weights only")
         c = self.cfg
         self.hidden = int(c["hidden_size"])
         self.heads = int(c["num_attention_heads"])
@@ -193,7 +194,7 @@ class Decoder:
         self.logits_scaling = float(c.get("logits_scaling", 1.0)) if gran else 1.0
         self.scaling = float(c["attention_multiplier"]) if gran and c.get("attention_multiplier") \
             else self.head_dim ** -0.5
-        self.w = Weights(self.root, block_bytes)
+        self.w = Weights(self.root, block_bytes, fp8_block_of(q))
 
     def close(self) -> None:
         self.w.close()

@@ -3,6 +3,11 @@
 Every weight matrix is read in row blocks (``os.preadv`` into reused buffers, never memory-mapped),
 converted to float32 and multiplied block by block (:meth:`Weights.linear`), so an 8B checkpoint runs
 in a few hundred MB. Used by :mod:`streamfold.check.forward`.
+
+FP8 block-quantized weights (``quant_method: fp8``: ``X.weight`` F8_E4M3 with ``X.weight_scale_inv``, the
+block size from ``weight_block_size``) are read as their exact ``q·s`` (:func:`streamfold.quant.decode.fp8_block_band`)
+rounded to float32, as transformers' float32 dequantization computes them; so a ``--dequantize`` output,
+partly widened and partly still FP8, runs against its FP8 source.
 """
 from __future__ import annotations
 
@@ -13,15 +18,27 @@ import numpy as np
 from ..core.dtypes import DTYPES, widen_bf16
 from ..core.errors import StreamfoldError
 from ..core.reader import Checkpoint, TensorInfo, pread_into
+from ..quant.decode import fp8_block_band, scale_values
 
 DEFAULT_BLOCK = 32 << 20  # float32 bytes of one weight block
+
+
+def fp8_block_of(qcfg) -> tuple[int, int] | None:
+    """The block size of an FP8 block-quantized checkpoint's ``quantization_config`` (None: not one)."""
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "fp8":
+        return None
+    b = qcfg.get("weight_block_size")
+    if not (isinstance(b, list) and len(b) == 2 and all(isinstance(x, int) and x > 0 for x in b)):
+        return None
+    return b[0], b[1]
 
 
 class Weights:
     """Float32 views of checkpoint tensors, read in bounded row blocks into reused buffers."""
 
-    def __init__(self, root, block_bytes: int = DEFAULT_BLOCK) -> None:
+    def __init__(self, root, block_bytes: int = DEFAULT_BLOCK, fp8_block: tuple[int, int] | None = None) -> None:
         self.ckpt = Checkpoint(root)
+        self.fp8_block = fp8_block  # FP8 block-quantized weights are decoded (see the module docstring)
         self.block_bytes = max(1 << 16, block_bytes)
         self._fds: dict[str, int] = {}
         self._bufs: dict[str, np.ndarray] = {}
@@ -66,10 +83,23 @@ class Weights:
             widen_bf16(raw, out)
         elif t.dtype in ("F16", "F32", "F64"):
             out[...] = raw.view(DTYPES[t.dtype])
+        elif t.dtype == "F8_E4M3" and self.fp8_block is not None and len(t.shape) == 2:
+            out[...] = self._fp8_rows(t, raw, byte_off // t.shape[1]).reshape(-1)
         else:
             raise StreamfoldError(f"{t.path.name}: tensor {t.name!r} is {t.dtype}; the forward pass reads "
                                   "float tensors only")
         return out
+
+    def _fp8_rows(self, t: TensorInfo, codes: np.ndarray, row0: int) -> np.ndarray:
+        """Whole rows ``row0..`` of an FP8 block-quantized weight as exact ``q·s`` (float64)."""
+        s = self.info(t.name + "_scale_inv")  # X.weight -> X.weight_scale_inv
+        raw = np.empty(s.nbytes, np.uint8)
+        pread_into(self._fd(s), raw, s.begin, s.path)
+        self.bytes_read += s.nbytes
+        scale = scale_values(raw, s.dtype, s.name).reshape(s.shape)
+        br = self.fp8_block[0]
+        rows = codes.size // t.shape[1]
+        return fp8_block_band(codes.reshape(rows, t.shape[1]), scale[row0 // br:], self.fp8_block, row0)
 
     def vector(self, name: str) -> np.ndarray:
         t = self.info(name)

@@ -33,9 +33,11 @@ class FoldTally:
     worst_ulp: float = 0.0  # max |stored - exact product| in ulps of the expected value, over bad elements
     first: tuple | None = None  # (flat index, stored, expected)
     bad_equal_source: int = 0
+    exact: int = 0  # dequantized elements whose exact product needed no rounding (the oracle's count)
 
     def merge(self, t: "FoldTally") -> None:
         self.bad += t.bad
+        self.exact += t.exact
         self.worst_ulp = max(self.worst_ulp, t.worst_ulp)
         self.bad_equal_source += t.bad_equal_source
         if t.first is not None and (self.first is None or t.first[0] < self.first[0]):

@@ -233,6 +233,9 @@ def compare_bits(want: np.ndarray, out_dtype: str, got_raw: np.ndarray, base_ind
 def check_dequant_band(codes: np.ndarray, scale_raw: np.ndarray, scale_dtype: str, block: tuple[int, int], row0: int,
                        g: np.ndarray | None, out_dtype: str, got_raw: np.ndarray, base_index: int = 0):
     """A :class:`FoldTally` of the output band ``got_raw`` (raw bytes) against
-    :func:`fp8_block_band_expected` (bits equal; any NaN matches any NaN)."""
-    want, _ = fp8_block_band_expected(codes, scale_raw, scale_dtype, block, row0, g, out_dtype)
-    return compare_bits(want, out_dtype, got_raw, base_index)
+    :func:`fp8_block_band_expected` (bits equal; any NaN matches any NaN), with ``exact``: how many
+    of the band's exact products needed no rounding."""
+    want, exact = fp8_block_band_expected(codes, scale_raw, scale_dtype, block, row0, g, out_dtype)
+    t = compare_bits(want, out_dtype, got_raw, base_index)
+    t.exact = int(np.count_nonzero(exact))
+    return t

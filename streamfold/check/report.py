@@ -90,6 +90,9 @@ class VerifyReport:
                         f"{c.get('scales_dropped', 0)} scale tensors dropped), " if c.get("dequantized") else "")
                      + f"{c.get('files', 0)} other files; "
                      f"manifest {self.manifest}")
+        if "dequant_exact" in c:
+            lines.append(f"  dequantized elements: {c['dequant_exact'] + c['dequant_rounded']} ({c['dequant_exact']} "
+                         f"exact, {c['dequant_rounded']} rounded once), as the model card states")
         for n in self.notes:
             lines.append(f"  note: {n}")
         if self.forward is not None and "skipped" not in self.forward:

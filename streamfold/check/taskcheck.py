@@ -208,7 +208,7 @@ class Checker:
             return
         feed(hasher, off, d)
         part = _CHECKS[p.chunk.op](self, p, tc, d, s)
-        if part.bad:
+        if part.bad or part.exact:
             with self.lock:
                 tc.tally.merge(part)
 
@@ -282,7 +282,8 @@ class Checker:
 
 
 def _dequant(self: Checker, p: Piece, tc: TensorCheck, d: np.ndarray, s: Scratch) -> FoldTally:
-    """Bit for bit the exact ``q·s·g`` rounded once, from the integer oracle (streamfold.check.quant_oracle)."""
+    """Bit for bit the exact ``q·s·g`` rounded once, from the integer oracle (streamfold.check.quant_oracle);
+    the tally's ``exact`` counts the elements that needed no rounding (verify compares them with the card)."""
     c, (r0, r1) = p.chunk, p.rows
     if c.fmt == "mxfp4":  # one expert's blocks and scales, rows r0..r1 of its transposed [in, out]
         blocks = np.empty(math.prod(c.shape), np.uint8)
@@ -290,8 +291,10 @@ def _dequant(self: Checker, p: Piece, tc: TensorCheck, d: np.ndarray, s: Scratch
         sfile, soff, sdtype, sshape = c.scale
         sraw = np.empty(math.prod(sshape) * DTYPES[sdtype].itemsize, np.uint8)
         self.reader.read(self.sources[sfile], soff, sraw)
-        want, _ = mxfp4_expected(blocks.reshape(c.shape), sraw, r0, r1, tc.vec, c.out_dtype)
-        return compare_bits(want, c.out_dtype, d, base_index=p.rel // DTYPES[c.out_dtype].itemsize)
+        want, exact = mxfp4_expected(blocks.reshape(c.shape), sraw, r0, r1, tc.vec, c.out_dtype)
+        t = compare_bits(want, c.out_dtype, d, base_index=p.rel // DTYPES[c.out_dtype].itemsize)
+        t.exact = int(np.count_nonzero(exact))
+        return t
     codes = s.get("src", (r1 - r0) * c.cols)
     self.reader.read(self.sources[c.src], p.src_off, codes)
     sfile, soff, sdtype, sshape = c.scale

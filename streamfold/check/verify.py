@@ -172,6 +172,29 @@ def _labels(plan: Plan) -> dict[str, str]:
     return labels
 
 
+def _check_dequant_counts(dst: Path, checks: list[TensorCheck], problems: list[Problem], counts: dict) -> None:
+    """The card's dequantized-element counts (exact vs rounded) against verify's own: the oracle's exact
+    mask, tensor by tensor (:func:`streamfold.check.quant_oracle.round_exact`), not the converter's count."""
+    from ..core.files import CARD_NAME
+    from ..quant.counts import counts_line, parse_counts_line
+    if not checks:  # nothing dequantized (or nothing readable): no counts to state
+        return
+    exact = sum(tc.tally.exact for tc in checks)
+    rounded = sum(tc.numel for tc in checks) - exact
+    counts["dequant_exact"], counts["dequant_rounded"] = exact, rounded
+    try:
+        text = (dst / CARD_NAME).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(Problem("files", CARD_NAME, f"cannot read the model card ({e}); it states the "
+                                f"dequantized-element counts"))
+        return
+    stated = parse_counts_line(text)
+    if stated != (exact, rounded):
+        said = "states no dequantized-element counts" if stated is None else \
+            f"states {stated[0]} exact and {stated[1]} rounded dequantized elements"
+        problems.append(Problem("files", CARD_NAME, f"{said}; recounted: {counts_line(exact, rounded)[2:]}"))
+
+
 def _verify_tensors(src: Path, dst: Path, rules, want_mode, want_merged, workers: int, budget: int,
                     progress, want_dequant=None) -> VerifyReport:
     t0 = time.perf_counter()
@@ -228,6 +251,9 @@ def _verify_tensors(src: Path, dst: Path, rules, want_mode, want_merged, workers
             counts[_COUNT[kinds[name]]] += 1
             if kinds[name] == Kind.COPY and name in labels and not name.endswith(".bias"):  # norms, not tensors
                 counts["kept_norms"] += 1
+        if plan.dequant is not None:
+            _check_dequant_counts(dst, [tc for n, tc in checks.items() if kinds.get(n) == Kind.DEQUANT and tc.checked],
+                                  problems, counts)
         counts["files"] = meta.check_other_files(src, dst, src_ckpt, problems)
         manifest_state, hashed = "absent", 0
         if entries is not None:
@@ -242,5 +268,6 @@ def _verify_tensors(src: Path, dst: Path, rules, want_mode, want_merged, workers
         src=str(src), dst=str(dst), mode=mode, merged_dtype=merged, family=plan.family,
         model_type=plan.model_type, problems=problems, notes=notes, counts=counts,
         bytes_read=reader.bytes_read + hashed, seconds=time.perf_counter() - t0, workers=workers,
-        folds_rounded=any(a.kind == Kind.SCALE and a.out_dtype in ("BF16", "F16") for a in plan.actions.values()),
+        folds_rounded=any(a.kind in (Kind.SCALE, Kind.DEQUANT) and a.out_dtype in ("BF16", "F16")
+                          for a in plan.actions.values()),
         manifest=manifest_state)

@@ -33,14 +33,16 @@ class HubRef:
         return asdict(self)
 
 
-def read_range(repo_id: str, filename: str, commit: str, start: int, end: int, token=None) -> bytes:
+def read_range(repo_id: str, filename: str, commit: str, start: int, end: int, token=None,
+               endpoint: str | None = None) -> bytes:
     """Bytes ``[start, end)`` of one repo file, by an HTTP range request (as huggingface_hub reads
-    safetensors headers): a norm vector or a header without downloading the shard."""
+    safetensors headers): a norm vector or a header without downloading the shard (``endpoint``:
+    default ``HF_ENDPOINT``)."""
     hf = _hf()
     from huggingface_hub.utils import get_session, hf_raise_for_status
     if end <= start:
         return b""
-    url = hf.hf_hub_url(repo_id=repo_id, filename=filename, revision=commit, endpoint=_constants().ENDPOINT)
+    url = hf.hf_hub_url(repo_id=repo_id, filename=filename, revision=commit, endpoint=endpoint or _constants().ENDPOINT)
     headers = {**_api(token)._build_hf_headers(token=token), "range": f"bytes={start}-{end - 1}"}
     with _guard(repo_id, commit, f"reading {filename} bytes {start}..{end}"):
         r = get_session().get(url, headers=headers, follow_redirects=True)
@@ -53,15 +55,16 @@ def read_range(repo_id: str, filename: str, commit: str, start: int, end: int, t
     return data
 
 
-def remote_header(repo: str, name: str, commit: str, size: int, token=None) -> bytes:
+def remote_header(repo: str, name: str, commit: str, size: int, token=None, endpoint: str | None = None) -> bytes:
     """The safetensors header of one repo file (8-byte length + JSON), by one or two range requests."""
-    head = read_range(repo, name, commit, 0, min(size, HEAD_GUESS), token)
+    at = {"endpoint": endpoint} if endpoint else {}
+    head = read_range(repo, name, commit, 0, min(size, HEAD_GUESS), token, **at)
     if len(head) < 8:
         raise StreamfoldError(f"{repo}: {name}: not a safetensors file (shorter than 8 bytes)")
     (n,) = struct.unpack("<Q", head[:8])
     if 8 + n > size:
         raise StreamfoldError(f"{repo}: {name}: header length {n} does not fit in the {size}-byte file")
-    return head[: 8 + n] if 8 + n <= len(head) else head[:8] + read_range(repo, name, commit, 8, 8 + n, token)
+    return head[: 8 + n] if 8 + n <= len(head) else head[:8] + read_range(repo, name, commit, 8, 8 + n, token, **at)
 
 
 def fetch_sources(ref: HubRef, names, folder: Path, have: dict[str, Path] | None = None) -> dict[str, Path]:
@@ -72,3 +75,32 @@ def fetch_sources(ref: HubRef, names, folder: Path, have: dict[str, Path] | None
         if name not in out:
             out[name] = download_file(ref.repo, name, ref.commit, folder, ref.token, endpoint=ref.endpoint)
     return out
+
+
+RANGE_GAP = 1 << 20  # byte ranges closer than this are read in one request
+
+
+def merge_ranges(ranges, gap: int = RANGE_GAP) -> list[tuple[int, int]]:
+    """``(start, end)`` ranges sorted and merged where they overlap or lie less than ``gap`` bytes apart."""
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + gap:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def fetch_ranges(ref: HubRef, name: str, size: int, ranges, folder: Path) -> Path:
+    """A sparse local stand-in for repo file ``name`` (``size`` bytes, at ``ref.commit``) holding only its
+    header and the byte ``ranges`` a task reads, at their offsets (e.g. the scale rows of a weight whose
+    scales sit in another shard); the rest is a hole. Readers at those offsets see the repo's bytes."""
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(remote_header(ref.repo, name, ref.commit, size, ref.token, ref.endpoint))
+        for a, b in merge_ranges(ranges):
+            f.seek(a)
+            f.write(read_range(ref.repo, name, ref.commit, a, b, ref.token, ref.endpoint))
+        f.truncate(size)
+    return path

@@ -145,11 +145,13 @@ def plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str |
 
 @dataclass
 class ShardResult:
-    """A written output shard: its name, size and (when hashed) sha256."""
+    """A written output shard: its name, size, (when hashed) sha256 and, when it dequantized tensors,
+    ``dequant``: ``{tensor: [exact, rounded]}`` element counts (:mod:`streamfold.run.dequant_count`)."""
 
     shard: str
     size: int
     sha256: str | None
+    dequant: dict[str, list[int]] | None = None
 
 
 def run_task(task: Task, out_dir: str | os.PathLike, *, src: str | os.PathLike | dict[str, Path],
@@ -162,22 +164,32 @@ def run_task(task: Task, out_dir: str | os.PathLike, *, src: str | os.PathLike |
     def done(shard: str, size: int, digest: str | None) -> None:
         out["r"] = ShardResult(shard, size, digest)
     sources = {k: Path(v) for k, v in src.items()} if isinstance(src, dict) else Path(src)
-    Engine(workers, memory_budget).run([task], sources, Path(out_dir), progress=progress,
-                                       hash_outputs=hash_output, on_done=done)
+    engine = Engine(workers, memory_budget)
+    engine.run([task], sources, Path(out_dir), progress=progress, hash_outputs=hash_output, on_done=done)
+    out["r"].dequant = engine.counts.of(task.shard)
     return out["r"]
 
 
 def finish(cplan: ConversionPlan, out_dir: str | os.PathLike, *, digests: dict[str, str] | None = None,
            manifest: bool = False, base_model: str | None = None, push_to_hub: str | None = None,
            private: bool = False, workers: int | None = None, shards_present: bool = True,
-           dst: str | os.PathLike | None = None) -> float:
+           dst: str | os.PathLike | None = None, dequant_counts: dict[str, list[int]] | None = None,
+           results=None) -> float:
     """Complete ``out_dir`` after every task ran: index, config flags, card, other files, manifest.
 
     Checks that every shard is there at its planned size (``shards_present=False`` skips that, for
     the streaming Hub path where shards are uploaded and deleted as they are done). Returns the
     seconds spent on the manifest. ``dst``: the folder the output will be published as (the model
-    card names it; default ``out_dir``)."""
+    card names it; default ``out_dir``). A ``--dequantize`` plan's card states how many dequantized
+    elements are exact and how many were rounded: pass ``results`` (the :class:`ShardResult` of every
+    task) or ``dequant_counts`` (``{tensor: [exact, rounded]}``, their ``.dequant`` merged)."""
     from ..core.version import __version__
+    from ..quant.counts import merge_counts
+    if dequant_counts is None and results is not None:
+        dequant_counts = merge_counts(r.dequant for r in results)
+    if dequant_counts is None and any(a.kind == Kind.DEQUANT for a in cplan.plan.actions.values()):
+        raise StreamfoldError("finish: the plan dequantizes weights (--dequantize): pass results= (the ShardResult "
+                              "of every run_task) so the model card can state the exact and rounded element counts")
     out_dir = Path(out_dir)
     for p in out_dir.glob(f".*{PARTIAL_SUFFIX}"):  # left by a killed attempt
         p.unlink(missing_ok=True)
@@ -206,7 +218,8 @@ def finish(cplan: ConversionPlan, out_dir: str | os.PathLike, *, digests: dict[s
     card = write_card if cplan.plan.flashnorm is None else write_remode_card  # a mode change: a card of its own
     card(out_dir, plan=cplan.plan, tensors=cplan.tensors, cfg=cplan.cfg, source=cplan.source, dst=dst or out_dir,
                version=__version__, bytes_in=cplan.bytes_in, bytes_out=cplan.output_bytes,
-               push_to_hub=push_to_hub, base_model=base_model, rules=cplan.options.get("rules"), private=private)
+               push_to_hub=push_to_hub, base_model=base_model, rules=cplan.options.get("rules"), private=private,
+               **({"dequant_counts": dequant_counts} if cplan.plan.flashnorm is None else {}))
     t0 = time.perf_counter()
     if manifest:  # shards hashed while they were written (digests); the small files now
         write_manifest(out_dir, digests=digests, workers=Engine(workers).workers)

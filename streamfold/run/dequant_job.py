@@ -20,6 +20,7 @@ from ..core.writer import pwrite_all
 from ..planning.tasks import Chunk
 from ..quant.decode import E2M1_PAIR_TABLE, E8M0_TABLE, fp8_block_band, mxfp4_band, scale_values
 from ..quant.kernel import code_bits, dequant_fold, sig_bits
+from .dequant_count import Count, DequantCounts, band_counts  # noqa: F401 - DequantCounts for the engine
 
 
 def read_scale_rows(c: Chunk, fds: dict[str, int], paths: dict[str, Path]) -> np.ndarray:
@@ -101,19 +102,29 @@ def _mxfp4_band_f32(c: Chunk, blocks: np.ndarray, scales: np.ndarray, g: np.ndar
 
 
 def dequant_job(c: Chunk, g: np.ndarray | None, fds: dict[str, int], dst_fd: int, paths: dict[str, Path],
-                window: Callable, job_cls) -> object:
+                window: Callable, job_cls, count: Count | None = None) -> object:
     """A :class:`streamfold.run.engine.Job` for one ``dequant`` record (``window``: the engine's
-    ``with_source_window``)."""
+    ``with_source_window``; ``count(tensor, exact, rounded)``: given each band's element counts,
+    :func:`streamfold.run.dequant_count.band_counts`)."""
     def compute(s: Scratch, out: np.ndarray) -> None:
         if c.fmt == "mxfp4":  # the expert's scales as raw E8M0 bytes; its blocks through a window
             sfile, soff, sdtype, sshape = c.scale
             raw = np.empty(math.prod(sshape) * DTYPES[sdtype].itemsize, dtype=np.uint8)
             pread_into(fds[sfile], raw, soff, paths[sfile])
-            window(fds[c.src], c.src_off, math.prod(c.shape), paths[c.src],
-                   lambda blocks: mxfp4_band_out(c, blocks, raw, g, out))
+
+            def band(blocks: np.ndarray) -> None:
+                mxfp4_band_out(c, blocks, raw, g, out)
+                if count is not None:
+                    count(c.tensor, *band_counts(c, blocks, raw, g, out))
+            window(fds[c.src], c.src_off, math.prod(c.shape), paths[c.src], band)
             return
         scales = read_scale_rows(c, fds, paths)
-        window(fds[c.src], c.src_off, c.src_bytes, paths[c.src], lambda codes: dequant_band(c, codes, scales, g, out))
+
+        def tiles(codes: np.ndarray) -> None:
+            dequant_band(c, codes, scales, g, out)
+            if count is not None:
+                count(c.tensor, *band_counts(c, codes, scales, g, out))
+        window(fds[c.src], c.src_off, c.src_bytes, paths[c.src], tiles)
 
     def write(out: np.ndarray) -> None:
         pwrite_all(dst_fd, out, c.dst)

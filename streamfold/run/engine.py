@@ -30,7 +30,7 @@ from ..core.fold import Scratch, fold_bias_rows, scale_chunk
 from ..core.reader import pread_into
 from ..planning.tasks import DEFAULT_BUDGET, Chunk, Op, Task, chunk_bytes_for, default_workers
 from ..core.writer import pwrite_all
-from .dequant_job import dequant_job
+from .dequant_job import DequantCounts, dequant_job
 
 WRITEBACK_STEP = 64 << 20
 PARTIAL_SUFFIX = ".partial"
@@ -171,6 +171,7 @@ class Engine:
         # Every output slot the budget allows: folding runs further ahead while the writer is busy
         # with a long kernel copy, and the writer rarely waits for a fold (measured: fewer idle gaps).
         self.slots = max(folders + 2, (budget - folders * self.chunk_bytes) // (2 * self.chunk_bytes))
+        self.counts = DequantCounts()  # exact / rounded elements of dequantized tensors, per shard
 
     def run(self, tasks: list[Task], sources: Path | dict[str, Path], out_dir: Path,
             progress: Callable[[int], None] | None = None, hash_outputs: bool = False,
@@ -339,7 +340,8 @@ class Engine:
                 jobs.append(Job(c.src_bytes, lambda _, d=data, o=c.dst: pwrite_all(dst_fd, d, o), end=c.dst + c.size))
             elif c.op == Op.DEQUANT:
                 g = task.norms[c.norm]["scale"] if c.norm else None
-                jobs.append(dequant_job(c, g, src_fds, dst_fd, paths, with_source_window, Job))
+                jobs.append(dequant_job(c, g, src_fds, dst_fd, paths, with_source_window, Job,
+                                        self.counts.adder(task.shard)))
             elif c.op == Op.BIAS:
                 data = biases[c.tensor]
                 jobs.append(Job(c.src_bytes, lambda _, d=data, o=c.dst: pwrite_all(dst_fd, d, o), end=c.dst + c.size))

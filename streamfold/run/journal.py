@@ -25,6 +25,7 @@ from typing import Callable
 
 from .engine import PARTIAL_SUFFIX
 from ..core.manifest import hash_file
+from ..quant.counts import merge_counts
 
 JOURNAL = ".streamfold-journal.json"
 
@@ -52,8 +53,10 @@ def _why(old: dict, new: dict) -> str:
 class Journal:
     """The completed-shard journal of one conversion; ``adopt`` is the staging helper's callback."""
 
-    def __init__(self, fingerprint: dict, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, fingerprint: dict, log: Callable[[str], None] | None = None,
+                 counted: set[str] | frozenset = frozenset()) -> None:
         self.fingerprint = fingerprint
+        self.counted = counted  # shards that dequantize: re-used only with their element counts journaled
         self.log = log or (lambda _m: None)
         self.done: dict[str, dict] = {}
         self.path: Path | None = None
@@ -72,7 +75,7 @@ class Journal:
         else:
             kept, bad = {}, []
             for shard, rec in (old.get("shards") or {}).items():
-                if self._intact(folder / shard, rec):
+                if self._intact(folder / shard, rec) and (shard not in self.counted or rec.get("dequant") is not None):
                     kept[shard] = rec
                 else:
                     bad.append(shard)
@@ -103,12 +106,18 @@ class Journal:
             p.unlink(missing_ok=True)
         self._save()
 
-    def record(self, shard: str, size: int, sha256: str | None) -> None:
-        """Journal a completed shard (called from the engine's writer or hashing thread)."""
+    def record(self, shard: str, size: int, sha256: str | None, dequant: dict | None = None) -> None:
+        """Journal a completed shard (called from the engine's writer or hashing thread); ``dequant``: its
+        ``{tensor: [exact, rounded]}`` counts, kept so a resumed run's model card still has them."""
         st = os.stat(self.path / shard)
         with self._mutex:
-            self.done[shard] = {"size": size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+            self.done[shard] = {"size": size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns, "sha256": sha256,
+                                "dequant": dequant}
             self._save()
+
+    def dequant_counts(self) -> dict[str, list[int]] | None:
+        """Every journaled shard's dequantized-element counts merged (None: nothing was dequantized)."""
+        return merge_counts(r.get("dequant") for r in self.done.values())
 
     def digests(self) -> dict[str, str]:
         return {s: r["sha256"] for s, r in self.done.items() if r.get("sha256")}

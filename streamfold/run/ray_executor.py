@@ -51,7 +51,8 @@ def _run_one(task_json: str, src: str | None, out_dir: str | None, workers: int,
     task = Task.from_json(task_json)
     if hub is None:
         r = run_task(task, out_dir, src=src, workers=workers, memory_budget=memory_budget, hash_output=hash_output)
-        return {"shard": r.shard, "size": r.size, "sha256": r.sha256, "op": None, "peak_disk": None}
+        return {"shard": r.shard, "size": r.size, "sha256": r.sha256, "op": None, "peak_disk": None,
+                "dequant": r.dequant}
     from ..hub.client import _quiet_bars
     from ..hub.remote import HubRef
     from .hub_task import run_hub_task
@@ -68,7 +69,7 @@ def run_on_ray(tasks, src: Path | None, out_dir: Path | None, *, address: str | 
                on_done=None, max_retries: int = MAX_RETRIES, hub=None, verify: bool = False,
                push_to_hub: str | None = None) -> dict[str, dict]:
     """Run ``tasks`` as Ray tasks writing into ``out_dir``; returns ``{shard: {"shard", "size", "sha256",
-    "op", "peak_disk"}}``.
+    "op", "peak_disk", "dequant"}}`` (``on_done(shard, size, sha256, dequant)`` as each completes).
 
     The sources are the folder ``src`` on shared storage, or, with ``hub`` (a
     :class:`~streamfold.hub.remote.HubRef`), each task downloads its own source shards from the Hub into
@@ -111,7 +112,7 @@ def run_on_ray(tasks, src: Path | None, out_dir: Path | None, *, address: str | 
                     raise _task_error(e, refs[ref], max_retries) from None
                 results[r["shard"]] = r
                 if on_done is not None:
-                    on_done(r["shard"], r["size"], r["sha256"])
+                    on_done(r["shard"], r["size"], r["sha256"], r.get("dequant"))
     except StreamfoldError:
         # A task failed: let the others finish (their results are dropped) instead of cancelling them.
         # Ray 2.60's driver aborts the whole process (RAY_CHECK "Tried to complete task that was not

@@ -21,19 +21,20 @@ from pathlib import Path
 
 from .conversion import finish, run_task
 from ..hub.push import commit, ensure_repo
-from ..hub.remote import HubRef, fetch_sources
+from ..hub.remote import HubRef
+from ..quant.counts import merge_counts
 from .hub_plan import plan_remote
-from .hub_task import check_shard, disk_used, ship_shard
+from .hub_task import check_shard, disk_used, fetch_task_sources, ship_shard
 
 
 def stream_convert(repo: str, dst: Path, *, push_to_hub: str, revision=None, token=None, mode="compat",
                    merged_dtype="source", rules=None, workers=None, memory_budget=None, manifest=False,
                    verify=False, base_model=None, private=False, commit_message=None, progress=None,
-                   executor: str = "local", ray_address: str | None = None) -> dict:
+                   executor: str = "local", ray_address: str | None = None, dequantize=None) -> dict:
     """Convert Hub repo ``repo`` into ``push_to_hub`` shard by shard; ``dst`` keeps the small files.
 
-    Returns ``{"plan", "url", "peak_disk", "shards"}`` (with Ray, ``peak_disk`` is the largest of
-    any one task on its worker)."""
+    Returns ``{"plan", "url", "peak_disk", "shards", "dequant"}`` (with Ray, ``peak_disk`` is the largest
+    of any one task on its worker; ``dequant``: ``{tensor: [exact, rounded]}`` with ``dequantize``)."""
     from ..core.version import __version__
     if executor == "ray":
         from .ray_executor import require_ray
@@ -45,7 +46,8 @@ def stream_convert(repo: str, dst: Path, *, push_to_hub: str, revision=None, tok
         d.mkdir()
     try:
         cplan, ref = plan_remote(repo, stub, revision=revision, token=token, mode=mode, merged_dtype=merged_dtype,
-                                 rules=rules, workers=workers, memory_budget=memory_budget)
+                                 rules=rules, workers=workers, memory_budget=memory_budget,
+                                 **({"dequantize": dequantize} if dequantize else {}))
         ensure_repo(push_to_hub, private=private, token=token)
         if executor == "ray":
             from .ray_executor import run_on_ray
@@ -55,12 +57,13 @@ def stream_convert(repo: str, dst: Path, *, push_to_hub: str, revision=None, tok
             ops = [results[t.shard]["op"] for t in cplan.tasks]
             digests = {s: r["sha256"] for s, r in results.items() if r["sha256"]}
             peak = max((r["peak_disk"] for r in results.values()), default=0)
+            counts = merge_counts(r.get("dequant") for r in results.values())
         else:
-            ops, digests, peak = _stream_here(cplan, ref, dl, out, workers=workers, memory_budget=memory_budget,
-                                              manifest=manifest, verify=verify, push_to_hub=push_to_hub,
-                                              token=token, progress=progress)
+            ops, digests, peak, counts = _stream_here(cplan, ref, dl, out, workers=workers,
+                                                      memory_budget=memory_budget, manifest=manifest, verify=verify,
+                                                      push_to_hub=push_to_hub, token=token, progress=progress)
         finish(cplan, out, digests=digests, manifest=manifest, base_model=base_model, push_to_hub=push_to_hub,
-               private=private, workers=workers, shards_present=False, dst=dst)
+               private=private, workers=workers, shards_present=False, dst=dst, dequant_counts=counts)
         small = sorted(p for p in out.rglob("*") if p.is_file())
         from huggingface_hub import CommitOperationAdd
         ops += [CommitOperationAdd(path_in_repo=p.relative_to(out).as_posix(), path_or_fileobj=str(p)) for p in small]
@@ -69,31 +72,37 @@ def stream_convert(repo: str, dst: Path, *, push_to_hub: str, revision=None, tok
         for p in small:  # DST keeps the small files (index, config, card, tokenizer, manifest)
             (dst / p.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(p), dst / p.relative_to(out))
-        return {"plan": cplan, "url": result.url, "peak_disk": peak, "shards": len(cplan.tasks)}
+        return {"plan": cplan, "url": result.url, "peak_disk": peak, "shards": len(cplan.tasks), "dequant": counts}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _stream_here(cplan, ref: HubRef, dl: Path, out: Path, *, workers, memory_budget, manifest, verify,
-                 push_to_hub, token, progress) -> tuple[list, dict[str, str], int]:
+                 push_to_hub, token, progress) -> tuple[list, dict[str, str], int, dict | None]:
     """The tasks one after another on this machine, each source shard fetched once and deleted after
-    the last task that reads it. Returns (commit operations, shard sha256s, peak disk)."""
+    the last task that reads it whole (a shard a task reads only scale rows from is range-fetched for
+    that task: :func:`streamfold.run.hub_task.fetch_task_sources`). Returns (commit operations, shard
+    sha256s, peak disk, dequantized-element counts)."""
     last_use = {s: i for i, t in enumerate(cplan.tasks) for s in t.sources}
     local: dict[str, Path] = {}
-    ops, digests, peak = [], {}, 0
+    ops, digests, peak, counts = [], {}, 0, []
     tick = progress(sum(t.src_bytes for t in cplan.tasks)) if progress else None
     for i, task in enumerate(cplan.tasks):
-        local = fetch_sources(ref, task.sources, dl, local)
+        local, stubs = fetch_task_sources(ref, task, dl, dl.parent / "ranges", local)
+        sources = {**local, **stubs}
         peak = max(peak, disk_used(dl.parent))
-        r = run_task(task, out, src=local, workers=workers, memory_budget=memory_budget, hash_output=manifest,
+        r = run_task(task, out, src=sources, workers=workers, memory_budget=memory_budget, hash_output=manifest,
                      progress=tick)
         peak = max(peak, disk_used(dl.parent))
         if verify:
-            check_shard(task, out / task.shard, local)
+            check_shard(task, out / task.shard, sources)
         if r.sha256:
             digests[task.shard] = r.sha256
+        counts.append(r.dequant)
         ops.append(ship_shard(task, out, push_to_hub, token))
+        for p in stubs.values():
+            p.unlink()
         for s in [s for s in local if last_use[s] <= i]:
             local.pop(s).unlink()
     shutil.rmtree(dl / ".cache", ignore_errors=True)
-    return ops, digests, peak
+    return ops, digests, peak, merge_counts(counts)
