@@ -21,7 +21,10 @@ Every one is decoded as FP8 codes times a scale per tile (:func:`tile`: a channe
 tile, a tensor scale one ``out x in`` tile). And gpt-oss MXFP4 experts (``X_blocks`` U8 ``[E, out, in/32,
 16]`` + ``X_scales`` E8M0 ``[E, out, in/32]``): the output tensor is NOT the codes tensor renamed but
 transformers' dequantized parameter ``X`` ``[E, in, out]`` (:func:`output_of`; the task header, the
-index, ``verify`` and the card use it). Others are refused with one line naming the module.
+index, ``verify`` and the card use it). And compressed-tensors ``pack-quantized`` INT1..8 (group, channel
+or tensor scales, symmetric or with packed zero points; not activation-ordered ``weight_g_idx``): written
+as the logical ``X.weight`` ``[out, in]`` (:data:`streamfold.quant.intpack.PACKED`), its records built by
+:mod:`streamfold.planning.quantchunks`. Others are refused with one line naming the module.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 
 from ..core.errors import StreamfoldError
 from ..quant.formats import QuantModule, Quantization
+from ..quant.intpack import PACKED, packed_shape
 
 MODES = ("consumers", "all")
 # modules one fused loader kernel reads together: widening one widens the others
@@ -43,7 +47,8 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
 # inside ``.experts.N.``: gate/up widened -> the same expert's down projection too
 EXPERT_DOWN = {"gate_proj": "down_proj", "up_proj": "down_proj", "w1": "w2", "w3": "w2"}
 SUPPORTED = {"fp8": ("block",), "fp8-scale": ("block",), "ct-float": ("channel", "tensor", "block"),
-             "mxfp4": ("group",)}
+             "mxfp4": ("group",), "ct-pack": ("group", "channel", "tensor")}
+ZERO_POINT_OK = ("ct-pack",)  # layouts whose decoder applies a zero point (streamfold.planning.quantchunks)
 # gpt-oss's fused expert parameters (``X.experts.gate_up_proj``): widening gate_up widens down_proj too
 FUSED_EXPERT_DOWN = {"gate_up_proj": "down_proj"}
 
@@ -166,11 +171,14 @@ def _collapse_experts(widened, modules) -> list[str]:
 
 def check_supported(qm: QuantModule) -> None:
     ok = qm.strategy in SUPPORTED.get(qm.layout, ()) and (qm.strategy != "block" or qm.block)
-    zero_point = any(x.endswith(".weight_zero_point") for x in qm.aux)
-    if not ok or zero_point:
-        raise StreamfoldError(f"--dequantize: {qm.module} is {qm.describe()}{' with a zero point' if zero_point else ''}; "
+    zero_point = qm.layout not in ZERO_POINT_OK and any(x.endswith(".weight_zero_point") for x in qm.aux)
+    g_idx = any(x.endswith(".weight_g_idx") for x in qm.aux)  # activation-ordered groups
+    if not ok or zero_point or g_idx:
+        extra = " with a zero point" if zero_point else " with a g_idx (activation order)" if g_idx else ""
+        raise StreamfoldError(f"--dequantize: {qm.module} is {qm.describe()}{extra}; "
                               "streamfold dequantizes FP8 block-quantized (fp8), compressed-tensors FP8 "
-                              "tensor/channel/block and gpt-oss MXFP4 modules so far")
+                              "tensor/channel/block, compressed-tensors pack-quantized INT and gpt-oss MXFP4 "
+                              "modules so far")
 
 
 def tile(qm: QuantModule, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -194,6 +202,8 @@ def output_of(name: str, action, shape: tuple[int, ...]) -> tuple[str, tuple[int
     qm = getattr(action, "quant", None)
     if getattr(action, "kind", None) == "dequant" and qm is not None and qm.layout == "mxfp4":
         return qm.logical, mxfp4_shape(tuple(shape))
+    if getattr(action, "kind", None) == "dequant" and qm is not None and qm.layout in PACKED:
+        return qm.logical, packed_shape(qm, tuple(shape))
     return name, tuple(shape)
 
 
@@ -203,9 +213,10 @@ def logical_infos(quant: Quantization, tensors: dict) -> dict:
     import dataclasses
     out = {}
     for qm in quant.modules.values():
-        if qm.layout == "mxfp4" and qm.logical not in tensors and qm.weight in tensors:
+        if qm.layout in ("mxfp4", *PACKED) and qm.logical not in tensors and qm.weight in tensors:
             t = tensors[qm.weight]
-            out[qm.logical] = dataclasses.replace(t, name=qm.logical, shape=mxfp4_shape(tuple(t.shape)), dtype="BF16")
+            shape = mxfp4_shape(tuple(t.shape)) if qm.layout == "mxfp4" else packed_shape(qm, tuple(t.shape))
+            out[qm.logical] = dataclasses.replace(t, name=qm.logical, shape=shape, dtype="BF16")
     return out
 
 

@@ -20,6 +20,7 @@ from ..core.writer import pwrite_all
 from ..planning.tasks import Chunk
 from ..quant.decode import E2M1_PAIR_TABLE, E8M0_TABLE, fp8_block_band, mxfp4_band, scale_values
 from ..quant.kernel import code_bits, dequant_fold, sig_bits
+from .quant_bands import PACK_FMTS, pack_compute
 
 
 def read_scale_rows(c: Chunk, fds: dict[str, int], paths: dict[str, Path]) -> np.ndarray:
@@ -105,6 +106,9 @@ def dequant_job(c: Chunk, g: np.ndarray | None, fds: dict[str, int], dst_fd: int
     """A :class:`streamfold.run.engine.Job` for one ``dequant`` record (``window``: the engine's
     ``with_source_window``)."""
     def compute(s: Scratch, out: np.ndarray) -> None:
+        if c.fmt in PACK_FMTS:  # integer-packed weights: streamfold.run.quant_bands
+            pack_compute(c, g, fds, paths, window, out)
+            return
         if c.fmt == "mxfp4":  # the expert's scales as raw E8M0 bytes; its blocks through a window
             sfile, soff, sdtype, sshape = c.scale
             raw = np.empty(math.prod(sshape) * DTYPES[sdtype].itemsize, dtype=np.uint8)

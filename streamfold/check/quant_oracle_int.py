@@ -1,0 +1,60 @@
+"""The independent oracle for integer-packed weights (compressed-tensors ``pack-quantized``).
+
+It shares nothing with :mod:`streamfold.quant.decode` (which unpacks through byte views and nibble
+tables): each code is cut out of the row's word stream by its bit position, ``code i`` = bits
+``i·b .. i·b + b - 1`` of the 64-bit pair (word ``⌊i·b/32⌋``, the next word) as unsigned integers;
+zero points the same way down the output axis. The integer ``u - zp`` (or ``u - 2^(b-1)``) times the
+scale's and ``g``'s integer mantissas is the exact product, rounded once by
+:func:`streamfold.check.quant_oracle.round_exact` (integer shifts, no float arithmetic).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .quant_oracle import Split, compare_bits, product, round_exact, split_float, split_int
+
+
+def codes_at(words: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Unsigned ``bits``-bit codes ``0..count`` of each row of int32 ``words`` ``[n, w]`` (int64 ``[n, count]``)."""
+    u = words.astype(np.int64) & 0xFFFFFFFF
+    u = np.concatenate([u, np.zeros((u.shape[0], 1), np.int64)], axis=1).astype(np.uint64)
+    pos = np.arange(count, dtype=np.int64) * bits
+    w, shift = pos // 32, (pos % 32).astype(np.uint64)
+    pair = u[:, w] | (u[:, w + 1] << np.uint64(32))
+    return ((pair >> shift) & np.uint64((1 << bits) - 1)).astype(np.int64)
+
+
+def ct_pack_expected(words: np.ndarray, bits: int, cols: int, scale_raw: np.ndarray, scale_dtype: str,
+                     scale_shape: tuple[int, ...], zero_words: np.ndarray | None, block: tuple[int, int],
+                     g: np.ndarray | None, out_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Expected bits (and exact mask) of a band of ``n`` rows of a pack-quantized weight starting at a
+    multiple of 32 rows: ``words`` int32 ``[n, w]``; ``scale_raw`` the band's scales ``scale_shape``
+    (``[n, groups]``, or ``[1, 1]`` per tensor); ``zero_words`` the band's packed zero-point words
+    ``[z, groups]`` (packed down the rows) or None; ``block`` the tile one scale covers; ``g`` float32 ``[cols]``."""
+    n = words.shape[0]
+    u = codes_at(words, bits, cols)
+    if zero_words is None:
+        q = u - (1 << (bits - 1))
+    else:
+        zp = codes_at(np.ascontiguousarray(zero_words.T), bits, n).T  # [n, groups]
+        q = u - zp[:, np.arange(cols) // block[1]] if zp.shape[1] > 1 else u - zp[:, :1]
+    s = split_float(scale_raw, scale_dtype).reshape(*scale_shape)
+    if s.sign.size == 1:
+        s = s.reshape(1, 1)
+    elif s.sign.shape[1] > 1:
+        s = s[:, np.arange(cols) // block[1]]
+    factors: list[Split] = [split_int(q), s]
+    if g is not None:
+        factors.append(split_float(np.asarray(g, dtype=np.float32), "F32").reshape(1, cols))
+    return round_exact(product(*factors), out_dtype)
+
+
+def check_ct_pack_band(words_raw: np.ndarray, c, scale_raw: np.ndarray, zero_raw: np.ndarray | None,
+                       g: np.ndarray | None, got_raw: np.ndarray, base_index: int = 0):
+    """A :class:`streamfold.check.oracle.FoldTally` of one ``ct-pack`` record's output bytes."""
+    r0, r1 = c.rows
+    wpr, bits = c.shape
+    zw = None if zero_raw is None else zero_raw.view("<i4").reshape(c.zero[3])
+    want, _ = ct_pack_expected(words_raw.view("<i4").reshape(r1 - r0, wpr), bits, c.cols, scale_raw, c.scale[2],
+                               tuple(c.scale[3]), zw, tuple(c.block), g, c.out_dtype)
+    return compare_bits(want, c.out_dtype, got_raw, base_index)

@@ -1,0 +1,81 @@
+"""``dequant`` chunk records of integer-packed weights (compressed-tensors ``pack-quantized``).
+
+:func:`streamfold.planning.tasks._shard_task` builds a widened module's records with ``BUILDERS[layout]``
+when its layout is here; each builder returns the keyword arguments of ``Chunk(Op.DEQUANT, **kw)``
+(this module does not import :mod:`streamfold.planning.tasks`, which imports it).
+
+A ``ct-pack`` record (``fmt`` ``"ct-pack"``): output rows ``r0..r1`` (a multiple of 32 rows, so the
+zero points, packed 32/b rows per int32 word along the OUTPUT axis, start on a word boundary) of the
+logical ``[out, in]`` weight, written as ``X.weight``. ``src_off``/``src_bytes``: the band's int32 code
+words; ``shape``: ``(words per row, bits)``; ``scale``: the band's scale rows ``(file, offset, dtype,
+[n, groups])`` (a per-tensor scale: its one value, ``[1, 1]``); ``zero``: the band's packed zero-point
+word rows ``(file, offset, "I32", [w, groups])`` or empty for a symmetric scheme; ``block``: the tile
+one scale covers (``(1, group)``, ``(1, in)`` per channel, ``(out, in)`` per tensor). Scales and zero
+points may sit in other shards than the codes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..core.dtypes import itemsize
+from ..core.errors import StreamfoldError
+from ..quant.intpack import check_logical_shape
+
+SCALE_DTYPES = ("F32", "BF16", "F16")
+
+
+def _range(ckpt, name: str, off_elems: int, shape: tuple[int, ...]) -> tuple:
+    t = ckpt.tensors[name]
+    return (ckpt.shard_of[name], t.begin + off_elems * itemsize(t.dtype), t.dtype, tuple(shape))
+
+
+def ct_pack_chunks(ckpt, t, a, dst_begin: int, shard: str, chunk_bytes: int) -> list[dict]:
+    """Row bands of a compressed-tensors pack-quantized weight (see the module docstring)."""
+    qm = a.quant
+    shape_name = qm.module + ".weight_shape"
+    rows, cols = check_logical_shape(qm, tuple(t.shape), ckpt.read(shape_name).reshape(-1))
+    words, bits = t.shape[1], qm.bits
+    st = ckpt.tensors[qm.module + ".weight_scale"]
+    if st.dtype not in SCALE_DTYPES:
+        raise StreamfoldError(f"--dequantize: {st.name} is {st.dtype}; pack-quantized scales must be one of "
+                              f"{', '.join(SCALE_DTYPES)}")
+    if qm.strategy == "group":
+        group = qm.block[1]
+        if cols % group:
+            raise StreamfoldError(f"--dequantize: {qm.weight}: {cols} inputs are not a multiple of group_size {group}")
+        groups, block, want = cols // group, (1, group), [(rows, cols // group)]
+    elif qm.strategy == "channel":
+        groups, block, want = 1, (1, cols), [(rows, 1)]
+    else:  # tensor
+        groups, block, want = 1, (rows, cols), [(1,), (), (1, 1)]
+    if tuple(st.shape) not in want:
+        raise StreamfoldError(f"--dequantize: {st.name} has shape {list(st.shape)}, not {list(want[0])} "
+                              f"({qm.strategy} scales of {qm.weight}, [{rows}, {cols}])")
+    zp = next((x for x in qm.aux if x.endswith(".weight_zero_point")), None)
+    if zp is not None:
+        zt = ckpt.tensors[zp]
+        zwant = (-(-rows * bits // 32), groups)
+        if qm.strategy == "tensor" or zt.dtype != "I32" or tuple(zt.shape) != zwant:
+            raise StreamfoldError(f"--dequantize: {zp} is {zt.dtype} {list(zt.shape)}, not the I32 {list(zwant)} "
+                                  f"zero points packed along the output axis ({qm.strategy} strategy)")
+    osz = itemsize(a.out_dtype)
+    step = max(32, chunk_bytes // max(1, cols * 8) // 32 * 32)  # the kernel works in float64
+    out = []
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        n = r1 - r0
+        scale = (_range(ckpt, st.name, 0, (1, 1)) if qm.strategy == "tensor"
+                 else _range(ckpt, st.name, r0 * groups, (n, groups)))
+        zero = ()
+        if zp is not None:
+            w0, w1 = r0 * bits // 32, -(-r1 * bits // 32)
+            zero = _range(ckpt, zp, w0 * groups, (w1 - w0, groups))
+        out.append(dict(tensor=qm.logical, dst=dst_begin + r0 * cols * osz, size=n * cols * osz, src=shard,
+                        src_off=t.begin + r0 * words * 4, src_bytes=n * words * 4, rows=(r0, r1), cols=cols,
+                        width=cols, norm=a.norm.weight if a.norm is not None else "", src_dtype=t.dtype,
+                        out_dtype=a.out_dtype, scale=scale, zero=zero, block=block, shape=(words, bits),
+                        fmt="ct-pack"))
+    return out
+
+
+BUILDERS: dict[str, Callable[..., list[dict]]] = {"ct-pack": ct_pack_chunks}
