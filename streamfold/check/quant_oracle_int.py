@@ -1,9 +1,10 @@
-"""The independent oracle for integer-packed weights (compressed-tensors ``pack-quantized``).
+"""The independent oracle for integer-packed weights (compressed-tensors ``pack-quantized``, GPTQ, AWQ GEMM).
 
 It shares nothing with :mod:`streamfold.quant.decode` (which unpacks through byte views and nibble
 tables): each code is cut out of the row's word stream by its bit position, ``code i`` = bits
 ``i·b .. i·b + b - 1`` of the 64-bit pair (word ``⌊i·b/32⌋``, the next word) as unsigned integers;
-zero points the same way down the output axis. The integer ``u - zp`` (or ``u - 2^(b-1)``) times the
+zero points the same way down the output axis. GPTQ / AWQ codes likewise from their word and bit
+position (AWQ's from the packer's order [0, 2, 4, 6, 1, 3, 5, 7], inverted here). The integer ``u - zp`` (or ``u - 2^(b-1)``) times the
 scale's and ``g``'s integer mantissas is the exact product, rounded once by
 :func:`streamfold.check.quant_oracle.round_exact` (integer shifts, no float arithmetic).
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from .quant_oracle import Split, compare_bits, product, round_exact, split_float, split_int
+
+INT_FMTS = ("ct-pack", "gptq", "gptq_v2", "awq")  # the record formats checked here
 
 
 def codes_at(words: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -58,3 +61,73 @@ def check_ct_pack_band(words_raw: np.ndarray, c, scale_raw: np.ndarray, zero_raw
     want, _ = ct_pack_expected(words_raw.view("<i4").reshape(r1 - r0, wpr), bits, c.cols, scale_raw, c.scale[2],
                                tuple(c.scale[3]), zw, tuple(c.block), g, c.out_dtype)
     return compare_bits(want, c.out_dtype, got_raw, base_index)
+
+
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's packer: nibble k of a word holds output 8w + ORDER[k]
+
+
+def _cols(read, rng: tuple, c0: int, c1: int) -> np.ndarray:
+    """Columns ``c0..c1`` of a 2-D ``(file, offset, dtype, [rows, cols])`` range, one read per row
+    (``read(file, offset, nbytes)`` -> uint8)."""
+    f, off, dtype, (rows, cols) = rng
+    isz = {"I32": 4, "F32": 4, "F16": 2, "BF16": 2}[dtype]
+    out = np.empty((rows, (c1 - c0) * isz), np.uint8)
+    for r in range(rows):
+        out[r] = read(f, off + (r * cols + c0) * isz, (c1 - c0) * isz)
+    return out
+
+
+def gptq_awq_expected(c, read, g: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Expected bits (and exact mask) of one GPTQ / AWQ record's output rows ``r0..r1`` (``[n, in]``),
+    every code and zero point cut out of its word by its bit position."""
+    r0, r1 = c.rows
+    qrows, qcols, bits = c.shape
+    mask = (1 << bits) - 1
+    cols = c.cols
+    i = np.arange(cols)[:, None]
+    j = np.arange(r0, r1)[None, :]
+    if c.fmt == "awq":
+        qw = _cols(read, (c.src, c.src_off, "I32", (qrows, qcols)), r0 // 8, r1 // 8).view("<u4").astype(np.int64)
+        nib = np.argsort(AWQ_PACK_ORDER)[(j % 8)]  # the nibble holding output j
+        q = (qw[np.arange(cols)[:, None], j // 8 - r0 // 8] >> (4 * nib)) & mask  # [in, n]
+        zw = _cols(read, c.zero, r0 // 8, r1 // 8).view("<u4").astype(np.int64)
+        groups = zw.shape[0]
+        z = (zw[np.arange(groups)[:, None], j // 8 - r0 // 8] >> (4 * nib)) & mask  # [groups, n]
+        gi = np.arange(cols) // c.block[1]
+    else:
+        pf = 32 // bits
+        qw = _cols(read, (c.src, c.src_off, "I32", (qrows, qcols)), r0, r1).view("<u4").astype(np.int64)
+        q = (qw[i // pf, j - r0] >> ((i % pf) * bits)) & mask
+        w0 = r0 // pf
+        zw = _cols(read, c.zero, w0, -(-r1 // pf)).view("<u4").astype(np.int64)
+        groups = zw.shape[0]
+        z = (zw[np.arange(groups)[:, None], j // pf - w0] >> ((j % pf) * bits)) & mask
+        if c.fmt == "gptq":  # v1 stores the zero point minus one
+            z = z + 1
+        gi = (read(*c.gidx[:2], cols * 4).view("<i4").astype(np.int64) if c.gidx
+              else np.arange(cols) // c.block[1])
+    sraw = _cols(read, c.scale, r0, r1)
+    s = split_float(sraw.reshape(-1), c.scale[2]).reshape(groups, r1 - r0)
+    qv = (q - z[gi]).T  # [n, in]
+    sv = s[gi]
+    sv = Split(*(x.T for x in (sv.sign, sv.mant, sv.exp, sv.nan)))
+    factors: list[Split] = [split_int(qv), sv]
+    if g is not None:
+        factors.append(split_float(np.asarray(g, dtype=np.float32), "F32").reshape(1, cols))
+    return round_exact(product(*factors), c.out_dtype)
+
+
+def check_int_band(c, read, g: np.ndarray | None, got_raw: np.ndarray, base_index: int = 0):
+    """A :class:`streamfold.check.oracle.FoldTally` of one integer-packed record's output bytes
+    (``read(file, offset, nbytes)`` -> uint8 source bytes)."""
+    if c.fmt == "ct-pack":
+        words = read(c.src, c.src_off, c.src_bytes)
+        return check_ct_pack_band(words, c, read(c.scale[0], c.scale[1], _nbytes(c.scale)),
+                                  read(c.zero[0], c.zero[1], _nbytes(c.zero)) if c.zero else None, g, got_raw,
+                                  base_index)
+    want, _ = gptq_awq_expected(c, read, g)
+    return compare_bits(want, c.out_dtype, got_raw, base_index)
+
+
+def _nbytes(rng: tuple) -> int:
+    return int(np.prod(rng[3], dtype=np.int64)) * {"I32": 4, "F32": 4, "F16": 2, "BF16": 2, "I64": 8}[rng[2]]

@@ -32,7 +32,7 @@ from ..core.fold import Scratch
 from ..core.manifest import OrderedHasher
 from .oracle import FoldTally, check_scaled, expected_bias, uint_of
 from .quant_oracle import check_dequant_band, compare_bits, mxfp4_expected
-from .quant_oracle_int import check_ct_pack_band
+from .quant_oracle_int import INT_FMTS, check_int_band
 from ..planning.tasks import Chunk, Op, Task
 from .report import Problem, fmt_index, fmt_ulps
 
@@ -293,14 +293,12 @@ def _dequant(self: Checker, p: Piece, tc: TensorCheck, d: np.ndarray, s: Scratch
         self.reader.read(self.sources[sfile], soff, sraw)
         want, _ = mxfp4_expected(blocks.reshape(c.shape), sraw, r0, r1, tc.vec, c.out_dtype)
         return compare_bits(want, c.out_dtype, d, base_index=p.rel // DTYPES[c.out_dtype].itemsize)
-    if c.fmt == "ct-pack":  # integer-packed: streamfold.check.quant_oracle_int
-        def rd(f: str, off: int, dtype: str, shape: tuple) -> np.ndarray:
-            buf = np.empty(math.prod(shape) * DTYPES[dtype].itemsize, np.uint8)
+    if c.fmt in INT_FMTS:  # integer-packed: streamfold.check.quant_oracle_int
+        def rd(f: str, off: int, nbytes: int) -> np.ndarray:
+            buf = np.empty(nbytes, np.uint8)
             self.reader.read(self.sources[f], off, buf)
             return buf
-        words = rd(c.src, c.src_off, "U8", (c.src_bytes,))
-        return check_ct_pack_band(words, c, rd(*c.scale), rd(*c.zero) if c.zero else None, tc.vec, d,
-                                  base_index=r0 * c.cols)
+        return check_int_band(c, rd, tc.vec, d, base_index=r0 * c.cols)
     codes = s.get("src", (r1 - r0) * c.cols)
     self.reader.read(self.sources[c.src], p.src_off, codes)
     sfile, soff, sdtype, sshape = c.scale

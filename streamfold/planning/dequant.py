@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from ..core.errors import StreamfoldError
 from ..quant.formats import QuantModule, Quantization
-from ..quant.intpack import PACKED, packed_shape
+from ..quant.intpack import PACKED, packed_shape, unsupported
 
 MODES = ("consumers", "all")
 # modules one fused loader kernel reads together: widening one widens the others
@@ -47,7 +47,8 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
 # inside ``.experts.N.``: gate/up widened -> the same expert's down projection too
 EXPERT_DOWN = {"gate_proj": "down_proj", "up_proj": "down_proj", "w1": "w2", "w3": "w2"}
 SUPPORTED = {"fp8": ("block",), "fp8-scale": ("block",), "ct-float": ("channel", "tensor", "block"),
-             "mxfp4": ("group",), "ct-pack": ("group", "channel", "tensor")}
+             "mxfp4": ("group",), "ct-pack": ("group", "channel", "tensor"), "gptq": ("group", "channel"),
+             "awq": ("group", "channel")}
 ZERO_POINT_OK = ("ct-pack",)  # layouts whose decoder applies a zero point (streamfold.planning.quantchunks)
 # gpt-oss's fused expert parameters (``X.experts.gate_up_proj``): widening gate_up widens down_proj too
 FUSED_EXPERT_DOWN = {"gate_up_proj": "down_proj"}
@@ -173,12 +174,14 @@ def check_supported(qm: QuantModule) -> None:
     ok = qm.strategy in SUPPORTED.get(qm.layout, ()) and (qm.strategy != "block" or qm.block)
     zero_point = qm.layout not in ZERO_POINT_OK and any(x.endswith(".weight_zero_point") for x in qm.aux)
     g_idx = any(x.endswith(".weight_g_idx") for x in qm.aux)  # activation-ordered groups
-    if not ok or zero_point or g_idx:
-        extra = " with a zero point" if zero_point else " with a g_idx (activation order)" if g_idx else ""
+    why = unsupported(qm)
+    if not ok or zero_point or g_idx or why:
+        extra = (" with a zero point" if zero_point else " with a g_idx (activation order)" if g_idx
+                 else f": {why}" if why else "")
         raise StreamfoldError(f"--dequantize: {qm.module} is {qm.describe()}{extra}; "
                               "streamfold dequantizes FP8 block-quantized (fp8), compressed-tensors FP8 "
-                              "tensor/channel/block, compressed-tensors pack-quantized INT and gpt-oss MXFP4 "
-                              "modules so far")
+                              "tensor/channel/block, compressed-tensors pack-quantized INT, GPTQ, AWQ GEMM and "
+                              "gpt-oss MXFP4 modules so far")
 
 
 def tile(qm: QuantModule, shape: tuple[int, ...]) -> tuple[int, int]:

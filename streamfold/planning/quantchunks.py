@@ -1,4 +1,4 @@
-"""``dequant`` chunk records of integer-packed weights (compressed-tensors ``pack-quantized``).
+"""``dequant`` chunk records of integer-packed weights (compressed-tensors ``pack-quantized``, GPTQ, AWQ).
 
 :func:`streamfold.planning.tasks._shard_task` builds a widened module's records with ``BUILDERS[layout]``
 when its layout is here; each builder returns the keyword arguments of ``Chunk(Op.DEQUANT, **kw)``
@@ -19,7 +19,7 @@ from typing import Callable
 
 from ..core.dtypes import itemsize
 from ..core.errors import StreamfoldError
-from ..quant.intpack import check_logical_shape
+from ..quant.intpack import check_logical_shape, packed_shape
 
 SCALE_DTYPES = ("F32", "BF16", "F16")
 
@@ -79,3 +79,52 @@ def ct_pack_chunks(ckpt, t, a, dst_begin: int, shard: str, chunk_bytes: int) -> 
 
 
 BUILDERS: dict[str, Callable[..., list[dict]]] = {"ct-pack": ct_pack_chunks}
+
+
+def _gptq_awq_chunks(ckpt, t, a, dst_begin: int, shard: str, chunk_bytes: int) -> list[dict]:
+    """Bands of 32 output rows (a multiple of every packing factor) of a GPTQ or AWQ GEMM weight. The
+    codes of one output row are a column of ``qweight``: each record names the whole ``qweight``
+    (``src_off``; ``shape`` = its shape + bits), the whole ``scales``, ``qzeros`` and (GPTQ) ``g_idx``,
+    and the executor reads only the band's columns; ``src_bytes`` is the band's share of the codes."""
+    qm = a.quant
+    bits = qm.bits
+    pf = 32 // bits
+    rows, cols = packed_shape(qm, tuple(t.shape))  # [out, in]
+    group = qm.block[1] if qm.strategy == "group" else cols
+    groups = -(-cols // group)
+    st, zt = ckpt.tensors[qm.module + ".scales"], ckpt.tensors[qm.module + ".qzeros"]
+    zwant = (groups, rows // pf)
+    if st.dtype not in SCALE_DTYPES or tuple(st.shape) != (groups, rows):
+        raise StreamfoldError(f"--dequantize: {st.name} is {st.dtype} {list(st.shape)}, not float [{groups}, {rows}] "
+                              f"({qm.method} group_size {group if qm.strategy == 'group' else -1} of {qm.weight} "
+                              f"{list(t.shape)})")
+    if zt.dtype != "I32" or tuple(zt.shape) != zwant:
+        raise StreamfoldError(f"--dequantize: {zt.name} is {zt.dtype} {list(zt.shape)}, not I32 {list(zwant)}")
+    gidx = ()
+    if qm.layout == "gptq":
+        name = qm.module + ".g_idx"
+        if name in ckpt.tensors:
+            gi = ckpt.read(name).reshape(-1)
+            if ckpt.tensors[name].dtype != "I32" or gi.shape != (cols,) or gi.min(initial=0) < 0 \
+                    or gi.max(initial=0) >= groups:
+                raise StreamfoldError(f"--dequantize: {name} is not {cols} I32 group indices below {groups}")
+            gidx = _range(ckpt, name, 0, (cols,))
+        elif cols % group:
+            raise StreamfoldError(f"--dequantize: {qm.weight}: {cols} inputs are not a multiple of group_size {group}")
+    fmt = "awq" if qm.layout == "awq" else ("gptq" if qm.packing == "gptq" else "gptq_v2")
+    osz = itemsize(a.out_dtype)
+    step = max(32, chunk_bytes // max(1, cols * 8) // 32 * 32)  # the kernel works in float64
+    out = []
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        n = r1 - r0
+        out.append(dict(tensor=qm.logical, dst=dst_begin + r0 * cols * osz, size=n * cols * osz, src=shard,
+                        src_off=t.begin, src_bytes=n * cols * bits // 8, rows=(r0, r1), cols=cols, width=cols,
+                        norm=a.norm.weight if a.norm is not None else "", src_dtype=t.dtype,
+                        out_dtype=a.out_dtype, scale=_range(ckpt, st.name, 0, st.shape),
+                        zero=_range(ckpt, zt.name, 0, zt.shape), gidx=gidx, block=(1, group),
+                        shape=(*t.shape, bits), fmt=fmt))
+    return out
+
+
+BUILDERS["gptq"] = BUILDERS["awq"] = _gptq_awq_chunks

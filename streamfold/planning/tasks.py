@@ -98,7 +98,8 @@ class Chunk:
     scale: tuple = ()  # dequant: (file, offset, dtype, shape) of the scale rows of ``rows``
     block: tuple = ()  # dequant: the block size (rows, cols) one scale covers
     fmt: str = ""  # dequant: "" FP8 tiles; "mxfp4": gpt-oss experts (see _mxfp4_chunks); "ct-pack": quantchunks
-    zero: tuple = ()  # dequant ct-pack: (file, offset, dtype, shape) of the band's packed zero points
+    zero: tuple = ()  # dequant ct-pack/gptq/awq: (file, offset, dtype, shape) of the packed zero points
+    gidx: tuple = ()  # dequant gptq: (file, offset, dtype, shape) of g_idx (the group of each input)
 
     def to_dict(self) -> dict:
         d = {"op": str(self.op), "tensor": self.tensor, "dst": self.dst, "size": self.size}
@@ -115,7 +116,7 @@ class Chunk:
         for k in ("rows", "shape"):
             if k in kw:
                 kw[k] = tuple(kw[k])
-        for k in ("weight", "scale", "zero"):
+        for k in ("weight", "scale", "zero", "gidx"):
             if k in kw:
                 f, off, dt, shape = kw[k]
                 kw[k] = (f, off, dt, tuple(shape))
@@ -301,7 +302,7 @@ def _shard_task(ckpt: Checkpoint, plan: Plan, shard: str, files: dict[str, Sourc
             else:
                 chunks = (_mxfp4_chunks if a.quant.layout == "mxfp4" else _dequant_chunks)(ckpt, t, a, o.begin,
                                                                                           shard, chunk_bytes)
-            used.update(x[0] for c in chunks for x in (c.scale, c.zero) if x)
+            used.update(x[0] for c in chunks for x in (c.scale, c.zero, c.gidx) if x)
             task.chunks.extend(chunks)
         else:  # pragma: no cover - every Kind is handled above
             raise AssertionError(a.kind)

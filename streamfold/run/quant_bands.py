@@ -9,6 +9,7 @@ code words through the engine's short-lived window, decoded exactly (:func:`stre
 from __future__ import annotations
 
 import math
+import mmap
 from pathlib import Path
 from typing import Callable
 
@@ -17,9 +18,10 @@ import numpy as np
 from ..core.dtypes import DTYPES
 from ..core.reader import pread_into
 from ..quant.decode import int_pack_band, scale_values, unpack_zero_points
+from ..quant.intpack import awq_band, gptq_band
 from ..quant.kernel import code_bits, dequant_fold, sig_bits
 
-PACK_FMTS = ("ct-pack",)
+PACK_FMTS = ("ct-pack", "gptq", "gptq_v2", "awq")
 
 
 def read_range(rng: tuple, fds: dict[str, int], paths: dict[str, Path]) -> np.ndarray:
@@ -49,10 +51,58 @@ def ct_pack_band_out(c, codes: np.ndarray, scale_raw: np.ndarray, zero_raw: np.n
                  code_bits("int", bits) + sig_bits(scales))
 
 
+def read_cols(rng: tuple, c0: int, c1: int, fds: dict[str, int], paths: dict[str, Path]) -> np.ndarray:
+    """Columns ``c0..c1`` of the 2-D tensor a ``(file, offset, dtype, [rows, cols])`` range names, as a
+    contiguous array of its raw unsigned words, through a map closed right after: only the pages
+    holding those columns are touched."""
+    f, off, dtype, (rows, cols) = rng
+    isz = DTYPES[dtype].itemsize
+    start = off - off % mmap.ALLOCATIONGRANULARITY
+    a = None
+    try:
+        mm = mmap.mmap(fds[f], off + rows * cols * isz - start, prot=mmap.PROT_READ, offset=start)
+    except (OSError, ValueError) as e:
+        raise OSError(f"{paths[f]}: cannot map bytes {off}..{off + rows * cols * isz} ({e})") from None
+    try:
+        a = np.frombuffer(mm, dtype=np.dtype(f"<u{isz}"), count=rows * cols, offset=off - start)
+        return np.array(a.reshape(rows, cols)[:, c0:c1], copy=True)  # nothing may keep a view of the map
+    finally:
+        del a
+        mm.close()
+
+
+def gptq_awq_band_out(c, fds: dict[str, int], paths: dict[str, Path], g: np.ndarray | None, out: np.ndarray) -> None:
+    """``out`` = output rows ``r0..r1`` of a GPTQ / AWQ GEMM weight (a band of ``qweight``'s columns),
+    ``(q - z)·s·g`` rounded once (records: :mod:`streamfold.planning.quantchunks`)."""
+    r0, r1 = c.rows
+    qrows, qcols, bits = c.shape
+    pf = 32 // bits
+    sdtype = c.scale[2]
+    if c.fmt == "awq":  # outputs are packed along qweight's columns, 8 per word
+        qw = read_cols((c.src, c.src_off, "I32", (qrows, qcols)), r0 // pf, r1 // pf, fds, paths)
+        qz = read_cols(c.zero, r0 // pf, r1 // pf, fds, paths)
+        scales = scale_values(read_cols(c.scale, r0, r1, fds, paths), sdtype, c.tensor)
+        vals = awq_band(qw, qz, scales, c.block[1])
+    else:
+        qw = read_cols((c.src, c.src_off, "I32", (qrows, qcols)), r0, r1, fds, paths)
+        qz = read_cols(c.zero, r0 // pf, -(-r1 // pf), fds, paths)
+        scales = scale_values(read_cols(c.scale, r0, r1, fds, paths), sdtype, c.tensor)
+        if c.gidx:
+            g_idx = read_range(c.gidx, fds, paths).view("<i4")
+        else:
+            g_idx = np.arange(c.cols) // c.block[1]
+        vals = gptq_band(qw, qz, scales, g_idx, bits, c.fmt == "gptq", r0 % pf)
+    dequant_fold(vals, g, c.out_dtype, out.view(DTYPES[c.out_dtype]).reshape(r1 - r0, c.cols),
+                 code_bits("int", bits) + sig_bits(scales))
+
+
 def pack_compute(c, g: np.ndarray | None, fds: dict[str, int], paths: dict[str, Path], window: Callable,
                  out: np.ndarray) -> None:
-    """Compute one ``ct-pack`` record's output band into ``out`` (``window``: the engine's
+    """Compute one integer-packed record's output band into ``out`` (``window``: the engine's
     ``with_source_window``)."""
+    if c.fmt != "ct-pack":
+        gptq_awq_band_out(c, fds, paths, g, out)
+        return
     scale_raw = read_range(c.scale, fds, paths)
     zero_raw = read_range(c.zero, fds, paths) if c.zero else None
     window(fds[c.src], c.src_off, c.src_bytes, paths[c.src],
