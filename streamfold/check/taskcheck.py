@@ -305,7 +305,7 @@ def _dequant(self: Checker, p: Piece, tc: TensorCheck, d: np.ndarray, s: Scratch
     sraw = np.empty(math.prod(sshape) * DTYPES[sdtype].itemsize, np.uint8)
     self.reader.read(self.sources[sfile], soff, sraw)
     return check_dequant_band(codes.reshape(r1 - r0, c.cols), sraw, sdtype, tuple(c.block), r0, tc.vec,
-                              c.out_dtype, d, base_index=r0 * c.cols)
+                              c.out_dtype, d, base_index=p.rel // DTYPES[c.out_dtype].itemsize)  # 3-D experts too
 
 
 _CHECKS = {Op.COPY: Checker._copy, Op.FOLD: Checker._fold, Op.FILL: Checker._fill, Op.BIAS: Checker._bias,

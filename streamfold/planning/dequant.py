@@ -46,7 +46,7 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
 )
 # inside ``.experts.N.``: gate/up widened -> the same expert's down projection too
 EXPERT_DOWN = {"gate_proj": "down_proj", "up_proj": "down_proj", "w1": "w2", "w3": "w2"}
-SUPPORTED = {"fp8": ("block",), "fp8-scale": ("block",), "ct-float": ("channel", "tensor", "block"),
+SUPPORTED = {"fp8": ("block",), "fp8-fused": ("block",), "fp8-scale": ("block",), "ct-float": ("channel", "tensor", "block"),
              "mxfp4": ("group",), "ct-pack": ("group", "channel", "tensor"), "gptq": ("group", "channel"),
              "awq": ("group", "channel")}
 ZERO_POINT_OK = ("ct-pack",)  # layouts whose decoder applies a zero point (streamfold.planning.quantchunks)
@@ -155,12 +155,12 @@ def _collapse_experts(widened, modules) -> list[str]:
     ``X.experts`` module, which a per-expert entry does not name; vLLM matches it as a prefix)."""
     groups: dict[str, list[str]] = {}
     for m in modules:
-        hit = re.match(r"(.*\.experts)\.\d+\.", m)
+        hit = _experts_of(m, modules[m])
         if hit:
             groups.setdefault(hit.group(1), []).append(m)
     out, done = [], set()
     for m in sorted(widened, key=_natural):
-        hit = re.match(r"(.*\.experts)\.\d+\.", m)
+        hit = _experts_of(m, modules[m])
         if hit and all(x in widened for x in groups[hit.group(1)]):
             if hit.group(1) not in done:
                 done.add(hit.group(1))
@@ -168,6 +168,14 @@ def _collapse_experts(widened, modules) -> list[str]:
             continue
         out.append(m)
     return out
+
+
+def _experts_of(module: str, qm: QuantModule):
+    """The ``X.experts`` match of a per-expert module (``X.experts.3.up_proj``) or of a fused FP8 expert
+    parameter (``X.experts.gate_up_proj``: transformers' FP8 experts module is ``X.experts``), else None."""
+    if qm.layout == "fp8-fused":
+        return re.match(r"(.*\.experts)\.[^.]+$", module)
+    return re.match(r"(.*\.experts)\.\d+\.", module)
 
 
 def check_supported(qm: QuantModule) -> None:
@@ -231,6 +239,8 @@ def check_shape(qm: QuantModule, shape: tuple[int, ...], axis: int) -> None:
             return
         raise StreamfoldError(f"--dequantize: {qm.weight} has shape {list(shape)}; MXFP4 experts are "
                               "[experts, out, in/32, 16] blocks folded along their inputs")
+    if qm.layout == "fp8-fused" and len(shape) == 3 and axis in (2, -1):  # [E, out, in], one expert at a time
+        return
     if len(shape) != 2 or axis not in (1, -1):
         raise StreamfoldError(f"--dequantize: {qm.weight} has shape {list(shape)}; only 2-D [out, in] FP8 weights "
                               "folded along their inputs are dequantized so far")

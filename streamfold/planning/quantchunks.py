@@ -1,4 +1,5 @@
-"""``dequant`` chunk records of integer-packed weights (compressed-tensors ``pack-quantized``, GPTQ, AWQ).
+"""``dequant`` chunk records of integer-packed weights (compressed-tensors ``pack-quantized``, GPTQ, AWQ)
+and of fused 3-D FP8 experts (:func:`fp8_expert_chunks`).
 
 :func:`streamfold.planning.tasks._shard_task` builds a widened module's records with ``BUILDERS[layout]``
 when its layout is here; each builder returns the keyword arguments of ``Chunk(Op.DEQUANT, **kw)``
@@ -19,6 +20,7 @@ from typing import Callable
 
 from ..core.dtypes import itemsize
 from ..core.errors import StreamfoldError
+from ..quant.decode import check_block_scale
 from ..quant.intpack import check_logical_shape, packed_shape
 
 SCALE_DTYPES = ("F32", "BF16", "F16")
@@ -128,3 +130,37 @@ def _gptq_awq_chunks(ckpt, t, a, dst_begin: int, shard: str, chunk_bytes: int) -
 
 
 BUILDERS["gptq"] = BUILDERS["awq"] = _gptq_awq_chunks
+
+
+def fp8_expert_chunks(ckpt, t, a, dst_begin: int, shard: str, chunk_bytes: int) -> list[dict]:
+    """Fused FP8 experts (``X.experts.gate_up_proj`` F8 ``[E, out, in]``, ``..._scale_inv`` ``[E,
+    ceil(out/br), ceil(in/bc)]``): each expert is an FP8 block-quantized ``[out, in]`` matrix, cut into the
+    same records as a 2-D weight (``fmt`` ""; ``rows`` local to the expert, ragged edge tiles per expert),
+    with ``src_off``, ``dst`` and the scale range offset to that expert."""
+    qm = a.quant
+    st = ckpt.tensors[qm.scales[0]]
+    if len(t.shape) != 3 or not qm.block:
+        raise StreamfoldError(f"--dequantize: {t.name} has shape {list(t.shape)}; fused FP8 experts are "
+                              "[experts, out, in] with weight_block_size in the config")
+    experts, rows, cols = t.shape
+    check_block_scale(st.name, tuple(t.shape), tuple(st.shape), tuple(qm.block))
+    grid_rows, grid_cols = st.shape[1], st.shape[2]
+    isz, osz, ssz = itemsize(t.dtype), itemsize(a.out_dtype), itemsize(st.dtype)
+    br = qm.block[0]
+    step = max(br, chunk_bytes // max(1, cols * 8) // br * br)  # the kernel works in float64
+    out = []
+    for e in range(experts):
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            n = r1 - r0
+            t0, t1 = r0 // br, (r1 - 1) // br + 1
+            out.append(dict(tensor=t.name, dst=dst_begin + (e * rows + r0) * cols * osz, size=n * cols * osz,
+                            src=shard, src_off=t.begin + (e * rows + r0) * cols * isz, src_bytes=n * cols * isz,
+                            rows=(r0, r1), cols=cols, width=cols, norm=a.norm.weight if a.norm is not None else "",
+                            src_dtype=t.dtype, out_dtype=a.out_dtype,
+                            scale=(ckpt.shard_of[st.name], st.begin + ((e * grid_rows + t0) * grid_cols) * ssz,
+                                   st.dtype, (t1 - t0, grid_cols)), block=tuple(qm.block)))
+    return out
+
+
+BUILDERS["fp8-fused"] = fp8_expert_chunks

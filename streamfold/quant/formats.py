@@ -228,7 +228,7 @@ def _match(layout: Layout, name: str, tensors: Mapping[str, TensorInfo]) -> str 
     t = tensors[name]
     if not name.endswith(layout.weight) or t.dtype not in layout.weight_dtypes:
         return None
-    module = name[: -len(layout.weight)]
+    module = name[: -len(layout.weight)] if layout.weight else name  # "": the codes tensor names the module
     if not module or not all(module + s in tensors for s in layout.scales):
         return None
     if layout.scale_dtypes is not None and tensors[module + layout.scales[0]].dtype not in layout.scale_dtypes:
