@@ -186,6 +186,7 @@ def test_dequantize_consumers_asymmetric_w4_bf16(asym, tmp_path):
             assert raw(d[f"{m}.{k}"]) == raw(s[f"{m}.{k}"]), m + k
     ignore = json.loads((dst / "config.json").read_text())["quantization_config"]["ignore"]
     assert sorted(ignore) == sorted(["lm_head", *widened])
+    assert "Integer-packed weights (compressed-tensors `weight_packed`" in (dst / "README.md").read_text()
     r = _cli()("verify", src, dst, "-q")
     assert r.returncode == 0, r.stdout + r.stderr
 
