@@ -165,3 +165,45 @@ def gptq_awq(model_type: str, out: Path, method: str, *, bits: int = 4, group: i
     c["quantization_config"] = quant
     (out / "config.json").write_text(json.dumps(c, indent=1))
     return out
+
+
+def ct_int(model_type: str, out: Path, *, strategy: str = "channel", group: int | None = None,
+           symmetric: bool = True, seed: int = 0, **cfg) -> Path:
+    """A compressed-tensors ``int-quantized`` W8A16 checkpoint (``weight`` I8, ``weight_scale``, an
+    asymmetric scheme's ``weight_zero_point`` I8), quantized by compressed-tensors' ``calculate_qparams``
+    and ``IntQuantizationCompressor``; shards norms | codes | scales and zero points | the rest."""
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    from compressed_tensors.quantization.utils import calculate_qparams
+    tensors = tiny_bf16(model_type, out, seed, **cfg)
+    scheme = ct_scheme(8, strategy, group, symmetric)
+    for name in [n for n in tensors if _is_linear(n)]:
+        module = name[: -len(".weight")]
+        w = tensors.pop(name)
+        rows, cols = w.shape
+        g = group if strategy == "group" else cols
+        wg = w.reshape(rows, cols // g, g)
+        scale, zp = calculate_qparams(wg.amin(-1), wg.amax(-1), scheme.weights)
+        sd = IntQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp}, scheme)
+        tensors.update({f"{module}.{k}": v for k, v in sd.items()})
+    weights = {"num_bits": 8, "type": "int", "strategy": strategy, "group_size": group, "symmetric": symmetric,
+               "dynamic": False, "observer": "minmax"}
+    quant = {"quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
+             "ignore": ["lm_head"], "config_groups": {"group_0": {
+                 "targets": ["Linear"], "format": "int-quantized", "input_activations": None,
+                 "output_activations": None, "weights": weights}}}
+    shards: list[dict] = [{}, {}, {}, {}]
+    for name in sorted(tensors):
+        t = tensors[name]
+        role = (0 if "norm" in name else 1 if t.dtype == torch.int8 and name.endswith(".weight") else
+                2 if name.endswith(("weight_scale", "weight_zero_point")) else 3)
+        shards[role][name] = t.contiguous()
+    weight_map = {}
+    for i, s in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(s, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in s})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    c = json.loads((out / "config.json").read_text())
+    c["quantization_config"] = quant
+    (out / "config.json").write_text(json.dumps(c, indent=1))
+    return out

@@ -216,3 +216,54 @@ def test_dequantize_symmetric_loads_in_transformers(bits, strategy, group, symme
     for out in (f32, bf16):
         r = _cli()("verify", src, out, "-q")
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("strategy,group,symmetric", [("channel", None, True), ("group", 32, False)])
+def test_dequantize_int_quantized(strategy, group, symmetric, tmp_path):
+    """compressed-tensors ``int-quantized`` INT8 (``weight`` I8; asymmetric: an unpacked I8 zero point per
+    group), quantized by compressed-tensors' own ``IntQuantizationCompressor``: consumers widened, every
+    element its float64 decompression times g rounded once, the rest byte for byte; the source and the
+    float32-merged output load in transformers, logits within 1e-5 relative, bf16 argmax equal;
+    ``verify`` passes and fails on one flipped bit."""
+    import torch
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    from tests.quant_int_models import ct_int, ct_scheme
+    from tests.test_quant_partial import raw
+    src = tmp_path / "src"
+    src.mkdir()
+    ct_int("llama", src, strategy=strategy, group=group, symmetric=symmetric, **LLAMA)
+    scheme = ct_scheme(8, strategy, group, symmetric)
+    f32, bf16 = tmp_path / "f32", tmp_path / "bf16"
+    assert _cli()(src, f32, "-q", "--dequantize", "--merged-dtype", "float32", "--memory-budget", "1M").returncode == 0
+    assert _cli()(src, bf16, "-q", "--dequantize").returncode == 0
+    s, d = _read_all(src), _read_all(f32)
+    for m in MODULES:
+        leaf, layer = m.rsplit(".", 1)[1], m.rsplit(".", 2)[0]
+        if leaf not in NORM_OF:
+            for k in (".weight", ".weight_scale") + ((".weight_zero_point",) if not symmetric else ()):
+                assert raw(d[m + k]) == raw(s[m + k]), m + k
+            continue
+        sd = {k: s[f"{m}.{k}"] for k in ("weight", "weight_scale", "weight_zero_point") if f"{m}.{k}" in s}
+        sd["weight_scale"] = sd["weight_scale"].to(torch.float64)
+        w = IntQuantizationCompressor.decompress(sd, scheme)["weight"].numpy()
+        w = w * s[f"{layer}.{NORM_OF[leaf]}.weight"].to(torch.float64).numpy()[None, :]
+        got = d[m + ".weight"].view(torch.int32).numpy().view(np.uint32)
+        np.testing.assert_array_equal(got, w.astype(np.float32).view(np.uint32), err_msg=m)
+        assert m + ".weight_scale" not in d and m + ".weight_zero_point" not in d
+    want, got = logits_of(src), logits_of(f32)
+    assert rel(got, want) <= 1e-5, rel(got, want)
+    assert (got.argmax(-1) == want.argmax(-1)).all() and (logits_of(bf16).argmax(-1) == want.argmax(-1)).all()
+    for out in (f32, bf16):
+        r = _cli()("verify", src, out, "-q")
+        assert r.returncode == 0, r.stdout + r.stderr
+    from streamfold.core.reader import Checkpoint
+    t = Checkpoint(f32).tensors["model.layers.0.mlp.gate_proj.weight"]
+    with open(t.path, "r+b") as f:
+        f.seek(t.begin + 4 * 999)
+        b = bytearray(f.read(1))
+        b[0] ^= 1
+        f.seek(t.begin + 4 * 999)
+        f.write(b)
+    r = _cli()("verify", src, f32)
+    assert r.returncode != 0 and "model.layers.0.mlp.gate_proj.weight" in r.stdout + r.stderr, r.stdout

@@ -14,7 +14,7 @@ import numpy as np
 
 from .quant_oracle import Split, compare_bits, product, round_exact, split_float, split_int
 
-INT_FMTS = ("ct-pack", "gptq", "gptq_v2", "awq")  # the record formats checked here
+INT_FMTS = ("ct-pack", "ct-int", "gptq", "gptq_v2", "awq")  # the record formats checked here
 
 
 def codes_at(words: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -125,8 +125,34 @@ def check_int_band(c, read, g: np.ndarray | None, got_raw: np.ndarray, base_inde
         return check_ct_pack_band(words, c, read(c.scale[0], c.scale[1], _nbytes(c.scale)),
                                   read(c.zero[0], c.zero[1], _nbytes(c.zero)) if c.zero else None, g, got_raw,
                                   base_index)
-    want, _ = gptq_awq_expected(c, read, g)
+    if c.fmt == "ct-int":
+        want, _ = ct_int_expected(c, read, g)
+    else:
+        want, _ = gptq_awq_expected(c, read, g)
     return compare_bits(want, c.out_dtype, got_raw, base_index)
+
+
+def ct_int_expected(c, read, g: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Expected bits of one ``ct-int`` record: signed int8 codes (two's complement from the raw bytes)
+    minus the zero point of their group, times its scale and ``g``, as integers, rounded once."""
+    r0, r1 = c.rows
+    n = r1 - r0
+    u = read(c.src, c.src_off, n * c.cols).astype(np.int64).reshape(n, c.cols)
+    q = np.where(u >= 128, u - 256, u)
+    col_group = np.arange(c.cols) // c.block[1]
+    rows_of = (lambda a: np.broadcast_to(a.reshape(1, 1), (n, 1))) if c.block[0] > 1 else (lambda a: a)
+    if c.zero:
+        isz = {"I8": 1, "I16": 2, "I32": 4}[c.zero[2]]
+        zraw = read(c.zero[0], c.zero[1], int(np.prod(c.zero[3])) * isz)
+        zp = rows_of(zraw.view({1: "<i1", 2: "<i2", 4: "<i4"}[isz]).astype(np.int64).reshape(c.zero[3]))
+        q = q - zp[:, col_group]
+    s = split_float(read(c.scale[0], c.scale[1], _nbytes(c.scale)), c.scale[2]).reshape(*c.scale[3])
+    if c.block[0] > 1:  # per tensor
+        s = Split(*(np.broadcast_to(x.reshape(1, 1), (n, 1)) for x in (s.sign, s.mant, s.exp, s.nan)))
+    factors: list[Split] = [split_int(q), s[:, col_group]]
+    if g is not None:
+        factors.append(split_float(np.asarray(g, dtype=np.float32), "F32").reshape(1, c.cols))
+    return round_exact(product(*factors), c.out_dtype)
 
 
 def _nbytes(rng: tuple) -> int:

@@ -24,7 +24,8 @@ transformers' dequantized parameter ``X`` ``[E, in, out]`` (:func:`output_of`; t
 index, ``verify`` and the card use it). And compressed-tensors ``pack-quantized`` INT1..8 (group, channel
 or tensor scales, symmetric or with packed zero points; not activation-ordered ``weight_g_idx``): written
 as the logical ``X.weight`` ``[out, in]`` (:data:`streamfold.quant.intpack.PACKED`), its records built by
-:mod:`streamfold.planning.quantchunks`. Others are refused with one line naming the module.
+:mod:`streamfold.planning.quantchunks` (which also builds int-quantized I8, GPTQ, AWQ GEMM and fused 3-D
+FP8 expert records). Others are refused with one line naming the module.
 """
 from __future__ import annotations
 
@@ -47,9 +48,9 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
 # inside ``.experts.N.``: gate/up widened -> the same expert's down projection too
 EXPERT_DOWN = {"gate_proj": "down_proj", "up_proj": "down_proj", "w1": "w2", "w3": "w2"}
 SUPPORTED = {"fp8": ("block",), "fp8-fused": ("block",), "fp8-scale": ("block",), "ct-float": ("channel", "tensor", "block"),
-             "mxfp4": ("group",), "ct-pack": ("group", "channel", "tensor"), "gptq": ("group", "channel"),
+             "mxfp4": ("group",), "ct-pack": ("group", "channel", "tensor"), "ct-int": ("channel", "tensor", "group"), "gptq": ("group", "channel"),
              "awq": ("group", "channel")}
-ZERO_POINT_OK = ("ct-pack",)  # layouts whose decoder applies a zero point (streamfold.planning.quantchunks)
+ZERO_POINT_OK = ("ct-pack", "ct-int")  # layouts whose decoder applies a zero point (streamfold.planning.quantchunks)
 # gpt-oss's fused expert parameters (``X.experts.gate_up_proj``): widening gate_up widens down_proj too
 FUSED_EXPERT_DOWN = {"gate_up_proj": "down_proj"}
 
@@ -188,7 +189,7 @@ def check_supported(qm: QuantModule) -> None:
                  else f": {why}" if why else "")
         raise StreamfoldError(f"--dequantize: {qm.module} is {qm.describe()}{extra}; "
                               "streamfold dequantizes FP8 block-quantized (fp8), compressed-tensors FP8 "
-                              "tensor/channel/block, compressed-tensors pack-quantized INT, GPTQ, AWQ GEMM and "
+                              "tensor/channel/block, compressed-tensors pack- and int-quantized INT, GPTQ, AWQ GEMM and "
                               "gpt-oss MXFP4 modules so far")
 
 

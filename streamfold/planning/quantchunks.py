@@ -164,3 +164,51 @@ def fp8_expert_chunks(ckpt, t, a, dst_begin: int, shard: str, chunk_bytes: int) 
 
 
 BUILDERS["fp8-fused"] = fp8_expert_chunks
+
+
+ZP_DTYPES = ("I8", "I16", "I32")
+
+
+def ct_int_chunks(ckpt, t, a, dst_begin: int, shard: str, chunk_bytes: int) -> list[dict]:
+    """Row bands of a compressed-tensors ``int-quantized`` weight (``weight`` I8 ``[out, in]``, signed
+    codes; ``weight_scale`` per channel ``[out, 1]``, group ``[out, in/G]`` or tensor; an asymmetric
+    scheme's ``weight_zero_point`` unpacked, shaped like the scale). ``fmt`` ``"ct-int"``: ``scale`` and
+    ``zero`` are the band's rows of each (a per-tensor scale / zero point: its one value)."""
+    qm = a.quant
+    if len(t.shape) != 2:
+        raise StreamfoldError(f"--dequantize: {t.name} has shape {list(t.shape)}; int-quantized weights are 2-D")
+    rows, cols = t.shape
+    st = ckpt.tensors[qm.module + ".weight_scale"]
+    if qm.strategy == "group":
+        group = qm.block[1]
+        if cols % group:
+            raise StreamfoldError(f"--dequantize: {t.name}: {cols} inputs are not a multiple of group_size {group}")
+        groups, block, want = cols // group, (1, group), [(rows, cols // group)]
+    elif qm.strategy == "channel":
+        groups, block, want = 1, (1, cols), [(rows, 1)]
+    else:
+        groups, block, want = 1, (rows, cols), [(1,), (), (1, 1)]
+    zp = next((x for x in qm.aux if x.endswith(".weight_zero_point")), None)
+    for x in (st, ckpt.tensors[zp] if zp else None):
+        if x is not None and tuple(x.shape) not in want:
+            raise StreamfoldError(f"--dequantize: {x.name} has shape {list(x.shape)}, not {list(want[0])} "
+                                  f"({qm.strategy} quantization of {t.name} {list(t.shape)})")
+    if zp and ckpt.tensors[zp].dtype not in ZP_DTYPES:
+        raise StreamfoldError(f"--dequantize: {zp} is {ckpt.tensors[zp].dtype}, not an integer zero point")
+    osz = itemsize(a.out_dtype)
+    step = max(1, chunk_bytes // max(1, cols * 8))
+    out = []
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        n = r1 - r0
+        per = ((lambda name: _range(ckpt, name, 0, (1, 1))) if qm.strategy == "tensor"
+               else (lambda name: _range(ckpt, name, r0 * groups, (n, groups))))
+        out.append(dict(tensor=t.name, dst=dst_begin + r0 * cols * osz, size=n * cols * osz, src=shard,
+                        src_off=t.begin + r0 * cols, src_bytes=n * cols, rows=(r0, r1), cols=cols, width=cols,
+                        norm=a.norm.weight if a.norm is not None else "", src_dtype=t.dtype,
+                        out_dtype=a.out_dtype, scale=per(st.name), zero=per(zp) if zp else (), block=block,
+                        fmt="ct-int"))
+    return out
+
+
+BUILDERS["ct-int"] = ct_int_chunks

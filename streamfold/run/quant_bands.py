@@ -21,7 +21,7 @@ from ..quant.decode import int_pack_band, scale_values, unpack_zero_points
 from ..quant.intpack import awq_band, gptq_band
 from ..quant.kernel import code_bits, dequant_fold, sig_bits
 
-PACK_FMTS = ("ct-pack", "gptq", "gptq_v2", "awq")
+PACK_FMTS = ("ct-pack", "ct-int", "gptq", "gptq_v2", "awq")
 
 
 def read_range(rng: tuple, fds: dict[str, int], paths: dict[str, Path]) -> np.ndarray:
@@ -96,10 +96,34 @@ def gptq_awq_band_out(c, fds: dict[str, int], paths: dict[str, Path], g: np.ndar
                  code_bits("int", bits) + sig_bits(scales))
 
 
+def ct_int_band_out(c, codes: np.ndarray, scale_raw: np.ndarray, zero_raw: np.ndarray | None,
+                    g: np.ndarray | None, out: np.ndarray) -> None:
+    """``out`` = rows ``r0..r1`` of a compressed-tensors int-quantized weight, ``(q - zp)·s·g`` rounded once
+    (``q`` signed int8 codes; ``zero_raw`` the unpacked zero points, None when symmetric)."""
+    r0, r1 = c.rows
+    n = r1 - r0
+    scales = scale_values(scale_raw, c.scale[2], c.tensor).reshape(c.scale[3])
+    vals = codes.view(np.int8).reshape(n, c.cols).astype(np.float64)
+    groups = scales.shape[-1] if scales.size > 1 else 1
+    v = vals.reshape(n, groups, c.cols // groups) if scales.size > 1 else vals
+    if zero_raw is not None:
+        zp = zero_raw.view(DTYPES[c.zero[2]]).astype(np.float64).reshape(c.zero[3])
+        v -= zp[:, :, None] if scales.size > 1 else zp.reshape(())
+    v *= scales[:, :, None] if scales.size > 1 else scales.reshape(())
+    dequant_fold(vals, g, c.out_dtype, out.view(DTYPES[c.out_dtype]).reshape(n, c.cols),
+                 code_bits("int", 8) + sig_bits(scales))
+
+
 def pack_compute(c, g: np.ndarray | None, fds: dict[str, int], paths: dict[str, Path], window: Callable,
                  out: np.ndarray) -> None:
     """Compute one integer-packed record's output band into ``out`` (``window``: the engine's
     ``with_source_window``)."""
+    if c.fmt == "ct-int":
+        scale_raw = read_range(c.scale, fds, paths)
+        zero_raw = read_range(c.zero, fds, paths) if c.zero else None
+        window(fds[c.src], c.src_off, c.src_bytes, paths[c.src],
+               lambda codes: ct_int_band_out(c, codes, scale_raw, zero_raw, g, out))
+        return
     if c.fmt != "ct-pack":
         gptq_awq_band_out(c, fds, paths, g, out)
         return
