@@ -152,6 +152,21 @@ def test_dequantize_consumers_gptq_keeps_the_rest(tmp_path):
     q = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert sorted(q["modules_to_not_convert"]) == sorted(widened) and q["checkpoint_format"] == "gptq"
     assert cli("verify", src, dst, "-q").returncode == 0
+    # the records name codes, scales, zeros and g_idx in their own shards, and survive the task JSON
+    import streamfold
+    from streamfold.planning.tasks import Op, Task
+    plan = streamfold.plan(src, dequantize=True, memory_budget=1 << 20)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    recs = [c for t in plan.tasks for c in t.chunks if c.op == Op.DEQUANT]
+    assert {c.tensor for c in recs} == {m + ".weight" for m in widened}
+    for c in recs:
+        m = c.tensor[: -len(".weight")]
+        assert c.fmt == "gptq" and c.src == index[m + ".qweight"] and c.rows[0] % 32 == 0
+        assert (c.scale[0], c.zero[0], c.gidx[0]) == (index[m + ".scales"], index[m + ".qzeros"], index[m + ".g_idx"])
+        assert c.scale[0] != c.src
+    for t in plan.tasks:
+        assert [c.to_dict() for c in Task.from_json(t.to_json()).chunks] == [c.to_dict() for c in t.chunks]
+        assert [c.gidx for c in Task.from_json(t.to_json()).chunks] == [c.gidx for c in t.chunks]
     # a wrapped zero point in q_proj's qzeros
     from safetensors.torch import load_file, save_file
     index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
