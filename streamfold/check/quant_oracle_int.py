@@ -1,12 +1,13 @@
-"""The independent oracle for integer-packed weights (compressed-tensors ``pack-quantized``, GPTQ, AWQ GEMM).
+"""The independent oracle for integer weights (compressed-tensors pack- and int-quantized, GPTQ, AWQ GEMM).
 
-It shares nothing with :mod:`streamfold.quant.decode` (which unpacks through byte views and nibble
-tables): each code is cut out of the row's word stream by its bit position, ``code i`` = bits
-``i·b .. i·b + b - 1`` of the 64-bit pair (word ``⌊i·b/32⌋``, the next word) as unsigned integers;
-zero points the same way down the output axis. GPTQ / AWQ codes likewise from their word and bit
-position (AWQ's from the packer's order [0, 2, 4, 6, 1, 3, 5, 7], inverted here). The integer ``u - zp`` (or ``u - 2^(b-1)``) times the
-scale's and ``g``'s integer mantissas is the exact product, rounded once by
-:func:`streamfold.check.quant_oracle.round_exact` (integer shifts, no float arithmetic).
+It shares nothing with :mod:`streamfold.quant.decode` / :mod:`streamfold.quant.intpack` (which unpack
+through byte views, nibble splits and strided shifts): each code is cut out of the row's word stream
+by its bit position, ``code i`` = bits ``i·b .. i·b + b - 1`` of the 64-bit pair (word ``⌊i·b/32⌋``,
+the next word) as unsigned integers; zero points the same way down the output axis. GPTQ / AWQ codes
+likewise from their word and bit position (AWQ's from the packer's order [0, 2, 4, 6, 1, 3, 5, 7],
+inverted here); int-quantized I8 codes from their bytes as two's complement. The integer ``u - zp``
+(or ``u - 2^(b-1)``) times the scale's and ``g``'s integer mantissas is the exact product, rounded
+once by :func:`streamfold.check.quant_oracle.round_exact` (integer shifts, no float arithmetic).
 """
 from __future__ import annotations
 

@@ -97,8 +97,8 @@ class Chunk:
     step: int = 0  # bias: rows of W per read
     scale: tuple = ()  # dequant: (file, offset, dtype, shape) of the scale rows of ``rows``
     block: tuple = ()  # dequant: the block size (rows, cols) one scale covers
-    fmt: str = ""  # dequant: "" FP8 tiles; "mxfp4": gpt-oss experts (see _mxfp4_chunks); "ct-pack": quantchunks
-    zero: tuple = ()  # dequant ct-pack/gptq/awq: (file, offset, dtype, shape) of the packed zero points
+    fmt: str = ""  # dequant: "" FP8 tiles; "mxfp4": gpt-oss experts; ct-pack, ct-int, gptq, awq: quantchunks
+    zero: tuple = ()  # dequant ct-pack/ct-int/gptq/awq: (file, offset, dtype, shape) of the zero points
     gidx: tuple = ()  # dequant gptq: (file, offset, dtype, shape) of g_idx (the group of each input)
 
     def to_dict(self) -> dict:
@@ -296,7 +296,7 @@ def _shard_task(ckpt: Checkpoint, plan: Plan, shard: str, files: dict[str, Sourc
         elif a.kind == Kind.DEQUANT:
             if a.norm is not None:
                 task.norms.setdefault(a.norm.weight, {})["scale"] = a.norm.scale
-            if a.quant.layout in BUILDERS:  # integer-packed weights (streamfold.planning.quantchunks)
+            if a.quant.layout in BUILDERS:  # integer formats, fused FP8 experts (streamfold.planning.quantchunks)
                 chunks = [Chunk(Op.DEQUANT, **kw) for kw in BUILDERS[a.quant.layout](ckpt, t, a, o.begin, shard,
                                                                                     chunk_bytes)]
             else:
