@@ -267,3 +267,34 @@ def test_dequantize_int_quantized(strategy, group, symmetric, tmp_path):
         f.write(b)
     r = _cli()("verify", src, f32)
     assert r.returncode != 0 and "model.layers.0.mlp.gate_proj.weight" in r.stdout + r.stderr, r.stdout
+
+
+@pytest.mark.full
+def test_dequantize_integer_refusals(asym, tmp_path):
+    """One line naming the tensor, exit 2, nothing written: a ``weight_shape`` that is not the codes'
+    unpadded shape; a 3-bit GPTQ config (its packing crosses words differently)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tests.test_bad_input import tree_hash
+    src = tmp_path / "w4"
+    shutil.copytree(asym[0], src)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.up_proj.weight_shape"
+    t = load_file(str(src / index[name]))
+    t[name] = torch.tensor([384, 250])
+    save_file(t, str(src / index[name]), metadata={"format": "pt"})
+    before = tree_hash(src)
+    r = _cli()(src, tmp_path / "o", "--dequantize")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "model.layers.1.mlp.up_proj.weight_shape is [384, 250]" in r.stderr and "padded" in r.stderr, r.stderr
+    assert tree_hash(src) == before and not (tmp_path / "o").exists()
+    from tests.quant_int_models import gptq_awq
+    g = tmp_path / "gptq"
+    g.mkdir()
+    gptq_awq("llama", g, "gptq", bits=4, group=32, **LLAMA)
+    cfg = json.loads((g / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 3
+    (g / "config.json").write_text(json.dumps(cfg))
+    r = _cli()(g, tmp_path / "o", "--dequantize")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "model.layers.0.self_attn.q_proj is INT3 group-quantized (gptq): 3-bit GPTQ" in r.stderr, r.stderr
