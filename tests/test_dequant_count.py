@@ -59,3 +59,32 @@ def test_mxfp4_counts_equal_the_oracle(fold, nan):
     e, r = band_counts(c, blocks.reshape(-1), scales.reshape(-1), g, want.view(np.uint8).reshape(-1))
     n = int(np.count_nonzero(exact))
     assert (e, r) == (n, want.size - n) and 0 < n
+
+
+@pytest.mark.parametrize("out_dtype", ["BF16", "F32"])
+def test_integer_values_counts_equal_exact_rationals(out_dtype):
+    """Integer formats: ``(u - zp)·s`` has up to 33 significant bits, times a float32 ``g`` up to 57, more
+    than float64 holds; the counter (TwoProduct) must call exact only what Fractions say is exact."""
+    from fractions import Fraction
+
+    import ml_dtypes
+    from streamfold.run.dequant_count import values_counts
+    rng = np.random.default_rng(3)
+    q = rng.integers(-255, 256, (6, 40)).astype(np.float64)
+    s = rng.uniform(1e-3, 1e-2, (6, 1)).astype(np.float32).astype(np.float64)  # 24-bit scales
+    s[0] = 2.0 ** -7  # a power of two: many exact products
+    vals = q * s  # exact: <= 9 + 24 bits
+    g = rng.uniform(0.3, 1.7, 40).astype(np.float32)
+    g[:8] = np.float32(1.5)  # short g: exact products where q·s is short too
+    # V·G = 2^56 - 1 and 2^56 + 4 (found by search): float64's product is 0.5 exactly, a bf16 and float32
+    # value, but the exact product is not: counted exact by a plain float64 comparison
+    for row, col, big_v, big_g in ((1, 39, 2 ** 56 // 9256395, 9256395), (2, 38, 2 ** 56 // 9110917 + 1, 9110917)):
+        vals[row, col], g[col] = big_v * 2.0 ** -33, np.float32(big_g * 2.0 ** -24)
+        assert float(vals[row, col]) * float(g[col]) == 0.5 and big_v * big_g != 2 ** 56
+    np_out = {"BF16": ml_dtypes.bfloat16, "F32": np.float32}[out_dtype]
+    exact_products = [[Fraction(float(v)) * Fraction(float(x)) for v, x in zip(row, g)] for row in vals]
+    out = np.array([[np_out(float(p)) for p in row] for row in exact_products], dtype=np_out)  # float64 then cast:
+    # double rounding is harmless here, only which stored values equal the exact product matters
+    want = sum(Fraction(float(o)) == p for orow, prow in zip(out, exact_products) for o, p in zip(orow, prow))
+    e, r = values_counts(vals.copy(), g, out.view(np.uint8).reshape(-1), out_dtype)
+    assert (e, r) == (want, vals.size - want) and 0 < want < vals.size

@@ -159,10 +159,19 @@ def test_dequantize_refusals(tmp_path):
     w4 = tmp_path / "w4"
     w4.mkdir()
     qm.ct_w4_group("llama", w4, group=32, **QWEN3)
+    index = json.loads((w4 / "model.safetensors.index.json").read_text())  # activation order: a g_idx
+    shard = index["weight_map"]["model.layers.0.self_attn.q_proj.weight_scale"]
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(w4 / shard))
+    t["model.layers.0.self_attn.q_proj.weight_g_idx"] = torch.arange(256, dtype=torch.int32) // 32
+    save_file(t, str(w4 / shard), metadata={"format": "pt"})
+    index["weight_map"]["model.layers.0.self_attn.q_proj.weight_g_idx"] = shard
+    (w4 / "model.safetensors.index.json").write_text(json.dumps(index))
     before = tree_hash(w4)
     r = cli(w4, tmp_path / "o", "--dequantize")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "model.layers.0.self_attn.q_proj is INT4 group-quantized (compressed-tensors)" in r.stderr, r.stderr
+    assert ("model.layers.0.self_attn.q_proj is INT4 group-quantized (compressed-tensors) with a g_idx "
+            "(activation order)") in r.stderr, r.stderr
     assert tree_hash(w4) == before and not (tmp_path / "o").exists()
 
 

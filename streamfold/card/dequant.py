@@ -8,6 +8,7 @@ from .table import dtype_names
 from ..planning.dequant import output_of
 from ..planning.planner import Kind, Plan
 from ..quant.counts import counts_line, totals
+from ..quant.intpack import PACKED
 
 
 def dequant_note(plan: Plan, tensors: dict, counts: dict[str, list[int]] | None = None) -> str:
@@ -36,6 +37,9 @@ def dequant_note(plan: Plan, tensors: dict, counts: dict[str, list[int]] | None 
             + ("gpt-oss MXFP4 experts are written as transformers' dequantized parameters (`X` for `X_blocks` and "
                "`X_scales`, shaped `[experts, in, out]`). " if any(qm.layout == "mxfp4" for qm in deq.widened.values())
                else "")
+            + ("Integer-packed weights (compressed-tensors `weight_packed`, GPTQ/AWQ `qweight`) are written as their "
+               "logical `X.weight` `[out, in]`; their codes, scales and zero points are gone. "
+               if any(qm.layout in PACKED for qm in deq.widened.values()) else "")
             + (f"{left} quantized modules are byte-for-byte copies, and `quantization_config` lists the widened ones "
                "as not converted." if left else "Nothing quantized is left, so `quantization_config` was removed."))
 

@@ -32,6 +32,7 @@ from ..core.fold import Scratch
 from ..core.manifest import OrderedHasher
 from .oracle import FoldTally, check_scaled, expected_bias, uint_of
 from .quant_oracle import check_dequant_band, compare_bits, mxfp4_expected
+from .quant_oracle_int import INT_FMTS, check_int_band
 from ..planning.tasks import Chunk, Op, Task
 from .report import Problem, fmt_index, fmt_ulps
 
@@ -295,13 +296,19 @@ def _dequant(self: Checker, p: Piece, tc: TensorCheck, d: np.ndarray, s: Scratch
         t = compare_bits(want, c.out_dtype, d, base_index=p.rel // DTYPES[c.out_dtype].itemsize)
         t.exact = int(np.count_nonzero(exact))
         return t
+    if c.fmt in INT_FMTS:  # integer-packed: streamfold.check.quant_oracle_int
+        def rd(f: str, off: int, nbytes: int) -> np.ndarray:
+            buf = np.empty(nbytes, np.uint8)
+            self.reader.read(self.sources[f], off, buf)
+            return buf
+        return check_int_band(c, rd, tc.vec, d, base_index=r0 * c.cols)
     codes = s.get("src", (r1 - r0) * c.cols)
     self.reader.read(self.sources[c.src], p.src_off, codes)
     sfile, soff, sdtype, sshape = c.scale
     sraw = np.empty(math.prod(sshape) * DTYPES[sdtype].itemsize, np.uint8)
     self.reader.read(self.sources[sfile], soff, sraw)
     return check_dequant_band(codes.reshape(r1 - r0, c.cols), sraw, sdtype, tuple(c.block), r0, tc.vec,
-                              c.out_dtype, d, base_index=r0 * c.cols)
+                              c.out_dtype, d, base_index=p.rel // DTYPES[c.out_dtype].itemsize)  # 3-D experts too
 
 
 _CHECKS = {Op.COPY: Checker._copy, Op.FOLD: Checker._fold, Op.FILL: Checker._fill, Op.BIAS: Checker._bias,

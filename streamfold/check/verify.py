@@ -147,7 +147,7 @@ def _derive_plan(src_ckpt: Checkpoint, src_cfg: dict, src: Path, dst_cfg: dict |
         merged = "source"
         for src_name, a in plan.actions.items():
             name = output_of(src_name, a, src_ckpt.tensors[src_name].shape)[0]
-            if a.kind in (Kind.SCALE, Kind.DEQUANT) and src_ckpt.tensors[src_name].dtype in ("BF16", "F16", "F8_E4M3", "U8") \
+            if (a.kind == Kind.DEQUANT or a.kind == Kind.SCALE and src_ckpt.tensors[src_name].dtype in ("BF16", "F16")) \
                     and name in dst_tensors and dst_tensors[name].dtype == "F32":
                 merged = "float32"
                 break

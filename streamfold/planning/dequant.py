@@ -21,7 +21,11 @@ Every one is decoded as FP8 codes times a scale per tile (:func:`tile`: a channe
 tile, a tensor scale one ``out x in`` tile). And gpt-oss MXFP4 experts (``X_blocks`` U8 ``[E, out, in/32,
 16]`` + ``X_scales`` E8M0 ``[E, out, in/32]``): the output tensor is NOT the codes tensor renamed but
 transformers' dequantized parameter ``X`` ``[E, in, out]`` (:func:`output_of`; the task header, the
-index, ``verify`` and the card use it). Others are refused with one line naming the module.
+index, ``verify`` and the card use it). And compressed-tensors ``pack-quantized`` INT1..8 (group, channel
+or tensor scales, symmetric or with packed zero points; not activation-ordered ``weight_g_idx``): written
+as the logical ``X.weight`` ``[out, in]`` (:data:`streamfold.quant.intpack.PACKED`), its records built by
+:mod:`streamfold.planning.quantchunks` (which also builds int-quantized I8, GPTQ, AWQ GEMM and fused 3-D
+FP8 expert records). Others are refused with one line naming the module.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 
 from ..core.errors import StreamfoldError
 from ..quant.formats import QuantModule, Quantization
+from ..quant.intpack import PACKED, packed_shape, unsupported
 
 MODES = ("consumers", "all")
 # modules one fused loader kernel reads together: widening one widens the others
@@ -42,8 +47,10 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
 )
 # inside ``.experts.N.``: gate/up widened -> the same expert's down projection too
 EXPERT_DOWN = {"gate_proj": "down_proj", "up_proj": "down_proj", "w1": "w2", "w3": "w2"}
-SUPPORTED = {"fp8": ("block",), "fp8-scale": ("block",), "ct-float": ("channel", "tensor", "block"),
-             "mxfp4": ("group",)}
+SUPPORTED = {"fp8": ("block",), "fp8-fused": ("block",), "fp8-scale": ("block",), "ct-float": ("channel", "tensor", "block"),
+             "mxfp4": ("group",), "ct-pack": ("group", "channel", "tensor"), "ct-int": ("channel", "tensor", "group"), "gptq": ("group", "channel"),
+             "awq": ("group", "channel")}
+ZERO_POINT_OK = ("ct-pack", "ct-int")  # layouts whose decoder applies a zero point (streamfold.planning.quantchunks)
 # gpt-oss's fused expert parameters (``X.experts.gate_up_proj``): widening gate_up widens down_proj too
 FUSED_EXPERT_DOWN = {"gate_up_proj": "down_proj"}
 
@@ -149,12 +156,12 @@ def _collapse_experts(widened, modules) -> list[str]:
     ``X.experts`` module, which a per-expert entry does not name; vLLM matches it as a prefix)."""
     groups: dict[str, list[str]] = {}
     for m in modules:
-        hit = re.match(r"(.*\.experts)\.\d+\.", m)
+        hit = _experts_of(m, modules[m])
         if hit:
             groups.setdefault(hit.group(1), []).append(m)
     out, done = [], set()
     for m in sorted(widened, key=_natural):
-        hit = re.match(r"(.*\.experts)\.\d+\.", m)
+        hit = _experts_of(m, modules[m])
         if hit and all(x in widened for x in groups[hit.group(1)]):
             if hit.group(1) not in done:
                 done.add(hit.group(1))
@@ -164,13 +171,26 @@ def _collapse_experts(widened, modules) -> list[str]:
     return out
 
 
+def _experts_of(module: str, qm: QuantModule):
+    """The ``X.experts`` match of a per-expert module (``X.experts.3.up_proj``) or of a fused FP8 expert
+    parameter (``X.experts.gate_up_proj``: transformers' FP8 experts module is ``X.experts``), else None."""
+    if qm.layout == "fp8-fused":
+        return re.match(r"(.*\.experts)\.[^.]+$", module)
+    return re.match(r"(.*\.experts)\.\d+\.", module)
+
+
 def check_supported(qm: QuantModule) -> None:
     ok = qm.strategy in SUPPORTED.get(qm.layout, ()) and (qm.strategy != "block" or qm.block)
-    zero_point = any(x.endswith(".weight_zero_point") for x in qm.aux)
-    if not ok or zero_point:
-        raise StreamfoldError(f"--dequantize: {qm.module} is {qm.describe()}{' with a zero point' if zero_point else ''}; "
+    zero_point = qm.layout not in ZERO_POINT_OK and any(x.endswith(".weight_zero_point") for x in qm.aux)
+    g_idx = any(x.endswith(".weight_g_idx") for x in qm.aux)  # activation-ordered groups
+    why = unsupported(qm)
+    if not ok or zero_point or g_idx or why:
+        extra = (" with a zero point" if zero_point else " with a g_idx (activation order)" if g_idx
+                 else f": {why}" if why else "")
+        raise StreamfoldError(f"--dequantize: {qm.module} is {qm.describe()}{extra}; "
                               "streamfold dequantizes FP8 block-quantized (fp8), compressed-tensors FP8 "
-                              "tensor/channel/block and gpt-oss MXFP4 modules so far")
+                              "tensor/channel/block, compressed-tensors pack- and int-quantized INT, GPTQ, AWQ GEMM and "
+                              "gpt-oss MXFP4 modules so far")
 
 
 def tile(qm: QuantModule, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -194,6 +214,8 @@ def output_of(name: str, action, shape: tuple[int, ...]) -> tuple[str, tuple[int
     qm = getattr(action, "quant", None)
     if getattr(action, "kind", None) == "dequant" and qm is not None and qm.layout == "mxfp4":
         return qm.logical, mxfp4_shape(tuple(shape))
+    if getattr(action, "kind", None) == "dequant" and qm is not None and qm.layout in PACKED:
+        return qm.logical, packed_shape(qm, tuple(shape))
     return name, tuple(shape)
 
 
@@ -203,9 +225,10 @@ def logical_infos(quant: Quantization, tensors: dict) -> dict:
     import dataclasses
     out = {}
     for qm in quant.modules.values():
-        if qm.layout == "mxfp4" and qm.logical not in tensors and qm.weight in tensors:
+        if qm.layout in ("mxfp4", *PACKED) and qm.logical not in tensors and qm.weight in tensors:
             t = tensors[qm.weight]
-            out[qm.logical] = dataclasses.replace(t, name=qm.logical, shape=mxfp4_shape(tuple(t.shape)), dtype="BF16")
+            shape = mxfp4_shape(tuple(t.shape)) if qm.layout == "mxfp4" else packed_shape(qm, tuple(t.shape))
+            out[qm.logical] = dataclasses.replace(t, name=qm.logical, shape=shape, dtype="BF16")
     return out
 
 
@@ -217,6 +240,8 @@ def check_shape(qm: QuantModule, shape: tuple[int, ...], axis: int) -> None:
             return
         raise StreamfoldError(f"--dequantize: {qm.weight} has shape {list(shape)}; MXFP4 experts are "
                               "[experts, out, in/32, 16] blocks folded along their inputs")
+    if qm.layout == "fp8-fused" and len(shape) == 3 and axis in (2, -1):  # [E, out, in], one expert at a time
+        return
     if len(shape) != 2 or axis not in (1, -1):
         raise StreamfoldError(f"--dequantize: {qm.weight} has shape {list(shape)}; only 2-D [out, in] FP8 weights "
                               "folded along their inputs are dequantized so far")

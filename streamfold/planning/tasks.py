@@ -44,6 +44,7 @@ from ..core.errors import StreamfoldError
 from .planner import Kind, Plan
 from ..quant.decode import check_block_scale
 from .dequant import mxfp4_shape, output_of, tile
+from .quantchunks import BUILDERS
 from ..core.reader import Checkpoint
 from ..core.writer import ShardLayout
 
@@ -96,7 +97,9 @@ class Chunk:
     step: int = 0  # bias: rows of W per read
     scale: tuple = ()  # dequant: (file, offset, dtype, shape) of the scale rows of ``rows``
     block: tuple = ()  # dequant: the block size (rows, cols) one scale covers
-    fmt: str = ""  # dequant: "" FP8 tiles; "mxfp4": gpt-oss experts (see _mxfp4_chunks)
+    fmt: str = ""  # dequant: "" FP8 tiles; "mxfp4": gpt-oss experts; ct-pack, ct-int, gptq, awq: quantchunks
+    zero: tuple = ()  # dequant ct-pack/ct-int/gptq/awq: (file, offset, dtype, shape) of the zero points
+    gidx: tuple = ()  # dequant gptq: (file, offset, dtype, shape) of g_idx (the group of each input)
 
     def to_dict(self) -> dict:
         d = {"op": str(self.op), "tensor": self.tensor, "dst": self.dst, "size": self.size}
@@ -113,7 +116,7 @@ class Chunk:
         for k in ("rows", "shape"):
             if k in kw:
                 kw[k] = tuple(kw[k])
-        for k in ("weight", "scale"):
+        for k in ("weight", "scale", "zero", "gidx"):
             if k in kw:
                 f, off, dt, shape = kw[k]
                 kw[k] = (f, off, dt, tuple(shape))
@@ -293,9 +296,13 @@ def _shard_task(ckpt: Checkpoint, plan: Plan, shard: str, files: dict[str, Sourc
         elif a.kind == Kind.DEQUANT:
             if a.norm is not None:
                 task.norms.setdefault(a.norm.weight, {})["scale"] = a.norm.scale
-            chunks = (_mxfp4_chunks if a.quant.layout == "mxfp4" else _dequant_chunks)(ckpt, t, a, o.begin, shard,
-                                                                                      chunk_bytes)
-            used.update(c.scale[0] for c in chunks)
+            if a.quant.layout in BUILDERS:  # integer formats, fused FP8 experts (streamfold.planning.quantchunks)
+                chunks = [Chunk(Op.DEQUANT, **kw) for kw in BUILDERS[a.quant.layout](ckpt, t, a, o.begin, shard,
+                                                                                    chunk_bytes)]
+            else:
+                chunks = (_mxfp4_chunks if a.quant.layout == "mxfp4" else _dequant_chunks)(ckpt, t, a, o.begin,
+                                                                                          shard, chunk_bytes)
+            used.update(x[0] for c in chunks for x in (c.scale, c.zero, c.gidx) if x)
             task.chunks.extend(chunks)
         else:  # pragma: no cover - every Kind is handled above
             raise AssertionError(a.kind)

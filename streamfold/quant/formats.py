@@ -57,6 +57,7 @@ class QuantModule:
     bits: int | None = None
     scale_fmt: str | None = None
     kind: str = ""
+    packing: str | None = None  # gptq: checkpoint_format ("gptq": stored zero + 1, "gptq_v2"); awq: version
 
     @property
     def tensors(self) -> tuple[str, ...]:
@@ -211,11 +212,12 @@ def _scheme(layout: Layout, method: str, q: Mapping, module: str) -> dict:
             block = _ints(w.get("block_structure"), "block_structure", 2)
         return {"strategy": strategy, "block": block, "bits": bits}
     if method in ("gptq", "awq"):
-        g = q.get("group_size", 128)
+        g = q.get("group_size", q.get("q_group_size", 128))
         bits = q.get("bits", q.get("w_bit", 4))
+        packing = (q.get("checkpoint_format") or "gptq") if method == "gptq" else str(q.get("version") or "gemm").lower()
         if g in (-1, None):
-            return {"strategy": "channel", "block": None, "bits": bits}
-        return {"strategy": "group", "block": (1, _ints([g], "group_size", 1)[0]), "bits": bits}
+            return {"strategy": "channel", "block": None, "bits": bits, "packing": packing}
+        return {"strategy": "group", "block": (1, _ints([g], "group_size", 1)[0]), "bits": bits, "packing": packing}
     if method == "mxfp4":
         return {"strategy": "group", "block": (1, 32), "bits": 4}  # the OCP MX format's block
     return {"strategy": layout.strategy, "block": None, "bits": 8 if method == "fbgemm_fp8" else None}
@@ -226,7 +228,7 @@ def _match(layout: Layout, name: str, tensors: Mapping[str, TensorInfo]) -> str 
     t = tensors[name]
     if not name.endswith(layout.weight) or t.dtype not in layout.weight_dtypes:
         return None
-    module = name[: -len(layout.weight)]
+    module = name[: -len(layout.weight)] if layout.weight else name  # "": the codes tensor names the module
     if not module or not all(module + s in tensors for s in layout.scales):
         return None
     if layout.scale_dtypes is not None and tensors[module + layout.scales[0]].dtype not in layout.scale_dtypes:

@@ -20,7 +20,8 @@ INPUT_SCALES = (".input_scale", ".activation_scale")  # static activation scales
 class Layout:
     """One on-disk shape of a quantized module, matched as ``module + suffix`` names.
 
-    ``weight``: suffix of the codes tensor (its dtype must be in ``weight_dtypes``); ``scales``:
+    ``weight``: suffix of the codes tensor (its dtype must be in ``weight_dtypes``; ``""``: the codes
+    tensor is named as the module, e.g. fused experts ``X.experts.gate_up_proj``); ``scales``:
     required sibling suffixes (the first one's dtype must be in ``scale_dtypes`` when that is set);
     ``aux``: optional siblings that belong to the module (zero points, shapes, global scales);
     ``logical``: the suffix the unquantized checkpoint gives the weight (``.weight``; ``""`` for
@@ -46,6 +47,8 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("fp8", frozenset({"fp8"}), "FP8", ".weight", FLOAT8, (".weight_scale_inv",), WIDE | E8M0),
     Layout("fp8-scale", frozenset({"fp8"}), "FP8", ".weight", FLOAT8, (".scale",), WIDE | E8M0),  # DeepSeek-V4
     Layout("fp8-qscale", frozenset({"fp8"}), "FP8", ".weight", FLOAT8, (".qscale_weight",), WIDE | E8M0),  # Mistral
+    Layout("fp8-fused", frozenset({"fp8"}), "FP8", "", FLOAT8, ("_scale_inv",), WIDE | E8M0, logical=""),
+    # ^ transformers' fused experts: ``X.experts.gate_up_proj`` F8 [E, out, in] + ``..._scale_inv`` [E, grid]
     Layout("fp4-scale", frozenset({"fp8"}), "FP4 (e2m1)", ".weight", frozenset({"I8"}), (".scale",), E8M0,
            strategy="group"),  # DeepSeek-V4 experts: two e2m1 codes per byte, E8M0 scale per 32
     Layout("ct-nvfp4", _CT, "NVFP4", ".weight_packed", frozenset({"U8"}),

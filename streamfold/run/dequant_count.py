@@ -173,3 +173,39 @@ class DequantCounts:
         with self._lock:
             d = self.shards.get(shard)
             return None if d is None else {k: list(v) for k, v in d.items()}
+
+
+def _two_product_error(a: np.ndarray, b: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """``a·b - p`` exactly, for ``p = fl(a·b)`` in float64 (Dekker's TwoProduct with Veltkamp's split;
+    valid while no partial product over- or underflows)."""
+    sa, sb = a * 134217729.0, b * 134217729.0  # 2^27 + 1
+    ah, bh = sa - (sa - a), sb - (sb - b)
+    al, bl = a - ah, b - bh
+    return ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def values_counts(values: np.ndarray, g: np.ndarray | None, out: np.ndarray, out_dtype: str) -> tuple[int, int]:
+    """``(exact, rounded)`` of a band whose exact decoded values ``q·s`` are ``values`` (float64
+    ``[n, cols]``, as integer formats decode them: at most 9 + 24 significant bits) and whose rounded
+    ``q·s·g`` sit in ``out`` (raw bytes). ``q·s·g`` may need up to 57 bits, more than float64 holds, so
+    an element is exact when float64's product has no error (TwoProduct) and equals the stored value."""
+    n, cols = values.shape
+    stored = out.view(np.uint8)
+    osz = 2 if out_dtype == "BF16" else 4
+    gv = None if g is None else np.asarray(g, dtype=np.float32).astype(np.float64).reshape(1, -1)
+    exact, step = 0, max(1, ROWS_ELEMS // max(cols, 1))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        v = values[a:b]
+        with np.errstate(invalid="ignore", over="ignore"):
+            if gv is None:
+                p, ok = v, np.isfinite(v)
+            else:
+                p = v * gv
+                ok = np.isfinite(p) & (np.abs(p) > 2.0 ** -900) & (_two_product_error(v, gv, p) == 0)
+                ok |= p == 0  # a zero code: the product is exactly zero
+            got = stored[a * cols * osz:b * cols * osz]
+            got = ((got.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if out_dtype == "BF16"
+                   else got.view(np.float32)).reshape(b - a, cols)
+            exact += int(np.count_nonzero(ok & (got == p)))
+    return exact, n * cols - exact

@@ -21,6 +21,7 @@ from ..planning.tasks import Chunk
 from ..quant.decode import E2M1_PAIR_TABLE, E8M0_TABLE, fp8_block_band, mxfp4_band, scale_values
 from ..quant.kernel import code_bits, dequant_fold, sig_bits
 from .dequant_count import Count, DequantCounts, band_counts  # noqa: F401 - DequantCounts for the engine
+from .quant_bands import PACK_FMTS, pack_compute
 
 
 def read_scale_rows(c: Chunk, fds: dict[str, int], paths: dict[str, Path]) -> np.ndarray:
@@ -107,6 +108,9 @@ def dequant_job(c: Chunk, g: np.ndarray | None, fds: dict[str, int], dst_fd: int
     ``with_source_window``; ``count(tensor, exact, rounded)``: given each band's element counts,
     :func:`streamfold.run.dequant_count.band_counts`)."""
     def compute(s: Scratch, out: np.ndarray) -> None:
+        if c.fmt in PACK_FMTS:  # integer-packed weights: streamfold.run.quant_bands
+            pack_compute(c, g, fds, paths, window, out, count)
+            return
         if c.fmt == "mxfp4":  # the expert's scales as raw E8M0 bytes; its blocks through a window
             sfile, soff, sdtype, sshape = c.scale
             raw = np.empty(math.prod(sshape) * DTYPES[sdtype].itemsize, dtype=np.uint8)
