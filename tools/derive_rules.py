@@ -153,6 +153,11 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "longcat_flash": ("LongCat-Flash (two attention / MLP blocks per layer, MLA, shortcut MoE)", ["longcat_flash"]),
     "lfm3": ("LFM3 (hybrid short-conv / gated attention layers, post-norms)", ["lfm3"]),
     "zamba2": ("Zamba2 (Mamba2 layers and shared attention blocks)", ["zamba2"]),
+    # -- issue 20, items 1 and 4: the remaining types (tools/triage_types.py lists what no file claims) --
+    "mistral4": ("Mistral 4 (MLA latent norms; MoE with shared experts)", ["mistral4"]),
+    "mistral_large4": ("Mistral Large 4 (language model nested; vision tower untouched)", ["mistral_large4"]),
+    "kimi_k25": ("Kimi K2.5 (DeepSeek-V3 language model nested; vision tower and projector untouched)", ["kimi_k25"]),
+    "xglm": ("XGLM (LayerNorm with bias)", ["xglm"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any

@@ -132,6 +132,13 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "gemma4_text": {"head_dim": 8, "global_head_dim": 16, "initializer_range": 0.02},
     # the same conditioning for Gemma 4 unified (measured at the defaults: bf16-merged min cosine 0.99893)
     "gemma4_unified_text": {"head_dim": 8, "global_head_dim": 16, "initializer_range": 0.02},
+    # Mistral 4 (MLA): head_dim is qk_nope + qk_rope (the rotary part is partial_rotary_factor of it), not the
+    # rotary width alone as in DeepSeek's MLA
+    "mistral4": {"head_dim": 16},
+    # Kimi K2.5: the projector's pre-norm is projection_hidden_size wide and reads the vision tower's output
+    "kimi_k25": {"projection_hidden_size": 32},
+    # XGLM: fields of its own names (d_model, ffn_dim, num_layers, attention_heads)
+    "xglm": {"d_model": 64, "ffn_dim": 128, "num_layers": 2, "attention_heads": 4},
     # conditioning (values only): at init 0.05 the tiny LFM3's bf16-merged min cosine is 0.99984
     "lfm3": {"initializer_range": 0.02},
 }
