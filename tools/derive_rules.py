@@ -158,6 +158,8 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "mistral_large4": ("Mistral Large 4 (language model nested; vision tower untouched)", ["mistral_large4"]),
     "kimi_k25": ("Kimi K2.5 (DeepSeek-V3 language model nested; vision tower and projector untouched)", ["kimi_k25"]),
     "xglm": ("XGLM (LayerNorm with bias)", ["xglm"]),
+    "ernie4_5_vl_moe": ("Ernie 4.5 VL MoE (text and vision experts; language model nested; vision tower untouched)",
+                        ["ernie4_5_vl_moe"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any

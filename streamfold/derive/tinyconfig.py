@@ -137,6 +137,13 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "mistral4": {"head_dim": 16},
     # Kimi K2.5: the projector's pre-norm is projection_hidden_size wide and reads the vision tower's output
     "kimi_k25": {"projection_hidden_size": 32},
+    # Ernie 4.5 VL MoE: the MoE width is a pair (text experts, vision experts); layer 0 dense, 1 MoE; the
+    # image/video start and end ids (not in _SPECIAL_TOKENS) inside the tiny vocab
+    "ernie4_5_vl_moe_text": {"moe_intermediate_size": [32, 16], "mlp_layer_types": ["dense", "sparse"],
+                             "moe_num_shared_experts": 1,
+                             "rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [3, 3, 2]}},
+    "ernie4_5_vl_moe": {"image_start_token_id": 244, "image_end_token_id": 245, "video_start_token_id": 246,
+                        "video_end_token_id": 247},
     # XGLM: fields of its own names (d_model, ffn_dim, num_layers, attention_heads)
     "xglm": {"d_model": 64, "ffn_dim": 128, "num_layers": 2, "attention_heads": 4},
     # conditioning (values only): at init 0.05 the tiny LFM3's bf16-merged min cosine is 0.99984
