@@ -160,6 +160,23 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "xglm": ("XGLM (LayerNorm with bias)", ["xglm"]),
     "ernie4_5_vl_moe": ("Ernie 4.5 VL MoE (text and vision experts; language model nested; vision tower untouched)",
                         ["ernie4_5_vl_moe"]),
+    "apertus1p5_text": ("Apertus 1.5 text (attention_layernorm / feedforward_layernorm; q/k norms kept)", ["apertus1p5_text"]),
+    "aria_text": ("Aria text", ["aria_text"]),
+    "axk1": ("A.X K1 (MLA latent norms; post-MLP norms kept)", ["axk1"]),
+    "axk2": ("A.X K2 (MLA; q_a and k norms kept)", ["axk2"]),
+    "bailing_hybrid": ("Bailing hybrid (Kimi Delta Attention / MLA layers; output norm kept)", ["bailing_hybrid"]),
+    "beam": ("Beam (sandwich norms; q/k norms kept)", ["beam"]),
+    "cpmant": ("CPM-Ant (layernorm_before_attention / layernorm_before_ffn)", ["cpmant"]),
+    "flint": ("Flint (q/k norms kept)", ["flint"]),
+    "gpt_sw3": ("gpt-sw3", ["gpt-sw3"]),
+    "hyperclovax": ("hyperclovax", ["hyperclovax"]),
+    "inkling_text": ("inkling_text", ["inkling_text"]),
+    "iquestcoder": ("iquestcoder", ["iquestcoder"]),
+    "kolibri1": ("kolibri1", ["kolibri1"]),
+    "mellum": ("mellum", ["mellum"]),
+    "minicpm5_moe": ("minicpm5_moe", ["minicpm5_moe"]),
+    "minimax_m3_vl_text": ("minimax_m3_vl_text", ["minimax_m3_vl_text"]),
+    "param2moe": ("param2moe", ["param2moe"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any

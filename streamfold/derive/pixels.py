@@ -24,6 +24,7 @@ import torch
 #   "tiles"     [batch, 1 image, tiles, 3, H, W] plus aspect ratio ids/mask and a cross-attention mask (Mllama)
 #   "naflex"    [batch, patches, 3 * P * P] plus spatial_shapes and pixel_attention_mask (Siglip2: LFM2-VL)
 #   "patches2d" [patches, 3, P, P] plus image_grid_thw (Kimi K2.5's MoonViT)
+#   "posids"    [batch, patches, 3 * M * M] raw merged patches plus image_position_ids (Gemma 4 unified)
 PIXELS: dict[str, str] = {
     "llava": "bchw", "vipllava": "bchw", "paligemma": "bchw", "aya_vision": "bchw", "internvl": "bchw",
     "cohere2_vision": "bchw", "mistral3": "bchw", "mistral_large4": "bchw",
@@ -33,6 +34,7 @@ PIXELS: dict[str, str] = {
     "mllama": "tiles",
     "lfm2_vl": "naflex",
     "kimi_k25": "patches2d", "ernie4_5_vl_moe": "patches",
+    "gemma4_unified": "posids",
 }
 _IMAGE_SIZES = ("mistral3", "mistral_large4")  # "bchw" wrappers that also take image_sizes
 _FLAT_2D = ("ernie4_5_vl_moe",)  # "patches" wrappers whose patches have no temporal axis (3 * P * P each)
@@ -54,6 +56,11 @@ def _pixel_kwargs(model, layout: str, batch: int, g: torch.Generator) -> dict[st
         side = 4  # a 4 x 4 patch grid merges to 2 x 2 tokens
         px = torch.randn(batch * side * side, 3, p, p, generator=g)
         return {"pixel_values": px, "image_grid_thw": torch.tensor([[1, side, side]] * batch)}
+    if layout == "posids":
+        side, m = 3, vc.model_patch_size  # a 3 x 3 grid of merged patches, one token each
+        xy = torch.tensor([[x, y] for y in range(side) for x in range(side)])
+        return {"pixel_values": torch.randn(batch, side * side, 3 * m * m, generator=g),
+                "image_position_ids": xy.expand(batch, -1, -1).clone()}
     if layout == "naflex":
         side = 4
         px = torch.randn(batch, side * side, 3 * p * p, generator=g)
