@@ -177,6 +177,13 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "minicpm5_moe": ("MiniCPM5 MoE", ["minicpm5_moe"]),
     "minimax_m3_vl_text": ("MiniMax-M3 VL text (q/k norms kept)", ["minimax_m3_vl_text"]),
     "param2moe": ("Param2 MoE (attention input norm kept; q/k norms kept)", ["param2moe"]),
+    "sarvam_mla": ("Sarvam MLA (MLA latent norms; MoE with shared experts)", ["sarvam_mla"]),
+    "sarvam_moe": ("Sarvam MoE (attention input norm kept: its v_proj is not saved under the traced name; q/k norms kept)", ["sarvam_moe"]),
+    "youtu": ("Youtu (MLA latent norms)", ["youtu"]),
+    "aria": ("Aria (MoE language model nested; vision tower and projector untouched)", ["aria"]),
+    "video_llava": ("Video-LLaVA (Llama language model nested; image and video towers untouched)", ["video_llava"]),
+    "video_llama_3": ("VideoLLaMA 3 (Qwen2 language model nested; vision model untouched)", ["video_llama_3"]),
+    "llava_onevision1_5": ("LLaVA-OneVision-1.5 (Qwen3 language model nested; vision tower untouched)", ["llava_onevision1_5"]),
     "phi4_multimodal": ("Phi-4 multimodal (vision and audio embedders untouched)", ["phi4_multimodal"]),
 }
 
@@ -197,6 +204,10 @@ TEXT_MODELS: dict[str, list[str]] = {
     "aya_vision": ["cohere2"],
     "internvl": ["qwen2", "qwen3", "llama"],
     "cohere2_vision": ["cohere2"],
+    "kimi_k25": ["deepseek_v3"],
+    "video_llava": ["llama"],
+    "video_llama_3": ["qwen2"],
+    "llava_onevision1_5": ["qwen3"],
 }
 
 # data files of model types out of scope (streamfold.derive.scope): refused with the reason, nothing derived

@@ -34,7 +34,7 @@ PIXELS: dict[str, str] = {
     "mllama": "tiles",
     "lfm2_vl": "naflex",
     "kimi_k25": "patches2d", "ernie4_5_vl_moe": "patches",
-    "gemma4_unified": "posids",
+    "gemma4_unified": "posids", "qwen2_5_omni_thinker": "patches", "qwen3_omni_moe_thinker": "patches",
 }
 _IMAGE_SIZES = ("mistral3", "mistral_large4")  # "bchw" wrappers that also take image_sizes
 _FLAT_2D = ("ernie4_5_vl_moe",)  # "patches" wrappers whose patches have no temporal axis (3 * P * P each)

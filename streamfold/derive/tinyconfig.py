@@ -156,10 +156,19 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     # bf16-merged min cosine is 0.999889, the tiny CPM-Ant's float32-merged max rel err 1.09e-05
     "bailing_hybrid": {"initializer_range": 0.02},
     "cpmant": {"initializer_range": 0.02},
+    "qwen2_5_omni_thinker": {"audio_start_token_id": 246, "audio_end_token_id": 247, "user_token_id": 249},
+    "qwen3_omni_moe_thinker": {"audio_start_token_id": 246, "audio_end_token_id": 247, "user_token_id": 249},
+    "qwen2_5_omni_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
     # XGLM: fields of its own names (d_model, ffn_dim, num_layers, attention_heads)
     "xglm": {"d_model": 64, "ffn_dim": 128, "num_layers": 2, "attention_heads": 4},
     # conditioning (values only): at init 0.05 the tiny LFM3's bf16-merged min cosine is 0.99984
     "lfm3": {"initializer_range": 0.02},
+}
+# Attributes the modeling code reads but the config class does not declare (published config.json files set
+# them): set on the built config
+_EXTRA_ATTRS: dict[str, dict[str, Any]] = {
+    "qwen2_5_omni_thinker": {"vision_start_token_id": 248},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 248},
 }
 # Gated DeltaNet hybrids amplify weight rounding through the recurrence at the shared default init 0.05
 # (min logit cosine under 2^-9 relative weight noise 0.96-0.999); at 0.02 it is 0.99999, as llama at 0.05.
@@ -230,8 +239,10 @@ def tiny_config(model_type: str, **overrides) -> "transformers.PretrainedConfig"
     kw.update(_PER_TYPE.get(model_type, {}))
     kw.update(overrides)
     fields = set(getattr(cls, "__dataclass_fields__", {})) | _fields(cls())
-    kw = {k: v for k, v in kw.items() if k in fields or k.endswith("_config")}
-    return _finish(cls(**kw))
+    cfg = cls(**{k: v for k, v in kw.items() if k in fields or k.endswith("_config")})
+    for k, v in _EXTRA_ATTRS.get(model_type, {}).items():
+        setattr(cfg, k, v)
+    return _finish(cfg)
 
 
 def _missing_kinds(cfg, default) -> list[str]:
