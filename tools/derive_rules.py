@@ -184,6 +184,9 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "video_llava": ("Video-LLaVA (Llama language model nested; image and video towers untouched)", ["video_llava"]),
     "video_llama_3": ("VideoLLaMA 3 (Qwen2 language model nested; vision model untouched)", ["video_llama_3"]),
     "llava_onevision1_5": ("LLaVA-OneVision-1.5 (Qwen3 language model nested; vision tower untouched)", ["llava_onevision1_5"]),
+    "granite_docling": ("Granite Docling (language model nested; vision model untouched)", ["granite_docling"]),
+    "minimax_m3_vl": ("MiniMax-M3 VL (language model nested; vision tower untouched)", ["minimax_m3_vl"]),
+    "muse_glimmer": ("Muse Glimmer (language model nested; towers untouched)", ["muse_glimmer"]),
     "phi4_multimodal": ("Phi-4 multimodal (vision and audio embedders untouched)", ["phi4_multimodal"]),
 }
 
@@ -208,6 +211,17 @@ TEXT_MODELS: dict[str, list[str]] = {
     "video_llava": ["llama"],
     "video_llama_3": ["qwen2"],
     "llava_onevision1_5": ["qwen3"],
+    "exaone4_5": ["exaone4"],
+    "fuyu": ["persimmon"],
+    "glmga": ["glm4v_text"],
+    "hyperclovax_vision_v2": ["hyperclovax"],
+    "lfm3_vl": ["lfm3"],
+    "lighton_ocr": ["qwen3"],
+    "minicpm_ocr": ["qwen3_5_text"],
+    "minicpmv4_6": ["qwen3_5_text"],
+    "minicpmv4_7": ["qwen3_5_text"],
+    "moss_transcribe_diarize": ["qwen3"],
+    "ovis2_5": ["qwen3"],
 }
 
 # data files of model types out of scope (streamfold.derive.scope): refused with the reason, nothing derived
