@@ -177,6 +177,10 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "mellum": ("Mellum (q/k norms kept)", ["mellum"]),
     "minicpm5_moe": ("MiniCPM5 MoE", ["minicpm5_moe"]),
     "minimax_m3_vl_text": ("MiniMax-M3 VL text (q/k norms kept)", ["minimax_m3_vl_text"]),
+    # nothing to fold (the reason is the trace's: streamfold.derive.api.nothing_to_fold_reason)
+    "olmo": ("OLMo 1 (weightless LayerNorms: nothing to fold)", ["olmo"]),
+    "nanochat": ("nanochat (weightless RMS norms: nothing to fold)", ["nanochat"]),
+    "hrm_text": ("HRM text (weightless norms: nothing to fold)", ["hrm_text"]),
     "param2moe": ("Param2 MoE (attention input norm kept; q/k norms kept)", ["param2moe"]),
     "rwkv": ("RWKV (final norm into the untied head only)", ["rwkv"]),
     "sarvam_mla": ("Sarvam MLA (MLA latent norms; MoE with shared experts)", ["sarvam_mla"]),
@@ -307,6 +311,11 @@ def derive_group(name: str, description: str, model_types: list[str], log, check
         for k in fam.get("keep", []):
             if k.get("under") in UNDER_NOTES.get(mt, {}):
                 k["why"] += UNDER_NOTES[mt][k["under"]]
+        if fam.get("nothing_to_fold"):  # no numbers: nothing converts (refused with the reason, exit 5)
+            log(f"{mt}: nothing to fold: {fam['nothing_to_fold']}")
+            out[name] = {**fam, "description": description, "model_types": [mt],
+                         "derived": {"transformers": transformers.__version__}}
+            continue
         rel = max((r.compat_rel for r in results), default=float("nan"))
         strict = [r.strict_rel for r in results if r.strict_rel is not None]
         log(f"{mt}: compat {rel:.1e}" + (f", strict {max(strict):.1e}" if strict else "")
@@ -328,6 +337,8 @@ def derive_group(name: str, description: str, model_types: list[str], log, check
         if strict:
             f["derived"]["strict_max_rel_err"][mt] = float(f"{max(strict):.2e}")
     for f in out.values():
+        if f.get("nothing_to_fold"):
+            continue
         del f["_key"]
         tied = [m for m in f["model_types"] if tie_default(m)]
         if tied:
