@@ -57,9 +57,8 @@ def _try(mt: str, q) -> None:
         folds, keeps = fam.get("folds", []), fam.get("keep", [])
         if folds:
             q.put(("derivable", f"{len(folds)} fold rules, {len(keeps)} keep rules"))
-        else:
-            why = "; ".join(dict.fromkeys(f"{k['norm']}: {k['why']}" for k in keeps))
-            q.put(("nothing_to_fold", why or "no weighted norm found"))
+        else:  # the reason derive_family records (streamfold.derive.api.nothing_to_fold_reason)
+            q.put(("nothing_to_fold", fam.get("nothing_to_fold", "")))
     except Exception as e:  # noqa: BLE001 - the point is to report it
         first = str(e).splitlines()[0] if str(e) else ""
         q.put(("harness_failure", f"{type(e).__name__}: {first}"[:300]))

@@ -159,6 +159,12 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "qwen2_5_omni_thinker": {"audio_start_token_id": 246, "audio_end_token_id": 247, "user_token_id": 249},
     "qwen3_omni_moe_thinker": {"audio_start_token_id": 246, "audio_end_token_id": 247, "user_token_id": 249},
     "qwen2_5_omni_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
+    # Qwen4-exp: layers 0-2 Gated DeltaNet, 3 indexed attention (its QSA indexer needs sizes, default None);
+    # hyper-connection rank, n-gram embedding table and per-layer embedding width shrunk
+    "qwen4_exp_text": {"num_hidden_layers": 4, "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,
+                       "indexer_budget": 8, "indexer_compress_ratio": 2, "hc_lowrank": 16, "ple_embed_dim": 64,
+                       "ngram_vocab_size_base": 256, "make_ngram_vocab_size_divisible_by": 8, "split_ngram_parts": 4,
+                       "initializer_range": 0.02},
     # XGLM: fields of its own names (d_model, ffn_dim, num_layers, attention_heads)
     "xglm": {"d_model": 64, "ffn_dim": 128, "num_layers": 2, "attention_heads": 4},
     # conditioning (values only): at init 0.05 the tiny LFM3's bf16-merged min cosine is 0.99984
