@@ -153,6 +153,65 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "longcat_flash": ("LongCat-Flash (two attention / MLP blocks per layer, MLA, shortcut MoE)", ["longcat_flash"]),
     "lfm3": ("LFM3 (hybrid short-conv / gated attention layers, post-norms)", ["lfm3"]),
     "zamba2": ("Zamba2 (Mamba2 layers and shared attention blocks)", ["zamba2"]),
+    # -- issue 20, items 1 and 4: the remaining types (tools/triage_types.py lists what no file claims) --
+    "mistral4": ("Mistral 4 (MLA latent norms; MoE with shared experts)", ["mistral4"]),
+    "mistral_large4": ("Mistral Large 4 (language model nested; vision tower untouched)", ["mistral_large4"]),
+    "kimi_k25": ("Kimi K2.5 (DeepSeek-V3 language model nested; vision tower and projector untouched)", ["kimi_k25"]),
+    "xglm": ("XGLM (LayerNorm with bias)", ["xglm"]),
+    "ernie4_5_vl_moe": ("Ernie 4.5 VL MoE (text and vision experts; language model nested; vision tower untouched)",
+                        ["ernie4_5_vl_moe"]),
+    "apertus1p5_text": ("Apertus 1.5 text (attention_layernorm / feedforward_layernorm; q/k norms kept)", ["apertus1p5_text"]),
+    "aria_text": ("Aria text", ["aria_text"]),
+    "axk1": ("A.X K1 (MLA latent norms; post-MLP norms kept)", ["axk1"]),
+    "axk2": ("A.X K2 (MLA; q_a and k norms kept)", ["axk2"]),
+    "bailing_hybrid": ("Bailing hybrid (Kimi Delta Attention / MLA layers; output norm kept)", ["bailing_hybrid"]),
+    "beam": ("Beam (sandwich norms; q/k norms kept)", ["beam"]),
+    "cpmant": ("CPM-Ant (layernorm_before_attention / layernorm_before_ffn)", ["cpmant"]),
+    "flint": ("Flint (q/k norms kept)", ["flint"]),
+    "gpt_sw3": ("GPT-SW3 (LayerNorm with bias; Conv1D weights)", ["gpt-sw3"]),
+    "gpt_neox_japanese": ("GPT-NeoX Japanese (LayerNorm with bias)", ["gpt_neox_japanese"]),
+    "hyperclovax": ("HyperCLOVA X (post-norms kept)", ["hyperclovax"]),
+    "inkling_text": ("Inkling text (embedding and q/k norms kept)", ["inkling_text"]),
+    "iquestcoder": ("IQuest-Coder", ["iquestcoder"]),
+    "kolibri1": ("Kolibri 1 (MoE; q/k and post-norms kept)", ["kolibri1"]),
+    "mellum": ("Mellum (q/k norms kept)", ["mellum"]),
+    "minicpm5_moe": ("MiniCPM5 MoE", ["minicpm5_moe"]),
+    "minimax_m3_vl_text": ("MiniMax-M3 VL text (q/k norms kept)", ["minimax_m3_vl_text"]),
+    # nothing to fold (the reason is the trace's: streamfold.derive.api.nothing_to_fold_reason)
+    "olmo": ("OLMo 1 (weightless LayerNorms: nothing to fold)", ["olmo"]),
+    "nanochat": ("nanochat (weightless RMS norms: nothing to fold)", ["nanochat"]),
+    "hrm_text": ("HRM text (weightless norms: nothing to fold)", ["hrm_text"]),
+    "qwen4_exp_text": ("Qwen4-exp text (hyper-connection norms mixed across streams, q/k and gated norms: nothing to fold)",
+                       ["qwen4_exp_text"]),
+    "qwen4_exp": ("Qwen4-exp multimodal (nothing to fold in its language model)", ["qwen4_exp"]),
+    "openai_gpt": ("GPT-1 (post-norm LayerNorms: nothing to fold)", ["openai-gpt"]),
+    "param2moe": ("Param2 MoE (attention input norm kept; q/k norms kept)", ["param2moe"]),
+    "rwkv": ("RWKV (final norm into the untied head only)", ["rwkv"]),
+    "sarvam_mla": ("Sarvam MLA (MLA latent norms; MoE with shared experts)", ["sarvam_mla"]),
+    "sarvam_moe": ("Sarvam MoE (attention input norm kept: its v_proj is not saved under the traced name; q/k norms kept)", ["sarvam_moe"]),
+    "youtu": ("Youtu (MLA latent norms)", ["youtu"]),
+    "aria": ("Aria (MoE language model nested; vision tower and projector untouched)", ["aria"]),
+    "video_llava": ("Video-LLaVA (Llama language model nested; image and video towers untouched)", ["video_llava"]),
+    "video_llama_3": ("VideoLLaMA 3 (Qwen2 language model nested; vision model untouched)", ["video_llama_3"]),
+    "llava_onevision1_5": ("LLaVA-OneVision-1.5 (Qwen3 language model nested; vision tower untouched)", ["llava_onevision1_5"]),
+    "exaone4_5": ("EXAONE 4.5 (exaone4 language model nested; other towers untouched)", ["exaone4_5"]),
+    "fuyu": ("Fuyu (persimmon language model nested; other towers untouched)", ["fuyu"]),
+    "glmga": ("GLM-GA (glm4v_text language model nested; other towers untouched)", ["glmga"]),
+    "granite_docling": ("Granite Docling (language model nested; vision model untouched)", ["granite_docling"]),
+    "hyperclovax_vision_v2": ("HyperCLOVA X Vision v2 (hyperclovax language model nested; other towers untouched)", ["hyperclovax_vision_v2"]),
+    "lfm3_vl": ("LFM3-VL (lfm3 language model nested; other towers untouched)", ["lfm3_vl"]),
+    "lighton_ocr": ("LightOnOCR (qwen3 language model nested; other towers untouched)", ["lighton_ocr"]),
+    "minicpm_ocr": ("MiniCPM OCR (qwen3_5_text language model nested; other towers untouched)", ["minicpm_ocr"]),
+    "minicpmv4_6": ("MiniCPM-V 4.6 (qwen3_5_text language model nested; other towers untouched)", ["minicpmv4_6"]),
+    "minicpmv4_7": ("MiniCPM-V 4.7 (qwen3_5_text language model nested; other towers untouched)", ["minicpmv4_7"]),
+    "minimax_m3_vl": ("MiniMax-M3 VL (language model nested; vision tower untouched)", ["minimax_m3_vl"]),
+    "moss_transcribe_diarize": ("MOSS transcribe-diarize (qwen3 language model nested; other towers untouched)", ["moss_transcribe_diarize"]),
+    "muse_glimmer": ("Muse Glimmer (language model nested; towers untouched)", ["muse_glimmer"]),
+    "qwen2_5_omni_thinker": ("Qwen2.5-Omni thinker (language model nested; vision and audio towers untouched)",
+                             ["qwen2_5_omni_thinker"]),
+    "qwen3_omni_moe_thinker": ("Qwen3-Omni MoE thinker (language model nested; vision and audio towers untouched)",
+                               ["qwen3_omni_moe_thinker"]),
+    "phi4_multimodal": ("Phi-4 multimodal (vision and audio embedders untouched)", ["phi4_multimodal"]),
 }
 
 # multimodal wrappers whose language model can be of several types (their text_config is any
@@ -172,6 +231,21 @@ TEXT_MODELS: dict[str, list[str]] = {
     "aya_vision": ["cohere2"],
     "internvl": ["qwen2", "qwen3", "llama"],
     "cohere2_vision": ["cohere2"],
+    "kimi_k25": ["deepseek_v3"],
+    "video_llava": ["llama"],
+    "video_llama_3": ["qwen2"],
+    "llava_onevision1_5": ["qwen3"],
+    "exaone4_5": ["exaone4"],
+    "fuyu": ["persimmon"],
+    "glmga": ["glm4v_text"],
+    "hyperclovax_vision_v2": ["hyperclovax"],
+    "lfm3_vl": ["lfm3"],
+    "lighton_ocr": ["qwen3"],
+    "minicpm_ocr": ["qwen3_5_text"],
+    "minicpmv4_6": ["qwen3_5_text"],
+    "minicpmv4_7": ["qwen3_5_text"],
+    "moss_transcribe_diarize": ["qwen3"],
+    "ovis2_5": ["qwen3"],
 }
 
 # data files of model types out of scope (streamfold.derive.scope): refused with the reason, nothing derived
@@ -241,6 +315,11 @@ def derive_group(name: str, description: str, model_types: list[str], log, check
         for k in fam.get("keep", []):
             if k.get("under") in UNDER_NOTES.get(mt, {}):
                 k["why"] += UNDER_NOTES[mt][k["under"]]
+        if fam.get("nothing_to_fold"):  # no numbers: nothing converts (refused with the reason, exit 5)
+            log(f"{mt}: nothing to fold: {fam['nothing_to_fold']}")
+            out[name] = {**fam, "description": description, "model_types": [mt],
+                         "derived": {"transformers": transformers.__version__}}
+            continue
         rel = max((r.compat_rel for r in results), default=float("nan"))
         strict = [r.strict_rel for r in results if r.strict_rel is not None]
         log(f"{mt}: compat {rel:.1e}" + (f", strict {max(strict):.1e}" if strict else "")
@@ -262,6 +341,8 @@ def derive_group(name: str, description: str, model_types: list[str], log, check
         if strict:
             f["derived"]["strict_max_rel_err"][mt] = float(f"{max(strict):.2e}")
     for f in out.values():
+        if f.get("nothing_to_fold"):
+            continue
         del f["_key"]
         tied = [m for m in f["model_types"] if tie_default(m)]
         if tied:

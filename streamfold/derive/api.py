@@ -75,6 +75,10 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
     keys = {k for ov in variants for k in ov}
     base_values = {k: _value(models[0].config, k) for k in keys}
     fam = assemble([model_type], derived, base_values)
+    if not fam.get("folds"):  # refused with this reason (exit 5); nothing to convert or check numerically
+        fam["folds"] = []
+        fam["nothing_to_fold"] = nothing_to_fold_reason(fam, models[0])
+        return fam, []
     whens = {k for f in fam["folds"] for k in f.get("when", {})}
     if text_models is not None:
         fam["text_model_types"] = [default_text] + [t for t in text_models if t != default_text]
@@ -97,6 +101,17 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
     best = max(range(len(models)), key=lambda i: (folding(derived[i][1]), -i))
     add_layouts(fam, derive_layouts(models[best], fam, check=check, variants=pairs, base_values=base_values), results)
     return fam, results
+
+
+def nothing_to_fold_reason(fam: dict, model) -> str:
+    """Why no norm of a family whose trace folds nothing can fold, from the trace: the norms found (by
+    structure, convention measured) and each kept norm's traced reason."""
+    found = getattr(model, "tiny_norms", {})
+    if not found:
+        return ("every norm is weightless: the tiny model's trace finds no norm with a weight or bias, so there "
+                "is no scale to multiply into a linear")
+    whys = "; ".join(dict.fromkeys(f"{k.get('norm') or k.get('under')}: {k['why']}" for k in fam.get("keep", [])))
+    return f"every norm is kept ({len(found)} weighted norm modules traced): {whys}"
 
 
 def add_layouts(fam: dict, got, results: list[CheckResult]) -> None:

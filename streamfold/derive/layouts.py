@@ -178,6 +178,23 @@ def _applicable(fam: dict, names: list[str]) -> dict:
     return {**fam, "forms": [{**form, "folds": kept}]} if form else {**fam, "folds": kept}
 
 
+def _plan_rejects(path: Path, fam: dict, mt: str, td: Path) -> str | None:
+    """Why streamfold's plan of ``path`` under ``fam`` refuses it or folds nothing (``_converts``' plan-level
+    rejections, without converting), else None."""
+    from safetensors import safe_open
+
+    from ..core.errors import StreamfoldError
+    from ..run.conversion import load_plan
+    names = sorted(k for f in path.glob("*.safetensors") for k in safe_open(str(f), "pt").keys())
+    rules = td / "rules.json"
+    rules.write_text(json.dumps({"families": {"derived": {**_applicable(fam, names), "model_types": [mt]}}}))
+    try:
+        _, _, plan = load_plan(path, rules=rules)
+    except StreamfoldError as e:
+        return f"streamfold refuses it: {e}"
+    return None if plan.folded else "nothing folded under this layout"
+
+
 def _converts(path: Path, fam: dict, mt: str, inputs, ref, td: Path) -> tuple[float | None, str | None]:
     """(compat float32 max rel err, None) when streamfold converts ``path`` exactly in its own names."""
     from safetensors import safe_open
@@ -241,7 +258,7 @@ def derive_layouts(model, fam: dict, root: Path | None = None, check: bool = Tru
                 why = _loads_same(path, mt, inputs, ref)
             except Exception as e:  # the loader refuses this spelling outright
                 why = f"transformers cannot load it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            if why is None and check:
+            if why is None:
                 trial = dict(fam)
                 if "layout" in item:
                     trial["layouts"] = [{}] + [lay for lay in fam.get("layouts", []) if lay] + [item["layout"]]
@@ -249,7 +266,10 @@ def derive_layouts(model, fam: dict, root: Path | None = None, check: bool = Tru
                     trial["forms"] = [item["form"]]
                 work = td / f"conv{i}"
                 work.mkdir()
-                rel, why = _converts(path, trial, mt, inputs, ref, work)
+                if check:
+                    rel, why = _converts(path, trial, mt, inputs, ref, work)
+                else:  # rules only: what the plan alone rejects, so --check --rules-only agrees with a checked run
+                    why = _plan_rejects(path, trial, mt, work)
             if why is not None:
                 res.rejected[what] = why
                 continue

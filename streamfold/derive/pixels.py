@@ -23,15 +23,21 @@ import torch
 #   "patches"   flattened [patches, 3 * temporal * P * P] plus image_grid_thw (Qwen2-VL family, GLM-4V)
 #   "tiles"     [batch, 1 image, tiles, 3, H, W] plus aspect ratio ids/mask and a cross-attention mask (Mllama)
 #   "naflex"    [batch, patches, 3 * P * P] plus spatial_shapes and pixel_attention_mask (Siglip2: LFM2-VL)
+#   "patches2d" [patches, 3, P, P] plus image_grid_thw (Kimi K2.5's MoonViT)
+#   "posids"    [batch, patches, 3 * M * M] raw merged patches plus image_position_ids (Gemma 4 unified)
 PIXELS: dict[str, str] = {
     "llava": "bchw", "vipllava": "bchw", "paligemma": "bchw", "aya_vision": "bchw", "internvl": "bchw",
-    "cohere2_vision": "bchw", "mistral3": "bchw",
+    "cohere2_vision": "bchw", "mistral3": "bchw", "mistral_large4": "bchw",
     "llava_next": "anyres", "llava_next_video": "anyres", "llava_onevision": "anyres",
     "idefics2": "bnchw", "idefics3": "bnchw", "smolvlm": "bnchw",
     "qwen2_vl": "patches", "qwen2_5_vl": "patches", "glm4v": "patches", "glm4v_moe": "patches", "glm46v": "patches",
     "mllama": "tiles",
     "lfm2_vl": "naflex",
+    "kimi_k25": "patches2d", "ernie4_5_vl_moe": "patches",
+    "gemma4_unified": "posids", "qwen2_5_omni_thinker": "patches", "qwen3_omni_moe_thinker": "patches",
 }
+_IMAGE_SIZES = ("mistral3", "mistral_large4")  # "bchw" wrappers that also take image_sizes
+_FLAT_2D = ("ernie4_5_vl_moe",)  # "patches" wrappers whose patches have no temporal axis (3 * P * P each)
 
 
 def _size(v) -> tuple[int, int]:
@@ -42,10 +48,19 @@ def _pixel_kwargs(model, layout: str, batch: int, g: torch.Generator) -> dict[st
     vc = model.config.vision_config
     p = _size(getattr(vc, "patch_size", 8))[0]
     if layout == "patches":
-        t = getattr(vc, "temporal_patch_size", 2)
+        t = 1 if model.config.model_type in _FLAT_2D else getattr(vc, "temporal_patch_size", 2)
         side = 4 * getattr(vc, "spatial_merge_size", 2) // 2  # a 4 x 4 patch grid merges to 2 x 2 tokens
         px = torch.randn(batch * side * side, 3 * t * p * p, generator=g)
         return {"pixel_values": px, "image_grid_thw": torch.tensor([[1, side, side]] * batch)}
+    if layout == "patches2d":
+        side = 4  # a 4 x 4 patch grid merges to 2 x 2 tokens
+        px = torch.randn(batch * side * side, 3, p, p, generator=g)
+        return {"pixel_values": px, "image_grid_thw": torch.tensor([[1, side, side]] * batch)}
+    if layout == "posids":
+        side, m = 3, vc.model_patch_size  # a 3 x 3 grid of merged patches, one token each
+        xy = torch.tensor([[x, y] for y in range(side) for x in range(side)])
+        return {"pixel_values": torch.randn(batch, side * side, 3 * m * m, generator=g),
+                "image_position_ids": xy.expand(batch, -1, -1).clone()}
     if layout == "naflex":
         side = 4
         px = torch.randn(batch, side * side, 3 * p * p, generator=g)
@@ -54,7 +69,7 @@ def _pixel_kwargs(model, layout: str, batch: int, g: torch.Generator) -> dict[st
     h, w = _size(getattr(vc, "image_size", 32))
     if layout == "bchw":
         kw = {"pixel_values": torch.randn(batch, 3, h, w, generator=g)}
-        if model.config.model_type == "mistral3":
+        if model.config.model_type in _IMAGE_SIZES:
             kw["image_sizes"] = torch.tensor([[h, w]] * batch)
         return kw
     if layout == "anyres":
@@ -117,6 +132,9 @@ def image_inputs(model, seed: int = 0, batch: int = 2, text: int = 8) -> dict[st
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **kw}
     if layout == "patches" and "mm_token_type_ids" in inspect.signature(model.forward).parameters:
         out["mm_token_type_ids"] = (ids == tok).long()  # M-RoPE: which tokens are image tokens
+        if "moe_mm_token_type_ids" in inspect.signature(model.forward).parameters:
+            # Ernie 4.5 VL: image tokens go to the vision experts only when this says which they are
+            out["moe_mm_token_type_ids"] = out["mm_token_type_ids"]
     if layout == "tiles":
         tiles = model.config.vision_config.max_num_tiles
         cam = torch.zeros(batch, ids.shape[1], 1, tiles, dtype=torch.long)

@@ -132,8 +132,49 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "gemma4_text": {"head_dim": 8, "global_head_dim": 16, "initializer_range": 0.02},
     # the same conditioning for Gemma 4 unified (measured at the defaults: bf16-merged min cosine 0.99893)
     "gemma4_unified_text": {"head_dim": 8, "global_head_dim": 16, "initializer_range": 0.02},
+    # Mistral 4 (MLA): head_dim is qk_nope + qk_rope (the rotary part is partial_rotary_factor of it), not the
+    # rotary width alone as in DeepSeek's MLA
+    "mistral4": {"head_dim": 16},
+    # Kimi K2.5: the projector's pre-norm is projection_hidden_size wide and reads the vision tower's output
+    "kimi_k25": {"projection_hidden_size": 32},
+    # Ernie 4.5 VL MoE: the MoE width is a pair (text experts, vision experts); layer 0 dense, 1 MoE; the
+    # image/video start and end ids (not in _SPECIAL_TOKENS) inside the tiny vocab
+    "ernie4_5_vl_moe_text": {"moe_intermediate_size": [32, 16], "mlp_layer_types": ["dense", "sparse"],
+                             "moe_num_shared_experts": 1,
+                             "rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [3, 3, 2]}},
+    "ernie4_5_vl_moe": {"image_start_token_id": 244, "image_end_token_id": 245, "video_start_token_id": 246,
+                        "video_end_token_id": 247},
+    # Gemma 4 unified: the encoder-free vision embedder reads (patch_size * pooling_kernel_size)^2 * 3 raw pixel
+    # channels (6912 by default), the audio embedder audio_embed_dim samples per token
+    "gemma4_unified.vision_config": {"patch_size": 2, "pooling_kernel_size": 2, "mm_embed_dim": 64, "mm_posemb_size": 16},
+    "gemma4_unified.audio_config": {"audio_embed_dim": 32},
+    # Phi-4 multimodal: the image crop, the audio conformer's channels and the side towers' token ids
+    "phi4_multimodal.vision_config": {"crop_size": 32, "image_token_id": 250},
+    "phi4_multimodal.audio_config": {"ext_pw_out_channel": 32, "depthwise_separable_out_channel": 32,
+                                     "nemo_conv_channels": 32, "audio_token_id": 251},
+    # conditioning (values only): at init 0.05 the tiny Bailing hybrid's (Kimi Delta Attention layers)
+    # bf16-merged min cosine is 0.999889, the tiny CPM-Ant's float32-merged max rel err 1.09e-05
+    "bailing_hybrid": {"initializer_range": 0.02},
+    "cpmant": {"initializer_range": 0.02},
+    "qwen2_5_omni_thinker": {"audio_start_token_id": 246, "audio_end_token_id": 247, "user_token_id": 249},
+    "qwen3_omni_moe_thinker": {"audio_start_token_id": 246, "audio_end_token_id": 247, "user_token_id": 249},
+    "qwen2_5_omni_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
+    # Qwen4-exp: layers 0-2 Gated DeltaNet, 3 indexed attention (its QSA indexer needs sizes, default None);
+    # hyper-connection rank, n-gram embedding table and per-layer embedding width shrunk
+    "qwen4_exp_text": {"num_hidden_layers": 4, "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,
+                       "indexer_budget": 8, "indexer_compress_ratio": 2, "hc_lowrank": 16, "ple_embed_dim": 64,
+                       "ngram_vocab_size_base": 256, "make_ngram_vocab_size_divisible_by": 8, "split_ngram_parts": 4,
+                       "initializer_range": 0.02},
+    # XGLM: fields of its own names (d_model, ffn_dim, num_layers, attention_heads)
+    "xglm": {"d_model": 64, "ffn_dim": 128, "num_layers": 2, "attention_heads": 4},
     # conditioning (values only): at init 0.05 the tiny LFM3's bf16-merged min cosine is 0.99984
     "lfm3": {"initializer_range": 0.02},
+}
+# Attributes the modeling code reads but the config class does not declare (published config.json files set
+# them): set on the built config
+_EXTRA_ATTRS: dict[str, dict[str, Any]] = {
+    "qwen2_5_omni_thinker": {"vision_start_token_id": 248},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 248},
 }
 # Gated DeltaNet hybrids amplify weight rounding through the recurrence at the shared default init 0.05
 # (min logit cosine under 2^-9 relative weight noise 0.96-0.999); at 0.02 it is 0.99999, as llama at 0.05.
@@ -175,7 +216,8 @@ def tiny_config(model_type: str, **overrides) -> "transformers.PretrainedConfig"
         kw = _shrunk(cls, _TEXT_SHRINK, _PER_TYPE.get(model_type, {}))
         kw.update(overrides)
         return _finish(_with_all_layer_kinds(cls, kw, cls(**kw)))
-    kw: dict[str, Any] = {}
+    # a causal LM with side towers but no text_config (Phi-4 multimodal): its own fields are the text model's
+    kw: dict[str, Any] = {} if "text_config" in subs else _shrunk(cls, _TEXT_SHRINK, {})
     default = cls()
     text_mt = overrides.pop("text_config.model_type", None)  # another language model inside the wrapper
     for key in subs:
@@ -203,8 +245,10 @@ def tiny_config(model_type: str, **overrides) -> "transformers.PretrainedConfig"
     kw.update(_PER_TYPE.get(model_type, {}))
     kw.update(overrides)
     fields = set(getattr(cls, "__dataclass_fields__", {})) | _fields(cls())
-    kw = {k: v for k, v in kw.items() if k in fields or k.endswith("_config")}
-    return _finish(cls(**kw))
+    cfg = cls(**{k: v for k, v in kw.items() if k in fields or k.endswith("_config")})
+    for k, v in _EXTRA_ATTRS.get(model_type, {}).items():
+        setattr(cfg, k, v)
+    return _finish(cfg)
 
 
 def _missing_kinds(cfg, default) -> list[str]:
