@@ -29,7 +29,7 @@ from ..core.reader import TensorInfo
 from ..quant.formats import classify
 from .compose import is_tied, resolve
 
-FLAG_KEYS = ("flashnorm", "flashnorm_mode", "flashnorm_version")
+FLAG_KEYS = ("flashnorm", "flashnorm_mode", "flashnorm_version", "flashnorm_vision")
 _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")
 
 

@@ -27,7 +27,8 @@ from ..rules.patterns import Consumer, config_get, expand_consumer, generalize, 
     natural_key, pattern_regex, present, stars
 from ..rules.schema import check_text_model
 from .compose import is_tied, resolve, untiled
-from .dequant import Dequant, check_shape, dequantize_mode, logical_infos, out_dtype as dequant_dtype
+from .dequant import Dequant, check_shape, dequantize_mode, logical_infos, out_dtype as dequant_dtype, \
+    quantized_keep
 
 MODES = ("compat", "strict")
 MERGED_DTYPES = ("source", "float32")
@@ -51,6 +52,7 @@ class NormPlan:
     scale: np.ndarray | None = None  # float32 ``offset + w``
     offset: int | None = None  # the rule's own convention, when it differs from the family's
     shift: np.ndarray | None = None  # LayerNorm bias to fold into consumer biases, if non-zero
+    tower: bool = False  # a vision-tower rule's norm (--fold-vision)
 
 
 class Kind(StrEnum):
@@ -99,6 +101,7 @@ class Plan:
     quant: Quantization | None = None  # the source's quantized modules (copied byte for byte)
     layout: str | None = None  # the tensor-name layout when not save_pretrained's (rules.layout.Laid.describe)
     composed: object | None = None  # a composed wrapper (planning.compose.Composed)
+    vision: bool = False  # --fold-vision: the tower's rules applied (config.json's flashnorm_vision)
 
     @property
     def folded(self) -> list[NormPlan]:
@@ -139,7 +142,15 @@ class Plan:
             "quantization": self.quant_summary(),
             "layout": self.layout,
             "composed": self.composed.to_dict() if self.composed is not None else None,
+            "fold_vision": self.vision_summary(),
         }
+
+    def vision_summary(self) -> dict | None:
+        """With --fold-vision: how many tower norms fold and stay, and their groups (None without it)."""
+        tower = {stars(n.rule) for n in self.norms if n.tower}
+        return {"folded": sum(n.tower and n.status == "fold" for n in self.norms), "kept": sum(
+            n.tower and n.status == "keep" for n in self.norms), "norms": [g for g in self.groups()
+                                                                          if g["norm"] in tower]} if self.vision else None
 
     def quant_summary(self) -> dict | None:
         """The quantized source's method and module count per format (None when not quantized)."""
@@ -157,6 +168,8 @@ class Plan:
                  f"mode {self.mode}, merged dtype {self.merged_dtype}"]
         lines += [self.composed.describe()] if self.composed is not None else []
         lines += [f"tensor names: {self.layout} (written back the same way)"] if self.layout else []
+        lines += [f"--fold-vision: vision tower folded too ({v['folded']} tower norms folded, {v['kept']} kept)"
+                  for v in (self.vision_summary(),) if v]
         q = self.quant_summary()
         if q and self.dequant is not None:
             lines.append(self.dequant.describe())
@@ -185,25 +198,13 @@ class Plan:
         return "\n".join(lines)
 
 
-def quantized_keep(n: NormPlan, quant: Quantization) -> None:
-    """Keep a fold-planned norm that has a quantized consumer (partial fold): codes and scales cannot
-    absorb a per-input-channel factor exactly, so its consumers and the norm are copied unchanged."""
-    hits = [(c, qm) for c in n.consumers if (qm := quant.consumer(c.weight))]
-    if not hits:
-        return
-    c, qm = next((h for h in hits if h[1].input_scale), hits[0])  # a static input scale says the most
-    static = (f" with a static input scale {generalize(qm.input_scale)!r} (its activations are quantized against "
-              "a fixed range, so it must see the norm's output)") if qm.input_scale else ""
-    n.status, n.consumers = "keep", []
-    n.reason = f"consumer {generalize(c.weight)} is {qm.describe()}{static}; use --dequantize"
-
-
 def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.ndarray] | None, *,
               mode: str = "compat", merged_dtype: str = "source",
-              rules: dict[str, dict] | None = None, dequantize=None) -> Plan:
+              rules: dict[str, dict] | None = None, dequantize=None, fold_vision: bool = False) -> Plan:
     """Resolve every norm's consumers and each tensor's action. ``read(name)`` returns a small
     tensor's values (used for norm vectors only); ``read=None`` plans from headers alone (remote
-    ``inspect``): no scales, and whether a LayerNorm bias folds is left to the conversion."""
+    ``inspect``): no scales, and whether a LayerNorm bias folds is left to the conversion.
+    ``fold_vision``: the family's vision-tower rules too (:mod:`streamfold.rules.vision`)."""
     if mode not in MODES:
         raise StreamfoldError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     want = MERGED_ALIASES.get(str(merged_dtype).lower())
@@ -220,7 +221,7 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
             raise StreamfoldError("--dequantize: the checkpoint has no quantized tensors (nothing to dequantize)")
         deq = Dequant(quant, deq_mode)
     real, tensors = tensors, quant.view(tensors)  # consumers by their logical names (X.weight of X.qweight)
-    resolved = resolve(cfg, tensors, rules)  # the family as laid out here, a composed wrapper, or a refusal
+    resolved = resolve(cfg, tensors, rules, fold_vision)  # the family as laid out here, a composed wrapper, ...
     family, fam, model_type = resolved.family, resolved.fam, resolved.model_type
     check_text_model(cfg, model_type, family, fam)  # a wrapper's rules hold for the text models derived with
     user_rules = bool(rules) and family in rules and model_type in rules[family]["model_types"]
@@ -259,14 +260,15 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
                     name = tname[: -len(".weight")]
                     claimed[tname] = name
                     norms.append(NormPlan(k["under"] + "*", name, tname, present(name + ".bias", tensors), "keep",
-                                          k["why"]))
+                                          k["why"], tower=fold_vision))
             continue
         rx = pattern_regex(k["norm"] + ".weight")
         for tname in ordered:
             if rx.match(tname) and tname not in claimed:
                 name = tname[: -len(".weight")]
                 claimed[tname] = name
-                norms.append(NormPlan(k["norm"], name, tname, present(name + ".bias", tensors), "keep", k["why"]))
+                norms.append(NormPlan(k["norm"], name, tname, present(name + ".bias", tensors), "keep", k["why"],
+                                      tower=bool(k.get("tower"))))
 
     for n in norms:
         if n.status == "fold" and deq is None:  # partial fold (with --dequantize: widened instead)
@@ -296,7 +298,7 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
                       and actions[t].kind == Kind.COPY), key=natural_key)
     untiled(resolved, unknown)
     return Plan(family, cfg["model_type"], offset, tied, mode, merged_dtype, norms, actions, unknown, quant=quant,
-                dequant=deq, layout=resolved.layout, composed=resolved.composed)
+                dequant=deq, layout=resolved.layout, composed=resolved.composed, vision=fold_vision)
 
 
 def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, names: list[str], tied: bool,
@@ -333,7 +335,8 @@ def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, names: list[st
                     raise StreamfoldError(f"rules: tensor {c.weight!r} is claimed by both {claimed[c.weight]!r} "
                                           f"and {name!r}")
                 claimed[c.weight] = name
-            return NormPlan(rule["norm"], name, tname, bias, "fold", consumers=consumers, offset=rule.get("offset"))
+            return NormPlan(rule["norm"], name, tname, bias, "fold", consumers=consumers, offset=rule.get("offset"),
+                            tower=bool(rule.get("tower")))
     raise StreamfoldError(f"tensor {tname!r}: its consumer {first_missing!r} is not in the checkpoint; "
                           "the checkpoint does not match the architecture in config.json")
 

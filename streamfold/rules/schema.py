@@ -39,6 +39,9 @@ One schema for both (built-ins are ``streamfold/rules/families/*.toml``, one fam
   ``text_config.model_type`` takes the family's ``defaults`` value.
 - ``strict_refused``: why strict mode (folded norms removed) would not load as the identity;
   strict conversions of the family are refused with that reason.
+- ``vision_folds``, ``vision_keep``: the vision tower's rules (same form as ``folds``/``keep``),
+  applied only with ``--fold-vision`` (:mod:`streamfold.rules.vision`); ``vision_refused``: why the
+  tower cannot be folded (measured), so ``--fold-vision`` is refused with that reason.
 - ``description``, ``derived``: for people (README table; the generator's record of the
   transformers version and measured logit errors); not used by the conversion.
 
@@ -57,7 +60,8 @@ from .patterns import config_get
 from ..core.errors import StreamfoldError
 
 _FAMILY_KEYS = {"model_types", "offset", "folds", "keep", "tie_default", "description", "layouts",
-                "strict_refused", "defaults", "derived", "forms", "nothing_to_fold", "refused", "text_model_types"}
+                "strict_refused", "defaults", "derived", "forms", "nothing_to_fold", "refused", "text_model_types",
+                "vision_folds", "vision_keep", "vision_refused"}
 _FORM_KEYS = {"name", "folds", "keep"}
 _FOLD_KEYS = {"norm", "into", "variants", "untied_head", "when", "offset"}
 _CONSUMER_KEYS = {"weight", "axis", "bias"}
@@ -156,6 +160,11 @@ def validate_family(name: str, fam: object, source: str) -> dict:
             raise StreamfoldError(f"{where}: \"{key}\" must be a reason string")
     _check_folds(fam.get("folds"), where, empty_ok="nothing_to_fold" in fam or "refused" in fam)
     _check_keep(fam.get("keep", []), where)
+    if fam.get("vision_folds"):
+        _check_folds(fam["vision_folds"], f"{where} vision_folds", empty_ok=False)
+    _check_keep(fam.get("vision_keep", []), f"{where} vision_keep")
+    if "vision_refused" in fam and (not isinstance(fam["vision_refused"], str) or not fam["vision_refused"]):
+        raise StreamfoldError(f"{where}: \"vision_refused\" must be a reason string")
     forms = fam.get("forms", [])
     if not isinstance(forms, list):
         raise StreamfoldError(f"{where}: \"forms\" must be a list of {{\"name\", \"folds\", \"keep\"}} objects")
