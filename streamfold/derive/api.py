@@ -69,13 +69,20 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
     default_text = _class_default(model_type, "text_config.model_type") if text_models is not None else None
     variants += [{"text_config.model_type": t} for t in text_models or [] if t != default_text]
     derived, models = [], []
+    failed = None  # why the tower's rules could not be derived (vision_refused)
     for ov in variants:
         if config is not None:
             cfg = config.__class__.from_dict({**config.to_dict(), **ov, "tie_word_embeddings": False})
         else:
             cfg = tiny.tiny_config(model_type, **{"tie_word_embeddings": False, **ov})
         model = tiny.build_tiny_model(config=cfg)
-        derived.append((ov, derive_model(model, trace_inputs(model), vision=vision)))
+        try:
+            derived.append((ov, derive_model(model, trace_inputs(model), vision=vision)))
+        except Exception as e:  # the tower's analysis failed: its rules are refused, the language model's stand
+            if not vision:
+                raise
+            vision, failed = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            derived = [(o, text_part(d)) for o, d in derived] + [(ov, derive_model(model, trace_inputs(model)))]
         models.append(model)
     full = derived
     derived = [(ov, text_part(d)) for ov, d in full]
@@ -92,6 +99,8 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
         fam["tie_default"] = True
     if vision:
         add_vision(fam, [(ov, tower_part(d)) for ov, d in full], base_values)
+    elif failed:
+        fam["vision_refused"] = f"the tower's rules could not be derived from a tiny model ({failed})"
     results = []
     if check:
         for model, (ov, d) in zip(models, derived):
