@@ -153,9 +153,13 @@ def test_every_tower_family_in_every_mode(vcase):
         assert info["unexpected_keys"] == [], key
         assert (info["missing_keys"] == []) if mode == "compat" else len(info["missing_keys"]) == len(removed), key
         if merged == "float32":
+            got = max(_rel(text, c.ref_text), _rel(images, c.ref_images))
+            print(f"{c.mt} {key}: tower norms folded {len(tower)}, max rel err (text, image) {got:.2e}")  # -s
             assert _rel(text, c.ref_text) <= MAX_REL_F32, (key, _rel(text, c.ref_text))
             assert _rel(images, c.ref_images) <= MAX_REL_F32, (key, _rel(images, c.ref_images))
         else:
+            got = min(_min_cos(text, c.ref_text), _min_cos(images, c.ref_images))
+            print(f"{c.mt} {key}: min cosine (text, image) {got:.7f}")
             assert _min_cos(text, c.ref_text) >= MIN_COS_BF16, key
             assert _min_cos(images, c.ref_images) >= MIN_COS_BF16, key
         report = streamfold.verify(c.src, out)
