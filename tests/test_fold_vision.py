@@ -198,3 +198,23 @@ def test_refused_on_a_folded_checkpoint_whose_tower_was_not(fast_case, tmp_path,
     assert "flashnorm_vision" not in json.loads((plain / "config.json").read_text())
     err = _refusal(capsys, [str(plain), str(tmp_path / "strict"), "--mode", "strict", "--fold-vision"])
     assert "whose vision tower was not folded" in err
+
+
+def test_mode_changes_of_a_tower_folded_checkpoint(vcase, tmp_path):
+    """compat -> strict -> compat of the tower-folded output: the flag carries over, every tower norm is
+    recognised as folded under its own convention (SigLIP's ``w`` inside PaliGemma's ``1 + w`` family) and
+    restored as its identity; logits on text and image prompts stay within 1e-5 of the source's."""
+    c = vcase
+    if c.fam.get("strict_refused"):
+        pytest.skip(f"{c.mt}: strict mode refused ({c.fam['strict_refused'][:60]}...)")
+    strict, back = tmp_path / "strict", tmp_path / "back"
+    r1 = streamfold.convert(c.outs["compat_f32"], strict, mode="strict")
+    r2 = streamfold.convert(strict, back, mode="compat")
+    assert r1.mode_change == "compat -> strict" and r2.mode_change == "strict -> compat"
+    for out in (strict, back):
+        assert json.loads((out / "config.json").read_text())["flashnorm_vision"] is True
+    text, images, info = c.logits(back)
+    assert info["missing_keys"] == []
+    assert _rel(text, c.ref_text) <= MAX_REL_F32 and _rel(images, c.ref_images) <= MAX_REL_F32
+    with pytest.raises(streamfold.AlreadyFlashNorm):
+        streamfold.convert(back, tmp_path / "again", fold_vision=True)

@@ -25,10 +25,11 @@ import torch
 #   "naflex"    [batch, patches, 3 * P * P] plus spatial_shapes and pixel_attention_mask (Siglip2: LFM2-VL)
 PIXELS: dict[str, str] = {
     "llava": "bchw", "vipllava": "bchw", "paligemma": "bchw", "aya_vision": "bchw", "internvl": "bchw",
-    "cohere2_vision": "bchw", "mistral3": "bchw",
+    "cohere2_vision": "bchw", "mistral3": "bchw", "gemma3": "bchw",
     "llava_next": "anyres", "llava_next_video": "anyres", "llava_onevision": "anyres",
     "idefics2": "bnchw", "idefics3": "bnchw", "smolvlm": "bnchw",
     "qwen2_vl": "patches", "qwen2_5_vl": "patches", "glm4v": "patches", "glm4v_moe": "patches", "glm46v": "patches",
+    "qwen3_vl": "patches", "qwen3_vl_moe": "patches", "qwen3_5": "patches", "qwen3_5_moe": "patches",
     "mllama": "tiles",
     "lfm2_vl": "naflex",
 }

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from .build import assemble
 from .check import check_family
-from .family import Derived
+from .family import Derived, norm_pattern
 from ..rules.vision import with_vision
 
 
@@ -38,11 +38,14 @@ def add_vision(fam: dict, towers: list[tuple[dict, Derived]], base_values: dict)
     if not any(d.instances for _, d in towers):
         return
     vf = assemble(fam["model_types"], towers, base_values)
+    biased = {norm_pattern(i.weight)[0] for _, d in towers for i in d.instances if i.has_bias}
     folds = []
     for r in vf["folds"]:
         off = r.pop("offset", vf["offset"])
         if off != fam.get("offset", 0):
             r["offset"] = off
+        if r["norm"] in biased:  # a LayerNorm's bias: restored as zeros by a strict -> compat change
+            r["norm_bias"] = True
         folds.append(r)
     if folds:
         fam["vision_folds"] = folds

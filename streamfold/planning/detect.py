@@ -44,6 +44,8 @@ class NormState:
     dtype: str | None  # stored dtype (None when absent)
     bias: bool  # a bias tensor is present
     consumers: list[Consumer] = field(default_factory=list)
+    offset: int | None = None  # the rule's own convention, when it differs from the family's (a tower's)
+    norm_bias: bool = False  # the rule says the norm has a bias parameter (restored with it)
 
     @property
     def weight(self) -> str:
@@ -233,6 +235,8 @@ def detect(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.n
     stray = [t for t in names_sorted(tensors) if looks_like_norm(t) and not t.startswith(subtrees)
              and not any(rx.match(t) for rx in covered)]
     offset = fam.get("offset", 0)
+    own = {r["norm"]: r["offset"] for r in fam["folds"] if r.get("offset", offset) != offset}  # per-rule `1 + w`
+    biased = {r["norm"] for r in fam["folds"] if r.get("norm_bias")}
     flags = {k: cfg[k] for k in FLAG_KEYS if k in cfg}
     norms = []
     for rule, name, consumers in found:
@@ -246,12 +250,12 @@ def detect(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.n
         elif read is None:
             status = "present"
         else:
-            ok = bool(np.all(read(w.name).astype(np.float32) + np.float32(offset) == 1))
+            ok = bool(np.all(read(w.name).astype(np.float32) + np.float32(own.get(rule, offset)) == 1))
             if ok and b is not None:
                 ok = b.shape == (width,) and not np.any(read(b.name).astype(np.float32) != 0)
             status = "identity" if ok else "learned"
         norms.append(NormState(rule, name, status, width, w.dtype if w is not None else None, b is not None,
-                               consumers))
+                               consumers, own.get(rule), rule in biased))
     return FlashNormState(cfg.get("model_type"), family, offset, tied, flags, norms, values_read=read is not None,
                           stray=stray)
 

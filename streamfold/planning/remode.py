@@ -134,7 +134,7 @@ def _remode(state: FlashNormState, cfg: dict, tensors: dict[str, TensorInfo], mo
     for n in state.norms:
         bias = n.name + ".bias"
         absent = n.status == "absent"
-        has_bias = n.bias or (absent and mode == "compat" and _has_bias(state, n.rule))
+        has_bias = n.bias or (absent and mode == "compat" and (n.norm_bias or _has_bias(state, n.rule)))
         if mode == "strict":
             what = "already folded: absent" if absent else "already folded: identity norm removed"
         else:
@@ -147,7 +147,8 @@ def _remode(state: FlashNormState, cfg: dict, tensors: dict[str, TensorInfo], mo
                     actions[t] = Action("drop", tensors[t].dtype, p)
         elif absent:
             shard, dtype = shard_of[n.consumers[0].weight], _norm_dtype(state, n.rule, cfg, tensors)
-            added.append(NewTensor(n.weight, shard, dtype, (n.width,), 1.0 - state.offset))
+            added.append(NewTensor(n.weight, shard, dtype, (n.width,),
+                                   1.0 - (state.offset if n.offset is None else n.offset)))
             if has_bias:
                 added.append(NewTensor(bias, shard, dtype, (n.width,), 0.0))
     for name, t in tensors.items():

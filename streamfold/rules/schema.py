@@ -41,7 +41,9 @@ One schema for both (built-ins are ``streamfold/rules/families/*.toml``, one fam
   strict conversions of the family are refused with that reason.
 - ``vision_folds``, ``vision_keep``: the vision tower's rules (same form as ``folds``/``keep``),
   applied only with ``--fold-vision`` (:mod:`streamfold.rules.vision`); ``vision_refused``: why the
-  tower cannot be folded (measured), so ``--fold-vision`` is refused with that reason.
+  tower cannot be folded (measured), so ``--fold-vision`` is refused with that reason. A fold rule's
+  ``"norm_bias": true`` says the norm has a bias parameter (a LayerNorm's): strict mode drops it with
+  the weight, and a strict -> compat change restores it as zeros.
 - ``description``, ``derived``: for people (README table; the generator's record of the
   transformers version and measured logit errors); not used by the conversion.
 
@@ -63,7 +65,7 @@ _FAMILY_KEYS = {"model_types", "offset", "folds", "keep", "tie_default", "descri
                 "strict_refused", "defaults", "derived", "forms", "nothing_to_fold", "refused", "text_model_types",
                 "vision_folds", "vision_keep", "vision_refused"}
 _FORM_KEYS = {"name", "folds", "keep"}
-_FOLD_KEYS = {"norm", "into", "variants", "untied_head", "when", "offset"}
+_FOLD_KEYS = {"norm", "into", "variants", "untied_head", "when", "offset", "norm_bias"}
 _CONSUMER_KEYS = {"weight", "axis", "bias"}
 _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")
 
