@@ -106,6 +106,20 @@ def test_tower_folded_exactly_in_transformers_text_and_image(fast_case):
     assert _rel(images, c.ref_images) <= MAX_REL_F32
     report = streamfold.verify(c.src, out)
     assert report.ok, report.problems[:3]
+    card = (out / "README.md").read_text()
+    assert "config.flashnorm_vision" in card and "Vision tower folded too" in card
+
+
+def test_inspect_json_says_what_the_tower_folds(fast_case, capsys):
+    c = fast_case
+    assert cli_main(["inspect", str(c.src), "--fold-vision", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["fold_vision"]
+    tower = [n for n in c.plan.norms if n.tower]
+    assert got["folded"] == sum(n.status == "fold" for n in tower) > 0
+    assert got["kept"] == sum(n.status == "keep" for n in tower)
+    assert {g["norm"] for g in got["norms"]} >= {"visual.blocks.*.norm1", "visual.blocks.*.norm2"}
+    assert cli_main(["inspect", str(c.src), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fold_vision"] is None
 
 
 def test_image_prompt_sees_the_tower_folds(fast_case):
