@@ -232,3 +232,14 @@ def test_mode_changes_of_a_tower_folded_checkpoint(vcase, tmp_path):
     assert _rel(text, c.ref_text) <= MAX_REL_F32 and _rel(images, c.ref_images) <= MAX_REL_F32
     with pytest.raises(streamfold.AlreadyFlashNorm):
         streamfold.convert(back, tmp_path / "again", fold_vision=True)
+
+
+def test_refused_when_the_tower_rules_name_no_tensor(fast_case):
+    """A checkpoint whose tower is spelled otherwise (or absent) is refused, not silently left unfolded."""
+    from streamfold.planning.compose import resolve
+    cfg = json.loads((fast_case.src / "config.json").read_text())
+    names = json.loads((fast_case.src / "model.safetensors.index.json").read_text())["weight_map"]
+    assert resolve(cfg, names, vision=True).fam["folds"]
+    renamed = {("tower." + n[len("visual."):] if n.startswith("visual.") else n): s for n, s in names.items()}
+    with pytest.raises(streamfold.StreamfoldError, match="no norm or consumer of qwen2_5_vl's vision-tower rules"):
+        resolve(cfg, renamed, vision=True)

@@ -93,7 +93,24 @@ def resolve(cfg: dict, tensors: dict, rules: dict | None = None, vision: bool | 
         refuse_vision(model_type, family, fam)
         fam = with_vision(fam)
     laid = choose(fam, tensors)
+    if vision and not _tower_found(laid.fam, tensors):
+        raise StreamfoldError(f"--fold-vision: no norm or consumer of {model_type}'s vision-tower rules is in the "
+                              f"checkpoint (tensor names: {laid.describe() or 'as save_pretrained writes them'}); "
+                              "convert without --fold-vision")
     return Resolved(family, laid.fam, model_type, laid.describe())
+
+
+def _tower_found(fam: dict, tensors: dict) -> bool:
+    """Whether a tower fold rule, as laid out, names a tensor of the checkpoint (its norm, or its first
+    consumer when the norms were removed)."""
+    for f in fam["folds"]:
+        if f.get("tower"):
+            c = (f.get("into") or f["variants"][0])[0]
+            for pat in (f["norm"] + ".weight", c + ".weight" if isinstance(c, str) else c["weight"]):
+                rx = pattern_regex(pat)
+                if any(rx.match(t) for t in tensors):
+                    return True
+    return False
 
 
 def is_tied(cfg: dict, model_type: str, fam: dict) -> bool:
