@@ -243,3 +243,20 @@ def test_refused_when_the_tower_rules_name_no_tensor(fast_case):
     renamed = {("tower." + n[len("visual."):] if n.startswith("visual.") else n): s for n, s in names.items()}
     with pytest.raises(streamfold.StreamfoldError, match="no norm or consumer of qwen2_5_vl's vision-tower rules"):
         resolve(cfg, renamed, vision=True)
+
+
+def test_verify_follows_the_flag(fast_case, tmp_path):
+    """verify re-plans with the tower's rules when config.json says flashnorm_vision (or --fold-vision
+    asks): without the flag the tower-folded output is not the plain plan, and the reverse."""
+    c = fast_case
+    noflag = tmp_path / "noflag"
+    shutil.copytree(c.outs["compat_f32"], noflag)
+    cfg = json.loads((noflag / "config.json").read_text())
+    del cfg["flashnorm_vision"]
+    (noflag / "config.json").write_text(json.dumps(cfg))
+    assert not streamfold.verify(c.src, noflag).ok
+    assert streamfold.verify(c.src, noflag, fold_vision=True).ok
+    plain = tmp_path / "plain"
+    streamfold.convert(c.src, plain, merged_dtype="float32")
+    assert streamfold.verify(c.src, plain).ok
+    assert not streamfold.verify(c.src, plain, fold_vision=True).ok
