@@ -260,3 +260,22 @@ def test_verify_follows_the_flag(fast_case, tmp_path):
     streamfold.convert(c.src, plain, merged_dtype="float32")
     assert streamfold.verify(c.src, plain).ok
     assert not streamfold.verify(c.src, plain, fold_vision=True).ok
+
+
+def test_patch_merger_folds_with_its_scale_tiled(fast_case):
+    """Qwen2.5-VL's merger.ln_q normalizes each patch, then 4 patches are regrouped into one vector for
+    merger.mlp.0: traced as a consumer with tile 4, the scale repeated 4 times along mlp.0's input (the
+    logits check above covers it: a wrongly tiled scale moves the image prompt's logits)."""
+    ln_q = next(n for n in fast_case.plan.norms if n.weight == "visual.merger.ln_q.weight")
+    assert ln_q.status == "fold" and [(c.weight, c.tile) for c in ln_q.consumers] == [("visual.merger.mlp.0.weight", 4)]
+    width = ln_q.scale.shape[0] // 4
+    assert all((ln_q.scale[k * width:(k + 1) * width] == ln_q.scale[:width]).all() for k in range(4))
+
+
+@pytest.mark.parametrize("tile", [0, 1.5, True])
+def test_schema_refuses_a_bad_tile(tmp_path, tile):
+    from streamfold.rules.schema import load_rules_file
+    rules = {"model_types": ["x"], "folds": [{"norm": "a.norm", "into": [{"weight": "a.w", "axis": 1, "tile": tile}]}]}
+    (tmp_path / "r.json").write_text(json.dumps(rules))
+    with pytest.raises(streamfold.StreamfoldError, match="tile must be a whole number"):
+        load_rules_file(tmp_path / "r.json")

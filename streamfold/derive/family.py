@@ -33,6 +33,7 @@ class Instance:
     head: bool = False  # consumers are exactly the output embedding (lm_head): folds only when untied
     has_bias: bool = False  # LayerNorm bias: folds only where every consumer has a bias
     tower: bool = False  # outside the language model (a vision tower), analysed with ``vision=True``
+    tiles: dict[str, int] = field(default_factory=dict)  # consumer weight -> k: reads k outputs side by side
 
 
 @dataclass
@@ -100,7 +101,9 @@ def derive_model(model, inputs: dict, names: str = "saved", vision: bool = False
     The layout prefixes are computed from the language model's tensors either way."""
     from . import tiny
     norms = getattr(model, "tiny_norms", None) or tiny.find_norms(model)
-    traces = trace(model, list(norms), inputs)
+    dec0 = _decoder_prefix(model)
+    tower = {n for n in norms if dec0 and n != dec0 and not n.startswith(dec0 + ".")} if vision else set()
+    traces = trace(model, list(norms), inputs, tile=tower)  # regrouped outputs (patch mergers): towers only
     params = dict(model.named_parameters(remove_duplicate=False))
     dec = _decoder_prefix(model)
     out_emb = model.get_output_embeddings()
@@ -159,6 +162,8 @@ def derive_model(model, inputs: dict, names: str = "saved", vision: bool = False
                         cand = s.name[: -len(".weight")] + ".bias" if s.name.endswith(".weight") else None
                         bias = cand if cand in bs else (bs[0] if len(bs) == 1 and len(saved[u.param]) == 1 else None)
                     inst.consumers.append((s.name, s.axis, s.ndim, bias))
+                    if u.tile > 1:
+                        inst.tiles[s.name] = u.tile
                 if not saved[u.param]:
                     inst.fold, inst.why = False, f"its consumer {u.param} is not saved in the checkpoint"
         else:
@@ -194,11 +199,14 @@ def generalize_why(why: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=[.) ;]|$)", "{n}", why)
 
 
-def consumer_entry(weight: str, axis: int, bias: str | None, ndim_last: bool):
+def consumer_entry(weight: str, axis: int, bias: str | None, ndim_last: bool, tile: int = 1):
     """The schema's spelling: a module pattern when it is a plain ``.weight`` [out, in] / ``.bias``."""
-    if weight.endswith(".weight") and ndim_last and (bias is None or bias == weight[: -len(".weight")] + ".bias"):
+    if weight.endswith(".weight") and ndim_last and tile == 1 and \
+            (bias is None or bias == weight[: -len(".weight")] + ".bias"):
         return weight[: -len(".weight")]
     entry = {"weight": weight, "axis": axis}
     if bias:
         entry["bias"] = bias
+    if tile > 1:
+        entry["tile"] = tile
     return entry

@@ -15,7 +15,8 @@ def _short(p: str) -> str:
 def _consumer(c) -> str:
     if isinstance(c, str):
         return f"`{_short(c)}`"
-    return f"`{_short(c['weight'])}` (axis {c.get('axis', -1)})"
+    tiled = f", scale tiled x{c['tile']}" if c.get("tile", 1) > 1 else ""
+    return f"`{_short(c['weight'])}` (axis {c.get('axis', -1)}{tiled})"
 
 
 def _fold(f: dict) -> str:

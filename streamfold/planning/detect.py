@@ -241,7 +241,7 @@ def detect(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.n
     norms = []
     for rule, name, consumers in found:
         c0 = consumers[0]
-        width = tensors[c0.weight].shape[c0.axis] if tensors[c0.weight].shape else 0
+        width = tensors[c0.weight].shape[c0.axis] // c0.tile if tensors[c0.weight].shape else 0
         w, b = tensors.get(name + ".weight"), tensors.get(name + ".bias")
         if b is not None and read is not None and any(c.bias is None for c in consumers) \
                 and np.any(read(b.name).astype(np.float32) != 0):

@@ -23,7 +23,7 @@ from ..core.errors import StreamfoldError
 from ..core.fold import merged_out_dtype
 from ..core.reader import TensorInfo
 from ..quant.formats import Quantization, classify
-from ..rules.patterns import Consumer, config_get, expand_consumer, generalize, looks_like_norm, \
+from ..rules.patterns import Consumer, common_tile, config_get, expand_consumer, generalize, looks_like_norm, \
     natural_key, pattern_regex, present, stars
 from ..rules.schema import check_text_model
 from .compose import is_tied, resolve, untiled
@@ -32,8 +32,7 @@ from .dequant import Dequant, check_shape, dequantize_mode, logical_infos, out_d
 
 MODES = ("compat", "strict")
 MERGED_DTYPES = ("source", "float32")
-# Accepted spellings. "bf16" asks for folded weights stored in bf16: that is "source" for a bf16 source,
-# and refused otherwise (streamfold never narrows a weight's dtype).
+# Accepted spellings. "bf16" asks for folded weights stored in bf16: "source" for a bf16 source, refused otherwise.
 MERGED_ALIASES = {"source": "source", "float32": "float32", "fp32": "float32", "f32": "float32",
                   "bf16": "bf16", "bfloat16": "bf16"}
 
@@ -356,12 +355,13 @@ def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, m
         elif ct.dtype not in FOLDABLE:
             raise StreamfoldError(f"{ct.path.name}: tensor {c.weight!r} is {ct.dtype}, not a float weight; "
                                   "folding needs the unquantized checkpoint")
-        if not ct.shape or not -len(ct.shape) <= c.axis < len(ct.shape) or ct.shape[c.axis] != width:
+        if not ct.shape or not -len(ct.shape) <= c.axis < len(ct.shape) or ct.shape[c.axis] != width * c.tile:
             got = ct.shape[c.axis] if ct.shape and -len(ct.shape) <= c.axis < len(ct.shape) else None
             raise StreamfoldError(f"{ct.path.name}: tensor {c.weight!r} shape {list(ct.shape)} has {got} inputs "
-                                  f"on axis {c.axis} but norm {n.weight!r} has {width} channels")
+                                  f"on axis {c.axis} but norm {n.weight!r} has {width} channels (x{c.tile})")
+    tile = common_tile(n.weight, n.consumers)  # a patch merger's consumer: the scale tiled k times
     if read is not None:
-        n.scale = (read(n.weight).astype(np.float32) + np.float32(offset)).astype(np.float32)
+        n.scale = np.tile((read(n.weight).astype(np.float32) + np.float32(offset)).astype(np.float32), tile)
     if n.bias is not None:
         bt = tensors[n.bias]
         if bt.shape != (width,):
@@ -377,7 +377,7 @@ def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, m
                 n.reason = f"LayerNorm bias cannot fold: consumer {generalize(lacking[0])!r} has no bias"
                 n.scale = None
                 return
-            n.shift = beta
+            n.shift = np.tile(beta, tile)
             if quant:
                 raise StreamfoldError(f"--dequantize: norm {n.weight!r} has a LayerNorm bias and its consumer "
                                       f"{next(iter(quant))!r} is quantized; folding that bias is not supported")

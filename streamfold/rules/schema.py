@@ -9,7 +9,8 @@ One schema for both (built-ins are ``streamfold/rules/families/*.toml``, one fam
 - ``folds``: ``{"norm": pattern, "into": [consumer, ...]}``. A consumer is a module pattern whose
   ``.weight`` input columns (last axis) are scaled and whose ``.bias`` (if present) absorbs a
   LayerNorm bias, or ``{"weight": tensor, "axis": k, "bias": tensor}`` for fused or transposed
-  layouts. ``"untied_head": true`` marks the final norm, which folds only into an untied head
+  layouts; ``"tile": k`` when the consumer reads k norm outputs side by side (a patch merger regrouping
+  k tokens into one vector: its input axis is k times the norm's width and the scale is tiled k times). ``"untied_head": true`` marks the final norm, which folds only into an untied head
   (kept when embeddings are tied or the head tensor is absent). ``"variants"`` (instead of
   ``into``) lists alternative consumer sets, the first one fully present is used (dense vs. MoE
   layers, hybrid layer kinds). ``"when": {config_key: [accepted values]}`` applies a rule only when
@@ -66,7 +67,7 @@ _FAMILY_KEYS = {"model_types", "offset", "folds", "keep", "tie_default", "descri
                 "vision_folds", "vision_keep", "vision_refused"}
 _FORM_KEYS = {"name", "folds", "keep"}
 _FOLD_KEYS = {"norm", "into", "variants", "untied_head", "when", "offset", "norm_bias"}
-_CONSUMER_KEYS = {"weight", "axis", "bias"}
+_CONSUMER_KEYS = {"weight", "axis", "bias", "tile"}
 _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")
 
 
@@ -92,6 +93,8 @@ def _check_consumer(c: object, where: str) -> None:
         _check_pattern(c["bias"], where)
     if not isinstance(c.get("axis", -1), int):
         raise StreamfoldError(f"{where}: consumer axis must be an integer, got {c['axis']!r}")
+    if not isinstance(c.get("tile", 1), int) or isinstance(c.get("tile", 1), bool) or c.get("tile", 1) < 1:
+        raise StreamfoldError(f"{where}: consumer tile must be a whole number >= 1, got {c['tile']!r}")
 
 
 def _check_folds(folds: object, where: str, empty_ok: bool) -> None:
