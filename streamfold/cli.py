@@ -4,8 +4,7 @@ Exit status: 0 success, 2 bad input or a failed check (one line on stderr, no tr
 3 verification found problems (``verify``, or ``convert --verify``; one line per problem),
 4 SRC is already a FlashNorm checkpoint and nothing was written (one line on stderr; ``--json`` also
 prints its state on stdout), 1 an internal error, 130 interrupted (SIGINT), 143 terminated (SIGTERM),
-141 stdout closed early (``... --json | head``: the status of a tool killed by SIGPIPE, with nothing on
-stderr).
+141 stdout closed early (``... --json | head``: a tool killed by SIGPIPE's status, nothing on stderr).
 """
 from __future__ import annotations
 
@@ -112,6 +111,7 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help="a quantized SRC (FP8 block so far): decode the quantized consumers of folded norms (and "
                         "their fused siblings) to bf16 (float32 with --merged-dtype float32), each element the "
                         "exact q*s*g rounded once; 'all': every quantized weight")
+    p.add_argument("--fold-vision", action="store_true", help="fold the vision tower too (config.json: flashnorm_vision)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--all", action="store_true",
                    help="with inspect / --plan: list every norm and its consumer tensors, not just families")
@@ -205,11 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--rules", metavar="FILE", help="the rules file the conversion used, if any")
     v.add_argument("--dequantize", nargs="?", const="consumers", choices=("consumers", "all"), default=None,
                    help="the conversion used --dequantize (default: read from DST's config.json)")
+    v.add_argument("--fold-vision", action="store_true", default=None, help="expect the vision tower folded too")
     v.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub repo id SRC")
     _resource_options(v, WORKERS_VERIFY)
     v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    v.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress bar; print only the problems (nothing when all is well)")
+    v.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print only the problems (nothing when all is well)")
 
     d = sub.add_parser("demo", help="convert the bundled sample checkpoint as a default conversion does, "
                                     "verify it, and compare with --merged-dtype float32")
@@ -256,7 +256,7 @@ def _close_bars() -> None:
 def _print_plan(args) -> int:
     from .inspection import inspect
     found = inspect(args.src, mode=args.mode, merged_dtype=args.merged_dtype, rules=args.rules,
-                    revision=args.revision, dequantize=args.dequantize)
+                    revision=args.revision, dequantize=args.dequantize, fold_vision=args.fold_vision)
     print(json.dumps(found.to_dict(), indent=2) if args.json else found.describe(args.all))
     return 0
 
@@ -275,7 +275,7 @@ def _convert(args) -> int:
                      base_model=args.base_model, push_to_hub=args.push_to_hub, private=args.private,
                      commit_message=args.commit_message, manifest=args.manifest, verify=args.verify,
                      executor="local" if args.ray is None else "ray", ray_address=args.ray or None,
-                     stream=args.stream, resume=args.resume, dequantize=args.dequantize)
+                     stream=args.stream, resume=args.resume, dequantize=args.dequantize, fold_vision=args.fold_vision)
     v = report.verification
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -316,7 +316,7 @@ def _verify(args) -> int:
     tokens = _tokens(args.tokens)
     src = resolve_source(args.src, revision=args.revision, quiet=args.quiet or args.json).path
     report = verify(src, args.dst, mode=args.mode, merged_dtype=args.merged_dtype, rules=args.rules,
-                    dequantize=args.dequantize,
+                    dequantize=args.dequantize, fold_vision=args.fold_vision,
                     workers=args.workers, memory_budget=args.memory_budget, forward=args.forward,
                     forward_tokens=tokens, progress=_progress(args.quiet or args.json, "verifying"))
     if args.json:

@@ -71,6 +71,7 @@ class ConversionReport:
         if self.dequant_counts is None:
             return None
         return (sum(v[0] for v in self.dequant_counts.values()), sum(v[1] for v in self.dequant_counts.values()))
+    fold_vision: dict | None = None  # --fold-vision: the tower's norms folded and kept (Plan.vision_summary)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -98,6 +99,9 @@ class ConversionReport:
                  + (f", biases updated: {self.biases_updated}" if self.biases_updated else "")]
         if self.composed:
             lines.append(f"  {self.composed}")
+        if self.fold_vision:
+            lines.append(f"  vision tower folded too (--fold-vision): {self.fold_vision['folded']} tower norms folded, "
+                         f"{self.fold_vision['kept']} kept")
         if self.layout:
             lines.append(f"  tensor names: {self.layout} (written back the same way)")
         for g in self.groups:
@@ -132,7 +136,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
             commit_message: str | None = None, manifest: bool = False,
             verify: bool = False, executor: str = "local", ray_address: str | None = None,
             stream: bool = False, resume: bool = True,
-            log: Callable[[str], None] | None = None, dequantize: bool | str | None = None) -> ConversionReport:
+            log: Callable[[str], None] | None = None, dequantize: bool | str | None = None,
+            fold_vision: bool = False) -> ConversionReport:
     """Convert checkpoint ``src`` into a FlashNorm checkpoint at ``dst``.
 
     ``mode``: ``"compat"`` (folded norms set to identity, the default) or ``"strict"`` (removed).
@@ -140,6 +145,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
     ``dequantize`` (a quantized ``src``, FP8 block so far): True widens the quantized consumers of folded
     norms and their fused siblings to bf16 (float32 with ``merged_dtype="float32"``), each element the
     exact ``q·s·g`` rounded once, and updates ``quantization_config``; ``"all"`` widens every one.
+    ``fold_vision``: fold the vision tower too, with the family's derived tower rules (``vision_folds``;
+    refused for a family without them); ``config.json`` gets ``"flashnorm_vision": true``.
 
     An already-FlashNorm ``src`` (config.json flags, or every foldable norm the identity / absent) is
     not folded again: without ``mode`` (or with its own mode) :class:`AlreadyFlashNorm` is raised and
@@ -188,6 +195,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
     local = not is_repo_id(os.fspath(src)) or Path(src).exists()
     check_destination(src if local else None, dst, overwrite)  # before any download
     if stream:
+        if fold_vision:
+            raise StreamfoldError("--fold-vision with --stream is not supported yet; convert to a local folder")
         return _stream(src, Path(dst), t0, locals())
     dst = Path(dst)
     if executor == "ray":
@@ -198,7 +207,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None 
         cplan, hub = _plan(src, dst, cleanup, remote=remote, overwrite=overwrite, revision=revision, token=token,
                            quiet=progress is None, mode=mode, merged_dtype=merged_dtype, rules=rules,
                            workers=workers, memory_budget=memory_budget,
-                           **({"dequantize": dequantize} if dequantize else {}))
+                           **({"dequantize": dequantize} if dequantize else {}),
+                           **({"fold_vision": True} if fold_vision else {}))
         return _convert(cplan, hub, dst, t0, locals())
 
 
@@ -261,7 +271,7 @@ def _convert(cplan: ConversionPlan, hub, dst: Path, t0: float, opts: dict) -> Co
         deq = cplan.plan.dequant.mode if cplan.plan.dequant is not None else None
         report.verification = run_verify(source.path, dst, mode=mode, merged_dtype=cplan.plan.merged_dtype,
                                          rules=opts["rules"], workers=workers, memory_budget=memory_budget,
-                                         dequantize=deq)
+                                         dequantize=deq, fold_vision=cplan.plan.vision)
         if not report.verification.ok:
             return report  # not pushed: the caller sees report.verification.problems
     if push_to_hub:
@@ -327,4 +337,4 @@ def _report(cplan: ConversionPlan, dst: Path, t0: float, workers: int, manifest:
         manifest=manifest, manifest_seconds=round(t_manifest, 3),
         mode_change=f"{p.flashnorm.mode} -> {p.mode}" if p.flashnorm is not None else None,
         tensors_restored=len(p.added), layout=p.layout,
-        composed=p.composed.describe() if p.composed is not None else None)
+        composed=p.composed.describe() if p.composed is not None else None, fold_vision=p.vision_summary())

@@ -95,7 +95,7 @@ class Inspection:
 
 def inspect(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str | None = None,
             rules=None, revision: str | None = None, token: str | bool | None = None,
-            dequantize=None) -> Inspection:
+            dequantize=None, fold_vision: bool = False) -> Inspection:
     """The fold plan and output sizes for ``src``, reading headers only.
 
     A local folder (or, with ``HF_HUB_OFFLINE`` set, a cached Hub repo) is planned from its files. A Hub
@@ -105,26 +105,28 @@ def inspect(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: st
 
     An already-FlashNorm SRC gives its FlashNormState (``.state``: mode, version, each foldable norm
     identity or absent) and no plan, or with ``mode`` set to the other mode, the plan of that change.
-    ``dequantize``: plan ``--dequantize`` (local sources only so far).
+    ``dequantize``: plan ``--dequantize`` (local sources only so far). ``fold_vision``: the tower too.
     """
     text = os.fspath(src)
     if Path(text).exists() or not is_repo_id(text) or _offline():
         return _inspect_folder(resolve_source(text, revision=revision, token=token), text, mode=mode,
-                               merged_dtype=merged_dtype, rules=rules, dequantize=dequantize)
+                               merged_dtype=merged_dtype, rules=rules, dequantize=dequantize,
+                               fold_vision=fold_vision)
     if dequantize:
         raise StreamfoldError("--dequantize: inspect plans a local (or cached) checkpoint only so far")
     with _quiet_bars(True):
         found = _inspect_remote(text, mode=mode, merged_dtype=merged_dtype, rules=rules, revision=revision,
-                                token=token)
+                                token=token, fold_vision=fold_vision)
     if isinstance(found, Source):  # the Hub is unreachable: the cached snapshot, as converting would use
-        return _inspect_folder(found, text, mode=mode, merged_dtype=merged_dtype, rules=rules)
+        return _inspect_folder(found, text, mode=mode, merged_dtype=merged_dtype, rules=rules, fold_vision=fold_vision)
     return found
 
 
-def _inspect_folder(source: Source, text: str, *, mode, merged_dtype, rules, dequantize=None) -> Inspection:
+def _inspect_folder(source: Source, text: str, *, mode, merged_dtype, rules, dequantize=None,
+                    fold_vision: bool = False) -> Inspection:
     try:
         ckpt, _, plan = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, label=text,
-                                  dequantize=dequantize)
+                                  dequantize=dequantize, fold_vision=fold_vision)
     except AlreadyFlashNorm as e:  # nothing to fold: its FlashNorm state instead of a plan
         plan, state, ckpt = None, e.state, Checkpoint(source.path)
     else:
@@ -141,7 +143,8 @@ def _inspect_folder(source: Source, text: str, *, mode, merged_dtype, rules, deq
                       skipped_files=source.skipped, state=state)
 
 
-def _inspect_remote(repo_id: str, *, mode, merged_dtype, rules, revision, token) -> Inspection | Source:
+def _inspect_remote(repo_id: str, *, mode, merged_dtype, rules, revision, token,
+                    fold_vision: bool = False) -> Inspection | Source:
     from .core.dtypes import DTYPES
     from .core.reader import read_config
     from .planning.remode import plan_checkpoint
@@ -173,7 +176,8 @@ def _inspect_remote(repo_id: str, *, mode, merged_dtype, rules, revision, token)
                                   "the index and shards disagree")
     extra = load_rules_file(rules) if isinstance(rules, (str, os.PathLike)) else rules
     try:
-        plan = plan_checkpoint(cfg, tensors, None, mode=mode, merged_dtype=merged_dtype, rules=extra, src=repo_id)
+        plan = plan_checkpoint(cfg, tensors, None, mode=mode, merged_dtype=merged_dtype, rules=extra, src=repo_id,
+                               fold_vision=fold_vision)
         state = plan.flashnorm
     except AlreadyFlashNorm as e:
         plan, state = None, e.state

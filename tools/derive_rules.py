@@ -291,6 +291,14 @@ def _rules_only(fam: dict, skip: tuple[str, ...] = ()) -> dict:
     return {k: v for k, v in fam.items() if k not in ("description", "derived", *skip)}
 
 
+def _vision_record(derived: dict, mt: str, results) -> None:
+    """The tower-folded check's errors (streamfold.derive.vision), text and image prompts."""
+    for key, attr in (("vision_max_rel_err", "vision_rel"), ("vision_strict_max_rel_err", "vision_strict_rel")):
+        got = [getattr(r, attr) for r in results if getattr(r, attr) is not None]
+        if got:
+            derived.setdefault(key, {})[mt] = float(f"{max(got):.2e}")
+
+
 class DeriveError(Exception):
     """A model type whose rules could not be derived or failed their check."""
 
@@ -301,10 +309,12 @@ def derive_group(name: str, description: str, model_types: list[str], log, check
     import transformers
 
     from streamfold.derive.api import derive_family, tie_default
+    from streamfold.derive.pixels import PIXELS
     out: dict[str, dict] = {}
     for mt in model_types:
         try:
-            fam, results = derive_family(mt, VARIANTS.get(mt), check=check, text_models=TEXT_MODELS.get(mt))
+            fam, results = derive_family(mt, VARIANTS.get(mt), check=check, text_models=TEXT_MODELS.get(mt),
+                                         vision=mt in PIXELS)  # wrappers: the tower too (--fold-vision)
         except Exception as e:  # a model transformers cannot build or run tiny: reported, not written
             raise DeriveError(f"{mt}: cannot derive: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         for r in results:
@@ -338,6 +348,7 @@ def derive_group(name: str, description: str, model_types: list[str], log, check
         if lay_rel:  # errors of the other name layouts transformers loads (streamfold.derive.layouts)
             f["derived"].setdefault("layouts_max_rel_err", {})[mt] = lay_rel
         f["derived"]["compat_max_rel_err"][mt] = float(f"{rel:.2e}")
+        _vision_record(f["derived"], mt, results)
         if strict:
             f["derived"]["strict_max_rel_err"][mt] = float(f"{max(strict):.2e}")
     for f in out.values():

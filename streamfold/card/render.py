@@ -229,8 +229,15 @@ def render(*, plan, tensors, cfg: dict, folder: Path | None = None, source_displ
     for t, s, o in change_rows(plan, tensors):
         L.append(f"| {t} | {s} | {o} |")
     L += ["| `config.flashnorm` | — | `true` |", f"| `config.flashnorm_mode` | — | `\"{plan.mode}\"` |",
-          "| `config.flashnorm_version` | — | `1` |", ""]
+          "| `config.flashnorm_version` | — | `1` |"]
+    vis = plan.vision_summary() if hasattr(plan, "vision_summary") else None
+    L += ["| `config.flashnorm_vision` | — | `true` |"] if vis else []
+    L.append("")
     notes = []
+    if vis:
+        folded = ", ".join(f"`{g['norm']}`" for g in vis["norms"] if g["status"] == "fold") or "none"
+        notes.append(f"Vision tower folded too (`--fold-vision`): {vis['folded']} tower norms folded ({folded}), "
+                     f"{vis['kept']} kept (their output does not go only into linears).")
     if any("tied" in n.reason for n in kept):
         notes.append("The final norm is unchanged because the model ties `lm_head` to the input embeddings: "
                      "folding it would change the embeddings too.")

@@ -68,7 +68,8 @@ def verify(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None =
            merged_dtype: str | None = None, rules: str | os.PathLike | dict | None = None,
            workers: int | None = None, memory_budget: int | None = None, forward: bool = False,
            forward_tokens: list[int] | int | None = None,
-           progress: Callable[[int], Callable[[int], None]] | None = None, dequantize=None) -> VerifyReport:
+           progress: Callable[[int], Callable[[int], None]] | None = None, dequantize=None,
+           fold_vision: bool | None = None) -> VerifyReport:
     """Check that ``dst`` is a correct FlashNorm conversion of ``src``; returns a :class:`VerifyReport`
     (``report.ok``, ``report.problems``). Reads only headers up front, then streams both checkpoints
     once through bounded buffers.
@@ -78,6 +79,7 @@ def verify(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None =
     both checkpoints on ``forward_tokens`` (a list of ids, or a count of fixed pseudo-random ids; 16 by
     default). ``dequantize`` (None: read from ``dst``'s config.json: its quantization_config lists more
     modules as unquantized than the source's, or is gone) expects a ``--dequantize`` conversion.
+    ``fold_vision`` (None: ``dst``'s config.json ``flashnorm_vision``) expects the tower folded too.
     Raises :class:`StreamfoldError` for bad input (an unreadable source, a missing ``dst``);
     problems with ``dst`` itself are reported, not raised.
     """
@@ -96,19 +98,20 @@ def verify(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str | None =
     extra = load_rules_file(rules) if isinstance(rules, (str, os.PathLike)) else rules
     workers = max(1, workers or default_workers())
     report = _verify_tensors(src, dst, extra, mode, merged_dtype, workers, memory_budget or DEFAULT_BUDGET,
-                             progress, dequantize)
+                             progress, dequantize, fold_vision)
     if forward:
         add_forward(report, src, dst, forward_tokens, memory_budget)
     return report
 
 
-def _plan(src_ckpt: Checkpoint, src_cfg: dict, src: Path, mode: str, merged: str, rules, deq=None) -> Plan:
+def _plan(src_ckpt: Checkpoint, src_cfg: dict, src: Path, mode: str, merged: str, rules, deq=None,
+          vision: bool = False) -> Plan:
     try:  # an already-FlashNorm source converted to the other mode: the plan of that change
         return plan_checkpoint(src_cfg, src_ckpt.tensors, src_ckpt.read, mode=mode, merged_dtype=merged, rules=rules,
-                               shard_of=src_ckpt.shard_of, src=str(src), dequantize=deq)
+                               shard_of=src_ckpt.shard_of, src=str(src), dequantize=deq, fold_vision=vision)
     except AlreadyFlashNorm:  # same mode: the output must be the source's fold (of identity norms)
         return make_plan(src_cfg, src_ckpt.tensors, src_ckpt.read, mode=mode, merged_dtype=merged, rules=rules,
-                         dequantize=deq)
+                         dequantize=deq, fold_vision=vision)
 
 
 def _dequant_of(src_cfg: dict, dst: Path, want) -> str | None:
@@ -130,10 +133,10 @@ def _dequant_of(src_cfg: dict, dst: Path, want) -> str | None:
 
 def _derive_plan(src_ckpt: Checkpoint, src_cfg: dict, src: Path, dst_cfg: dict | None,
                  dst_tensors: dict[str, TensorInfo], want_mode: str | None, want_merged: str | None, rules,
-                 problems: list[Problem], notes: list[str], deq=None) -> tuple[Plan, str, str]:
+                 problems: list[Problem], notes: list[str], deq=None, vision: bool = False) -> tuple[Plan, str, str]:
     """What should have happened: the source's plan in the mode and merged dtype asked for, or else
     the ones the output declares (or, when it does not say, shows)."""
-    plan = _plan(src_ckpt, src_cfg, src, "compat", "source", rules, deq)
+    plan = _plan(src_ckpt, src_cfg, src, "compat", "source", rules, deq, vision)
     mode = want_mode or (dst_cfg or {}).get("flashnorm_mode")
     if mode not in MODES:
         folded_norms = [n.weight for n in plan.folded]
@@ -156,10 +159,10 @@ def _derive_plan(src_ckpt: Checkpoint, src_cfg: dict, src: Path, dst_cfg: dict |
         if want is None:
             raise StreamfoldError(f"merged dtype must be one of {', '.join(MERGED_ALIASES)}, not {merged!r}")
         if want == "bf16":
-            _plan(src_ckpt, src_cfg, src, mode, want, rules, deq)  # raises for a source whose folded weights are not bf16
+            _plan(src_ckpt, src_cfg, src, mode, want, rules, deq, vision)  # raises for a source whose folded weights are not bf16
         merged = "source" if want == "bf16" else want
     if (mode, merged) != ("compat", "source"):
-        plan = _plan(src_ckpt, src_cfg, src, mode, merged, rules, deq)
+        plan = _plan(src_ckpt, src_cfg, src, mode, merged, rules, deq, vision)
     return plan, mode, merged
 
 
@@ -196,7 +199,7 @@ def _check_dequant_counts(dst: Path, checks: list[TensorCheck], problems: list[P
 
 
 def _verify_tensors(src: Path, dst: Path, rules, want_mode, want_merged, workers: int, budget: int,
-                    progress, want_dequant=None) -> VerifyReport:
+                    progress, want_dequant=None, want_vision: bool | None = None) -> VerifyReport:
     t0 = time.perf_counter()
     problems: list[Problem] = []
     notes: list[str] = []
@@ -210,8 +213,9 @@ def _verify_tensors(src: Path, dst: Path, rules, want_mode, want_merged, workers
         files, where, dst_tensors = meta.open_shards(dst, src_ckpt, problems)
         cfg_problems: list[Problem] = []
         dst_cfg = meta.check_config(dst, src_cfg, cfg_problems)  # read first; compared below with the plan's
+        vision = want_vision if want_vision is not None else (dst_cfg or {}).get("flashnorm_vision") is True
         plan, mode, merged = _derive_plan(src_ckpt, src_cfg, src, dst_cfg, dst_tensors, want_mode, want_merged,
-                                          rules, problems, notes, deq)
+                                          rules, problems, notes, deq, vision)
         if plan.dequant is not None:  # the source config with the widened modules listed as unquantized
             cfg_problems = []
             meta.check_config(dst, plan.dequant.apply_config(src_cfg), cfg_problems)

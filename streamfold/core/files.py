@@ -76,8 +76,11 @@ def other_files(src: str | os.PathLike, shards: set[str]) -> tuple[list[Path], l
 FLASHNORM_VERSION = 1  # the flashnorm_version this streamfold writes and understands
 
 
-def flashnorm_config(cfg: dict, mode: str) -> dict:
-    """The source ``config.json`` with the FlashNorm flags added."""
+def flashnorm_config(cfg: dict, mode: str, vision: bool = False) -> dict:
+    """The source ``config.json`` with the FlashNorm flags added (``flashnorm_vision``: the vision tower
+    was folded too, ``--fold-vision``; absent otherwise)."""
     out = dict(cfg)
     out.update({"flashnorm": True, "flashnorm_mode": mode, "flashnorm_version": FLASHNORM_VERSION})
+    if vision:
+        out["flashnorm_vision"] = True
     return out

@@ -12,6 +12,7 @@ from .build import assemble
 from .check import CheckResult, check_family
 from .family import derive_model
 from .layouts import derive_layouts
+from .vision import add_vision, check_vision, text_part, tower_part
 
 
 def _text(cfg):
@@ -51,27 +52,40 @@ def tie_default(model_type: str) -> bool:
 
 
 def derive_family(model_type: str, variants: list[dict] | None = None, *, config=None,
-                  check: bool = True, text_models: list[str] | None = None) -> tuple[dict, list[CheckResult]]:
+                  check: bool = True, text_models: list[str] | None = None,
+                  vision: bool = False) -> tuple[dict, list[CheckResult]]:
     """The family of ``model_type`` derived under each config variant (overrides; ``{}`` first) and,
     with ``check``, the numerical check of every variant. ``config``: a (shrunk) config to use as the
     base instead of ``tiny_config(model_type)``. The family's ``model_types`` is ``[model_type]``.
 
     ``text_models``: for a multimodal wrapper, the language model types (``text_config.model_type``)
     to derive it with besides its default one; each is one more config variant, and the family gets
-    ``text_model_types`` (every type derived and checked: the planner refuses any other)."""
+    ``text_model_types`` (every type derived and checked: the planner refuses any other).
+
+    ``vision``: the towers' norms are derived too (``vision_folds``/``vision_keep``, :mod:`.vision`) and,
+    with ``check``, checked on the image prompt's logits (``CheckResult.vision_*``)."""
     from . import tiny
     variants = [{}] + [v for v in (variants or []) if v]
     default_text = _class_default(model_type, "text_config.model_type") if text_models is not None else None
     variants += [{"text_config.model_type": t} for t in text_models or [] if t != default_text]
     derived, models = [], []
+    failed = None  # why the tower's rules could not be derived (vision_refused)
     for ov in variants:
         if config is not None:
             cfg = config.__class__.from_dict({**config.to_dict(), **ov, "tie_word_embeddings": False})
         else:
             cfg = tiny.tiny_config(model_type, **{"tie_word_embeddings": False, **ov})
         model = tiny.build_tiny_model(config=cfg)
-        derived.append((ov, derive_model(model, trace_inputs(model))))
+        try:
+            derived.append((ov, derive_model(model, trace_inputs(model), vision=vision)))
+        except Exception as e:  # the tower's analysis failed: its rules are refused, the language model's stand
+            if not vision:
+                raise
+            vision, failed = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            derived = [(o, text_part(d)) for o, d in derived] + [(ov, derive_model(model, trace_inputs(model)))]
         models.append(model)
+    full = derived
+    derived = [(ov, text_part(d)) for ov, d in full]
     keys = {k for ov in variants for k in ov}
     base_values = {k: _value(models[0].config, k) for k in keys}
     fam = assemble([model_type], derived, base_values)
@@ -87,6 +101,10 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
         fam["defaults"] = {k: _class_default(model_type, k) for k in sorted(whens)}
     if tie_default(model_type):
         fam["tie_default"] = True
+    if vision:
+        add_vision(fam, [(ov, tower_part(d)) for ov, d in full], base_values)
+    elif failed:
+        fam["vision_refused"] = f"the tower's rules could not be derived from a tiny model ({failed})"
     results = []
     if check:
         for model, (ov, d) in zip(models, derived):
@@ -94,6 +112,8 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
             results.append(r)
             if r.strict_refused and "strict_refused" not in fam:
                 fam["strict_refused"] = r.strict_refused
+        if vision and fam.get("vision_folds"):
+            check_vision(fam, models, full, results)
     pairs = [(ov, m) for (ov, _), m in zip(derived, models)]
     # layouts are proven on the variant where most norms fold (LayerNorm biases fold only with biased linears)
     def folding(d) -> int:  # a LayerNorm bias folds only when every consumer has a bias

@@ -95,7 +95,7 @@ def _instances(d: Derived):
             for w, axis, ndim, bias in inst.consumers:
                 wp = _own_index(consumer_pattern(w, pre, n), w, concrete, d.saved, mine_w)
                 bp = _own_index(consumer_pattern(bias, pre, n), bias, concrete, d.saved, mine_b) if bias else None
-                e = consumer_entry(wp, axis, bp, axis == ndim - 1)
+                e = consumer_entry(wp, axis, bp, axis == ndim - 1, inst.tiles.get(w, 1))
                 if e not in entries:
                     entries.append(e)
             yield pat, concrete, ("fold", tuple(entries), inst.head, inst.offset)

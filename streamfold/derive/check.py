@@ -28,6 +28,8 @@ class CheckResult:
     strict_refused: str | None = None
     errors: list[str] = field(default_factory=list)
     layouts_rel: dict[str, float] = field(default_factory=dict)  # other name layouts (derive.layouts)
+    vision_rel: float | None = None  # with the tower folded too (derive.vision): text and image prompts
+    vision_strict_rel: float | None = None
 
     @property
     def ok(self) -> bool:

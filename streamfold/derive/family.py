@@ -32,6 +32,8 @@ class Instance:
     why: str = ""
     head: bool = False  # consumers are exactly the output embedding (lm_head): folds only when untied
     has_bias: bool = False  # LayerNorm bias: folds only where every consumer has a bias
+    tower: bool = False  # outside the language model (a vision tower), analysed with ``vision=True``
+    tiles: dict[str, int] = field(default_factory=dict)  # consumer weight -> k: reads k outputs side by side
 
 
 @dataclass
@@ -89,37 +91,47 @@ def _memory_names(model, wanted: dict[str, int]) -> dict[str, list]:
 
 
 @torch.no_grad()
-def derive_model(model, inputs: dict, names: str = "saved") -> Derived:
+def derive_model(model, inputs: dict, names: str = "saved", vision: bool = False) -> Derived:
     """Trace ``model`` (a tiny random model from ``tiny.build_tiny_model``) and describe every norm, in the
     tensor names ``save_pretrained`` writes (``names="saved"``) or in the in-memory names (``"memory"``:
-    a checkpoint of the ``state_dict``, which the loader takes unconverted)."""
+    a checkpoint of the ``state_dict``, which the loader takes unconverted).
+
+    ``vision``: the norms outside the language model (towers) are analysed too (``Instance.tower``; the
+    ``inputs`` must run the tower: a prompt with an image), instead of being marked ``VISION_WHY``.
+    The layout prefixes are computed from the language model's tensors either way."""
     from . import tiny
     norms = getattr(model, "tiny_norms", None) or tiny.find_norms(model)
-    traces = trace(model, list(norms), inputs)
+    dec0 = _decoder_prefix(model)
+    tower = {n for n in norms if dec0 and n != dec0 and not n.startswith(dec0 + ".")} if vision else set()
+    traces = trace(model, list(norms), inputs, tile=tower)  # regrouped outputs (patch mergers): towers only
     params = dict(model.named_parameters(remove_duplicate=False))
     dec = _decoder_prefix(model)
     out_emb = model.get_output_embeddings()
     head_param = id(out_emb.weight) if out_emb is not None else None
     in_scope = {n for n in norms if not dec or n == dec or n.startswith(dec + ".")}
     wanted: dict[str, int] = {}
+    tower_wanted: dict[str, int] = {}  # a tower's consumers (``vision``): not used for layout prefixes
     for n, info in norms.items():
         wanted[n + ".weight"] = -1
         if info.has_bias:
             wanted[n + ".bias"] = -1
-        for u in traces[n].uses if n in in_scope else ():  # a tower's norms are kept whole by prefix
+        into = wanted if n in in_scope else tower_wanted
+        for u in traces[n].uses if n in in_scope or vision else ():  # else a tower is kept whole by prefix
             if u.kind == "consumer":
-                wanted[u.param] = u.axis
+                into[u.param] = u.axis
                 if u.bias:
-                    wanted[u.bias] = -1
+                    into[u.bias] = -1
     memory = names == "memory"
     saved = _memory_names(model, wanted) if memory else _names.saved_names(model, wanted)
     prefixes: dict[str, str] = {}
-    for p, lst in saved.items():
+    for p, lst in list(saved.items()):
         for s in lst:
             pair = _common_prefixes(p, s.name)
             # only leading renames (nested language models); a rename inside a layer is not a layout
             if pair and pair[0] not in prefixes and not _DIGITS.search(pair[0]) and not _DIGITS.search(pair[1]):
                 prefixes[pair[0]] = pair[1]
+    if tower_wanted:
+        saved.update(_memory_names(model, tower_wanted) if memory else _names.saved_names(model, tower_wanted))
     instances, outside = [], []
     parent = dec.rsplit(".", 1)[0] + "." if "." in dec else ""
     for n, info in norms.items():
@@ -133,9 +145,11 @@ def derive_model(model, inputs: dict, names: str = "saved") -> Derived:
             prefix = ws[0].name[: len(ws[0].name) - len(mem_suffix)] if ws[0].name.endswith(mem_suffix) else sub
             if prefix not in outside:
                 outside.append(prefix)
-            inst.why = VISION_WHY
-            instances.append(inst)
-            continue
+            if not vision:
+                inst.why = VISION_WHY
+                instances.append(inst)
+                continue
+            inst.tower = True
         uses = traces[n].uses
         if all(u.kind == "consumer" for u in uses):
             inst.fold = True
@@ -148,6 +162,8 @@ def derive_model(model, inputs: dict, names: str = "saved") -> Derived:
                         cand = s.name[: -len(".weight")] + ".bias" if s.name.endswith(".weight") else None
                         bias = cand if cand in bs else (bs[0] if len(bs) == 1 and len(saved[u.param]) == 1 else None)
                     inst.consumers.append((s.name, s.axis, s.ndim, bias))
+                    if u.tile > 1:
+                        inst.tiles[s.name] = u.tile
                 if not saved[u.param]:
                     inst.fold, inst.why = False, f"its consumer {u.param} is not saved in the checkpoint"
         else:
@@ -183,11 +199,14 @@ def generalize_why(why: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=[.) ;]|$)", "{n}", why)
 
 
-def consumer_entry(weight: str, axis: int, bias: str | None, ndim_last: bool):
+def consumer_entry(weight: str, axis: int, bias: str | None, ndim_last: bool, tile: int = 1):
     """The schema's spelling: a module pattern when it is a plain ``.weight`` [out, in] / ``.bias``."""
-    if weight.endswith(".weight") and ndim_last and (bias is None or bias == weight[: -len(".weight")] + ".bias"):
+    if weight.endswith(".weight") and ndim_last and tile == 1 and \
+            (bias is None or bias == weight[: -len(".weight")] + ".bias"):
         return weight[: -len(".weight")]
     entry = {"weight": weight, "axis": axis}
     if bias:
         entry["bias"] = bias
+    if tile > 1:
+        entry["tile"] = tile
     return entry

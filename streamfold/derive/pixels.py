@@ -27,10 +27,11 @@ import torch
 #   "posids"    [batch, patches, 3 * M * M] raw merged patches plus image_position_ids (Gemma 4 unified)
 PIXELS: dict[str, str] = {
     "llava": "bchw", "vipllava": "bchw", "paligemma": "bchw", "aya_vision": "bchw", "internvl": "bchw",
-    "cohere2_vision": "bchw", "mistral3": "bchw", "mistral_large4": "bchw",
+    "cohere2_vision": "bchw", "mistral3": "bchw", "mistral_large4": "bchw", "gemma3": "bchw",
     "llava_next": "anyres", "llava_next_video": "anyres", "llava_onevision": "anyres",
     "idefics2": "bnchw", "idefics3": "bnchw", "smolvlm": "bnchw",
     "qwen2_vl": "patches", "qwen2_5_vl": "patches", "glm4v": "patches", "glm4v_moe": "patches", "glm46v": "patches",
+    "qwen3_vl": "patches", "qwen3_vl_moe": "patches", "qwen3_5": "patches", "qwen3_5_moe": "patches",
     "mllama": "tiles",
     "lfm2_vl": "naflex",
     "kimi_k25": "patches2d", "ernie4_5_vl_moe": "patches",

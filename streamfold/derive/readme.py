@@ -15,7 +15,8 @@ def _short(p: str) -> str:
 def _consumer(c) -> str:
     if isinstance(c, str):
         return f"`{_short(c)}`"
-    return f"`{_short(c['weight'])}` (axis {c.get('axis', -1)})"
+    tiled = f", scale tiled x{c['tile']}" if c.get("tile", 1) > 1 else ""
+    return f"`{_short(c['weight'])}` (axis {c.get('axis', -1)}{tiled})"
 
 
 def _fold(f: dict) -> str:
@@ -36,10 +37,20 @@ def _keep(k: dict) -> str:
     return f"`{_short(k['norm']) if 'norm' in k else k['under'] + '*'}` ({why})"
 
 
+def _vision(fam: dict) -> str:
+    """The vision column: the tower norms ``--fold-vision`` folds, or why it cannot (— without a tower rule)."""
+    if fam.get("vision_refused"):
+        return "refused: " + re.sub(r" \([^()]*\)", "", fam["vision_refused"]).split(";")[0]
+    if not fam.get("vision_folds"):
+        return "—"
+    return "<br>".join(_fold(f) for f in fam["vision_folds"])
+
+
 def table(families: dict[str, dict]) -> str:
     """The markdown table, one row per family file that folds; then the families refused with a reason
-    (``nothing_to_fold``, ``refused``), one line each."""
-    rows = ["| family (`model_type`) | norm | folds | stays (why) | strict |", "|---|---|---|---|---|"]
+    (``nothing_to_fold``, ``refused``), one line each. The vision column is what ``--fold-vision`` adds."""
+    rows = ["| family (`model_type`) | norm | folds | stays (why) | strict | vision tower (`--fold-vision`) |",
+            "|---|---|---|---|---|---|"]
     after = []
     for name, fam in sorted(families.items()):
         if fam.get("nothing_to_fold") or fam.get("refused"):
@@ -53,7 +64,7 @@ def table(families: dict[str, dict]) -> str:
         folds = "<br>".join(_fold(f) for f in fam["folds"])
         keeps = "<br>".join(_keep(k) for k in fam.get("keep", [])) or "—"
         strict = "refused" if fam.get("strict_refused") else "yes"
-        rows.append(f"| {fam.get('description', name)} ({mts}) | {conv} | {folds} | {keeps} | {strict} |")
+        rows.append(f"| {fam.get('description', name)} ({mts}) | {conv} | {folds} | {keeps} | {strict} | {_vision(fam)} |")
     return "\n".join(rows + ([""] + after if after else []))
 
 

@@ -6,7 +6,7 @@ import re
 
 _BARE = re.compile(r"[A-Za-z0-9_-]+\Z")
 _TOP_ORDER = ("description", "model_types", "text_model_types", "offset", "tie_default", "strict_refused",
-              "nothing_to_fold", "refused", "defaults", "layouts", "derived")
+              "nothing_to_fold", "refused", "vision_refused", "defaults", "layouts", "derived")
 
 
 def _key(k: str) -> str:
@@ -35,8 +35,8 @@ def _array(items: list) -> str:
 
 
 def family_toml(fam: dict, header: str = "") -> str:
-    """The family as a TOML document: top-level keys, then ``[[folds]]`` and ``[[keep]]`` tables, then each
-    of ``forms`` as ``[[forms]]`` with its ``[[forms.folds]]`` and ``[[forms.keep]]``."""
+    """The family as a TOML document: top-level keys, then ``[[folds]]``, ``[[keep]]``, ``[[vision_folds]]`` and
+    ``[[vision_keep]]`` tables, then each of ``forms`` as ``[[forms]]`` with its ``[[forms.folds]]`` and ``[[forms.keep]]``."""
     lines = [f"# {h}" for h in header.splitlines()] if header else []
     for k in _TOP_ORDER:
         if k in fam:
@@ -51,7 +51,7 @@ def family_toml(fam: dict, header: str = "") -> str:
 
 
 def _tables(lines: list[str], fam: dict, where: str) -> None:
-    for table in ("folds", "keep"):
+    for table in ("folds", "keep") + (("vision_folds", "vision_keep") if not where else ()):
         for entry in fam.get(table, []):
             lines.append("")
             lines.append(f"[[{where}{table}]]")

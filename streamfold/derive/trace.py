@@ -37,6 +37,7 @@ class Use:
     axis: int = -1
     bias: str | None = None
     why: str = ""
+    tile: int = 1  # the consumer reads k outputs side by side (a view regrouping k tokens: a patch merger)
 
 
 @dataclass
@@ -67,8 +68,9 @@ class _PView:
 class Tracer(TorchFunctionMode):
     """Trace one forward pass; ``norms`` maps norm module names to their ``NormTrace``."""
 
-    def __init__(self, model: torch.nn.Module, norm_names: list[str]):
+    def __init__(self, model: torch.nn.Module, norm_names: list[str], tile: set[str] = frozenset()):
         super().__init__()
+        self.tile_ok = set(tile)  # norms whose regrouped outputs (k tokens per row) may fold tiled
         self.model = model
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.hidden = getattr(text, "hidden_size", None)
@@ -78,6 +80,7 @@ class Tracer(TorchFunctionMode):
         self.pviews: dict[int, _PView] = {}
         self.lin_out: dict[int, tuple] = {}  # id -> (tensor, param name): outputs of linear maps
         self.cons_out: dict[int, tuple] = {}  # id -> (tensor, norm name, index of its Use): for bias adds
+        self.tiles: dict[int, tuple] = {}  # id -> (tensor, k): a norm's output regrouped k tokens per row
         self.keep: list = []  # keep traced tensors alive so their ids stay unique
         self.stack: list[str] = []
         self.inside_norm = 0
@@ -147,12 +150,13 @@ class Tracer(TorchFunctionMode):
         if u not in self.norms[norm].uses:
             self.norms[norm].uses.append(u)
 
-    def _consume(self, norm: str, pv: _PView, view_axis: int, out, bias: _PView | None = None) -> None:
+    def _consume(self, norm: str, pv: _PView, view_axis: int, out, bias: _PView | None = None,
+                 tile: int = 1) -> None:
         axis = pv.axes[view_axis]
         if axis is None or axis in pv.partial:
             self._block(norm, f"contracted with part of parameter {pv.param} ({self._where()})")
             return
-        u = Use("consumer", pv.param, axis, bias.param if bias is not None else None)
+        u = Use("consumer", pv.param, axis, bias.param if bias is not None else None, tile=tile)
         uses = self.norms[norm].uses
         if u not in uses:
             # the same parameter seen once with and once without a bias (expert loops) keeps the bias
@@ -260,14 +264,20 @@ class Tracer(TorchFunctionMode):
         x = args[0] if args else None
         first = self._tag(x) if isinstance(x, torch.Tensor) else None
         where = self._where()
+        if name not in _LINEAR and any(self.tiles.get(id(t), (None,))[0] is t for t, _ in tagged):
+            for n in norms:
+                self._block(n, f"regrouped k tokens per row, then not read by a linear ({name} in {where})")
+            return
         if name in _LINEAR and first is not None:
             w = args[1] if len(args) > 1 else kwargs.get("weight")
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             wpv = self._pview(w)
+            tiled = self.tiles.get(id(x))
             if wpv is None:
                 self._block(first, f"multiplied by a computed matrix, not a checkpoint parameter (linear in {where})")
             else:
-                self._consume(first, wpv, 1 if w.dim() == 2 else -1, out, self._pview(b))
+                self._consume(first, wpv, 1 if w.dim() == 2 else -1, out, self._pview(b),
+                              tiled[1] if tiled is not None and tiled[0] is x else 1)
             return
         if name == "addmm" and len(args) >= 3 and isinstance(args[1], torch.Tensor) and first is None \
                 and self._tag(args[1]) is not None and self._tag(args[2]) is None:
@@ -314,6 +324,14 @@ class Tracer(TorchFunctionMode):
             why = shape_keeps_channels(name, x, args, kwargs, out, width)
             if why is None:
                 return self._pass(norm, out, width, name, where)
+            k = out.shape[-1] // width if isinstance(out, torch.Tensor) and out.dim() and x.shape[-1] == width else 0
+            if name in ("view", "reshape") and k > 1 and out.shape[-1] == k * width and out.numel() == x.numel() \
+                    and norm in self.tile_ok:
+                # row-major regrouping of k tokens (a patch merger): element j of a row is channel j % width, so
+                # a linear reading it folds the scale tiled k times; any other use blocks (its width differs)
+                self._set_tag(out, norm)
+                self.tiles[id(out)] = (out, k)
+                return
             return self._block(norm, f"{why} ({name} in {where})")
         if name in _SPLIT and t is x:
             dim = dim_arg(args, kwargs, 2, 0) % x.dim()
@@ -361,13 +379,15 @@ class Tracer(TorchFunctionMode):
 
 
 @torch.no_grad()
-def trace(model: torch.nn.Module, norm_names: list[str], inputs: dict) -> dict[str, NormTrace]:
+def trace(model: torch.nn.Module, norm_names: list[str], inputs: dict, tile=frozenset()) -> dict[str, NormTrace]:
     """One forward pass of ``model`` on ``inputs`` (a transformers model runs without a KV cache);
-    the uses of every norm in ``norm_names``."""
+    the uses of every norm in ``norm_names``. For the norms in ``tile`` (vision towers), a ``view``/``reshape``
+    that regroups k rows into one (a patch merger) is followed, and a linear reading it is a consumer with
+    ``tile=k`` (its input axis is k copies of the channels); any other use of it blocks."""
     if hasattr(model.config, "use_cache"):
         inputs = {"use_cache": False, **inputs}
     from .tiny import text_forward_module  # the text path (Llama 4's wrapper forward is broken)
-    tracer = Tracer(model, norm_names)
+    tracer = Tracer(model, norm_names, tile)
     with tracer:
         text_forward_module(model)(**inputs)
     for tr in tracer.norms.values():

@@ -22,6 +22,7 @@ from ..core.errors import NothingToFold, StreamfoldError
 from ..rules.layout import Laid, choose
 from ..rules.patterns import config_get, expand_consumer, pattern_regex
 from ..rules.schema import family_for
+from ..rules.vision import refuse_vision, with_vision
 
 
 @dataclass
@@ -58,8 +59,14 @@ class Resolved:
     composed: Composed | None = None
 
 
-def resolve(cfg: dict, tensors: dict, rules: dict | None = None) -> Resolved:
-    """The family (laid out), or a composed wrapper, for ``config.json`` + tensor names; refusals as above."""
+def resolve(cfg: dict, tensors: dict, rules: dict | None = None, vision: bool | None = None) -> Resolved:
+    """The family (laid out), or a composed wrapper, for ``config.json`` + tensor names; refusals as above.
+
+    ``vision`` (``--fold-vision``): the family with its tower rules (:func:`streamfold.rules.vision.with_vision`);
+    refused for a family without them and for a composed wrapper. None: as ``config.json``'s
+    ``flashnorm_vision`` says (a checkpoint folded with its tower is read with the tower's rules)."""
+    if vision is None:
+        vision = cfg.get("flashnorm_vision") is True
     model_type = cfg.get("model_type")
     if not isinstance(model_type, str):
         raise StreamfoldError("config.json: no \"model_type\"; is this a transformers checkpoint?")
@@ -76,10 +83,34 @@ def resolve(cfg: dict, tensors: dict, rules: dict | None = None) -> Resolved:
             raise StreamfoldError(f"config.json: unsupported model_type {model_type!r} (and its text_config model_type "
                                   f"{tmt!r} is not supported either); describe it with --rules FILE") from None
         refuse(tmt, fam)
+        if vision:
+            raise StreamfoldError(f"--fold-vision: model_type {model_type!r} is planned as a composed wrapper (its "
+                                  f"language model with family {family!r}; every other subtree kept whole): it has "
+                                  "no vision-tower rules; convert without --fold-vision")
         return _composed(model_type, tmt, family, fam, tensors)
     refuse(model_type, fam)
+    if vision:
+        refuse_vision(model_type, family, fam)
+        fam = with_vision(fam)
     laid = choose(fam, tensors)
+    if vision and not _tower_found(laid.fam, tensors):
+        raise StreamfoldError(f"--fold-vision: no norm or consumer of {model_type}'s vision-tower rules is in the "
+                              f"checkpoint (tensor names: {laid.describe() or 'as save_pretrained writes them'}); "
+                              "convert without --fold-vision")
     return Resolved(family, laid.fam, model_type, laid.describe())
+
+
+def _tower_found(fam: dict, tensors: dict) -> bool:
+    """Whether a tower fold rule, as laid out, names a tensor of the checkpoint (its norm, or its first
+    consumer when the norms were removed)."""
+    for f in fam["folds"]:
+        if f.get("tower"):
+            c = (f.get("into") or f["variants"][0])[0]
+            for pat in (f["norm"] + ".weight", c + ".weight" if isinstance(c, str) else c["weight"]):
+                rx = pattern_regex(pat)
+                if any(rx.match(t) for t in tensors):
+                    return True
+    return False
 
 
 def is_tied(cfg: dict, model_type: str, fam: dict) -> bool:

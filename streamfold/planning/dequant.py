@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from ..core.errors import StreamfoldError
 from ..quant.formats import QuantModule, Quantization
 from ..quant.intpack import PACKED, packed_shape, unsupported
+from ..rules.patterns import generalize
 
 MODES = ("consumers", "all")
 # modules one fused loader kernel reads together: widening one widens the others
@@ -262,3 +263,16 @@ def _siblings(module: str) -> list[str]:
 
 def _natural(s: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
+
+
+def quantized_keep(n: NormPlan, quant: Quantization) -> None:
+    """Keep a fold-planned norm that has a quantized consumer (partial fold): codes and scales cannot
+    absorb a per-input-channel factor exactly, so its consumers and the norm are copied unchanged."""
+    hits = [(c, qm) for c in n.consumers if (qm := quant.consumer(c.weight))]
+    if not hits:
+        return
+    c, qm = next((h for h in hits if h[1].input_scale), hits[0])  # a static input scale says the most
+    static = (f" with a static input scale {generalize(qm.input_scale)!r} (its activations are quantized against "
+              "a fixed range, so it must see the norm's output)") if qm.input_scale else ""
+    n.status, n.consumers = "keep", []
+    n.reason = f"consumer {generalize(c.weight)} is {qm.describe()}{static}; use --dequantize"

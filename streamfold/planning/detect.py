@@ -29,7 +29,7 @@ from ..core.reader import TensorInfo
 from ..quant.formats import classify
 from .compose import is_tied, resolve
 
-FLAG_KEYS = ("flashnorm", "flashnorm_mode", "flashnorm_version")
+FLAG_KEYS = ("flashnorm", "flashnorm_mode", "flashnorm_version", "flashnorm_vision")
 _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")
 
 
@@ -44,6 +44,8 @@ class NormState:
     dtype: str | None  # stored dtype (None when absent)
     bias: bool  # a bias tensor is present
     consumers: list[Consumer] = field(default_factory=list)
+    offset: int | None = None  # the rule's own convention, when it differs from the family's (a tower's)
+    norm_bias: bool = False  # the rule says the norm has a bias parameter (restored with it)
 
     @property
     def weight(self) -> str:
@@ -233,12 +235,17 @@ def detect(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.n
     stray = [t for t in names_sorted(tensors) if looks_like_norm(t) and not t.startswith(subtrees)
              and not any(rx.match(t) for rx in covered)]
     offset = fam.get("offset", 0)
+    own = {r["norm"]: r["offset"] for r in fam["folds"] if r.get("offset", offset) != offset}  # per-rule `1 + w`
+    biased = {r["norm"] for r in fam["folds"] if r.get("norm_bias")}
     flags = {k: cfg[k] for k in FLAG_KEYS if k in cfg}
     norms = []
     for rule, name, consumers in found:
         c0 = consumers[0]
-        width = tensors[c0.weight].shape[c0.axis] if tensors[c0.weight].shape else 0
+        width = tensors[c0.weight].shape[c0.axis] // c0.tile if tensors[c0.weight].shape else 0
         w, b = tensors.get(name + ".weight"), tensors.get(name + ".bias")
+        if b is not None and read is not None and any(c.bias is None for c in consumers) \
+                and np.any(read(b.name).astype(np.float32) != 0):
+            continue  # a LayerNorm bias a consumer cannot absorb: the planner keeps it, so it is not foldable
         if w is None:
             status = "absent" if b is None else "learned"
         elif w.shape != (width,):
@@ -246,12 +253,12 @@ def detect(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.n
         elif read is None:
             status = "present"
         else:
-            ok = bool(np.all(read(w.name).astype(np.float32) + np.float32(offset) == 1))
+            ok = bool(np.all(read(w.name).astype(np.float32) + np.float32(own.get(rule, offset)) == 1))
             if ok and b is not None:
                 ok = b.shape == (width,) and not np.any(read(b.name).astype(np.float32) != 0)
             status = "identity" if ok else "learned"
         norms.append(NormState(rule, name, status, width, w.dtype if w is not None else None, b is not None,
-                               consumers))
+                               consumers, own.get(rule), rule in biased))
     return FlashNormState(cfg.get("model_type"), family, offset, tied, flags, norms, values_read=read is not None,
                           stray=stray)
 

@@ -23,16 +23,16 @@ from ..core.errors import StreamfoldError
 from ..core.fold import merged_out_dtype
 from ..core.reader import TensorInfo
 from ..quant.formats import Quantization, classify
-from ..rules.patterns import Consumer, config_get, expand_consumer, generalize, looks_like_norm, \
+from ..rules.patterns import Consumer, common_tile, config_get, expand_consumer, generalize, looks_like_norm, \
     natural_key, pattern_regex, present, stars
 from ..rules.schema import check_text_model
 from .compose import is_tied, resolve, untiled
-from .dequant import Dequant, check_shape, dequantize_mode, logical_infos, out_dtype as dequant_dtype
+from .dequant import Dequant, check_shape, dequantize_mode, logical_infos, out_dtype as dequant_dtype, \
+    quantized_keep
 
 MODES = ("compat", "strict")
 MERGED_DTYPES = ("source", "float32")
-# Accepted spellings. "bf16" asks for folded weights stored in bf16: that is "source" for a bf16 source,
-# and refused otherwise (streamfold never narrows a weight's dtype).
+# Accepted spellings. "bf16" asks for folded weights stored in bf16: "source" for a bf16 source, refused otherwise.
 MERGED_ALIASES = {"source": "source", "float32": "float32", "fp32": "float32", "f32": "float32",
                   "bf16": "bf16", "bfloat16": "bf16"}
 
@@ -51,6 +51,7 @@ class NormPlan:
     scale: np.ndarray | None = None  # float32 ``offset + w``
     offset: int | None = None  # the rule's own convention, when it differs from the family's
     shift: np.ndarray | None = None  # LayerNorm bias to fold into consumer biases, if non-zero
+    tower: bool = False  # a vision-tower rule's norm (--fold-vision)
 
 
 class Kind(StrEnum):
@@ -99,6 +100,7 @@ class Plan:
     quant: Quantization | None = None  # the source's quantized modules (copied byte for byte)
     layout: str | None = None  # the tensor-name layout when not save_pretrained's (rules.layout.Laid.describe)
     composed: object | None = None  # a composed wrapper (planning.compose.Composed)
+    vision: bool = False  # --fold-vision: the tower's rules applied (config.json's flashnorm_vision)
 
     @property
     def folded(self) -> list[NormPlan]:
@@ -139,7 +141,15 @@ class Plan:
             "quantization": self.quant_summary(),
             "layout": self.layout,
             "composed": self.composed.to_dict() if self.composed is not None else None,
+            "fold_vision": self.vision_summary(),
         }
+
+    def vision_summary(self) -> dict | None:
+        """With --fold-vision: how many tower norms fold and stay, and their groups (None without it)."""
+        tower = {stars(n.rule) for n in self.norms if n.tower}
+        return {"folded": sum(n.tower and n.status == "fold" for n in self.norms), "kept": sum(
+            n.tower and n.status == "keep" for n in self.norms), "norms": [g for g in self.groups()
+                                                                          if g["norm"] in tower]} if self.vision else None
 
     def quant_summary(self) -> dict | None:
         """The quantized source's method and module count per format (None when not quantized)."""
@@ -157,6 +167,8 @@ class Plan:
                  f"mode {self.mode}, merged dtype {self.merged_dtype}"]
         lines += [self.composed.describe()] if self.composed is not None else []
         lines += [f"tensor names: {self.layout} (written back the same way)"] if self.layout else []
+        lines += [f"--fold-vision: vision tower folded too ({v['folded']} tower norms folded, {v['kept']} kept)"
+                  for v in (self.vision_summary(),) if v]
         q = self.quant_summary()
         if q and self.dequant is not None:
             lines.append(self.dequant.describe())
@@ -185,25 +197,13 @@ class Plan:
         return "\n".join(lines)
 
 
-def quantized_keep(n: NormPlan, quant: Quantization) -> None:
-    """Keep a fold-planned norm that has a quantized consumer (partial fold): codes and scales cannot
-    absorb a per-input-channel factor exactly, so its consumers and the norm are copied unchanged."""
-    hits = [(c, qm) for c in n.consumers if (qm := quant.consumer(c.weight))]
-    if not hits:
-        return
-    c, qm = next((h for h in hits if h[1].input_scale), hits[0])  # a static input scale says the most
-    static = (f" with a static input scale {generalize(qm.input_scale)!r} (its activations are quantized against "
-              "a fixed range, so it must see the norm's output)") if qm.input_scale else ""
-    n.status, n.consumers = "keep", []
-    n.reason = f"consumer {generalize(c.weight)} is {qm.describe()}{static}; use --dequantize"
-
-
 def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.ndarray] | None, *,
               mode: str = "compat", merged_dtype: str = "source",
-              rules: dict[str, dict] | None = None, dequantize=None) -> Plan:
+              rules: dict[str, dict] | None = None, dequantize=None, fold_vision: bool = False) -> Plan:
     """Resolve every norm's consumers and each tensor's action. ``read(name)`` returns a small
     tensor's values (used for norm vectors only); ``read=None`` plans from headers alone (remote
-    ``inspect``): no scales, and whether a LayerNorm bias folds is left to the conversion."""
+    ``inspect``): no scales, and whether a LayerNorm bias folds is left to the conversion.
+    ``fold_vision``: the family's vision-tower rules too (:mod:`streamfold.rules.vision`)."""
     if mode not in MODES:
         raise StreamfoldError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     want = MERGED_ALIASES.get(str(merged_dtype).lower())
@@ -220,7 +220,7 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
             raise StreamfoldError("--dequantize: the checkpoint has no quantized tensors (nothing to dequantize)")
         deq = Dequant(quant, deq_mode)
     real, tensors = tensors, quant.view(tensors)  # consumers by their logical names (X.weight of X.qweight)
-    resolved = resolve(cfg, tensors, rules)  # the family as laid out here, a composed wrapper, or a refusal
+    resolved = resolve(cfg, tensors, rules, fold_vision)  # the family as laid out here, a composed wrapper, ...
     family, fam, model_type = resolved.family, resolved.fam, resolved.model_type
     check_text_model(cfg, model_type, family, fam)  # a wrapper's rules hold for the text models derived with
     user_rules = bool(rules) and family in rules and model_type in rules[family]["model_types"]
@@ -259,14 +259,15 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
                     name = tname[: -len(".weight")]
                     claimed[tname] = name
                     norms.append(NormPlan(k["under"] + "*", name, tname, present(name + ".bias", tensors), "keep",
-                                          k["why"]))
+                                          k["why"], tower=fold_vision))
             continue
         rx = pattern_regex(k["norm"] + ".weight")
         for tname in ordered:
             if rx.match(tname) and tname not in claimed:
                 name = tname[: -len(".weight")]
                 claimed[tname] = name
-                norms.append(NormPlan(k["norm"], name, tname, present(name + ".bias", tensors), "keep", k["why"]))
+                norms.append(NormPlan(k["norm"], name, tname, present(name + ".bias", tensors), "keep", k["why"],
+                                      tower=bool(k.get("tower"))))
 
     for n in norms:
         if n.status == "fold" and deq is None:  # partial fold (with --dequantize: widened instead)
@@ -296,7 +297,7 @@ def make_plan(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], n
                       and actions[t].kind == Kind.COPY), key=natural_key)
     untiled(resolved, unknown)
     return Plan(family, cfg["model_type"], offset, tied, mode, merged_dtype, norms, actions, unknown, quant=quant,
-                dequant=deq, layout=resolved.layout, composed=resolved.composed)
+                dequant=deq, layout=resolved.layout, composed=resolved.composed, vision=fold_vision)
 
 
 def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, names: list[str], tied: bool,
@@ -333,7 +334,8 @@ def _resolve(rule: dict, groups: dict, tname: str, tensors: dict, names: list[st
                     raise StreamfoldError(f"rules: tensor {c.weight!r} is claimed by both {claimed[c.weight]!r} "
                                           f"and {name!r}")
                 claimed[c.weight] = name
-            return NormPlan(rule["norm"], name, tname, bias, "fold", consumers=consumers, offset=rule.get("offset"))
+            return NormPlan(rule["norm"], name, tname, bias, "fold", consumers=consumers, offset=rule.get("offset"),
+                            tower=bool(rule.get("tower")))
     raise StreamfoldError(f"tensor {tname!r}: its consumer {first_missing!r} is not in the checkpoint; "
                           "the checkpoint does not match the architecture in config.json")
 
@@ -353,12 +355,13 @@ def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, m
         elif ct.dtype not in FOLDABLE:
             raise StreamfoldError(f"{ct.path.name}: tensor {c.weight!r} is {ct.dtype}, not a float weight; "
                                   "folding needs the unquantized checkpoint")
-        if not ct.shape or not -len(ct.shape) <= c.axis < len(ct.shape) or ct.shape[c.axis] != width:
+        if not ct.shape or not -len(ct.shape) <= c.axis < len(ct.shape) or ct.shape[c.axis] != width * c.tile:
             got = ct.shape[c.axis] if ct.shape and -len(ct.shape) <= c.axis < len(ct.shape) else None
             raise StreamfoldError(f"{ct.path.name}: tensor {c.weight!r} shape {list(ct.shape)} has {got} inputs "
-                                  f"on axis {c.axis} but norm {n.weight!r} has {width} channels")
+                                  f"on axis {c.axis} but norm {n.weight!r} has {width} channels (x{c.tile})")
+    tile = common_tile(n.weight, n.consumers)  # a patch merger's consumer: the scale tiled k times
     if read is not None:
-        n.scale = (read(n.weight).astype(np.float32) + np.float32(offset)).astype(np.float32)
+        n.scale = np.tile((read(n.weight).astype(np.float32) + np.float32(offset)).astype(np.float32), tile)
     if n.bias is not None:
         bt = tensors[n.bias]
         if bt.shape != (width,):
@@ -374,7 +377,7 @@ def _fold_norm(n: NormPlan, tensors: dict[str, TensorInfo], read, offset: int, m
                 n.reason = f"LayerNorm bias cannot fold: consumer {generalize(lacking[0])!r} has no bias"
                 n.scale = None
                 return
-            n.shift = beta
+            n.shift = np.tile(beta, tile)
             if quant:
                 raise StreamfoldError(f"--dequantize: norm {n.weight!r} has a LayerNorm bias and its consumer "
                                       f"{next(iter(quant))!r} is quantized; folding that bias is not supported")

@@ -49,7 +49,7 @@ class NewTensor:
 def plan_checkpoint(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[str], np.ndarray] | None, *,
                     mode: str | None = None, merged_dtype: str | None = None, rules: dict | None = None,
                     shard_of: dict[str, str] | None = None, src: str = "the checkpoint",
-                    dequantize=None) -> Plan:
+                    dequantize=None, fold_vision: bool = False) -> Plan:
     """The plan for converting ``tensors``: a fold, or a mode change of an already-FlashNorm checkpoint.
 
     ``mode`` / ``merged_dtype`` None mean the defaults (``compat`` / ``source``), and for an already
@@ -65,13 +65,17 @@ def plan_checkpoint(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[s
         merged_dtype = want
     if not isinstance(cfg.get("model_type"), str):  # make_plan says what is wrong
         return make_plan(cfg, tensors, read, mode=mode or "compat", merged_dtype=merged_dtype or "source",
-                         rules=rules, dequantize=dequantize)
+                         rules=rules, dequantize=dequantize, fold_vision=fold_vision)
     state = detect(cfg, tensors, read, rules)
     if state.inconsistent:
         raise StreamfoldError(f"{src}: {state.inconsistent}")
     if not state.folded:
         return make_plan(cfg, tensors, read, mode=mode or "compat", merged_dtype=merged_dtype or "source",
-                         rules=rules, dequantize=dequantize)
+                         rules=rules, dequantize=dequantize, fold_vision=fold_vision)
+    if fold_vision and cfg.get("flashnorm_vision") is not True:
+        raise StreamfoldError(f"{src}: --fold-vision: this is already a FlashNorm checkpoint ({state.how}) whose vision "
+                              "tower was not folded; streamfold folds a tower only with its language model, from the "
+                              "original: convert the original checkpoint with --fold-vision")
     quant = classify(cfg, tensors)  # refuses what cannot be classified; quantized tensors are copied
     if merged_dtype == "float32":
         dts = sorted({tensors[c.weight].dtype for n in state.norms for c in n.consumers})
@@ -92,6 +96,7 @@ def plan_checkpoint(cfg: dict, tensors: dict[str, TensorInfo], read: Callable[[s
                               f"({fam['strict_refused']}); use --mode compat")
     plan = _remode(state, cfg, tensors, mode, shard_of or {n: t.path.name for n, t in tensors.items()})
     plan.quant = quant
+    plan.vision = cfg.get("flashnorm_vision") is True  # the tower was folded with it: the flag carries over
     return plan
 
 
@@ -129,7 +134,7 @@ def _remode(state: FlashNormState, cfg: dict, tensors: dict[str, TensorInfo], mo
     for n in state.norms:
         bias = n.name + ".bias"
         absent = n.status == "absent"
-        has_bias = n.bias or (absent and mode == "compat" and _has_bias(state, n.rule))
+        has_bias = n.bias or (absent and mode == "compat" and (n.norm_bias or _has_bias(state, n.rule)))
         if mode == "strict":
             what = "already folded: absent" if absent else "already folded: identity norm removed"
         else:
@@ -142,7 +147,8 @@ def _remode(state: FlashNormState, cfg: dict, tensors: dict[str, TensorInfo], mo
                     actions[t] = Action("drop", tensors[t].dtype, p)
         elif absent:
             shard, dtype = shard_of[n.consumers[0].weight], _norm_dtype(state, n.rule, cfg, tensors)
-            added.append(NewTensor(n.weight, shard, dtype, (n.width,), 1.0 - state.offset))
+            added.append(NewTensor(n.weight, shard, dtype, (n.width,),
+                                   1.0 - (state.offset if n.offset is None else n.offset)))
             if has_bias:
                 added.append(NewTensor(bias, shard, dtype, (n.width,), 0.0))
     for name, t in tensors.items():

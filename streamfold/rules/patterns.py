@@ -10,6 +10,7 @@ import bisect
 import re
 from dataclasses import dataclass
 
+from ..core.errors import StreamfoldError
 from ..core.reader import TensorInfo
 
 
@@ -20,7 +21,16 @@ class Consumer:
     weight: str
     axis: int
     bias: str | None = None
+    tile: int = 1  # the consumer reads k norm outputs side by side (a patch merger): the scale tiled k times
 
+
+
+def common_tile(norm: str, consumers: list[Consumer]) -> int:
+    """The tiling every consumer of ``norm`` shares (1: none); mixed tilings are refused."""
+    tiles = {c.tile for c in consumers}
+    if len(tiles) > 1:
+        raise StreamfoldError(f"rules: norm {norm!r} feeds consumers with different tilings {sorted(tiles)}")
+    return tiles.pop() if tiles else 1
 
 
 def stars(rule: str) -> str:
@@ -85,12 +95,13 @@ def expand_consumer(consumer, groups: dict, tensors: dict[str, TensorInfo], name
         weight, axis, bias = consumer + ".weight", -1, consumer + ".bias"
     else:
         weight, axis, bias = consumer["weight"], consumer.get("axis", -1), consumer.get("bias")
+    tile = 1 if isinstance(consumer, str) else consumer.get("tile", 1)
     for key, val in groups.items():
         if val is not None:
             weight = weight.replace("{" + key + "}", val)
             bias = bias.replace("{" + key + "}", val) if bias else bias
     if "{e}" not in weight:
-        return [Consumer(weight, axis, bias if bias in tensors else None)] if weight in tensors else None
+        return [Consumer(weight, axis, bias if bias in tensors else None, tile)] if weight in tensors else None
     rx = pattern_regex(weight)
     prefix = weight.split("{e}", 1)[0]
     found = []
@@ -100,6 +111,6 @@ def expand_consumer(consumer, groups: dict, tensors: dict[str, TensorInfo], name
         m = rx.match(t)
         if m:
             b = bias.replace("{e}", m.group("e")) if bias else None
-            found.append(Consumer(t, axis, b if b in tensors else None))
+            found.append(Consumer(t, axis, b if b in tensors else None, tile))
     found.sort(key=lambda c: natural_key(c.weight))
     return found or None

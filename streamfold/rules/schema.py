@@ -9,7 +9,8 @@ One schema for both (built-ins are ``streamfold/rules/families/*.toml``, one fam
 - ``folds``: ``{"norm": pattern, "into": [consumer, ...]}``. A consumer is a module pattern whose
   ``.weight`` input columns (last axis) are scaled and whose ``.bias`` (if present) absorbs a
   LayerNorm bias, or ``{"weight": tensor, "axis": k, "bias": tensor}`` for fused or transposed
-  layouts. ``"untied_head": true`` marks the final norm, which folds only into an untied head
+  layouts; ``"tile": k`` when the consumer reads k norm outputs side by side (a patch merger regrouping
+  k tokens into one vector: its input axis is k times the norm's width and the scale is tiled k times). ``"untied_head": true`` marks the final norm, which folds only into an untied head
   (kept when embeddings are tied or the head tensor is absent). ``"variants"`` (instead of
   ``into``) lists alternative consumer sets, the first one fully present is used (dense vs. MoE
   layers, hybrid layer kinds). ``"when": {config_key: [accepted values]}`` applies a rule only when
@@ -39,6 +40,11 @@ One schema for both (built-ins are ``streamfold/rules/families/*.toml``, one fam
   ``text_config.model_type`` takes the family's ``defaults`` value.
 - ``strict_refused``: why strict mode (folded norms removed) would not load as the identity;
   strict conversions of the family are refused with that reason.
+- ``vision_folds``, ``vision_keep``: the vision tower's rules (same form as ``folds``/``keep``),
+  applied only with ``--fold-vision`` (:mod:`streamfold.rules.vision`); ``vision_refused``: why the
+  tower cannot be folded (measured), so ``--fold-vision`` is refused with that reason. A fold rule's
+  ``"norm_bias": true`` says the norm has a bias parameter (a LayerNorm's): strict mode drops it with
+  the weight, and a strict -> compat change restores it as zeros.
 - ``description``, ``derived``: for people (README table; the generator's record of the
   transformers version and measured logit errors); not used by the conversion.
 
@@ -57,10 +63,11 @@ from .patterns import config_get
 from ..core.errors import StreamfoldError
 
 _FAMILY_KEYS = {"model_types", "offset", "folds", "keep", "tie_default", "description", "layouts",
-                "strict_refused", "defaults", "derived", "forms", "nothing_to_fold", "refused", "text_model_types"}
+                "strict_refused", "defaults", "derived", "forms", "nothing_to_fold", "refused", "text_model_types",
+                "vision_folds", "vision_keep", "vision_refused"}
 _FORM_KEYS = {"name", "folds", "keep"}
-_FOLD_KEYS = {"norm", "into", "variants", "untied_head", "when", "offset"}
-_CONSUMER_KEYS = {"weight", "axis", "bias"}
+_FOLD_KEYS = {"norm", "into", "variants", "untied_head", "when", "offset", "norm_bias"}
+_CONSUMER_KEYS = {"weight", "axis", "bias", "tile"}
 _PLACEHOLDER = re.compile(r"\{([a-z]+)\}")
 
 
@@ -86,6 +93,8 @@ def _check_consumer(c: object, where: str) -> None:
         _check_pattern(c["bias"], where)
     if not isinstance(c.get("axis", -1), int):
         raise StreamfoldError(f"{where}: consumer axis must be an integer, got {c['axis']!r}")
+    if not isinstance(c.get("tile", 1), int) or isinstance(c.get("tile", 1), bool) or c.get("tile", 1) < 1:
+        raise StreamfoldError(f"{where}: consumer tile must be a whole number >= 1, got {c['tile']!r}")
 
 
 def _check_folds(folds: object, where: str, empty_ok: bool) -> None:
@@ -156,6 +165,11 @@ def validate_family(name: str, fam: object, source: str) -> dict:
             raise StreamfoldError(f"{where}: \"{key}\" must be a reason string")
     _check_folds(fam.get("folds"), where, empty_ok="nothing_to_fold" in fam or "refused" in fam)
     _check_keep(fam.get("keep", []), where)
+    if fam.get("vision_folds"):
+        _check_folds(fam["vision_folds"], f"{where} vision_folds", empty_ok=False)
+    _check_keep(fam.get("vision_keep", []), f"{where} vision_keep")
+    if "vision_refused" in fam and (not isinstance(fam["vision_refused"], str) or not fam["vision_refused"]):
+        raise StreamfoldError(f"{where}: \"vision_refused\" must be a reason string")
     forms = fam.get("forms", [])
     if not isinstance(forms, list):
         raise StreamfoldError(f"{where}: \"forms\" must be a list of {{\"name\", \"folds\", \"keep\"}} objects")

@@ -33,7 +33,7 @@ from ..planning.tasks import SCHEMA, Task, build_tasks, chunk_bytes_for
 
 def load_plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str | None = None,
               rules: str | os.PathLike | dict | None = None, label: str | None = None,
-              read=None, dequantize=None) -> tuple[Checkpoint, dict, Plan]:
+              read=None, dequantize=None, fold_vision: bool = False) -> tuple[Checkpoint, dict, Plan]:
     """Open and validate a local checkpoint and plan its conversion (headers and norms only).
 
     An already-FlashNorm ``src`` raises :class:`AlreadyFlashNorm` (closing it) or plans a mode change;
@@ -50,7 +50,8 @@ def load_plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: 
         return ckpt.read(name) if custom is None else custom(ckpt.tensors[name])
     try:
         plan = plan_checkpoint(cfg, ckpt.tensors, read, mode=mode, merged_dtype=merged_dtype, rules=extra,
-                               shard_of=ckpt.shard_of, src=label or str(src), dequantize=dequantize)
+                               shard_of=ckpt.shard_of, src=label or str(src), dequantize=dequantize,
+                               fold_vision=fold_vision)
     except BaseException:
         ckpt.close()
         raise
@@ -110,6 +111,7 @@ class ConversionPlan:
         return {"schema": SCHEMA, "sources": sources, "commit": commit,
                 "options": {"mode": self.plan.mode, "merged_dtype": self.plan.merged_dtype,
                             "dequantize": self.plan.dequant.mode if self.plan.dequant is not None else None,
+                            "fold_vision": self.plan.vision,
                             "rules": json.dumps(rules, sort_keys=True, default=str) if rules else None},
                 "norms_sha256": norms.hexdigest()}
 
@@ -118,7 +120,7 @@ def plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str |
          rules: str | os.PathLike | dict | None = None, workers: int | None = None,
          memory_budget: int | None = None, revision: str | None = None, token: str | bool | None = None,
          quiet: bool = True, source: Source | None = None, read=None, label: str | None = None,
-         dequantize=None) -> ConversionPlan:
+         dequantize=None, fold_vision: bool = False) -> ConversionPlan:
     """Plan the conversion of ``src`` (a folder, or a Hub repo id: downloaded first) into tasks.
 
     ``workers`` and ``memory_budget`` set the chunk size the tasks are cut into (the output bytes do
@@ -127,7 +129,7 @@ def plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str |
     if not source.path.is_dir():
         raise StreamfoldError(f"{source.path}: not a folder (give a local checkpoint folder or a Hub repo id)")
     ckpt, cfg, p = load_plan(source.path, mode=mode, merged_dtype=merged_dtype, rules=rules, read=read,
-                             label=label or source.display, dequantize=dequantize)
+                             label=label or source.display, dequantize=dequantize, fold_vision=fold_vision)
     try:
         tasks = build_tasks(ckpt, p, chunk_bytes_for(workers, memory_budget))
         files, skipped = other_files(source.path, set(ckpt.shards))
@@ -138,7 +140,7 @@ def plan(src: str | os.PathLike, *, mode: str | None = None, merged_dtype: str |
         return ConversionPlan(source=source, cfg=cfg, plan=p, tensors=dict(ckpt.tensors), sharded=ckpt.sharded,
                               tasks=tasks, files=rels, skipped=skipped,
                               options={"mode": mode, "merged_dtype": merged_dtype, "rules": rules,
-                                       "dequantize": dequantize})
+                                       "dequantize": dequantize, "fold_vision": fold_vision})
     finally:
         ckpt.close()
 
@@ -207,7 +209,7 @@ def finish(cplan: ConversionPlan, out_dir: str | os.PathLike, *, digests: dict[s
                                 for o in (output_of(n, a, t.shape)[0],)}}  # MXFP4 experts: their dequantized name
         index["weight_map"].update({t.name: t.shard for t in cplan.plan.added})  # restored identity norms
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    cfg_out = flashnorm_config(cplan.cfg, cplan.plan.mode)
+    cfg_out = flashnorm_config(cplan.cfg, cplan.plan.mode, cplan.plan.vision)
     if cplan.plan.dequant is not None:  # widened modules listed as unquantized (or no quantization left)
         cfg_out = cplan.plan.dequant.apply_config(cfg_out)
     (out_dir / "config.json").write_text(json.dumps(cfg_out, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,70 @@
+"""Vision towers (``--fold-vision``): their rules derived apart from the language model's, and checked.
+
+``derive_model(..., vision=True)`` analyses every norm, the towers' included (``Instance.tower``),
+tracing a prompt with an image (``pixels.image_inputs``) so the tower runs. The language model's
+rules are assembled from the other instances exactly as without ``vision`` (the family's ``folds``
+and ``keep`` do not change); the tower's instances are assembled on their own into ``vision_folds``
+and ``vision_keep`` (a fold rule whose convention differs from the family's carries its own
+``offset``: SigLIP's LayerNorms multiply by ``w`` inside PaliGemma, whose Gemma norms use ``1 + w``).
+
+The check converts the tiny model with :func:`streamfold.rules.vision.with_vision` of the family
+(compat and strict, float32 merged tensors), loads it in stock transformers and compares text and
+image-prompt logits (``check.check_family``: within ``check.MAX_REL``), and the plan must fold exactly
+the traced folding norms, the tower's included. A tower that fails gets ``vision_refused`` with the
+measured reason instead of rules that are not exact. Development time; torch.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .build import assemble
+from .check import check_family
+from .family import Derived, norm_pattern
+from ..rules.vision import with_vision
+
+
+def text_part(d: Derived) -> Derived:
+    """``d`` without the tower's analysed instances (what the language model's rules are built from)."""
+    return replace(d, instances=[i for i in d.instances if not getattr(i, "tower", False)])
+
+
+def tower_part(d: Derived) -> Derived:
+    """Only the tower's analysed instances (no ``outside`` prefixes: they are the family's ``keep``)."""
+    return replace(d, instances=[i for i in d.instances if getattr(i, "tower", False)], outside=[], prefixes={})
+
+
+def add_vision(fam: dict, towers: list[tuple[dict, Derived]], base_values: dict) -> None:
+    """Set ``fam``'s ``vision_folds`` / ``vision_keep`` from the tower instances of every config variant."""
+    if not any(d.instances for _, d in towers):
+        return
+    vf = assemble(fam["model_types"], towers, base_values)
+    biased = {norm_pattern(i.weight)[0] for _, d in towers for i in d.instances if i.has_bias}
+    folds = []
+    for r in vf["folds"]:
+        off = r.pop("offset", vf["offset"])
+        if off != fam.get("offset", 0):
+            r["offset"] = off
+        if r["norm"] in biased:  # a LayerNorm's bias: restored as zeros by a strict -> compat change
+            r["norm_bias"] = True
+        folds.append(r)
+    if folds:
+        fam["vision_folds"] = folds
+    if vf.get("keep"):
+        fam["vision_keep"] = vf["keep"]
+
+
+def check_vision(fam: dict, models: list, full: list[tuple[dict, Derived]], results: list) -> None:
+    """Convert with the tower folded and compare logits (text and image prompts) for every variant; the
+    errors go into ``results[i].vision_rel`` / ``vision_strict_rel``, a failure into ``vision_refused``."""
+    merged = with_vision({k: v for k, v in fam.items() if k != "vision_refused"}, mark=False)
+    errors = []
+    for model, (_, d), res in zip(models, full, results):
+        r = check_family(model, merged, d)
+        res.vision_rel = r.compat_rel
+        if r.strict_rel is not None and not fam.get("strict_refused"):
+            if r.strict_refused:
+                errors.append(f"strict: {r.strict_refused}")
+            res.vision_strict_rel = r.strict_rel
+        errors += r.errors
+    if errors:
+        fam["vision_refused"] = f"measured with the tower folded: {errors[0]}"
