@@ -1,0 +1,203 @@
+"""Float32 routes of the dequantize-and-fold kernel, bit-identical to the float64 reference.
+
+:mod:`streamfold.quant.kernel` forms ``q·s·g`` exactly in float64 and rounds it once. Float32 arithmetic is
+several times cheaper per element (a 4-byte table gather instead of an 8-byte one, half the memory
+traffic), and gives the same bits in two cases:
+
+- **exact**: every ``q·t`` (``t = s·g``, one float32 per tile row and column) is exactly a normal float32.
+  FP8 e4m3 codes have 4 significant bits, E2M1 codes 2: ``t`` with at most 20 (resp. 22) significant bits,
+  exactly a float32, and the products in the normal range (``ue8m0`` scales × a bf16 norm; MXFP4 × a bf16
+  norm). The float32 product IS the exact product, and the one rounding is the bf16 rounding (or none,
+  for float32 output).
+- **guarded** (bf16 output only): ``t`` rounded to float32 (relative error <= 2^-24), ``f = fl32(q·t32)``
+  (another <= 2^-24): ``|f - x| < 2^-23·|x|``, under 3 ulps of ``f``. Rounding to nearest bf16 is constant
+  between two bf16 midpoints, and every midpoint is a float32 whose low 16 bits are 0x8000, never
+  within 2^15 float32 steps of a binade edge. So where ``f``'s low 16 bits are more than 16 steps from
+  0x8000, no midpoint lies between ``f`` and ``x`` (nor on either) and ``RN_bf16(f) == RN_bf16(x)``.
+  The few elements inside that window (about 1 in 2000 for random data; every true tie) are recomputed
+  by the float64 reference kernel, element by element.
+
+Both need the products away from float32's subnormal range and from overflow: checked per band from the
+magnitudes of ``t`` (FP8 codes are in [2^-9, 448], E2M1 in [0.5, 6]); a band that fails any check (a
+NaN or infinite scale or norm, a tiny or huge ``t``, float32 output of an inexact product) returns False and
+takes the float64 path. NaN codes stay NaN through the float32 product and round to the same quiet NaN
+(sign kept, payload cut to the bf16 half) as the reference. ``tests/test_quant_fast32.py`` compares both
+routes with the integer oracle (:mod:`streamfold.check.quant_oracle`) bit for bit, on every code and
+many exponents, including products placed on and beside bf16 midpoints.
+
+Work is done in blocks of :data:`BLOCK` elements with buffers reused across a band (L2-sized: the
+gather, the multiply, the window check and the rounding each make one pass over cached data).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..core.fold import Scratch
+from .decode import E2M1_PAIR_TABLE, E2M1_TABLE, E8M0_TABLE, F8_E4M3FN_TABLE
+from .kernel import dequant_fold, sig_bits
+
+BLOCK = 1 << 16  # elements per pass
+F8_F32: np.ndarray = F8_E4M3FN_TABLE.astype(np.float32)  # every e4m3 value (and NaN) is a float32
+E2M1_PAIR_F32: np.ndarray = E2M1_PAIR_TABLE.astype(np.float32).reshape(256, 2)
+E8M0_F32: np.ndarray = E8M0_TABLE.astype(np.float32)  # 2^(u-127), u < 255 (u = 0: 2^-127, subnormal)
+_WINDOW = 16  # float32 steps either side of a bf16 midpoint settled in float64 (the bound is < 3)
+_TINY, _HUGE = 2.0 ** -126, 2.0 ** 127
+
+
+def _route(factors: list[np.ndarray], qmin: float, qmax: float, qbits: int, out_dtype: str) -> str:
+    """"exact", "guarded" or "" (float64 path) for products ``q·f1·f2...`` of codes with ``|q|`` in
+    ``[qmin, qmax]`` (nonzero ones, ``qbits`` significant bits) and float64 factors (a band's scales, the
+    norm): bounds from each factor's extreme nonzero magnitudes and significant bits."""
+    mags = [np.abs(np.asarray(f, np.float64)) for f in factors]
+    if not all(np.isfinite(a).all() for a in mags):
+        return ""
+    lo, hi, bits = qmin, qmax, qbits
+    for a in mags:
+        nz = a[a != 0]
+        if nz.size == 0:
+            return "exact"  # every product is zero
+        lo, hi, bits = lo * nz.min(), hi * nz.max(), bits + sig_bits(nz)
+    if lo < _TINY or hi >= _HUGE:
+        return ""
+    if bits <= 24:
+        return "exact"
+    return "guarded" if out_dtype == "BF16" else ""
+
+
+def round_bf16_inplace(bits: np.ndarray, dst: np.ndarray, tmp: np.ndarray) -> None:
+    """``dst`` (uint16) = the float32 values whose bit patterns are ``bits`` (uint32, overwritten)
+    rounded to nearest-even bf16 (overflow to infinity; a quiet NaN keeps its sign and top payload)."""
+    np.right_shift(bits, 16, out=tmp)
+    np.bitwise_and(tmp, 1, out=tmp)
+    np.add(tmp, 0x7FFF, out=tmp)
+    np.add(bits, tmp, out=bits)
+    np.right_shift(bits, 16, out=dst, casting="unsafe")
+
+
+def _near_midpoint(bits: np.ndarray, low: np.ndarray, hit: np.ndarray) -> np.ndarray:
+    """Flat indices of the float32 patterns ``bits`` within :data:`_WINDOW` steps of a bf16 midpoint."""
+    np.subtract(bits.view(np.uint16)[::2], np.uint16(0x8000 - _WINDOW), out=low)  # the low halves, mod 2^16
+    np.less(low, 2 * _WINDOW + 1, out=hit)
+    return np.flatnonzero(hit) if hit.any() else np.empty(0, np.intp)
+
+
+def fp8_block(codes: np.ndarray, scale: np.ndarray, block: tuple[int, int], row0: int, g: np.ndarray | None,
+              out_dtype: str, out: np.ndarray, scratch: Scratch | None = None) -> bool:
+    """``out`` = rows ``row0 ..`` of an FP8 block-quantized matrix times ``g``, rounded once, in float32;
+    the same bits as ``dequant_fold(fp8_block_band(...), g, ...)``. Returns False, touching nothing,
+    when neither float32 route applies (then the caller takes the float64 path).
+
+    ``codes`` uint8 ``[n, cols]``; ``scale`` float64 scale rows from tile row ``row0 // br``; ``g``
+    float32 ``[cols]`` or None; ``out`` ``[n, cols]`` (bf16 as uint16, or float32), C-contiguous."""
+    n, cols = codes.shape
+    br, bc = block
+    t0 = row0 // br
+    tiles = (row0 + n - 1) // br - t0 + 1
+    s64 = np.asarray(scale, np.float64)[:tiles]
+    g64 = None if g is None else np.asarray(g, np.float32).astype(np.float64).reshape(1, cols)
+    route = _route([s64] if g64 is None else [s64, g64], 2.0 ** -9, 448.0, 4, out_dtype)
+    if not route:
+        return False
+    s = scratch or Scratch()
+    step = max(1, BLOCK // max(cols, 1))
+    cap = step * cols
+    vals = s.get("f32.vals", cap * 4).view(np.float32)
+    tmp = s.get("f32.tmp", cap * 4).view(np.uint32)
+    low, hit = s.get("f32.low", cap * 2).view(np.uint16), s.get("f32.hit", cap).view(bool)
+    flat_codes = codes.view(np.uint8)
+    r = 0
+    while r < n:
+        tile = (row0 + r) // br
+        end = min(n, (tile + 1) * br - row0)
+        trow = np.repeat(s64[tile - t0], bc)[:cols]  # t = s·g of this tile row: exact in float64 (<= 48 bits)
+        trow = (trow if g64 is None else trow * g64[0]).astype(np.float32)  # exact, or rounded once (guarded)
+        for a in range(r, end, step):
+            b = min(end, a + step)
+            k = (b - a) * cols
+            v = vals[:k].reshape(b - a, cols)
+            np.take(F8_F32, flat_codes[a:b], out=v)
+            np.multiply(v, trow, out=v)
+            if out_dtype == "F32":
+                np.copyto(out[a:b], v)
+                continue
+            bits = vals[:k].view(np.uint32)
+            idx = _near_midpoint(bits, low[:k], hit[:k]) if route == "guarded" else None
+            round_bf16_inplace(bits, out[a:b].reshape(-1), tmp[:k])
+            if idx is not None and idx.size:
+                _settle_fp8(codes[a:b], scale[tile - t0], bc, g, idx, out[a:b])
+        r = end
+    return True
+
+
+def _settle_fp8(codes: np.ndarray, srow: np.ndarray, bc: int, g: np.ndarray | None, idx: np.ndarray,
+                out: np.ndarray) -> None:
+    """The elements ``idx`` (flat, of one tile row's rows ``codes``) recomputed by the float64 kernel."""
+    cols = codes.shape[1]
+    col = idx % cols
+    sv = np.asarray(srow, np.float64)[col // bc]
+    vals = (F8_E4M3FN_TABLE[codes.reshape(-1)[idx]] * sv).reshape(1, -1)  # exact q·s (<= 28 bits)
+    gv = None if g is None else np.asarray(g, np.float32)[col].reshape(1, -1)
+    res = np.empty(idx.size, np.uint16)
+    dequant_fold(vals, gv, "BF16", res.reshape(1, -1), 4 + sig_bits(sv))
+    out.reshape(-1)[idx] = res
+
+
+def mxfp4_rows(blocks: np.ndarray, scales: np.ndarray, lo: int, n: int, g: np.ndarray | None, out_dtype: str,
+               out: np.ndarray, scratch: Scratch | None = None) -> bool:
+    """``out`` ``[n, rows]`` = inputs ``lo .. lo + n`` of the MXFP4 rows ``blocks`` (uint8 ``[rows, G, 16]``,
+    a group slice of one expert) with E8M0 ``scales`` (uint8 ``[rows, G]``), transposed to transformers'
+    ``[in, out]`` and times ``g`` (float32 ``[n]``, per output row) or None, rounded once, in float32.
+    Returns False, touching nothing, when neither float32 route applies."""
+    rows, groups, width = blocks.shape
+    su = scales.view(np.uint8)
+    if su.size and int(su.max()) == 255:
+        return False  # a NaN scale: the float64 path
+    sv = E8M0_TABLE[np.unique(su)]
+    route = _route([sv] if g is None else [sv, g], 0.5, 6.0, 2, out_dtype)
+    if not route or (sv.size and 6.0 * sv.max() >= _HUGE):  # q·2^k itself must not overflow before g
+        return False
+    s = scratch or Scratch()
+    cols = groups * 2 * width
+    step = max(1, BLOCK // max(cols, 1))
+    cap = step * cols
+    vals = s.get("f32.vals", cap * 4).view(np.float32)
+    tmp = s.get("f32.tmp", cap * 4).view(np.uint32)
+    low, hit = s.get("f32.low", cap * 2).view(np.uint16), s.get("f32.hit", cap).view(bool)
+    sel = s.get("f32.sel", step * n * 4).view(np.uint32)
+    rnd = s.get("f32.rnd", step * n * 2).view(np.uint16)
+    gv = None if g is None else np.asarray(g, np.float32)
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        m = b - a
+        v = vals[:m * cols].reshape(m, groups, 2 * width)
+        np.take(E2M1_PAIR_F32, blocks[a:b].view(np.uint8), axis=0, out=v.reshape(m, groups, width, 2))
+        np.multiply(v, E8M0_F32[su[a:b]][:, :, None], out=v)
+        band = v.reshape(m, cols)[:, lo:lo + n]  # [m, n]: these output rows, the band's inputs
+        if gv is not None:
+            np.multiply(band, gv, out=band)
+        if out_dtype == "F32":
+            out[:, a:b] = band.T
+            continue
+        k = m * n
+        bits = sel[:k]
+        np.copyto(bits.reshape(m, n), band.view(np.uint32))
+        idx = _near_midpoint(bits, low[:k], hit[:k]) if route == "guarded" else None
+        r16 = rnd[:k]
+        round_bf16_inplace(bits, r16, tmp[:k])
+        if idx is not None and idx.size:
+            _settle_mxfp4(blocks[a:b], su[a:b], lo, n, gv, idx, r16)
+        out[:, a:b] = r16.reshape(m, n).T
+    return True
+
+
+def _settle_mxfp4(blocks: np.ndarray, su: np.ndarray, lo: int, n: int, g: np.ndarray, idx: np.ndarray,
+                  r16: np.ndarray) -> None:
+    """The elements ``idx`` (flat, of ``[m, n]``) recomputed by the float64 kernel."""
+    row, j = idx // n, idx % n
+    h = lo + j  # column within the group slice
+    byte = blocks.reshape(blocks.shape[0], -1)[row, h // 2]
+    code = np.where(h % 2 == 0, byte & 0xF, byte >> 4)
+    vals = (E2M1_TABLE[code] * E8M0_TABLE[su[row, h // 32]]).reshape(1, -1)
+    res = np.empty(idx.size, np.uint16)
+    dequant_fold(vals, g[j].reshape(1, -1), "BF16", res.reshape(1, -1), 3)
+    r16[idx] = res
