@@ -343,7 +343,7 @@ def _dequant_chunks(ckpt: Checkpoint, t, a, dst_begin: int, shard: str, chunk_by
     grid_cols = scale_shape[-1]
     isz, osz, ssz = itemsize(t.dtype), itemsize(a.out_dtype), itemsize(st.dtype)
     br = block[0]
-    step = max(br, chunk_bytes // max(1, cols * 8) // br * br)  # the kernel works in float64
+    step = max(br, chunk_bytes // max(1, cols * osz) // br * br)  # bands of ~chunk_bytes of OUTPUT
     out = []
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
@@ -368,7 +368,7 @@ def _mxfp4_chunks(ckpt: Checkpoint, t, a, dst_begin: int, shard: str, chunk_byte
                               f"(one E8M0 exponent per 32 codes of {t.name} {list(t.shape)})")
     _, inner, outer = mxfp4_shape(tuple(t.shape))
     osz, ssz = itemsize(a.out_dtype), itemsize(st.dtype)
-    step = max(32, chunk_bytes // max(1, outer * 8) // 32 * 32)  # the kernel works in float64
+    step = max(32, chunk_bytes // max(1, outer * osz) // 32 * 32)  # bands of ~chunk_bytes of OUTPUT
     out = []
     for e in range(experts):
         for h0 in range(0, inner, step):

@@ -40,8 +40,12 @@ def dequant_band(c: Chunk, codes: np.ndarray, scales: np.ndarray, g: np.ndarray 
     q = codes.reshape(r1 - r0, c.cols)
     if fast32.fp8_block(q, scales, tuple(c.block), r0, g, c.out_dtype, dst.view(_RAW[c.out_dtype]), scratch):
         return
-    vals = fp8_block_band(q, scales, tuple(c.block), r0)
-    dequant_fold(vals, g, c.out_dtype, dst, code_bits("fp8") + sig_bits(scales))
+    br = c.block[0]
+    step = max(1, _F64_ELEMS // max(c.cols, 1))  # float64 sub-bands: memory stays ~ the output's
+    for a in range(0, r1 - r0, step):
+        e = min(r1 - r0, a + step)
+        vals = fp8_block_band(q[a:e], scales[(r0 + a) // br - r0 // br:], tuple(c.block), r0 + a)
+        dequant_fold(vals, g, c.out_dtype, dst[a:e], code_bits("fp8") + sig_bits(scales))
 
 
 def mxfp4_band_out(c: Chunk, blocks: np.ndarray, scale_raw: np.ndarray, g: np.ndarray | None,
@@ -60,12 +64,19 @@ def mxfp4_band_out(c: Chunk, blocks: np.ndarray, scale_raw: np.ndarray, g: np.nd
     gh = None if g is None else np.asarray(g, dtype=np.float32)[h0:h1]
     if fast32.mxfp4_rows(bl, sc, h0 - g0 * 32, h1 - h0, gh, c.out_dtype, dst.view(_RAW[c.out_dtype]), scratch):
         return
-    vals = mxfp4_band(bl, sc)
-    band = np.ascontiguousarray(vals[:, h0 - g0 * 32:h1 - g0 * 32].T)  # [h1 - h0, out]
-    dequant_fold(band, None if gh is None else gh.reshape(-1, 1), c.out_dtype, dst, code_bits("e2m1") + 1)
+    step = max(32, _F64_ELEMS // max(rows, 1) // 32 * 32)  # float64 sub-bands of whole groups
+    for a in range(h0, h1, step):
+        e = min(h1, a + step)
+        ga = a // 32
+        vals = mxfp4_band(blocks.reshape(rows, groups, width)[:, ga:-(-e // 32)],
+                          scale_raw.reshape(rows, groups)[:, ga:-(-e // 32)])
+        band = np.ascontiguousarray(vals[:, a - ga * 32:e - ga * 32].T)  # [e - a, out]
+        dequant_fold(band, None if gh is None else gh[a - h0:e - h0].reshape(-1, 1), c.out_dtype,
+                     dst[a - h0:e - h0], code_bits("e2m1") + 1)
 
 
 _RAW = {"BF16": np.uint16, "F32": np.float32}  # the views fast32 writes
+_F64_ELEMS = 1 << 18  # elements per float64 sub-band (2 MB) on the float64 path
 
 
 def dequant_job(c: Chunk, g: np.ndarray | None, fds: dict[str, int], dst_fd: int, paths: dict[str, Path],
