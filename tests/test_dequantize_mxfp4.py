@@ -88,7 +88,7 @@ def test_dequantize_mxfp4_float32_merged(src, out_f32):
 
 
 @pytest.mark.full
-def test_verify_catches_one_wrong_mxfp4_element(src, out_f32, tmp_path):
+def test_verify_catches_one_wrong_mxfp4_element(src, out_f32, tmp_path, monkeypatch):
     bad = tmp_path / "bad"
     shutil.copytree(out_f32, bad)
     name = "model.layers.1.mlp.experts.gate_up_proj"
@@ -105,6 +105,13 @@ def test_verify_catches_one_wrong_mxfp4_element(src, out_f32, tmp_path):
     r = cli("verify", src, bad)
     assert r.returncode != 0
     assert name in r.stdout and "1 of" in r.stdout and "[3, 77, 300]" in r.stdout, r.stdout
+    # the oracle in its smallest sub-bands (32 inputs at a time): the same one element, at the same index
+    import streamfold
+    from streamfold.check import taskcheck
+    monkeypatch.setattr(taskcheck, "ORACLE_ELEMS", 1)
+    rep = streamfold.verify(src, bad, workers=1)
+    msgs = [p.message for p in rep.problems]
+    assert len(msgs) == 1 and "1 of" in msgs[0] and "[3, 77, 300]" in msgs[0], msgs
 
 
 @pytest.mark.full

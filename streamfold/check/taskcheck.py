@@ -281,24 +281,39 @@ class Checker:
         return t
 
 
+ORACLE_ELEMS = 1 << 17  # elements the integer oracle holds at once (~250 bytes of int64 temporaries each)
+
+
 def _dequant(self: Checker, p: Piece, tc: TensorCheck, d: np.ndarray, s: Scratch) -> FoldTally:
-    """Bit for bit the exact ``q·s·g`` rounded once, from the integer oracle (streamfold.check.quant_oracle)."""
+    """Bit for bit the exact ``q·s·g`` rounded once, from the integer oracle (streamfold.check.quant_oracle),
+    in sub-bands of about :data:`ORACLE_ELEMS` elements: memory stays flat whatever the band's size."""
     c, (r0, r1) = p.chunk, p.rows
-    if c.fmt == "mxfp4":  # one expert's blocks and scales, rows r0..r1 of its transposed [in, out]
-        blocks = np.empty(math.prod(c.shape), np.uint8)
-        self.reader.read(self.sources[c.src], c.src_off, blocks)
-        sfile, soff, sdtype, sshape = c.scale
-        sraw = np.empty(math.prod(sshape) * DTYPES[sdtype].itemsize, np.uint8)
-        self.reader.read(self.sources[sfile], soff, sraw)
-        want, _ = mxfp4_expected(blocks.reshape(c.shape), sraw, r0, r1, tc.vec, c.out_dtype)
-        return compare_bits(want, c.out_dtype, d, base_index=p.rel // DTYPES[c.out_dtype].itemsize)
-    codes = s.get("src", (r1 - r0) * c.cols)
-    self.reader.read(self.sources[c.src], p.src_off, codes)
+    osz = DTYPES[c.out_dtype].itemsize
     sfile, soff, sdtype, sshape = c.scale
     sraw = np.empty(math.prod(sshape) * DTYPES[sdtype].itemsize, np.uint8)
     self.reader.read(self.sources[sfile], soff, sraw)
-    return check_dequant_band(codes.reshape(r1 - r0, c.cols), sraw, sdtype, tuple(c.block), r0, tc.vec,
-                              c.out_dtype, d, base_index=r0 * c.cols)
+    t = FoldTally()
+    if c.fmt == "mxfp4":  # one expert's blocks and scales, rows r0..r1 of its transposed [in, out]
+        blocks = s.get("src", math.prod(c.shape))
+        self.reader.read(self.sources[c.src], c.src_off, blocks)
+        step = max(32, ORACLE_ELEMS // max(c.cols, 1) // 32 * 32)
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            want, _ = mxfp4_expected(blocks.reshape(c.shape), sraw, a, b, tc.vec, c.out_dtype)
+            got = d[(a - r0) * c.cols * osz:(b - r0) * c.cols * osz]
+            t.merge(compare_bits(want, c.out_dtype, got, base_index=p.rel // osz + (a - r0) * c.cols))
+        return t
+    codes = s.get("src", (r1 - r0) * c.cols).reshape(r1 - r0, c.cols)
+    self.reader.read(self.sources[c.src], p.src_off, codes.reshape(-1))
+    br = c.block[0]
+    grid = sraw.reshape(sshape[0], -1)  # the scale rows' bytes, one row per tile row from r0 // br
+    step = max(1, ORACLE_ELEMS // max(c.cols, 1))
+    for a in range(r0, r1, step):
+        b = min(r1, a + step)
+        t.merge(check_dequant_band(codes[a - r0:b - r0], grid[a // br - r0 // br:].reshape(-1), sdtype,
+                                   tuple(c.block), a, tc.vec, c.out_dtype,
+                                   d[(a - r0) * c.cols * osz:(b - r0) * c.cols * osz], base_index=a * c.cols))
+    return t
 
 
 _CHECKS = {Op.COPY: Checker._copy, Op.FOLD: Checker._fold, Op.FILL: Checker._fill, Op.BIAS: Checker._bias,
