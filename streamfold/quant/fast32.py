@@ -41,6 +41,8 @@ from .kernel import dequant_fold, sig_bits
 BLOCK = 1 << 16  # elements per pass
 F8_F32: np.ndarray = F8_E4M3FN_TABLE.astype(np.float32)  # every e4m3 value (and NaN) is a float32
 E2M1_PAIR_F32: np.ndarray = E2M1_PAIR_TABLE.astype(np.float32).reshape(256, 2)
+_E2M1_PAIR_U64 = E2M1_PAIR_F32.view(np.uint64).reshape(256)  # a byte's two values as one 8-byte word
+_MX_INPUTS = 64  # inputs (rows of the transposed output) per MXFP4 chunk
 E8M0_F32: np.ndarray = E8M0_TABLE.astype(np.float32)  # 2^(u-127), u < 255 (u = 0: 2^-127, subnormal)
 _WINDOW = 4  # float32 steps either side of a bf16 midpoint settled in float64 (3 suffice: see above)
 _TINY, _HUGE = 2.0 ** -126, 2.0 ** 127
@@ -164,47 +166,57 @@ def mxfp4_rows(blocks: np.ndarray, scales: np.ndarray, lo: int, n: int, g: np.nd
     if not route or (sv.size and 6.0 * sv.max() >= _HUGE):  # q·2^k itself must not overflow before g
         return False
     s = scratch or Scratch()
-    cols = groups * 2 * width
-    step = max(1, BLOCK // max(cols, 1))
-    cap = step * cols
+    cw_max = (_MX_INPUTS // 32 + 2) * 32  # decoded columns per input chunk (whole groups)
+    step = max(1, BLOCK // cw_max)  # output rows per block
+    cap = step * cw_max
     vals = s.get("f32.vals", cap * 4).view(np.float32)
     tmp = s.get("f32.tmp", cap * 4).view(np.uint32)
     low, hit = s.get("f32.low", cap * 2).view(np.uint16), s.get("f32.hit", cap).view(bool)
-    sel = s.get("f32.sel", step * n * 4).view(np.uint32)
-    rnd = s.get("f32.rnd", step * n * 2).view(np.uint16)
+    sel = s.get("f32.sel", cap * 4).view(np.uint32)
+    rnd = s.get("f32.rnd", cap * 2).view(np.uint16)
     gv = None if g is None else np.asarray(g, np.float32)
-    for a in range(0, rows, step):
-        b = min(rows, a + step)
-        m = b - a
-        v = vals[:m * cols].reshape(m, groups, 2 * width)
-        np.take(E2M1_PAIR_F32, blocks[a:b].view(np.uint8), axis=0, out=v.reshape(m, groups, width, 2))
-        np.multiply(v, E8M0_F32[su[a:b]][:, :, None], out=v)
-        band = v.reshape(m, cols)[:, lo:lo + n]  # [m, n]: these output rows, the band's inputs
-        if gv is not None:
-            np.multiply(band, gv, out=band)
-        if out_dtype == "F32":
-            out[:, a:b] = band.T
-            continue
-        k = m * n
-        bits = sel[:k]
-        np.copyto(bits.reshape(m, n), band.view(np.uint32))
-        idx = _near_midpoint(bits, low[:k], hit[:k]) if route == "guarded" else None
-        r16 = rnd[:k]
-        round_bf16_inplace(bits, r16, tmp[:k])
-        if idx is not None and idx.size:
-            _settle_mxfp4(blocks[a:b], su[a:b], lo, n, gv, idx, r16)
-        out[:, a:b] = r16.reshape(m, n).T
+    near_r, near_j = [], []
+    # Input chunks of _MX_INPUTS, output rows in blocks of `step`: the transposed write then stores
+    # runs of `step` contiguous elements into each of the chunk's output rows (cache friendly).
+    for j0 in range(0, n, _MX_INPUTS):
+        j1 = min(n, j0 + _MX_INPUTS)
+        ga, gb = (lo + j0) // 32, -(-(lo + j1) // 32)
+        off, cw, nj = lo + j0 - ga * 32, (gb - ga) * 32, j1 - j0
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            m = b - a
+            v = vals[:m * cw].reshape(m, gb - ga, 32)
+            np.take(_E2M1_PAIR_U64, blocks[a:b, ga:gb], out=v.view(np.uint64).reshape(m, gb - ga, 16))
+            np.multiply(v, E8M0_F32[su[a:b, ga:gb]][:, :, None], out=v)
+            band = v.reshape(m, cw)[:, off:off + nj]  # [m, nj]: these output rows, the chunk's inputs
+            if gv is not None:
+                np.multiply(band, gv[j0:j1], out=band)
+            if out_dtype == "F32":
+                out[j0:j1, a:b] = band.T
+                continue
+            k = m * nj
+            bits = sel[:k]
+            np.copyto(bits.reshape(m, nj), band.view(np.uint32))
+            if route == "guarded":
+                idx = _near_midpoint(bits, low[:k], hit[:k])
+                if idx.size:
+                    near_r.append(a + idx // nj)
+                    near_j.append(j0 + idx % nj)
+            r16 = rnd[:k]
+            round_bf16_inplace(bits, r16, tmp[:k])
+            out[j0:j1, a:b] = r16.reshape(m, nj).T
+    if near_r:
+        _settle_mxfp4(blocks, su, lo, gv, np.concatenate(near_r), np.concatenate(near_j), out)
     return True
 
 
-def _settle_mxfp4(blocks: np.ndarray, su: np.ndarray, lo: int, n: int, g: np.ndarray, idx: np.ndarray,
-                  r16: np.ndarray) -> None:
-    """The elements ``idx`` (flat, of ``[m, n]``) recomputed by the float64 kernel."""
-    row, j = idx // n, idx % n
+def _settle_mxfp4(blocks: np.ndarray, su: np.ndarray, lo: int, g: np.ndarray, row: np.ndarray, j: np.ndarray,
+                  out: np.ndarray) -> None:
+    """Elements ``out[j, row]`` recomputed by the float64 kernel (``row``: output rows, ``j``: inputs)."""
     h = lo + j  # column within the group slice
     byte = blocks.reshape(blocks.shape[0], -1)[row, h // 2]
     code = np.where(h % 2 == 0, byte & 0xF, byte >> 4)
     vals = (E2M1_TABLE[code] * E8M0_TABLE[su[row, h // 32]]).reshape(1, -1)
-    res = np.empty(idx.size, np.uint16)
+    res = np.empty(row.size, np.uint16)
     dequant_fold(vals, g[j].reshape(1, -1), "BF16", res.reshape(1, -1), 3)
-    r16[idx] = res
+    out[j, row] = res
