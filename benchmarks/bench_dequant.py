@@ -154,7 +154,8 @@ def evict(*folders: Path) -> None:
 def timed(argv: list[str], code: Path = ROOT) -> tuple[float, int]:
     """Wall seconds and the child's peak RSS (bytes); ``code``: the checkout whose streamfold runs."""
     t0 = time.perf_counter()
-    pid = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(code)}).pid
+    # cwd too: ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH
+    pid = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(code)}, cwd=code).pid
     _, status, ru = os.wait4(pid, 0)
     if status:
         sys.exit(f"{argv[:4]} failed ({status})")
@@ -180,6 +181,7 @@ def main() -> None:
     mx = args.format == "mxfp4"
     args.hidden = args.hidden or (2880 if mx else 4096)
     args.inter = args.inter or (2880 if mx else 12288)
+    args.work = args.work.resolve()
     src, dst, cp = args.work / "src", args.work / "out", args.work / "cp"
     if args.make_only:
         if mx:
@@ -188,7 +190,7 @@ def main() -> None:
             make(src, args.layers, args.hidden, args.inter, np.random.default_rng(0))
         return
     if not (src / "config.json").exists():
-        timed([sys.executable, __file__, str(args.work), "--make-only", "--layers", str(args.layers),
+        timed([sys.executable, str(Path(__file__).resolve()), str(args.work), "--make-only", "--layers", str(args.layers),
                "--hidden", str(args.hidden), "--inter", str(args.inter), "--format", args.format,
                "--experts", str(args.experts)])
     codes = {"after": ROOT} if args.before is None else {"before": args.before.resolve(), "after": ROOT}
