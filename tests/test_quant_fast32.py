@@ -73,10 +73,14 @@ def scale_grid(kind: str, tiles: int, gcols: int, rng) -> np.ndarray:
     return f32_bits(np.ldexp(rng.uniform(1, 2, (tiles, gcols)), e))  # full 24-bit significands
 
 
+FULL = pytest.mark.full
+
+
 @pytest.mark.parametrize("kind,gkind,out_dtype,route", [
-    ("pow2", "bf16", "BF16", "exact"), ("pow2", None, "F32", "exact"), ("pow2", "bf16", "F32", "exact"),
-    ("f32", None, "BF16", "guarded"), ("f32", "bf16", "BF16", "guarded"), ("f32", "f32", "BF16", "guarded"),
-    ("pow2", "f32", "BF16", "guarded")])
+    pytest.param("pow2", "bf16", "BF16", "exact", marks=FULL), pytest.param("pow2", None, "F32", "exact", marks=FULL),
+    pytest.param("pow2", "bf16", "F32", "exact", marks=FULL), pytest.param("f32", None, "BF16", "guarded", marks=FULL),
+    pytest.param("f32", "bf16", "BF16", "guarded", marks=FULL), ("f32", "f32", "BF16", "guarded"),
+    pytest.param("pow2", "f32", "BF16", "guarded", marks=FULL)])
 def test_fp8_every_code_many_exponents(kind, gkind, out_dtype, route, rng):
     rows, cols = 300, 640  # ragged: a 44-row last tile; 5 tile columns
     codes = every_code(rows, cols)
@@ -182,8 +186,10 @@ def test_fp8_sub_bands_of_the_float64_path(monkeypatch, rng):
     assert same(out.view(np.uint32).reshape(172, cols), oracle_fp8(codes[128:], scale[1:], 128, g, "F32"), "F32")
 
 
-@pytest.mark.parametrize("gkind,out_dtype", [(None, "BF16"), ("bf16", "BF16"), ("f32", "BF16"),
-                                             (None, "F32"), ("bf16", "F32")])
+@pytest.mark.parametrize("gkind,out_dtype", [pytest.param(None, "BF16", marks=FULL), ("bf16", "BF16"),
+                                             pytest.param("f32", "BF16", marks=FULL),
+                                             pytest.param(None, "F32", marks=FULL),
+                                             pytest.param("bf16", "F32", marks=FULL)])
 def test_mxfp4_every_code_many_exponents(gkind, out_dtype, rng):
     rows, groups = 160, 6
     blocks = np.stack([np.roll(np.arange(256, dtype=np.uint8), r)[:groups * 16] for r in range(rows)])
