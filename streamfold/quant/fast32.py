@@ -17,7 +17,9 @@ traffic), and gives the same bits in two cases:
   either) and ``RN_bf16(f) == RN_bf16(x)``. The elements within :data:`_WINDOW` (4) steps (about 1 in
   7000 for random data; every true tie) are recomputed by the float64 reference kernel, once per band.
   (Measured on 2M products placed beside midpoints: ``f`` and ``x`` on opposite sides only 0 or 1 step
-  away; ``tests/test_quant_fast32.py`` fails with a window of 0.)
+  away; ``tests/test_quant_fast32.py`` fails with a window of 0.) For MXFP4, ``q·2^k`` is exact and ``g``
+  a float32, so ``f = RN32(x)`` is within half a step: the same window is more than enough. The range
+  checks below keep ``t`` (>= 2^-117) and every product normal, where these relative bounds hold.
 
 Both need the products away from float32's subnormal range and from overflow: checked per band from the
 magnitudes of ``t`` (FP8 codes are in [2^-9, 448], E2M1 in [0.5, 6]); a band that fails any check (a
@@ -41,6 +43,12 @@ from .kernel import dequant_fold, sig_bits
 BLOCK = 1 << 16  # elements per pass
 F8_F32: np.ndarray = F8_E4M3FN_TABLE.astype(np.float32)  # every e4m3 value (and NaN) is a float32
 _F8_PAIRS: np.ndarray | None = None  # two codes (a little-endian uint16) -> their two float32s as one uint64
+E2M1_PAIR_F32: np.ndarray = E2M1_PAIR_TABLE.astype(np.float32).reshape(256, 2)
+_E2M1_PAIR_U64 = E2M1_PAIR_F32.view(np.uint64).reshape(256)  # a byte's two values as one 8-byte word
+_MX_INPUTS = 64  # inputs (rows of the transposed output) per MXFP4 chunk
+E8M0_F32: np.ndarray = E8M0_TABLE.astype(np.float32)  # 2^(u-127), u < 255 (u = 0: 2^-127, subnormal)
+_WINDOW = 4  # float32 steps either side of a bf16 midpoint settled in float64 (3 suffice: see above)
+_TINY, _HUGE = 2.0 ** -126, 2.0 ** 127
 
 
 def _f8_pairs() -> np.ndarray:
@@ -50,12 +58,6 @@ def _f8_pairs() -> np.ndarray:
         u = np.arange(65536)
         _F8_PAIRS = np.stack([F8_F32[u & 0xFF], F8_F32[u >> 8]], axis=1).view(np.uint64).reshape(65536)
     return _F8_PAIRS
-E2M1_PAIR_F32: np.ndarray = E2M1_PAIR_TABLE.astype(np.float32).reshape(256, 2)
-_E2M1_PAIR_U64 = E2M1_PAIR_F32.view(np.uint64).reshape(256)  # a byte's two values as one 8-byte word
-_MX_INPUTS = 64  # inputs (rows of the transposed output) per MXFP4 chunk
-E8M0_F32: np.ndarray = E8M0_TABLE.astype(np.float32)  # 2^(u-127), u < 255 (u = 0: 2^-127, subnormal)
-_WINDOW = 4  # float32 steps either side of a bf16 midpoint settled in float64 (3 suffice: see above)
-_TINY, _HUGE = 2.0 ** -126, 2.0 ** 127
 
 
 def _route(factors: list[np.ndarray], qmin: float, qmax: float, qbits: int, out_dtype: str) -> str:

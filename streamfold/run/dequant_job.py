@@ -1,9 +1,11 @@
 """The engine's job for a ``dequant`` chunk record: decode a band of a quantized weight, fold, round once.
 
 Reads the band's scale rows (a few hundred bytes, possibly from another shard) with ``pread``, maps
-the band's codes through a short-lived window like a fold chunk, decodes them exactly
-(:mod:`streamfold.quant.decode`) and rounds ``q·s·g`` once (:func:`streamfold.quant.kernel.dequant_fold`).
-Memory per band: the codes' window, a float64 band and the output buffer.
+the band's codes through a short-lived window like a fold chunk, and rounds ``q·s·g`` once: in float32
+where :mod:`streamfold.quant.fast32` proves that bit-identical (cache-sized blocks, buffers reused from
+the thread's scratch), else exactly in float64 (:mod:`streamfold.quant.decode`,
+:func:`streamfold.quant.kernel.dequant_fold`) in sub-bands of 2 MB. Memory per band: the codes' window,
+the output buffer (2 MiB: ``planning.tasks.DEQUANT_BAND``) and that scratch.
 """
 from __future__ import annotations
 
