@@ -211,3 +211,23 @@ def test_mxfp4_every_code_many_exponents(gkind, out_dtype, rng):
         assert ok
         want, _ = O.mxfp4_expected(blocks, scales, h0, h1, g, out_dtype)
         assert same(got, want, out_dtype), (gkind, out_dtype, h0)
+
+
+def test_fp8_per_channel_and_per_tensor_scales(rng):
+    """compressed-tensors FP8 ``channel`` (a 1 x cols tile: the multipliers of each block are a matrix)
+    and ``tensor`` (one tile) scales, into bf16 (guarded) and float32 (exact, 9-bit scales)."""
+    rows, cols = 90, 640
+    codes = every_code(rows, cols)
+    g = bf16_values(np.ldexp(rng.uniform(1, 2, cols), rng.integers(-6, 6, cols)))
+    chan = f32_bits(np.ldexp(rng.uniform(1, 2, (rows, 1)), rng.integers(-20, 0, (rows, 1))))
+    chan9 = np.ldexp(rng.integers(256, 512, (rows, 1)).astype(np.float64), rng.integers(-28, -8, (rows, 1)))
+    tens = f32_bits([[0.00123]])
+    for scale, block, od in ((chan, (1, cols), "BF16"), (chan9, (1, cols), "F32"), (tens, (rows, cols), "BF16")):
+        for row0, n in ((0, rows), (37, 41)):
+            sc = scale[row0 // block[0]:]
+            got = np.zeros((n, cols), U[od])
+            assert F.fp8_block(codes[row0:row0 + n], sc, block, row0, g, od,
+                               got.view(np.float32) if od == "F32" else got)
+            want, _ = O.fp8_block_band_expected(codes[row0:row0 + n], np.asarray(sc, np.float32).view(np.uint8),
+                                                "F32", block, row0, g, od)
+            assert same(got, want, od), (block, od, row0)

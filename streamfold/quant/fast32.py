@@ -107,8 +107,7 @@ def fp8_block(codes: np.ndarray, scale: np.ndarray, block: tuple[int, int], row0
     float32 ``[cols]`` or None; ``out`` ``[n, cols]`` (bf16 as uint16, or float32), C-contiguous."""
     n, cols = codes.shape
     br, bc = block
-    t0 = row0 // br
-    tiles = (row0 + n - 1) // br - t0 + 1
+    tiles = (row0 + n - 1) // br - row0 // br + 1
     s64 = np.asarray(scale, np.float64)[:tiles]
     g64 = None if g is None else np.asarray(g, np.float32).astype(np.float64).reshape(1, cols)
     route = _route([s64] if g64 is None else [s64, g64], 2.0 ** -9, 448.0, 4, out_dtype)
@@ -123,34 +122,54 @@ def fp8_block(codes: np.ndarray, scale: np.ndarray, block: tuple[int, int], row0
     flat_codes = codes.view(np.uint8)
     near = []  # flat indices (of the band) to settle in float64, all at once at the end
     pairs = _f8_pairs() if cols % 2 == 0 and flat_codes.flags.c_contiguous else None
-    r = 0
-    while r < n:
-        tile = (row0 + r) // br
-        end = min(n, (tile + 1) * br - row0)
-        trow = np.repeat(s64[tile - t0], bc)[:cols]  # t = s·g of this tile row: exact in float64 (<= 48 bits)
-        trow = (trow if g64 is None else trow * g64[0]).astype(np.float32)  # exact, or rounded once (guarded)
-        for a in range(r, end, step):
-            b = min(end, a + step)
-            k = (b - a) * cols
-            v = vals[:k].reshape(b - a, cols)
-            if pairs is not None:
-                np.take(pairs, flat_codes[a:b].view(np.uint16), out=v.view(np.uint64))
-            else:
-                np.take(F8_F32, flat_codes[a:b], out=v)
-            np.multiply(v, trow, out=v)
-            if out_dtype == "F32":
-                np.copyto(out[a:b], v)
-                continue
-            bits = vals[:k].view(np.uint32)
-            if route == "guarded":
-                idx = _near_midpoint(bits, low[:k], hit[:k])
-                if idx.size:
-                    near.append(idx + a * cols)
-            round_bf16_inplace(bits, out[a:b].reshape(-1), tmp[:k])
-        r = end
+    for a, b, trow in _t_blocks(s64, g64, br, bc, row0, n, cols, step, s):
+        k = (b - a) * cols
+        v = vals[:k].reshape(b - a, cols)
+        if pairs is not None:
+            np.take(pairs, flat_codes[a:b].view(np.uint16), out=v.view(np.uint64))
+        else:
+            np.take(F8_F32, flat_codes[a:b], out=v)
+        np.multiply(v, trow, out=v)
+        if out_dtype == "F32":
+            np.copyto(out[a:b], v)
+            continue
+        bits = vals[:k].view(np.uint32)
+        if route == "guarded":
+            idx = _near_midpoint(bits, low[:k], hit[:k])
+            if idx.size:
+                near.append(idx + a * cols)
+        round_bf16_inplace(bits, out[a:b].reshape(-1), tmp[:k])
     if near:
         _settle_fp8(codes, s64, block, row0, g, np.concatenate(near), out)
     return True
+
+
+def _t_blocks(s64: np.ndarray, g64: np.ndarray | None, br: int, bc: int, row0: int, n: int, cols: int, step: int,
+              scratch: Scratch):
+    """Row blocks ``(a, b, t)`` of a band with their multipliers ``t = s·g`` in float32 (exact in float64,
+    <= 48 bits, then rounded once): one ``[cols]`` row per block within a tile row, or, for tiles shorter
+    than a block (per-channel scales: 1 row), a ``[b - a, cols]`` matrix per block."""
+    t0 = row0 // br
+    if br >= step:
+        r = 0
+        while r < n:
+            tile = (row0 + r) // br
+            end = min(n, (tile + 1) * br - row0)
+            trow = np.repeat(s64[tile - t0], bc)[:cols]
+            trow = (trow if g64 is None else trow * g64[0]).astype(np.float32)
+            for a in range(r, end, step):
+                yield a, min(end, a + step), trow
+            r = end
+        return
+    tm = scratch.get("f32.t", step * cols * 4).view(np.float32)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        rows_t = s64[(row0 + np.arange(a, b)) // br - t0]  # [b - a, grid columns]
+        t = np.repeat(rows_t, bc, axis=1)[:, :cols] if rows_t.shape[1] > 1 else rows_t
+        t = t * (1.0 if g64 is None else g64)
+        dst = tm[:(b - a) * cols].reshape(b - a, cols)
+        np.copyto(dst, t, casting="same_kind")
+        yield a, b, dst
 
 
 def _settle_fp8(codes: np.ndarray, s64: np.ndarray, block: tuple[int, int], row0: int, g: np.ndarray | None,
