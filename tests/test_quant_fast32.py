@@ -115,7 +115,8 @@ def midpoint_case(rng, n: int = 4096, spread: int = 3):
     s = np.nextafter(s, np.float32(np.inf) * np.sign(s), dtype=np.float32)
     steps = rng.integers(-spread, spread + 1, cols)
     for _ in range(spread):
-        s = np.where(steps > 0, np.nextafter(s, np.float32(np.inf)), np.where(steps < 0, np.nextafter(s, np.float32(-np.inf)), s))
+        up, down = np.nextafter(s, np.float32(np.inf)), np.nextafter(s, np.float32(-np.inf))
+        s = np.where(steps > 0, up, np.where(steps < 0, down, s))
         steps -= np.sign(steps)
     return q_codes.reshape(1, cols), s.astype(np.float64), g
 

@@ -94,7 +94,8 @@ def dequant_job(c: Chunk, g: np.ndarray | None, fds: dict[str, int], dst_fd: int
                    lambda blocks: mxfp4_band_out(c, blocks, raw, g, out, s))
             return
         scales = read_scale_rows(c, fds, paths)
-        window(fds[c.src], c.src_off, c.src_bytes, paths[c.src], lambda codes: dequant_band(c, codes, scales, g, out, s))
+        window(fds[c.src], c.src_off, c.src_bytes, paths[c.src],
+               lambda codes: dequant_band(c, codes, scales, g, out, s))
 
     def write(out: np.ndarray) -> None:
         pwrite_all(dst_fd, out, c.dst)
