@@ -209,7 +209,8 @@ def test_mxfp4_float32_path_equals_oracle(out_dtype):
     decode, scale, x g, one rounding, transpose): every code under exponents 27..226 with a bf16-valued g
     far from 1, and a g with 22 significant bits (exact), against the integer oracle bit for bit; a 23-bit
     g is exact only in float64 (bf16 output: the guarded route; float32 output: the float64 path), and an
-    exponent near either end sends the band to the float64 path (same bits, checked above)."""
+    exponent near either end sends the band to the float64 path (same bits, checked above); without g
+    every scale byte (253..255 included: infinity, NaN) goes through the widening table."""
     import numpy as np
     from streamfold.check.quant_oracle import mxfp4_expected
     from streamfold.planning.tasks import Chunk, Op
@@ -231,7 +232,9 @@ def test_mxfp4_float32_path_equals_oracle(out_dtype):
     assert fast(scales, g16) and fast(scales, g22)
     assert fast(scales, g23, "BF16") and not fast(scales, g23, "F32")
     one = lambda u: np.full((1, groups), u, np.uint8)  # noqa: E731
-    assert fast(one(2), None) and fast(one(251), None) and not fast(one(1), None) and not fast(one(252), None)
+    ones = np.ones(inner, np.float32)
+    assert fast(one(2), ones) and fast(one(251), ones) and not fast(one(1), ones) and not fast(one(252), ones)
+    assert fast(one(1), None) and fast(one(255), None)  # widen only: the kernel-filled table, any scale byte
     for g in (None, g16, g22, g23):
         c = Chunk(Op.DEQUANT, "x", 0, inner * rows * osz, rows=(0, inner), cols=rows, width=inner,
                   out_dtype=out_dtype, shape=(rows, groups, 16), block=(1, 32), fmt="mxfp4")

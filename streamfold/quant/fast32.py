@@ -190,16 +190,19 @@ def mxfp4_rows(blocks: np.ndarray, scales: np.ndarray, lo: int, n: int, g: np.nd
                out: np.ndarray, scratch: Scratch | None = None) -> bool:
     """``out`` ``[n, rows]`` = inputs ``lo .. lo + n`` of the MXFP4 rows ``blocks`` (uint8 ``[rows, G, 16]``,
     a group slice of one expert) with E8M0 ``scales`` (uint8 ``[rows, G]``), transposed to transformers'
-    ``[in, out]`` and times ``g`` (float32 ``[n]``, per output row) or None, rounded once, in float32.
-    Returns False, touching nothing, when neither float32 route applies."""
+    ``[in, out]`` and times ``g`` (float32 ``[n]``, per output row) or None, rounded once, in float32
+    (widened without ``g``: from a table the float64 kernel filled, see :func:`_widen_table`). Returns
+    False, touching nothing, when neither float32 route applies."""
     rows, groups, width = blocks.shape
     su = scales.view(np.uint8)
-    if su.size and int(su.max()) == 255:
-        return False  # a NaN scale: the float64 path
-    sv = E8M0_TABLE[np.unique(su)]
-    route = _route([sv] if g is None else [sv, g], 0.5, 6.0, 2, out_dtype)
-    if not route or (sv.size and 6.0 * sv.max() >= _HUGE):  # q·2^k itself must not overflow before g
-        return False
+    widen = _widen_table(out_dtype) if g is None else None  # no g: every (scale, byte) pair is a table entry
+    if widen is None:
+        if su.size and int(su.max()) == 255:
+            return False  # a NaN scale: the float64 path
+        sv = E8M0_TABLE[np.unique(su)]
+        route = _route([sv, g], 0.5, 6.0, 2, out_dtype)
+        if not route or (sv.size and 6.0 * sv.max() >= _HUGE):  # q·2^k itself must not overflow before g
+            return False
     s = scratch or Scratch()
     cw_max = (_MX_INPUTS // 32 + 2) * 32  # decoded columns per input chunk (whole groups)
     step = max(1, BLOCK // cw_max)  # output rows per block
@@ -220,6 +223,16 @@ def mxfp4_rows(blocks: np.ndarray, scales: np.ndarray, lo: int, n: int, g: np.nd
         for a in range(0, rows, step):
             b = min(rows, a + step)
             m = b - a
+            if widen is not None:  # one gather per byte: its two values rounded (exact but for overflow)
+                idx = low[:m * cw // 2].reshape(m, gb - ga, 16)
+                np.copyto(idx, su[a:b, ga:gb, None])
+                np.left_shift(idx, 8, out=idx)
+                np.bitwise_or(idx, blocks[a:b, ga:gb], out=idx)
+                words = (sel if out_dtype == "BF16" else vals).view(widen.dtype)[:m * cw // 2]
+                np.take(widen, idx, out=words.reshape(m, gb - ga, 16), mode="clip")
+                got = words.view(np.uint16 if out_dtype == "BF16" else np.float32).reshape(m, cw)
+                out[j0:j1, a:b] = got[:, off:off + nj].T
+                continue
             v = vals[:m * cw].reshape(m, gb - ga, 32)
             np.take(_E2M1_PAIR_U64, blocks[a:b, ga:gb], out=v.view(np.uint64).reshape(m, gb - ga, 16),
                     mode="clip")  # byte indices are always in range; "clip" skips the slow checked path
@@ -244,6 +257,25 @@ def mxfp4_rows(blocks: np.ndarray, scales: np.ndarray, lo: int, n: int, g: np.nd
     if near_r:
         _settle_mxfp4(blocks, su, lo, gv, np.concatenate(near_r), np.concatenate(near_j), out)
     return True
+
+
+_WIDEN: dict[str, np.ndarray] = {}
+
+
+def _widen_table(out_dtype: str) -> np.ndarray:
+    """``u << 8 | byte`` (an E8M0 scale byte, two E2M1 codes) -> the two values ``e2m1·2^(u-127)``, low
+    nibble first, each rounded once to ``out_dtype`` BY THE FLOAT64 KERNEL, packed in one word (bf16: a
+    uint32, float32: a uint64). Exact for every byte below 253 (bf16); beyond, infinity as the reference
+    rounds; u = 255 NaN. 65536 entries, built on first use (256 / 512 KB)."""
+    t = _WIDEN.get(out_dtype)
+    if t is None:
+        u = np.arange(65536)
+        vals = np.stack([E2M1_TABLE[u & 0xF], E2M1_TABLE[(u >> 4) & 0xF]], axis=1) * E8M0_TABLE[u >> 8][:, None]
+        res = np.empty((256, 512), np.uint16 if out_dtype == "BF16" else np.float32)
+        with np.errstate(invalid="ignore"):
+            dequant_fold(vals.reshape(256, 512), None, out_dtype, res, 3)
+        t = _WIDEN[out_dtype] = res.view(np.uint32 if out_dtype == "BF16" else np.uint64).reshape(65536)
+    return t
 
 
 def _settle_mxfp4(blocks: np.ndarray, su: np.ndarray, lo: int, g: np.ndarray, row: np.ndarray, j: np.ndarray,
