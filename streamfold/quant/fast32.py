@@ -21,7 +21,11 @@ traffic), and gives the same bits in two cases:
   a float32, so ``f = RN32(x)`` is within half a step: the same window is more than enough. The range
   checks below keep ``t`` (>= 2^-117) and every product normal, where these relative bounds hold.
 
-Both need the products away from float32's subnormal range and from overflow: checked per band from the
+And a third, for MXFP4 widened without a norm (gpt-oss's down_proj): every (scale byte, code byte) pair
+is one entry of a 65536-entry table whose two values the float64 kernel itself rounded (exact below scale
+byte 253), so the band is one gather per byte, for any scale byte.
+
+The first two need the products away from float32's subnormal range and from overflow: checked per band from the
 magnitudes of ``t`` (FP8 codes are in [2^-9, 448], E2M1 in [0.5, 6]); a band that fails any check (a
 NaN or infinite scale or norm, a tiny or huge ``t``, float32 output of an inexact product) returns False and
 takes the float64 path. NaN codes stay NaN through the float32 product and round to the same quiet NaN
