@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python benchmarks/bench_dequant.py WORK_DIR [--layers 4] [--hidden 4096] [--inter 12288]
                                                    [--workers 2] [--repeat 2] [--format fp8|mxfp4]
-                                                   [--experts 16]
+                                                   [--experts 16] [--before OTHER_CHECKOUT] [--cold]
+                                                   [--verify]
 
 ``--format mxfp4``: a gpt-oss-shaped checkpoint instead (``--hidden``/``--inter`` default 2880 as in
 gpt-oss-20b/120b; ``--experts`` experts per layer, every expert's ``gate_up_proj``/``down_proj`` as
@@ -137,13 +138,32 @@ def _shards(src: Path, norms: dict, codes: dict, rest: dict, rng) -> None:
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
 
 
-def timed(argv: list[str]) -> tuple[float, int]:
-    """Wall seconds and the child's peak RSS (bytes)."""
+def evict(*folders: Path) -> None:
+    """Drop these folders' files from the page cache (``sync``, then ``POSIX_FADV_DONTNEED`` per file:
+    only these files, not the whole machine's cache as ``drop_caches`` would)."""
+    os.sync()
+    for folder in folders:
+        for f in folder.glob("*") if folder.exists() else ():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+CPU: dict[str, float] = {}  # label -> the CPU seconds (user + sys) of the last timed run
+
+
+def timed(argv: list[str], code: Path = ROOT, label: str = "") -> tuple[float, int]:
+    """Wall seconds and the child's peak RSS (bytes); ``code``: the checkout whose streamfold runs; its
+    CPU seconds (user + sys, less sensitive than wall time to a shared machine's load) in ``CPU[label]``."""
     t0 = time.perf_counter()
-    pid = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT)}).pid
+    # cwd too: ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH
+    pid = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(code)}, cwd=code).pid
     _, status, ru = os.wait4(pid, 0)
     if status:
         sys.exit(f"{argv[:4]} failed ({status})")
+    CPU[label] = ru.ru_utime + ru.ru_stime
     return time.perf_counter() - t0, ru.ru_maxrss * 1024
 
 
@@ -157,11 +177,16 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--before", type=Path, default=None,
+                    help="another checkout (e.g. `git worktree add /tmp/before main`) timed in the same run")
+    ap.add_argument("--cold", action="store_true", help="evict the source (and, for cp, the output) first")
+    ap.add_argument("--verify", action="store_true", help="also time `streamfold verify` of the output")
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     mx = args.format == "mxfp4"
     args.hidden = args.hidden or (2880 if mx else 4096)
     args.inter = args.inter or (2880 if mx else 12288)
+    args.work = args.work.resolve()
     src, dst, cp = args.work / "src", args.work / "out", args.work / "cp"
     if args.make_only:
         if mx:
@@ -170,22 +195,50 @@ def main() -> None:
             make(src, args.layers, args.hidden, args.inter, np.random.default_rng(0))
         return
     if not (src / "config.json").exists():
-        timed([sys.executable, __file__, str(args.work), "--make-only", "--layers", str(args.layers),
+        timed([sys.executable, str(Path(__file__).resolve()), str(args.work), "--make-only", "--layers", str(args.layers),
                "--hidden", str(args.hidden), "--inter", str(args.inter), "--format", args.format,
                "--experts", str(args.experts)])
-    best, rss, cp_best = float("inf"), 0, float("inf")
+    codes = {"after": ROOT} if args.before is None else {"before": args.before.resolve(), "after": ROOT}
+    best = dict.fromkeys(codes, float("inf"))
+    rss = dict.fromkeys(codes, 0)
+    vbest, vrss = dict.fromkeys(codes, float("inf")), dict.fromkeys(codes, 0)
+    cp_best = float("inf")
+    cpu: dict[str, float] = {}
     for _ in range(args.repeat):
-        shutil.rmtree(dst, ignore_errors=True)
-        t, r = timed([sys.executable, "-m", "streamfold", str(src), str(dst), "--dequantize", "-q",
-                      "--workers", str(args.workers)])
-        best, rss = min(best, t), max(rss, r)
+        for label, code in codes.items():  # interleaved: the load of the moment hits both alike
+            shutil.rmtree(dst, ignore_errors=True)
+            if args.cold:
+                evict(src)
+            t, r = timed([sys.executable, "-m", "streamfold", str(src), str(dst), "--dequantize", "-q",
+                          "--workers", str(args.workers)], code, label)
+            if t < best[label]:
+                cpu[label] = CPU[label]
+            best[label], rss[label] = min(best[label], t), max(rss[label], r)
+            if args.verify:
+                if args.cold:
+                    evict(src, dst)
+                t, r = timed([sys.executable, "-m", "streamfold", "verify", str(src), str(dst), "-q"], code)
+                vbest[label], vrss[label] = min(vbest[label], t), max(vrss[label], r)
         shutil.rmtree(cp, ignore_errors=True)
-        cp_best = min(cp_best, timed(["cp", "-r", str(dst), str(cp)])[0])
+        if args.cold:
+            evict(dst)
+        t = timed(["cp", "-r", str(dst), str(cp)], label="cp")[0]
+        if t < cp_best:
+            cp_best, cpu["cp"] = t, CPU["cp"]
+        shutil.rmtree(cp, ignore_errors=True)
     size = lambda p: sum(f.stat().st_size for f in p.glob("*.safetensors"))  # noqa: E731
-    print(f"source {size(src) / 1e9:.2f} GB -> output {size(dst) / 1e9:.2f} GB; --dequantize (workers "
-          f"{args.workers}) best {best:.2f} s ({size(dst) / best / 1e9:.2f} GB/s of output), peak RSS "
-          f"{rss / 2**20:.0f} MB; cp -r of the output {cp_best:.2f} s; ratio {best / cp_best:.2f}x")
-
+    out = size(dst)
+    print(f"source {size(src) / 1e9:.2f} GB -> output {out / 1e9:.2f} GB ({'cold' if args.cold else 'warm'} "
+          f"cache, load average {os.getloadavg()[0]:.1f}); cp -r of the output best {cp_best:.2f} s "
+          f"(CPU {cpu['cp']:.2f} s)")
+    for label in codes:
+        line = (f"  {label}: --dequantize (workers {args.workers}) best {best[label]:.2f} s "
+                f"({out / best[label] / 1e9:.2f} GB/s of output), peak RSS {rss[label] / 2**20:.0f} MB, "
+                f"ratio {best[label] / cp_best:.2f}x, CPU {cpu[label]:.2f} s")
+        if args.verify:
+            line += f"; verify best {vbest[label]:.2f} s, peak RSS {vrss[label] / 2**20:.0f} MB"
+        print(line)
+    shutil.rmtree(dst, ignore_errors=True)
 
 if __name__ == "__main__":
     main()

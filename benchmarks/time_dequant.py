@@ -4,7 +4,9 @@
 
 For each format (FP8 block 128x128 with F32 scales, the same with ue8m0 scales, MXFP4, compressed-
 tensors INT4 group 32) and each multiplier (none: widen only; a bf16 norm; a float32 ``1 + w``), decodes
-and folds a ``rows x cols`` weight in 128-row bands (MXFP4: 128 rows of one expert) to bf16, and prints
+and folds a ``rows x cols`` weight in 128-row bands (MXFP4: 128 rows of one expert) to bf16 through the
+float64 kernel, and FP8 and MXFP4 also through :mod:`streamfold.quant.fast32` (MXFP4 there as the engine
+writes it: 128 inputs of the transposed ``[in, out]`` at a time), and prints
 GB/s of OUTPUT bytes per core (thread CPU time, best of --repeat) and the process's peak RSS after all
 runs (it does not grow with --rows: the work is per band).
 """
@@ -17,7 +19,9 @@ import time
 import ml_dtypes
 import numpy as np
 
+from streamfold.core.fold import Scratch
 from streamfold.quant import decode as D
+from streamfold.quant import fast32 as F
 from streamfold.quant.kernel import code_bits, dequant_fold, sig_bits
 
 BAND = 128
@@ -35,17 +39,36 @@ def _formats(rows: int, cols: int, rng):
     s_int = D.scale_values(rng.uniform(1e-3, 2e-2, (rows, cols // 32)).astype(ml_dtypes.bfloat16).view(np.uint16),
                            "BF16")
 
+    def f64(band):  # the float64 reference: exact values, then dequant_fold
+        def fold(r0, r1, g, out):
+            vals, bits = band(r0, r1)
+            dequant_fold(vals, g, "BF16", out, bits)
+        return fold
+
     def fp8(scale):
         def band(r0, r1):
             t = scale[r0 // 128:(r1 - 1) // 128 + 1]
             return D.fp8_block_band(codes[r0:r1], t, (128, 128), r0), code_bits("fp8") + sig_bits(t)
         return band
 
-    yield "fp8 block, F32 scales", fp8(s_f32)
-    yield "fp8 block, ue8m0 scales", fp8(s_pow2)
-    yield "mxfp4", lambda r0, r1: (D.mxfp4_band(blocks[r0:r1], e8[r0:r1]), code_bits("e2m1") + 1)
-    yield "int4 group 32, bf16 scales", lambda r0, r1: (
-        D.int_pack_band(packed[r0:r1], 4, cols, s_int[r0:r1], 32), code_bits("int", 4) + sig_bits(s_int[r0:r1]))
+    def fp8_fast(scale):
+        def fold(r0, r1, g, out):
+            assert F.fp8_block(codes[r0:r1], scale[r0 // 128:], (128, 128), r0, g, "BF16", out, scratch)
+        return fold
+
+    def mx_fast(r0, r1, g, out):  # 128 rows of one expert's [in, out] (here: cols x rows transposed)
+        assert F.mxfp4_rows(blocks[:, r0 // 32:-(-r1 // 32)], e8[:, r0 // 32:-(-r1 // 32)], 0, r1 - r0,
+                            None if g is None else g[r0:r1], "BF16", out, scratch)
+
+    scratch = Scratch()
+    yield "fp8 block, F32 scales", f64(fp8(s_f32))
+    yield "  the same, fast32", fp8_fast(s_f32)
+    yield "fp8 block, ue8m0 scales", f64(fp8(s_pow2))
+    yield "  the same, fast32", fp8_fast(s_pow2)
+    yield "mxfp4", f64(lambda r0, r1: (D.mxfp4_band(blocks[r0:r1], e8[r0:r1]), code_bits("e2m1") + 1))
+    yield "  mxfp4 transposed, fast32", mx_fast
+    yield "int4 group 32, bf16 scales", f64(lambda r0, r1: (
+        D.int_pack_band(packed[r0:r1], 4, cols, s_int[r0:r1], 32), code_bits("int", 4) + sig_bits(s_int[r0:r1])))
 
 
 def main() -> None:
@@ -61,16 +84,16 @@ def main() -> None:
         "bf16 g": rng.uniform(0.5, 2, cols).astype(ml_dtypes.bfloat16).astype(np.float32),
         "f32 1+w": (np.float32(1) + (rng.standard_normal(cols) * 0.3).astype(np.float32)),
     }
-    out = np.empty((BAND, cols), dtype=np.uint16)
-    for label, band in _formats(rows, cols, rng):
+    out = np.empty((BAND, max(cols, rows)), dtype=np.uint16)
+    for label, fold in _formats(rows, cols, rng):
         for glabel, g in norms.items():
             best = float("inf")
+            mx = "transposed" in label  # MXFP4 as gpt-oss writes it: bands of inputs, [in, out]
             for _ in range(args.repeat):
                 t0 = time.thread_time()
-                for r0 in range(0, rows, BAND):
-                    r1 = min(rows, r0 + BAND)
-                    vals, bits = band(r0, r1)
-                    dequant_fold(vals, g, "BF16", out[:r1 - r0], bits)
+                for r0 in range(0, cols if mx else rows, BAND):
+                    r1 = min(cols if mx else rows, r0 + BAND)
+                    fold(r0, r1, g, out[:r1 - r0, :rows] if mx else out[:r1 - r0, :cols])
                 best = min(best, time.thread_time() - t0)
             nbytes = rows * cols * 2
             print(f"{label:28s} {glabel:8s} -> bf16: {nbytes / best / 1e9:.3f} GB/s of output "

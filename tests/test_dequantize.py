@@ -103,7 +103,7 @@ def test_dequantize_float32_merged(src, out_f32):
     assert "10 dequantized (every element the exact q*s*g rounded once, 10 scale tensors dropped)" in r.stdout
 
 
-def test_verify_catches_one_wrong_element(src, out_f32, tmp_path):
+def test_verify_catches_one_wrong_element(src, out_f32, tmp_path, monkeypatch):
     bad = tmp_path / "bad"
     shutil.copytree(out_f32, bad)
     name = "model.layers.1.mlp.up_proj.weight"
@@ -119,6 +119,13 @@ def test_verify_catches_one_wrong_element(src, out_f32, tmp_path):
     r = cli("verify", src, bad)
     assert r.returncode != 0
     assert name in r.stdout and "1 of" in r.stdout, r.stdout
+    # the oracle one row at a time (sub-bands of the band records): the same one element
+    import streamfold
+    from streamfold.check import taskcheck
+    monkeypatch.setattr(taskcheck, "ORACLE_ELEMS", 1)
+    rep = streamfold.verify(src, bad, workers=1)
+    msgs = [p.message for p in rep.problems]
+    assert len(msgs) == 1 and "1 of" in msgs[0] and name in str(rep.problems[0]), msgs
 
 
 @pytest.mark.full

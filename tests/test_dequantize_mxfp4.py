@@ -88,7 +88,7 @@ def test_dequantize_mxfp4_float32_merged(src, out_f32):
 
 
 @pytest.mark.full
-def test_verify_catches_one_wrong_mxfp4_element(src, out_f32, tmp_path):
+def test_verify_catches_one_wrong_mxfp4_element(src, out_f32, tmp_path, monkeypatch):
     bad = tmp_path / "bad"
     shutil.copytree(out_f32, bad)
     name = "model.layers.1.mlp.experts.gate_up_proj"
@@ -105,6 +105,13 @@ def test_verify_catches_one_wrong_mxfp4_element(src, out_f32, tmp_path):
     r = cli("verify", src, bad)
     assert r.returncode != 0
     assert name in r.stdout and "1 of" in r.stdout and "[3, 77, 300]" in r.stdout, r.stdout
+    # the oracle in its smallest sub-bands (32 inputs at a time): the same one element, at the same index
+    import streamfold
+    from streamfold.check import taskcheck
+    monkeypatch.setattr(taskcheck, "ORACLE_ELEMS", 1)
+    rep = streamfold.verify(src, bad, workers=1)
+    msgs = [p.message for p in rep.problems]
+    assert len(msgs) == 1 and "1 of" in msgs[0] and "[3, 77, 300]" in msgs[0], msgs
 
 
 @pytest.mark.full
@@ -198,13 +205,16 @@ def test_mxfp4_records_one_expert_band_at_a_time(src):
 
 @pytest.mark.parametrize("out_dtype", ["BF16", pytest.param("F32", marks=pytest.mark.full)])
 def test_mxfp4_float32_path_equals_oracle(out_dtype):
-    """Bands whose products are all normal float32s take the float32 path (decode, scale, transpose, x g
-    exact; one rounding): every code under exponents 27..226 with a bf16-valued g far from 1, and a g
-    with 22 significant bits, against the integer oracle bit for bit; a 23-bit g or an exponent
-    near either end sends the band to the float64 path (same bits, checked above)."""
+    """Bands whose products are all normal float32s take the float32 path (streamfold.quant.fast32:
+    decode, scale, x g, one rounding, transpose): every code under exponents 27..226 with a bf16-valued g
+    far from 1, and a g with 22 significant bits (exact), against the integer oracle bit for bit; a 23-bit
+    g is exact only in float64 (bf16 output: the guarded route; float32 output: the float64 path), and an
+    exponent near either end sends the band to the float64 path (same bits, checked above); without g
+    every scale byte (253..255 included: infinity, NaN) goes through the widening table."""
     import numpy as np
     from streamfold.check.quant_oracle import mxfp4_expected
     from streamfold.planning.tasks import Chunk, Op
+    from streamfold.quant import fast32
     from streamfold.run import dequant_job as J
     rows, groups = 200, 16
     rng = np.random.default_rng(7)
@@ -214,11 +224,18 @@ def test_mxfp4_float32_path_equals_oracle(out_dtype):
     g16 = np.ldexp(rng.uniform(1, 2, inner), rng.integers(-20, 20, inner)).astype(np.float32)
     g16 = (g16.view(np.uint32) & 0xFFFF0000).view(np.float32)
     g22 = (g16.view(np.uint32) | 0x100).view(np.float32)  # 8 + 14 = 22 significant bits at most
-    assert J._f32_exact(scales, g16.reshape(-1, 1)) and J._f32_exact(scales, g22.reshape(-1, 1))
-    assert not J._f32_exact(scales, (g16.view(np.uint32) | 0x1).view(np.float32).reshape(-1, 1))
-    assert J._f32_exact(np.array([[2]], np.uint8), None) and J._f32_exact(np.array([[251]], np.uint8), None)
-    assert not J._f32_exact(np.array([[1]], np.uint8), None) and not J._f32_exact(np.array([[252]], np.uint8), None)
-    for g in (None, g16, g22):
+    g23 = (g16.view(np.uint32) | 0x1).view(np.float32)
+
+    def fast(sc, g, od=out_dtype):
+        return fast32.mxfp4_rows(blocks[:sc.shape[0]], sc, 0, inner, g, od, np.empty((inner, sc.shape[0]),
+                                 np.uint16 if od == "BF16" else np.float32))
+    assert fast(scales, g16) and fast(scales, g22)
+    assert fast(scales, g23, "BF16") and not fast(scales, g23, "F32")
+    one = lambda u: np.full((1, groups), u, np.uint8)  # noqa: E731
+    ones = np.ones(inner, np.float32)
+    assert fast(one(2), ones) and fast(one(251), ones) and not fast(one(1), ones) and not fast(one(252), ones)
+    assert fast(one(1), None) and fast(one(255), None)  # widen only: the kernel-filled table, any scale byte
+    for g in (None, g16, g22, g23):
         c = Chunk(Op.DEQUANT, "x", 0, inner * rows * osz, rows=(0, inner), cols=rows, width=inner,
                   out_dtype=out_dtype, shape=(rows, groups, 16), block=(1, 32), fmt="mxfp4")
         out = np.empty(inner * rows * osz, np.uint8)

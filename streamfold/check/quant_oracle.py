@@ -203,11 +203,13 @@ def mxfp4_expected(blocks: np.ndarray, scale_raw: np.ndarray, h0: int, h1: int, 
     ``blocks`` its raw bytes ``[out, in/32, 16]`` (element ``2j`` in the low nibble of byte ``j``, ``2j+1``
     in the high one), ``scale_raw`` its E8M0 bytes ``[out, in/32]``, ``g`` float32 ``[in]`` or None."""
     rows = blocks.shape[0]
-    b = blocks.reshape(rows, -1).astype(np.int64)
+    g0, g1 = h0 // 32, -(-h1 // 32)  # only the groups of inputs h0..h1: memory ~ the rows asked for
+    b = blocks.reshape(rows, -1)[:, g0 * 16:g1 * 16].astype(np.int64)
     nib = np.empty((rows, b.shape[1] * 2), dtype=np.int64)
     nib[:, 0::2], nib[:, 1::2] = b & 0xF, b >> 4
-    q = split_e2m1(nib[:, h0:h1].T.copy())
-    s = split_e8m0(scale_raw.reshape(rows, -1)).repeat(32, 1)[:, h0:h1]
+    lo, hi = h0 - g0 * 32, h1 - g0 * 32
+    q = split_e2m1(nib[:, lo:hi].T.copy())
+    s = split_e8m0(scale_raw.reshape(rows, -1)[:, g0:g1]).repeat(32, 1)[:, lo:hi]
     s = Split(*(a.T.copy() for a in (s.sign, s.mant, s.exp, s.nan)))
     return scaled_expected(q, s, None if g is None else np.asarray(g, np.float32)[h0:h1], out_dtype, g_axis=0)
 

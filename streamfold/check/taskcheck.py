@@ -282,33 +282,49 @@ class Checker:
         return t
 
 
+ORACLE_ELEMS = 1 << 17  # elements the integer oracle holds at once (~250 bytes of int64 temporaries each)
+
+
 def _dequant(self: Checker, p: Piece, tc: TensorCheck, d: np.ndarray, s: Scratch) -> FoldTally:
-    """Bit for bit the exact ``q·s·g`` rounded once, from the integer oracle (streamfold.check.quant_oracle);
-    the tally's ``exact`` counts the elements that needed no rounding (verify compares them with the card)."""
+    """Bit for bit the exact ``q·s·g`` rounded once, from the integer oracle (streamfold.check.quant_oracle),
+    in sub-bands of about :data:`ORACLE_ELEMS` elements: memory stays flat whatever the band's size; the
+    tally's ``exact`` counts the elements that needed no rounding (verify compares them with the card)."""
     c, (r0, r1) = p.chunk, p.rows
-    if c.fmt == "mxfp4":  # one expert's blocks and scales, rows r0..r1 of its transposed [in, out]
-        blocks = np.empty(math.prod(c.shape), np.uint8)
-        self.reader.read(self.sources[c.src], c.src_off, blocks)
-        sfile, soff, sdtype, sshape = c.scale
-        sraw = np.empty(math.prod(sshape) * DTYPES[sdtype].itemsize, np.uint8)
-        self.reader.read(self.sources[sfile], soff, sraw)
-        want, exact = mxfp4_expected(blocks.reshape(c.shape), sraw, r0, r1, tc.vec, c.out_dtype)
-        t = compare_bits(want, c.out_dtype, d, base_index=p.rel // DTYPES[c.out_dtype].itemsize)
-        t.exact = int(np.count_nonzero(exact))
-        return t
+    osz = DTYPES[c.out_dtype].itemsize
     if c.fmt in INT_FMTS:  # integer-packed: streamfold.check.quant_oracle_int
         def rd(f: str, off: int, nbytes: int) -> np.ndarray:
             buf = np.empty(nbytes, np.uint8)
             self.reader.read(self.sources[f], off, buf)
             return buf
         return check_int_band(c, rd, tc.vec, d, base_index=r0 * c.cols)
-    codes = s.get("src", (r1 - r0) * c.cols)
-    self.reader.read(self.sources[c.src], p.src_off, codes)
     sfile, soff, sdtype, sshape = c.scale
     sraw = np.empty(math.prod(sshape) * DTYPES[sdtype].itemsize, np.uint8)
     self.reader.read(self.sources[sfile], soff, sraw)
-    return check_dequant_band(codes.reshape(r1 - r0, c.cols), sraw, sdtype, tuple(c.block), r0, tc.vec,
-                              c.out_dtype, d, base_index=p.rel // DTYPES[c.out_dtype].itemsize)  # 3-D experts too
+    t = FoldTally()
+    if c.fmt == "mxfp4":  # one expert's blocks and scales, rows r0..r1 of its transposed [in, out]
+        blocks = s.get("src", math.prod(c.shape))
+        self.reader.read(self.sources[c.src], c.src_off, blocks)
+        step = max(32, ORACLE_ELEMS // max(c.cols, 1) // 32 * 32)
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            want, exact = mxfp4_expected(blocks.reshape(c.shape), sraw, a, b, tc.vec, c.out_dtype)
+            got = d[(a - r0) * c.cols * osz:(b - r0) * c.cols * osz]
+            part = compare_bits(want, c.out_dtype, got, base_index=p.rel // osz + (a - r0) * c.cols)
+            part.exact = int(np.count_nonzero(exact))
+            t.merge(part)
+        return t
+    codes = s.get("src", (r1 - r0) * c.cols).reshape(r1 - r0, c.cols)
+    self.reader.read(self.sources[c.src], p.src_off, codes.reshape(-1))
+    br = c.block[0]
+    grid = sraw.reshape(sshape[0], -1)  # the scale rows' bytes, one row per tile row from r0 // br
+    step = max(1, ORACLE_ELEMS // max(c.cols, 1))
+    for a in range(r0, r1, step):  # base_index from p.rel: rows count within one expert of a 3-D tensor
+        b = min(r1, a + step)
+        t.merge(check_dequant_band(codes[a - r0:b - r0], grid[a // br - r0 // br:].reshape(-1), sdtype,
+                                   tuple(c.block), a, tc.vec, c.out_dtype,
+                                   d[(a - r0) * c.cols * osz:(b - r0) * c.cols * osz],
+                                   base_index=p.rel // osz + (a - r0) * c.cols))
+    return t
 
 
 _CHECKS = {Op.COPY: Checker._copy, Op.FOLD: Checker._fold, Op.FILL: Checker._fill, Op.BIAS: Checker._bias,

@@ -52,6 +52,9 @@ SCHEMA = 1
 COPY_BLOCK = 64 << 20  # one copy record: larger kernel copies buy nothing and delay progress
 MAX_CHUNK = 8 << 20  # larger fold chunks buy nothing (measured) and delay the first write
 DEFAULT_BUDGET = 96 << 20
+# Output bytes per dequant band (at most a chunk): 2 MiB measured less system time than 4 MiB or a 10 MB
+# chunk (the writer's copy of a buffer still in cache; benchmarks/README.md section 6)
+DEQUANT_BAND = 2 << 20
 
 
 def default_workers() -> int:
@@ -350,7 +353,7 @@ def _dequant_chunks(ckpt: Checkpoint, t, a, dst_begin: int, shard: str, chunk_by
     grid_cols = scale_shape[-1]
     isz, osz, ssz = itemsize(t.dtype), itemsize(a.out_dtype), itemsize(st.dtype)
     br = block[0]
-    step = max(br, chunk_bytes // max(1, cols * 8) // br * br)  # the kernel works in float64
+    step = max(br, min(chunk_bytes, DEQUANT_BAND) // max(1, cols * osz) // br * br)  # by OUTPUT bytes
     out = []
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
@@ -375,7 +378,7 @@ def _mxfp4_chunks(ckpt: Checkpoint, t, a, dst_begin: int, shard: str, chunk_byte
                               f"(one E8M0 exponent per 32 codes of {t.name} {list(t.shape)})")
     _, inner, outer = mxfp4_shape(tuple(t.shape))
     osz, ssz = itemsize(a.out_dtype), itemsize(st.dtype)
-    step = max(32, chunk_bytes // max(1, outer * 8) // 32 * 32)  # the kernel works in float64
+    step = max(32, min(chunk_bytes, DEQUANT_BAND) // max(1, outer * osz) // 32 * 32)  # by OUTPUT bytes
     out = []
     for e in range(experts):
         for h0 in range(0, inner, step):
