@@ -28,7 +28,10 @@ class NormInfo:
 
 
 def _call(mod, x, gate):
-    """``mod(x)``, or ``mod(x, gate)`` for gated norms (Mamba, Gated DeltaNet: ``norm(x, gate)``)."""
+    """``mod(x)``, or ``mod(x, gate)`` for gated norms (Mamba, Gated DeltaNet: ``norm(x, gate)``). A
+    ``torch.nn.GroupNorm`` (channels first: Janus' VQ image model) sees ``x`` with its last axis moved to axis 1."""
+    if isinstance(mod, torch.nn.GroupNorm):
+        return mod(x.transpose(1, -1)).transpose(1, -1)
     params = [p for p in inspect.signature(mod.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return mod(x, gate) if len(params) >= 2 else mod(x)

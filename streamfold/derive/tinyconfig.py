@@ -165,6 +165,10 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
                        "indexer_budget": 8, "indexer_compress_ratio": 2, "hc_lowrank": 16, "ple_embed_dim": 64,
                        "ngram_vocab_size_base": 256, "make_ngram_vocab_size_divisible_by": 8, "split_ngram_parts": 4,
                        "initializer_range": 0.02},
+    # Janus: the aligner and the VQ model's projections write the text model's width; a small VQ codebook
+    "janus.vision_config": {"projection_dim": 64, "num_image_tokens": 16},
+    "janus.vq_config": {"num_embeddings": 64, "latent_channels": 32, "base_channels": 32, "projection_dim": 64,
+                        "image_token_embed_dim": 64},
     # XGLM: fields of its own names (d_model, ffn_dim, num_layers, attention_heads)
     "xglm": {"d_model": 64, "ffn_dim": 128, "num_layers": 2, "attention_heads": 4},
     # conditioning (values only): at init 0.05 the tiny LFM3's bf16-merged min cosine is 0.99984
