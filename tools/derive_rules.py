@@ -207,6 +207,8 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "minimax_m3_vl": ("MiniMax-M3 VL (language model nested; vision tower untouched)", ["minimax_m3_vl"]),
     "moss_transcribe_diarize": ("MOSS transcribe-diarize (qwen3 language model nested; other towers untouched)", ["moss_transcribe_diarize"]),
     "muse_glimmer": ("Muse Glimmer (language model nested; towers untouched)", ["muse_glimmer"]),
+    "zaya": ("ZAYA (top-1 MoE)", ["zaya"]),
+    "cosmos3_edge": ("Cosmos 3 Edge (language model nested; vision tower untouched)", ["cosmos3_edge"]),
     "janus": ("Janus (Llama language model nested; vision model, aligner and VQ image model untouched)", ["janus"]),
     "qwen2_5_omni_thinker": ("Qwen2.5-Omni thinker (language model nested; vision and audio towers untouched)",
                              ["qwen2_5_omni_thinker"]),

@@ -169,6 +169,15 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "janus.vision_config": {"projection_dim": 64, "num_image_tokens": 16},
     "janus.vq_config": {"num_embeddings": 64, "latent_channels": 32, "base_channels": 32, "projection_dim": 64,
                         "image_token_embed_dim": 64},
+    # validators of new configs: sizes the tiny shrink leaves inconsistent
+    "zaya": {"num_experts_per_tok": 1},  # ZAYA supports top-1 routing only
+    "glm5_next_text": {"index_kpool": 2, "qk_rope_head_dim": 0},  # index_topk (4) a multiple of index_kpool; NoPE (DSA)
+    "hy_v4_vl_text": {"rope_parameters": {"rope_theta": 1e4, "rope_type": "default", "mrope_section": [2, 1, 1]}},
+    "cosmos3_edge_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e8, "mrope_section": [2, 3, 3]}},
+    "kolibri1_1": {"index_layers": [1], "index_num_heads": 1, "index_pool_size": 64, "index_compression": 2,
+                   "index_num_local_tokens": 4, "index_num_sink_tokens": 1, "index_topk": 4},
+    "inkling2.vision_config": {"text_hidden_size": 64},
+    "nemotron_h_omni.vision_config": {"video_temporal_patch_size": 2},
     # XGLM: fields of its own names (d_model, ffn_dim, num_layers, attention_heads)
     "xglm": {"d_model": 64, "ffn_dim": 128, "num_layers": 2, "attention_heads": 4},
     # conditioning (values only): at init 0.05 the tiny LFM3's bf16-merged min cosine is 0.99984
