@@ -209,6 +209,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "muse_glimmer": ("Muse Glimmer (language model nested; towers untouched)", ["muse_glimmer"]),
     "zaya": ("ZAYA (top-1 MoE)", ["zaya"]),
     "cosmos3_edge": ("Cosmos 3 Edge (language model nested; vision tower untouched)", ["cosmos3_edge"]),
+    "glm5_next": ("GLM-5 Next (DSA language model nested; vision tower untouched)", ["glm5_next"]),
     "janus": ("Janus (Llama language model nested; vision model, aligner and VQ image model untouched)", ["janus"]),
     "qwen2_5_omni_thinker": ("Qwen2.5-Omni thinker (language model nested; vision and audio towers untouched)",
                              ["qwen2_5_omni_thinker"]),
