@@ -210,6 +210,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "zaya": ("ZAYA (top-1 MoE)", ["zaya"]),
     "cosmos3_edge": ("Cosmos 3 Edge (language model nested; vision tower untouched)", ["cosmos3_edge"]),
     "glm5_next": ("GLM-5 Next (DSA language model nested; vision tower untouched)", ["glm5_next"]),
+    "chameleon": ("Chameleon (q/k LayerNorms kept; VQ image model untouched)", ["chameleon"]),
     "janus": ("Janus (Llama language model nested; vision model, aligner and VQ image model untouched)", ["janus"]),
     "qwen2_5_omni_thinker": ("Qwen2.5-Omni thinker (language model nested; vision and audio towers untouched)",
                              ["qwen2_5_omni_thinker"]),
@@ -274,6 +275,7 @@ VARIANTS: dict[str, list[dict]] = {
     "deepseek_v3": [{"q_lora_rank": None}],
     "glm4_moe_lite": [{"q_lora_rank": None}],
     "minicpm3": [{"q_lora_rank": None}],
+    "chameleon": [{"swin_norm": True}],  # Chameleon-30B: norms after attention / MLP (post-norms)
 }
 
 _MTP_WHY = ("multi-token-prediction module: eh_proj reads the concatenation of two norms; transformers does "

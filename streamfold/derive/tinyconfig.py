@@ -178,6 +178,7 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
                    "index_num_local_tokens": 4, "index_num_sink_tokens": 1, "index_topk": 4},
     "inkling2.vision_config": {"text_hidden_size": 64},
     "nemotron_h_omni.vision_config": {"video_temporal_patch_size": 2},
+    "chameleon": {"vocabulary_map": {"<image>": 250}},  # the image placeholder token (default None)
     # XGLM: fields of its own names (d_model, ffn_dim, num_layers, attention_heads)
     "xglm": {"d_model": 64, "ffn_dim": 128, "num_layers": 2, "attention_heads": 4},
     # conditioning (values only): at init 0.05 the tiny LFM3's bf16-merged min cosine is 0.99984
