@@ -100,6 +100,8 @@ def find_norms(model) -> dict[str, NormInfo]:
             continue
         if w.dim() == 2 and "norm" not in type(mod).__name__.lower():
             continue
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            continue  # run in eval mode: a fixed per-channel affine map (running statistics), not a norm (Emu3 VQ)
         info = _probe(mod)
         if info is None:
             if "norm" in type(mod).__name__.lower():

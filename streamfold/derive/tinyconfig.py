@@ -179,6 +179,9 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "inkling2.vision_config": {"text_hidden_size": 64},
     "nemotron_h_omni.vision_config": {"video_temporal_patch_size": 2},
     "chameleon": {"vocabulary_map": {"<image>": 250}},  # the image placeholder token (default None)
+    "emu3": {"vocabulary_map": {"<image>": 250, "<|extra_200|>": 251}},  # image placeholder, end of image line
+    "emu3.vq_config": {"codebook_size": 64, "base_channels": 32, "channel_multiplier": [1, 2], "embed_dim": 16,
+                       "latent_channels": 16},
     # XGLM: fields of its own names (d_model, ffn_dim, num_layers, attention_heads)
     "xglm": {"d_model": 64, "ffn_dim": 128, "num_layers": 2, "attention_heads": 4},
     # conditioning (values only): at init 0.05 the tiny LFM3's bf16-merged min cosine is 0.99984
@@ -300,8 +303,10 @@ def _finish(cfg):
 
 def auto_class(model_type: str):
     """The Auto class that loads a whole checkpoint of ``model_type`` (multimodal wrappers included)."""
+    subs = configuration_auto.CONFIG_MAPPING[model_type].sub_configs
+    # a wrapper with an image side (vision tower, or Emu3's VQ model: its causal-LM class is the text model alone)
     if model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and \
-            configuration_auto.CONFIG_MAPPING[model_type].sub_configs.get("vision_config") is not None:
+            (subs.get("vision_config") is not None or subs.get("vq_config") is not None):
         return transformers.AutoModelForImageTextToText
     if model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return transformers.AutoModelForCausalLM
