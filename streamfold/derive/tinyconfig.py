@@ -182,6 +182,10 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "emu3": {"vocabulary_map": {"<image>": 250, "<|extra_200|>": 251}},  # image placeholder, end of image line
     "emu3.vq_config": {"codebook_size": 64, "base_channels": 32, "channel_multiplier": [1, 2], "embed_dim": 16,
                        "latent_channels": 16},
+    # M-RoPE sections summing to half the tiny head_dim (16)
+    "glm_ocr_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}},
+    "paddleocr_vl_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [2, 3, 3]}},
+    "hunyuan_vl_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}},
     # XGLM: fields of its own names (d_model, ffn_dim, num_layers, attention_heads)
     "xglm": {"d_model": 64, "ffn_dim": 128, "num_layers": 2, "attention_heads": 4},
     # conditioning (values only): at init 0.05 the tiny LFM3's bf16-merged min cosine is 0.99984
