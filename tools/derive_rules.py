@@ -213,6 +213,8 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "chameleon": ("Chameleon (q/k LayerNorms kept; VQ image model untouched)", ["chameleon"]),
     "emu3": ("Emu3 (language model nested; VQ image model untouched)", ["emu3"]),
     "glm_ocr": ("GLM-OCR (language model nested; vision tower untouched)", ["glm_ocr"]),
+    "cohere_compass_text": ("Cohere Compass text (LayerNorm, parallel block)", ["cohere_compass_text"]),
+    "cohere_compass": ("Cohere Compass / North vision (language model nested; vision tower untouched)", ["cohere_compass"]),
     "janus": ("Janus (Llama language model nested; vision model, aligner and VQ image model untouched)", ["janus"]),
     "qwen2_5_omni_thinker": ("Qwen2.5-Omni thinker (language model nested; vision and audio towers untouched)",
                              ["qwen2_5_omni_thinker"]),

@@ -186,6 +186,10 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     "glm_ocr_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}},
     "paddleocr_vl_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [2, 3, 3]}},
     "hunyuan_vl_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}},
+    # Cohere Compass: RoPE parameters per layer type (the class default {} has none)
+    "cohere_compass_text": {"rope_parameters": {
+        t: {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
+        for t in ("full_attention", "sliding_attention")}},
     # XGLM: fields of its own names (d_model, ffn_dim, num_layers, attention_heads)
     "xglm": {"d_model": 64, "ffn_dim": 128, "num_layers": 2, "attention_heads": 4},
     # conditioning (values only): at init 0.05 the tiny LFM3's bf16-merged min cosine is 0.99984
