@@ -181,6 +181,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "olmo": ("OLMo 1 (weightless LayerNorms: nothing to fold)", ["olmo"]),
     "nanochat": ("nanochat (weightless RMS norms: nothing to fold)", ["nanochat"]),
     "hrm_text": ("HRM text (weightless norms: nothing to fold)", ["hrm_text"]),
+    "dory": ("Dory (weightless norms: nothing to fold)", ["dory"]),
     "qwen4_exp_text": ("Qwen4-exp text (hyper-connection norms mixed across streams, q/k and gated norms: nothing to fold)",
                        ["qwen4_exp_text"]),
     "qwen4_exp": ("Qwen4-exp multimodal (nothing to fold in its language model)", ["qwen4_exp"]),
@@ -207,6 +208,16 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "minimax_m3_vl": ("MiniMax-M3 VL (language model nested; vision tower untouched)", ["minimax_m3_vl"]),
     "moss_transcribe_diarize": ("MOSS transcribe-diarize (qwen3 language model nested; other towers untouched)", ["moss_transcribe_diarize"]),
     "muse_glimmer": ("Muse Glimmer (language model nested; towers untouched)", ["muse_glimmer"]),
+    "zaya": ("ZAYA (top-1 MoE)", ["zaya"]),
+    "cosmos3_edge": ("Cosmos 3 Edge (language model nested; vision tower untouched)", ["cosmos3_edge"]),
+    "glm5_next": ("GLM-5 Next (DSA language model nested; vision tower untouched)", ["glm5_next"]),
+    "chameleon": ("Chameleon (q/k LayerNorms kept; VQ image model untouched)", ["chameleon"]),
+    "emu3": ("Emu3 (language model nested; VQ image model untouched)", ["emu3"]),
+    "glm_ocr": ("GLM-OCR (language model nested; vision tower untouched)", ["glm_ocr"]),
+    "cohere_compass_text": ("Cohere Compass text (LayerNorm, parallel block)", ["cohere_compass_text"]),
+    "cohere_compass": ("Cohere Compass / North vision (language model nested; vision tower untouched)", ["cohere_compass"]),
+    "deepseek_vl": ("DeepSeek-VL (Llama language model nested; vision model and aligner untouched)", ["deepseek_vl"]),
+    "janus": ("Janus (Llama language model nested; vision model, aligner and VQ image model untouched)", ["janus"]),
     "qwen2_5_omni_thinker": ("Qwen2.5-Omni thinker (language model nested; vision and audio towers untouched)",
                              ["qwen2_5_omni_thinker"]),
     "qwen3_omni_moe_thinker": ("Qwen3-Omni MoE thinker (language model nested; vision and audio towers untouched)",
@@ -235,6 +246,8 @@ TEXT_MODELS: dict[str, list[str]] = {
     "video_llava": ["llama"],
     "video_llama_3": ["qwen2"],
     "llava_onevision1_5": ["qwen3"],
+    "janus": ["llama"],
+    "deepseek_vl": ["llama"],
     "exaone4_5": ["exaone4"],
     "fuyu": ["persimmon"],
     "glmga": ["glm4v_text"],
@@ -269,6 +282,7 @@ VARIANTS: dict[str, list[dict]] = {
     "deepseek_v3": [{"q_lora_rank": None}],
     "glm4_moe_lite": [{"q_lora_rank": None}],
     "minicpm3": [{"q_lora_rank": None}],
+    "chameleon": [{"swin_norm": True}],  # Chameleon-30B: norms after attention / MLP (post-norms)
 }
 
 _MTP_WHY = ("multi-token-prediction module: eh_proj reads the concatenation of two norms; transformers does "

@@ -28,7 +28,10 @@ class NormInfo:
 
 
 def _call(mod, x, gate):
-    """``mod(x)``, or ``mod(x, gate)`` for gated norms (Mamba, Gated DeltaNet: ``norm(x, gate)``)."""
+    """``mod(x)``, or ``mod(x, gate)`` for gated norms (Mamba, Gated DeltaNet: ``norm(x, gate)``). A
+    ``torch.nn.GroupNorm`` (channels first: Janus' VQ image model) sees ``x`` with its last axis moved to axis 1."""
+    if isinstance(mod, torch.nn.GroupNorm):
+        return mod(x.transpose(1, -1)).transpose(1, -1)
     params = [p for p in inspect.signature(mod.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return mod(x, gate) if len(params) >= 2 else mod(x)
@@ -97,6 +100,8 @@ def find_norms(model) -> dict[str, NormInfo]:
             continue
         if w.dim() == 2 and "norm" not in type(mod).__name__.lower():
             continue
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            continue  # run in eval mode: a fixed per-channel affine map (running statistics), not a norm (Emu3 VQ)
         info = _probe(mod)
         if info is None:
             if "norm" in type(mod).__name__.lower():

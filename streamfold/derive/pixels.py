@@ -28,6 +28,7 @@ import torch
 PIXELS: dict[str, str] = {
     "llava": "bchw", "vipllava": "bchw", "paligemma": "bchw", "aya_vision": "bchw", "internvl": "bchw",
     "cohere2_vision": "bchw", "mistral3": "bchw", "mistral_large4": "bchw", "gemma3": "bchw",
+    "janus": "bchw",
     "llava_next": "anyres", "llava_next_video": "anyres", "llava_onevision": "anyres",
     "idefics2": "bnchw", "idefics3": "bnchw", "smolvlm": "bnchw",
     "qwen2_vl": "patches", "qwen2_5_vl": "patches", "glm4v": "patches", "glm4v_moe": "patches", "glm46v": "patches",

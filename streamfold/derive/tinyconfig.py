@@ -165,6 +165,31 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
                        "indexer_budget": 8, "indexer_compress_ratio": 2, "hc_lowrank": 16, "ple_embed_dim": 64,
                        "ngram_vocab_size_base": 256, "make_ngram_vocab_size_divisible_by": 8, "split_ngram_parts": 4,
                        "initializer_range": 0.02},
+    # Janus: the aligner and the VQ model's projections write the text model's width; a small VQ codebook
+    "janus.vision_config": {"projection_dim": 64, "num_image_tokens": 16},
+    "janus.vq_config": {"num_embeddings": 64, "latent_channels": 32, "base_channels": 32, "projection_dim": 64,
+                        "image_token_embed_dim": 64},
+    # validators of new configs: sizes the tiny shrink leaves inconsistent
+    "zaya": {"num_experts_per_tok": 1},  # ZAYA supports top-1 routing only
+    "glm5_next_text": {"index_kpool": 2, "qk_rope_head_dim": 0},  # index_topk (4) a multiple of index_kpool; NoPE (DSA)
+    "hy_v4_vl_text": {"rope_parameters": {"rope_theta": 1e4, "rope_type": "default", "mrope_section": [2, 1, 1]}},
+    "cosmos3_edge_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e8, "mrope_section": [2, 3, 3]}},
+    "kolibri1_1": {"index_layers": [1], "index_num_heads": 1, "index_pool_size": 64, "index_compression": 2,
+                   "index_num_local_tokens": 4, "index_num_sink_tokens": 1, "index_topk": 4},
+    "inkling2.vision_config": {"text_hidden_size": 64},
+    "nemotron_h_omni.vision_config": {"video_temporal_patch_size": 2},
+    "chameleon": {"vocabulary_map": {"<image>": 250}},  # the image placeholder token (default None)
+    "emu3": {"vocabulary_map": {"<image>": 250, "<|extra_200|>": 251}},  # image placeholder, end of image line
+    "emu3.vq_config": {"codebook_size": 64, "base_channels": 32, "channel_multiplier": [1, 2], "embed_dim": 16,
+                       "latent_channels": 16},
+    # M-RoPE sections summing to half the tiny head_dim (16)
+    "glm_ocr_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}},
+    "paddleocr_vl_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [2, 3, 3]}},
+    "hunyuan_vl_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}},
+    # Cohere Compass: RoPE parameters per layer type (the class default {} has none)
+    "cohere_compass_text": {"rope_parameters": {
+        t: {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
+        for t in ("full_attention", "sliding_attention")}},
     # XGLM: fields of its own names (d_model, ffn_dim, num_layers, attention_heads)
     "xglm": {"d_model": 64, "ffn_dim": 128, "num_layers": 2, "attention_heads": 4},
     # conditioning (values only): at init 0.05 the tiny LFM3's bf16-merged min cosine is 0.99984
@@ -286,8 +311,10 @@ def _finish(cfg):
 
 def auto_class(model_type: str):
     """The Auto class that loads a whole checkpoint of ``model_type`` (multimodal wrappers included)."""
+    subs = configuration_auto.CONFIG_MAPPING[model_type].sub_configs
+    # a wrapper with an image side (vision tower, or Emu3's VQ model: its causal-LM class is the text model alone)
     if model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and \
-            configuration_auto.CONFIG_MAPPING[model_type].sub_configs.get("vision_config") is not None:
+            (subs.get("vision_config") is not None or subs.get("vq_config") is not None):
         return transformers.AutoModelForImageTextToText
     if model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return transformers.AutoModelForCausalLM
