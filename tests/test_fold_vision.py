@@ -279,3 +279,32 @@ def test_schema_refuses_a_bad_tile(tmp_path, tile):
     (tmp_path / "r.json").write_text(json.dumps(rules))
     with pytest.raises(streamfold.StreamfoldError, match="tile must be a whole number"):
         load_rules_file(tmp_path / "r.json")
+
+
+def test_changing_the_flag_between_a_killed_run_and_its_rerun_starts_fresh(fast_case, tmp_path, capsys):
+    """The resume fingerprint holds --fold-vision: a run killed (SIGKILL, as tests/test_resume.py) with
+    the flag, re-run without it, says so in one line, rewrites every shard the killed run completed, and
+    ends byte-identical to a run that never had the flag (the re-runs in-process: only the kill needs a
+    child)."""
+    import subprocess
+    import sys
+    from .test_resume import KILLER, _shard_ids, staging_path
+    from .test_tasks import _env, _files
+    dst = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", KILLER, "shards", "2", str(fast_case.src), str(dst), "--workers", "2",
+                        "--fold-vision"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == -9, (r.returncode, r.stderr)
+    before = _shard_ids(staging_path(dst))
+    assert len(before) == 2
+    capsys.readouterr()
+    assert cli_main([str(fast_case.src), str(dst)]) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "not resuming" in x]
+    assert len(lines) == 1 and "option fold_vision changed (True -> False)" in lines[0], err
+    assert "re-using" not in err
+    after = _shard_ids(dst)
+    assert all(after[s] != before[s] for s in before)  # rewritten
+    ref = tmp_path / "ref" / "out"  # never interrupted, never with the flag (the card names DST's folder)
+    assert cli_main([str(fast_case.src), str(ref)]) == 0
+    assert _files(dst) == _files(ref)
+    assert "flashnorm_vision" not in json.loads((dst / "config.json").read_text())
