@@ -56,7 +56,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
                 "tested with a stand-in vision tower)", ["gemma3n"]),
     "gemma3n_text": ("Gemma 3n text (AltUp, per-layer inputs)", ["gemma3n_text"]),
     "llama4_text": ("Llama 4 text (fused experts and a shared expert)", ["llama4_text"]),
-    "llama4": ("Llama 4 multimodal (language model nested; vision tower untouched)", ["llama4"]),
+    "llama4": ("Llama 4 multimodal (language model nested; vision tower folded with --fold-vision)", ["llama4"]),
     "qwen3_next": ("Qwen3-Next (1 + w; hybrid Gated DeltaNet / attention layers; MoE)", ["qwen3_next"]),
     "qwen3_5_text": ("Qwen3.5 text (1 + w; hybrid Gated DeltaNet / attention layers)", ["qwen3_5_text"]),
     "qwen3_5": ("Qwen3.5 multimodal (language model nested; vision tower folded with --fold-vision)", ["qwen3_5"]),

@@ -25,7 +25,7 @@ import torch
 #   "naflex"    [batch, patches, 3 * P * P] plus spatial_shapes and pixel_attention_mask (Siglip2: LFM2-VL)
 PIXELS: dict[str, str] = {
     "llava": "bchw", "vipllava": "bchw", "paligemma": "bchw", "aya_vision": "bchw", "internvl": "bchw",
-    "cohere2_vision": "bchw", "mistral3": "bchw", "gemma3": "bchw",
+    "cohere2_vision": "bchw", "mistral3": "bchw", "gemma3": "bchw", "llama4": "bchw",
     "llava_next": "anyres", "llava_next_video": "anyres", "llava_onevision": "anyres",
     "idefics2": "bnchw", "idefics3": "bnchw", "smolvlm": "bnchw",
     "qwen2_vl": "patches", "qwen2_5_vl": "patches", "glm4v": "patches", "glm4v_moe": "patches", "glm46v": "patches",
@@ -105,7 +105,7 @@ def image_inputs(model, seed: int = 0, batch: int = 2, text: int = 8) -> dict[st
     if layout == "tiles":
         n = 1
     else:
-        n = _rows(model.model.get_image_features(**kw))
+        n = _rows(getattr(model, "model", model).get_image_features(**kw))  # Llama 4: no .model
         if n % batch:
             raise AssertionError(f"{model.config.model_type}: {n} image features for {batch} images")
         n //= batch

@@ -123,6 +123,8 @@ _PER_TYPE: dict[str, dict[str, Any]] = {
     # that use it; Zamba2 adds per-use adapters) runs twice: layers 2 and 4 / 1 and 3 of 5
     "zamba": {"num_hidden_layers": 5, "attn_layer_period": 2, "attn_layer_offset": 1},
     "zamba2": {"num_hidden_layers": 5, "layers_block_type": ["mamba", "hybrid", "mamba", "hybrid", "mamba"]},
+    # Llama 4: the adapter's fc1 reads the pixel-shuffled patches (ratio 0.5: 4 x hidden), as published
+    "llama4.vision_config": {"intermediate_size": 128},
     "gemma3": {"mm_tokens_per_image": 4},  # 32x32 image, 8x8 patches: 16 patches pooled to 4 tokens
     "gemma3.vision_config": {"vision_use_head": False},  # as published Gemma 3 checkpoints
     # Conditioning (values only, no effect on which tensors exist or how they are used): Gemma 4 uses
