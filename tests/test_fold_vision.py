@@ -308,3 +308,19 @@ def test_changing_the_flag_between_a_killed_run_and_its_rerun_starts_fresh(fast_
     assert cli_main([str(fast_case.src), str(ref)]) == 0
     assert _files(dst) == _files(ref)
     assert "flashnorm_vision" not in json.loads((dst / "config.json").read_text())
+
+
+@pytest.mark.full
+def test_gemma4_tower_norms_stay_when_its_linears_clip_their_input(tmp_path):
+    """Gemma 4's vision linears can clamp their input (vision_config.use_clipped_linears): a norm's scale
+    does not commute with a clamp, so the tower rules (derived under that variant too) fold nothing there."""
+    pytest.importorskip("torch")
+    from streamfold.derive import tiny
+    cfg = tiny.tiny_config("gemma4", **{"vision_config.use_clipped_linears": True})
+    src = tiny.save_sharded(tiny.build_tiny_model(config=cfg), tmp_path / "src", dtype="bfloat16")
+    assert any(n.endswith("self_attn.q_proj.input_min") for n in json.loads(
+        (src / "model.safetensors.index.json").read_text())["weight_map"])
+    _, _, plan = streamfold.load_plan(src, fold_vision=True)
+    tower = [n for n in plan.norms if n.tower and n.weight.startswith("model.vision_tower.")]
+    assert tower and all(n.status == "keep" for n in tower)
+    assert plan.folded  # the language model still folds

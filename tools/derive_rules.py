@@ -51,7 +51,8 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "nemotron": ("Nemotron / Minitron (1 + w LayerNorm with bias)", ["nemotron"]),
     # -- derived from the start (issue 10) --
     "gemma4_text": ("Gemma 4 text (plain w norms, sandwich and per-layer-input norms)", ["gemma4_text"]),
-    "gemma4": ("Gemma 4 multimodal (language model nested; towers untouched)", ["gemma4"]),
+    "gemma4": ("Gemma 4 multimodal (language model nested; vision tower folded with --fold-vision, audio tower "
+               "untouched)", ["gemma4"]),
     "gemma3n": ("Gemma 3n multimodal (language model nested; vision and audio towers untouched; derived and "
                 "tested with a stand-in vision tower)", ["gemma3n"]),
     "gemma3n_text": ("Gemma 3n text (AltUp, per-layer inputs)", ["gemma3n_text"]),
@@ -210,6 +211,9 @@ VARIANTS: dict[str, list[dict]] = {
     "deepseek_v3": [{"q_lora_rank": None}],
     "glm4_moe_lite": [{"q_lora_rank": None}],
     "minicpm3": [{"q_lora_rank": None}],
+    # Gemma 4's vision linears can clamp their input (use_clipped_linears): the tower's norms fold only
+    # into unclipped ones
+    "gemma4": [{"vision_config.use_clipped_linears": True}],
 }
 
 _MTP_WHY = ("multi-token-prediction module: eh_proj reads the concatenation of two norms; transformers does "

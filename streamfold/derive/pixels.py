@@ -23,6 +23,7 @@ import torch
 #   "patches"   flattened [patches, 3 * temporal * P * P] plus image_grid_thw (Qwen2-VL family, GLM-4V)
 #   "tiles"     [batch, 1 image, tiles, 3, H, W] plus aspect ratio ids/mask and a cross-attention mask (Mllama)
 #   "naflex"    [batch, patches, 3 * P * P] plus spatial_shapes and pixel_attention_mask (Siglip2: LFM2-VL)
+#   "positions" [batch, patches, 3 * P * P] plus image_position_ids, each patch's (x, y) (Gemma 4)
 PIXELS: dict[str, str] = {
     "llava": "bchw", "vipllava": "bchw", "paligemma": "bchw", "aya_vision": "bchw", "internvl": "bchw",
     "cohere2_vision": "bchw", "mistral3": "bchw", "gemma3": "bchw", "llama4": "bchw",
@@ -32,6 +33,7 @@ PIXELS: dict[str, str] = {
     "qwen3_vl": "patches", "qwen3_vl_moe": "patches", "qwen3_5": "patches", "qwen3_5_moe": "patches",
     "mllama": "tiles",
     "lfm2_vl": "naflex",
+    "gemma4": "positions",
 }
 
 
@@ -52,6 +54,11 @@ def _pixel_kwargs(model, layout: str, batch: int, g: torch.Generator) -> dict[st
         px = torch.randn(batch, side * side, 3 * p * p, generator=g)
         return {"pixel_values": px, "spatial_shapes": torch.tensor([[side, side]] * batch),
                 "pixel_attention_mask": torch.ones(batch, side * side, dtype=torch.bool)}
+    if layout == "positions":
+        side = 2 * vc.pooling_kernel_size  # pooled k x k: 2 x 2 soft tokens per image
+        xy = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), dim=-1)
+        return {"pixel_values": torch.rand(batch, side * side, 3 * p * p, generator=g),
+                "image_position_ids": xy.reshape(1, side * side, 2).repeat(batch, 1, 1)}
     h, w = _size(getattr(vc, "image_size", 32))
     if layout == "bchw":
         kw = {"pixel_values": torch.randn(batch, 3, h, w, generator=g)}
