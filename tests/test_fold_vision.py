@@ -279,3 +279,48 @@ def test_schema_refuses_a_bad_tile(tmp_path, tile):
     (tmp_path / "r.json").write_text(json.dumps(rules))
     with pytest.raises(streamfold.StreamfoldError, match="tile must be a whole number"):
         load_rules_file(tmp_path / "r.json")
+
+
+def test_changing_the_flag_between_a_killed_run_and_its_rerun_starts_fresh(fast_case, tmp_path, capsys):
+    """The resume fingerprint holds --fold-vision: a run killed (SIGKILL, as tests/test_resume.py) with
+    the flag, re-run without it, says so in one line, rewrites every shard the killed run completed, and
+    ends byte-identical to a run that never had the flag (the re-runs in-process: only the kill needs a
+    child)."""
+    import subprocess
+    import sys
+    from .test_resume import KILLER, _shard_ids, staging_path
+    from .test_tasks import _env, _files
+    dst = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", KILLER, "shards", "2", str(fast_case.src), str(dst), "--workers", "2",
+                        "--fold-vision"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == -9, (r.returncode, r.stderr)
+    before = _shard_ids(staging_path(dst))
+    assert len(before) == 2
+    capsys.readouterr()
+    assert cli_main([str(fast_case.src), str(dst)]) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "not resuming" in x]
+    assert len(lines) == 1 and "option fold_vision changed (True -> False)" in lines[0], err
+    assert "re-using" not in err
+    after = _shard_ids(dst)
+    assert all(after[s] != before[s] for s in before)  # rewritten
+    ref = tmp_path / "ref" / "out"  # never interrupted, never with the flag (the card names DST's folder)
+    assert cli_main([str(fast_case.src), str(ref)]) == 0
+    assert _files(dst) == _files(ref)
+    assert "flashnorm_vision" not in json.loads((dst / "config.json").read_text())
+
+
+@pytest.mark.full
+def test_gemma4_tower_norms_stay_when_its_linears_clip_their_input(tmp_path):
+    """Gemma 4's vision linears can clamp their input (vision_config.use_clipped_linears): a norm's scale
+    does not commute with a clamp, so the tower rules (derived under that variant too) fold nothing there."""
+    pytest.importorskip("torch")
+    from streamfold.derive import tiny
+    cfg = tiny.tiny_config("gemma4", **{"vision_config.use_clipped_linears": True})
+    src = tiny.save_sharded(tiny.build_tiny_model(config=cfg), tmp_path / "src", dtype="bfloat16")
+    assert any(n.endswith("self_attn.q_proj.input_min") for n in json.loads(
+        (src / "model.safetensors.index.json").read_text())["weight_map"])
+    _, _, plan = streamfold.load_plan(src, fold_vision=True)
+    tower = [n for n in plan.norms if n.tower and n.weight.startswith("model.vision_tower.")]
+    assert tower and all(n.status == "keep" for n in tower)
+    assert plan.folded  # the language model still folds

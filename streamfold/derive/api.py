@@ -29,8 +29,15 @@ def _value(cfg, key: str):
 
 
 def _class_default(model_type: str, key: str):
+    """``key``'s default in ``model_type``'s config class (a sub-config the wrapper's default leaves None:
+    that sub-config class's own default)."""
     from transformers.models.auto import configuration_auto
-    return _value(configuration_auto.CONFIG_MAPPING[model_type](), key)
+    cls = configuration_auto.CONFIG_MAPPING[model_type]
+    got = _value(cls(), key)
+    head, dot, rest = key.partition(".")
+    if got is None and dot and head in (getattr(cls, "sub_configs", None) or {}):
+        got = getattr(cls.sub_configs[head](), rest, None)
+    return got
 
 
 def trace_inputs(model) -> dict:
@@ -103,6 +110,9 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
         fam["tie_default"] = True
     if vision:
         add_vision(fam, [(ov, tower_part(d)) for ov, d in full], base_values)
+        vwhens = {k for f in fam.get("vision_folds", []) for k in f.get("when", {})} - set(fam.get("defaults", {}))
+        if vwhens:  # a tower rule's condition (Gemma 4: unclipped linears): the class default of its key
+            fam["defaults"] = {**fam.get("defaults", {}), **{k: _class_default(model_type, k) for k in sorted(vwhens)}}
     elif failed:
         fam["vision_refused"] = f"the tower's rules could not be derived from a tiny model ({failed})"
     results = []

@@ -134,6 +134,8 @@ def derive_model(model, inputs: dict, names: str = "saved", vision: bool = False
         saved.update(_memory_names(model, tower_wanted) if memory else _names.saved_names(model, tower_wanted))
     instances, outside = [], []
     parent = dec.rsplit(".", 1)[0] + "." if "." in dec else ""
+    # a tower the image prompt never runs (Gemma 4's audio tower) is no vision tower: kept whole by prefix
+    ran = {parent + n[len(parent):].split(".", 1)[0] + "." for n in norms if n not in in_scope and traces[n].calls}
     for n, info in norms.items():
         ws = saved[n + ".weight"]
         if len(ws) != 1:
@@ -145,7 +147,7 @@ def derive_model(model, inputs: dict, names: str = "saved", vision: bool = False
             prefix = ws[0].name[: len(ws[0].name) - len(mem_suffix)] if ws[0].name.endswith(mem_suffix) else sub
             if prefix not in outside:
                 outside.append(prefix)
-            if not vision:
+            if not vision or sub not in ran:
                 inst.why = VISION_WHY
                 instances.append(inst)
                 continue

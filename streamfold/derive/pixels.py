@@ -25,10 +25,11 @@ import torch
 #   "naflex"    [batch, patches, 3 * P * P] plus spatial_shapes and pixel_attention_mask (Siglip2: LFM2-VL)
 #   "patches2d" [patches, 3, P, P] plus image_grid_thw (Kimi K2.5's MoonViT)
 #   "posids"    [batch, patches, 3 * M * M] raw merged patches plus image_position_ids (Gemma 4 unified)
+#   "positions" [batch, patches, 3 * P * P] plus image_position_ids, each patch's (x, y) (Gemma 4)
 PIXELS: dict[str, str] = {
     "llava": "bchw", "vipllava": "bchw", "paligemma": "bchw", "aya_vision": "bchw", "internvl": "bchw",
     "cohere2_vision": "bchw", "mistral3": "bchw", "mistral_large4": "bchw", "gemma3": "bchw",
-    "janus": "bchw",
+    "janus": "bchw", "llama4": "bchw",
     "llava_next": "anyres", "llava_next_video": "anyres", "llava_onevision": "anyres",
     "idefics2": "bnchw", "idefics3": "bnchw", "smolvlm": "bnchw",
     "qwen2_vl": "patches", "qwen2_5_vl": "patches", "glm4v": "patches", "glm4v_moe": "patches", "glm46v": "patches",
@@ -37,6 +38,7 @@ PIXELS: dict[str, str] = {
     "lfm2_vl": "naflex",
     "kimi_k25": "patches2d", "ernie4_5_vl_moe": "patches",
     "gemma4_unified": "posids", "qwen2_5_omni_thinker": "patches", "qwen3_omni_moe_thinker": "patches",
+    "gemma4": "positions",
 }
 _IMAGE_SIZES = ("mistral3", "mistral_large4")  # "bchw" wrappers that also take image_sizes
 _FLAT_2D = ("ernie4_5_vl_moe",)  # "patches" wrappers whose patches have no temporal axis (3 * P * P each)
@@ -68,6 +70,11 @@ def _pixel_kwargs(model, layout: str, batch: int, g: torch.Generator) -> dict[st
         px = torch.randn(batch, side * side, 3 * p * p, generator=g)
         return {"pixel_values": px, "spatial_shapes": torch.tensor([[side, side]] * batch),
                 "pixel_attention_mask": torch.ones(batch, side * side, dtype=torch.bool)}
+    if layout == "positions":
+        side = 2 * vc.pooling_kernel_size  # pooled k x k: 2 x 2 soft tokens per image
+        xy = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), dim=-1)
+        return {"pixel_values": torch.rand(batch, side * side, 3 * p * p, generator=g),
+                "image_position_ids": xy.reshape(1, side * side, 2).repeat(batch, 1, 1)}
     h, w = _size(getattr(vc, "image_size", 32))
     if layout == "bchw":
         kw = {"pixel_values": torch.randn(batch, 3, h, w, generator=g)}
@@ -121,7 +128,7 @@ def image_inputs(model, seed: int = 0, batch: int = 2, text: int = 8) -> dict[st
     if layout == "tiles":
         n = 1
     else:
-        n = _rows(model.model.get_image_features(**kw))
+        n = _rows(getattr(model, "model", model).get_image_features(**kw))  # Llama 4: no .model
         if n % batch:
             raise AssertionError(f"{model.config.model_type}: {n} image features for {batch} images")
         n //= batch

@@ -178,16 +178,18 @@ def save_sharded(model, out_dir, dtype: str = "bfloat16") -> Path:
     return out
 
 
-def text_forward_module(model) -> torch.nn.Module:
-    """The module whose forward is ``model``'s text-only forward (``model`` itself, except below).
+def text_forward_module(model, inputs: dict | None = None) -> torch.nn.Module:
+    """The module whose forward is ``model``'s forward on ``inputs`` (``model`` itself, except below).
 
     ``Llama4ForConditionalGeneration.forward`` is broken in transformers 5.24 (it reads
-    ``outputs.image_outputs`` from its language model's output, which has no such field), so for it the
-    text path it would take is called directly: its ``language_model`` (a Llama4ForCausalLM owning the
-    embedding and lm_head) on the same ids; without pixel values the wrapper adds nothing else. The
-    tracer (``trace.trace``) and the check (``check.check_family``) run this module too, so the
-    wrapper's rules are derived and proven through the same path."""
-    if type(model).__name__ == "Llama4ForConditionalGeneration":
+    ``outputs.image_outputs`` from its language model's output, which has no such field), so for a text
+    prompt the path it would take is called directly: its ``language_model`` (a Llama4ForCausalLM owning
+    the embedding and lm_head) on the same ids; without pixel values the wrapper adds nothing else. A
+    prompt with an image (``pixel_values``) runs the wrapper (5.25 fixed it): the language model alone
+    would ignore the pixels and the image check would be blind. The tracer (``trace.trace``) and the
+    check (``check.check_family``) run this module too, so the wrapper's rules are derived and proven
+    through the same path."""
+    if type(model).__name__ == "Llama4ForConditionalGeneration" and "pixel_values" not in (inputs or {}):
         return model.language_model
     return model
 
@@ -195,7 +197,7 @@ def text_forward_module(model) -> torch.nn.Module:
 @torch.no_grad()
 def forward_logits(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """float32 logits of a text-only forward (``text_forward_module``), without a cache."""
-    return text_forward_module(model)(**inputs, use_cache=False).logits.float()
+    return text_forward_module(model, inputs)(**inputs, use_cache=False).logits.float()
 
 
 @torch.no_grad()

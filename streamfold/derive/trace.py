@@ -386,10 +386,10 @@ def trace(model: torch.nn.Module, norm_names: list[str], inputs: dict, tile=froz
     ``tile=k`` (its input axis is k copies of the channels); any other use of it blocks."""
     if hasattr(model.config, "use_cache"):
         inputs = {"use_cache": False, **inputs}
-    from .tiny import text_forward_module  # the text path (Llama 4's wrapper forward is broken)
+    from .tiny import text_forward_module  # Llama 4: the text path without pixels (see there)
     tracer = Tracer(model, norm_names, tile)
     with tracer:
-        text_forward_module(model)(**inputs)
+        text_forward_module(model, inputs)(**inputs)
     for tr in tracer.norms.values():
         if tr.calls and not tr.uses:
             tr.uses.append(Use("block", why="its output is not used"))
