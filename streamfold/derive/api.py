@@ -146,8 +146,11 @@ def nothing_to_fold_reason(fam: dict, model) -> str:
 
 def add_layouts(fam: dict, got, results: list[CheckResult]) -> None:
     """Store the proven layouts and forms (``derive.layouts``) in ``fam``; their errors in ``results[0]``."""
-    if got.layouts:
-        fam["layouts"] = [{}] + [lay for lay in fam.get("layouts", []) if lay] + got.layouts
+    stored = [lay for lay in fam.get("layouts", []) if lay and lay not in got.dropped] + got.layouts
+    if stored:
+        fam["layouts"] = [{}] + stored
+    else:
+        fam.pop("layouts", None)
     if got.forms:
         fam["forms"] = got.forms
     if results:

@@ -14,7 +14,8 @@ published checkpoints use them. Candidates come from transformers' own loading m
   ``block_sparse_moe.experts.N.w1``). Their rules are derived from the same trace, in in-memory names,
   and stored as a ``form``.
 
-A candidate is kept only when it is proven: the tiny model re-saved under it loads in stock transformers
+A candidate, and the spelling the trace itself decoded (``derive.build``'s checkpoint <-> in-memory
+prefixes), is kept only when it is proven: the tiny model re-saved under it loads in stock transformers
 with no missing or unexpected key and the same logits, and streamfold converts it with the family's rules
 (float32 merged, compat) writing the same names back, whose logits match within the family check's 1e-5.
 """
@@ -39,6 +40,7 @@ class LayoutResult:
     forms: list[dict] = field(default_factory=list)
     rel: dict[str, float] = field(default_factory=dict)  # description -> compat float32 max rel err
     rejected: dict[str, str] = field(default_factory=dict)  # description -> why
+    dropped: list[dict] = field(default_factory=list)  # the family's traced layouts that did not prove
 
 
 def _patterns(fam: dict) -> list[str]:
@@ -192,7 +194,18 @@ def _plan_rejects(path: Path, fam: dict, mt: str, td: Path) -> str | None:
         _, _, plan = load_plan(path, rules=rules)
     except StreamfoldError as e:
         return f"streamfold refuses it: {e}"
-    return None if plan.folded else "nothing folded under this layout"
+    return _plan_misses(plan)
+
+
+def _plan_misses(plan) -> str | None:
+    """Why a plan does not prove a spelling (as tests/test_name_layouts.py requires), else None."""
+    if not plan.folded:
+        return "nothing folded under this layout"
+    if plan.layout is None:  # e.g. it re-spells only kept names: the default spelling already reads it
+        return "the plan reads it in the family's default spelling (the layout re-spells nothing it uses)"
+    if plan.unknown_norms:
+        return f"norms the rules do not name under this layout: {', '.join(plan.unknown_norms[:3])}"
+    return None
 
 
 def _converts(path: Path, fam: dict, mt: str, inputs, ref, td: Path) -> tuple[float | None, str | None]:
@@ -216,8 +229,8 @@ def _converts(path: Path, fam: dict, mt: str, inputs, ref, td: Path) -> tuple[fl
     if names(out) != names(path):
         return None, "streamfold's output does not keep the checkpoint's names"
     _, _, plan = load_plan(path, rules=rules)
-    if not plan.folded:
-        return None, "nothing folded under this layout"
+    if _plan_misses(plan):
+        return None, _plan_misses(plan)
     m, _ = tiny.load_pretrained(out, mt)
     rel = _rel(tiny.forward_logits(m, inputs), ref)
     return rel, None if rel <= MAX_REL else f"converted logits max rel err {rel:.1e} > {MAX_REL}"
@@ -242,6 +255,11 @@ def derive_layouts(model, fam: dict, root: Path | None = None, check: bool = Tru
         ref = tiny.forward_logits(ref_model, inputs)
         del ref_model
         cands: list[tuple[str, Path | None, dict]] = []
+        # the spelling the trace decoded (checkpoint <-> in-memory prefixes, derive.build) proves like any
+        # candidate: a tower renamed inside (Kimi K2.5's blocks -> layers) is not a prefix change
+        for i, lay in enumerate(lay for lay in fam.get("layouts", []) if lay):
+            path = respell(src, td / f"traced{i}", lambda k, lay=lay: spell(k, lay))
+            cands.append((describe(lay), path, {"traced": lay}))
         for i, lay in enumerate(prefix_candidates(model, fam)):
             path = respell(src, td / f"lay{i}", lambda k, lay=lay: spell(k, lay))
             cands.append((describe(lay), path, {"layout": lay}))
@@ -260,7 +278,9 @@ def derive_layouts(model, fam: dict, root: Path | None = None, check: bool = Tru
                 why = f"transformers cannot load it: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if why is None:
                 trial = dict(fam)
-                if "layout" in item:
+                if "traced" in item:
+                    trial["layouts"] = [{}, item["traced"]]
+                elif "layout" in item:
                     trial["layouts"] = [{}] + [lay for lay in fam.get("layouts", []) if lay] + [item["layout"]]
                 else:
                     trial["forms"] = [item["form"]]
@@ -272,8 +292,13 @@ def derive_layouts(model, fam: dict, root: Path | None = None, check: bool = Tru
                     why = _plan_rejects(path, trial, mt, work)
             if why is not None:
                 res.rejected[what] = why
+                if "traced" in item:
+                    res.dropped.append(item["traced"])
                 continue
             if check:
                 res.rel[what] = float(f"{rel:.2e}")
-            (res.layouts.append(item["layout"]) if "layout" in item else res.forms.append(item["form"]))
+            if "layout" in item:
+                res.layouts.append(item["layout"])
+            elif "form" in item:
+                res.forms.append(item["form"])
     return res

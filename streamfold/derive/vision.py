@@ -20,6 +20,7 @@ from dataclasses import replace
 from .build import assemble
 from .check import check_family
 from .family import Derived, norm_pattern
+from ..core.errors import StreamfoldError
 from ..rules.vision import with_vision
 
 
@@ -59,7 +60,13 @@ def check_vision(fam: dict, models: list, full: list[tuple[dict, Derived]], resu
     merged = with_vision({k: v for k, v in fam.items() if k != "vision_refused"}, mark=False)
     errors = []
     for model, (_, d), res in zip(models, full, results):
-        r = check_family(model, merged, d)
+        try:
+            r = check_family(model, merged, d)
+        except StreamfoldError as e:  # the tower's rules do not even plan (ERNIE 4.5 VL's resampler: a
+            # Sequential's indices read as layers): no tower rules, the reason instead
+            fam.pop("vision_folds", None), fam.pop("vision_keep", None)
+            fam["vision_refused"] = f"the tower's derived rules do not plan ({str(e).splitlines()[0]})"
+            return
         res.vision_rel = r.compat_rel
         if r.strict_rel is not None and not fam.get("strict_refused"):
             if r.strict_refused:
