@@ -171,11 +171,12 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "zamba2": ("Zamba2 (Mamba2 layers and shared attention blocks)", ["zamba2"]),
     # -- issue 20, items 1 and 4: the remaining types (tools/triage_types.py lists what no file claims) --
     "mistral4": ("Mistral 4 (MLA latent norms; MoE with shared experts)", ["mistral4"]),
-    "mistral_large4": ("Mistral Large 4 (language model nested; vision tower untouched)", ["mistral_large4"]),
-    "kimi_k25": ("Kimi K2.5 (DeepSeek-V3 language model nested; vision tower and projector untouched)", ["kimi_k25"]),
+    "mistral_large4": ("Mistral Large 4 (language model nested; vision tower folded with --fold-vision)", ["mistral_large4"]),
+    "kimi_k25": ("Kimi K2.5 (DeepSeek-V3 language model nested; vision tower and projector folded with --fold-vision)",
+                 ["kimi_k25"]),
     "xglm": ("XGLM (LayerNorm with bias)", ["xglm"]),
-    "ernie4_5_vl_moe": ("Ernie 4.5 VL MoE (text and vision experts; language model nested; vision tower untouched)",
-                        ["ernie4_5_vl_moe"]),
+    "ernie4_5_vl_moe": ("Ernie 4.5 VL MoE (text and vision experts; language model nested; vision tower untouched, "
+                        "--fold-vision refused)", ["ernie4_5_vl_moe"]),
     "apertus1p5_text": ("Apertus 1.5 text (attention_layernorm / feedforward_layernorm; q/k norms kept)", ["apertus1p5_text"]),
     "aria_text": ("Aria text", ["aria_text"]),
     "axk1": ("A.X K1 (MLA latent norms; post-MLP norms kept)", ["axk1"]),
@@ -233,10 +234,11 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "cohere_compass_text": ("Cohere Compass text (LayerNorm, parallel block)", ["cohere_compass_text"]),
     "cohere_compass": ("Cohere Compass / North vision (language model nested; vision tower untouched)", ["cohere_compass"]),
     "deepseek_vl": ("DeepSeek-VL (Llama language model nested; vision model and aligner untouched)", ["deepseek_vl"]),
-    "janus": ("Janus (Llama language model nested; vision model, aligner and VQ image model untouched)", ["janus"]),
-    "qwen2_5_omni_thinker": ("Qwen2.5-Omni thinker (language model nested; vision and audio towers untouched)",
+    "janus": ("Janus (Llama language model nested; vision model folded with --fold-vision, aligner and VQ image "
+              "model untouched)", ["janus"]),
+    "qwen2_5_omni_thinker": ("Qwen2.5-Omni thinker (language model nested; vision tower folded with --fold-vision, audio tower untouched)",
                              ["qwen2_5_omni_thinker"]),
-    "qwen3_omni_moe_thinker": ("Qwen3-Omni MoE thinker (language model nested; vision and audio towers untouched)",
+    "qwen3_omni_moe_thinker": ("Qwen3-Omni MoE thinker (language model nested; vision tower folded with --fold-vision, audio tower untouched)",
                                ["qwen3_omni_moe_thinker"]),
     "phi4_multimodal": ("Phi-4 multimodal (vision and audio embedders untouched)", ["phi4_multimodal"]),
 }

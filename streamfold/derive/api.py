@@ -12,7 +12,7 @@ from .build import assemble
 from .check import CheckResult, check_family
 from .family import derive_model
 from .layouts import derive_layouts
-from .vision import add_vision, check_vision, text_part, tower_part
+from .vision import add_vision, check_vision, plan_vision, text_part, tower_part
 
 
 def _text(cfg):
@@ -124,6 +124,8 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
                 fam["strict_refused"] = r.strict_refused
         if vision and fam.get("vision_folds"):
             check_vision(fam, models, full, results)
+    elif vision and fam.get("vision_folds"):
+        plan_vision(fam, models, full)
     pairs = [(ov, m) for (ov, _), m in zip(derived, models)]
     # layouts are proven on the variant where most norms fold (LayerNorm biases fold only with biased linears)
     def folding(d) -> int:  # a LayerNorm bias folds only when every consumer has a bias

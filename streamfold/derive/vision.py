@@ -54,6 +54,35 @@ def add_vision(fam: dict, towers: list[tuple[dict, Derived]], base_values: dict)
         fam["vision_keep"] = vf["keep"]
 
 
+def plan_vision(fam: dict, models: list, full: list[tuple[dict, Derived]]) -> None:
+    """Without the numerical check (``--rules-only``): the tower's rules must still plan each tiny model, as
+    :func:`check_vision` requires, so a drift check agrees with a checked derivation."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from . import tiny
+    from .check import _applicable
+    from ..run.conversion import load_plan
+    merged = with_vision({k: v for k, v in fam.items() if k != "vision_refused"}, mark=False)
+    for model, (_, d) in zip(models, full):
+        with tempfile.TemporaryDirectory(prefix="sf_vplan_") as td:
+            src = tiny.save_sharded(model, Path(td) / "src", dtype="bfloat16")
+            rules = Path(td) / "rules.json"
+            rules.write_text(json.dumps({"families": {"derived": {**_applicable(merged, d.saved),
+                                                                  "model_types": [model.config.model_type]}}}))
+            try:
+                load_plan(src, rules=rules)
+            except StreamfoldError as e:
+                _refuse_unplanned(fam, e)
+                return
+
+
+def _refuse_unplanned(fam: dict, e: Exception) -> None:
+    fam.pop("vision_folds", None), fam.pop("vision_keep", None)
+    fam["vision_refused"] = f"the tower's derived rules do not plan ({str(e).splitlines()[0]})"
+
+
 def check_vision(fam: dict, models: list, full: list[tuple[dict, Derived]], results: list) -> None:
     """Convert with the tower folded and compare logits (text and image prompts) for every variant; the
     errors go into ``results[i].vision_rel`` / ``vision_strict_rel``, a failure into ``vision_refused``."""
@@ -64,8 +93,7 @@ def check_vision(fam: dict, models: list, full: list[tuple[dict, Derived]], resu
             r = check_family(model, merged, d)
         except StreamfoldError as e:  # the tower's rules do not even plan (ERNIE 4.5 VL's resampler: a
             # Sequential's indices read as layers): no tower rules, the reason instead
-            fam.pop("vision_folds", None), fam.pop("vision_keep", None)
-            fam["vision_refused"] = f"the tower's derived rules do not plan ({str(e).splitlines()[0]})"
+            _refuse_unplanned(fam, e)
             return
         res.vision_rel = r.compat_rel
         if r.strict_rel is not None and not fam.get("strict_refused"):
