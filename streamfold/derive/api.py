@@ -132,7 +132,19 @@ def derive_family(model_type: str, variants: list[dict] | None = None, *, config
         return sum(x.fold and not (x.has_bias and any(b is None for *_, b in x.consumers)) for x in d.instances)
     best = max(range(len(models)), key=lambda i: (folding(derived[i][1]), -i))
     add_layouts(fam, derive_layouts(models[best], fam, check=check, variants=pairs, base_values=base_values), results)
+    _drop_absent_unders(fam, {n for _, d in derived for n in d.saved})
     return fam, results
+
+
+def _drop_absent_unders(fam: dict, saved: set[str]) -> None:
+    """Keep-by-prefix rules whose prefix no saved tensor has are dropped: the trace names the towers it
+    leaves out in the model's own names, which a lossy conversion mapping (Kimi K2.5's
+    ``vision_tower.patch_embed`` -> ``model.vision_tower.*``) does not always spell back to the checkpoint's."""
+    keep = [k for k in fam.get("keep", []) if "under" not in k or any(n.startswith(k["under"]) for n in saved)]
+    if keep:
+        fam["keep"] = keep
+    else:
+        fam.pop("keep", None)
 
 
 def nothing_to_fold_reason(fam: dict, model) -> str:
