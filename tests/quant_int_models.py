@@ -37,6 +37,25 @@ def ct_compress(w: torch.Tensor, scheme) -> dict[str, torch.Tensor]:
     return PackedQuantizationCompressor.compress(sd, scheme)
 
 
+def _save(out: Path, tensors: dict, quant: dict, codes: str, aux: tuple[str, ...]) -> Path:
+    """Four shards (norms | codes | scales and zero points | the rest, so no norm sits beside its
+    consumers and scales sit apart from their codes), the index, and ``quant`` in config.json."""
+    shards: list[dict] = [{}, {}, {}, {}]
+    for name in sorted(tensors):
+        role = 0 if "norm" in name else 1 if name.endswith(codes) else 2 if name.endswith(aux) else 3
+        shards[role][name] = tensors[name].contiguous()
+    weight_map = {}
+    for i, s in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(s, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in s})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    c = json.loads((out / "config.json").read_text())
+    c["quantization_config"] = quant
+    (out / "config.json").write_text(json.dumps(c, indent=1))
+    return out
+
+
 def ct_pack(model_type: str, out: Path, *, bits: int = 4, strategy: str = "group", group: int | None = 32,
             symmetric: bool = False, ignore: tuple[str, ...] = ("lm_head",), seed: int = 0, **cfg) -> Path:
     """A compressed-tensors ``pack-quantized`` checkpoint (every projection not in ``ignore``)."""
@@ -55,21 +74,7 @@ def ct_pack(model_type: str, out: Path, *, bits: int = 4, strategy: str = "group
              "ignore": list(ignore), "config_groups": {"group_0": {
                  "targets": ["Linear"], "format": "pack-quantized", "input_activations": None,
                  "output_activations": None, "weights": weights}}}
-    shards: list[dict] = [{}, {}, {}, {}]
-    for name in sorted(tensors):
-        role = (0 if "norm" in name else 1 if name.endswith("weight_packed") else
-                2 if name.endswith(("weight_scale", "weight_zero_point")) else 3)
-        shards[role][name] = tensors[name].contiguous()
-    weight_map = {}
-    for i, s in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(s, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in s})
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    c = json.loads((out / "config.json").read_text())
-    c["quantization_config"] = quant
-    (out / "config.json").write_text(json.dumps(c, indent=1))
-    return out
+    return _save(out, tensors, quant, "weight_packed", ("weight_scale", "weight_zero_point"))
 
 
 # ---------------------------------------------------------------- GPTQ / AWQ (no loader installed: packed here)
@@ -150,21 +155,7 @@ def gptq_awq(model_type: str, out: Path, method: str, *, bits: int = 4, group: i
     quant = ({"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order, "sym": sym,
               "checkpoint_format": "gptq_v2" if v2 else "gptq"} if method == "gptq" else
              {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"})
-    shards: list[dict] = [{}, {}, {}, {}]
-    for name in sorted(tensors):
-        role = (0 if "norm" in name else 1 if name.endswith("qweight") else
-                2 if name.endswith(("scales", "qzeros", "g_idx")) else 3)
-        shards[role][name] = tensors[name].contiguous()
-    weight_map = {}
-    for i, s in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(s, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in s})
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    c = json.loads((out / "config.json").read_text())
-    c["quantization_config"] = quant
-    (out / "config.json").write_text(json.dumps(c, indent=1))
-    return out
+    return _save(out, tensors, quant, "qweight", ("scales", "qzeros", "g_idx"))
 
 
 def ct_int(model_type: str, out: Path, *, strategy: str = "channel", group: int | None = None,

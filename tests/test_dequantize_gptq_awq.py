@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_dequantize_int import LLAMA, MODULES, NORM_OF, logits_of, rel
+from tests.test_dequantize_int import LLAMA, MODULES, NORM_OF, flip_bit, logits_of, rel
 
 pytestmark = pytest.mark.full
 
@@ -120,14 +120,7 @@ def test_dequantize_all_matches_the_reference_loader(case, tmp_path):
     assert (got.argmax(-1) == want.argmax(-1)).all() and (logits_of(bf16).argmax(-1) == want.argmax(-1)).all()
     bad = tmp_path / "bad"
     shutil.copytree(f32, bad)
-    from streamfold.core.reader import Checkpoint
-    t = Checkpoint(bad).tensors["model.layers.0.self_attn.k_proj.weight"]
-    with open(t.path, "r+b") as f:
-        f.seek(t.begin + 4 * 4321)
-        b = bytearray(f.read(1))
-        b[0] ^= 1
-        f.seek(t.begin + 4 * 4321)
-        f.write(b)
+    flip_bit(bad, "model.layers.0.self_attn.k_proj.weight", 4 * 4321)
     r = cli("verify", src, bad)
     assert r.returncode != 0 and "model.layers.0.self_attn.k_proj.weight" in r.stdout + r.stderr, r.stdout
 

@@ -125,6 +125,18 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def flip_bit(folder: Path, name: str, offset: int) -> None:
+    """Flip the low bit of the byte at ``offset`` in tensor ``name`` of the checkpoint in ``folder``."""
+    from streamfold.core.reader import Checkpoint
+    t = Checkpoint(folder).tensors[name]
+    with open(t.path, "r+b") as f:
+        f.seek(t.begin + offset)
+        b = bytearray(f.read(1))
+        b[0] ^= 1
+        f.seek(t.begin + offset)
+        f.write(b)
+
+
 @pytest.fixture(scope="module")
 def asym(tmp_path_factory):
     """INT4, group 32, asymmetric (packed zero points): transformers 5.25 cannot load it."""
@@ -155,14 +167,7 @@ def test_dequantize_all_asymmetric_w4_float32(asym, tmp_path):
     assert r.returncode == 0 and "14 dequantized" in r.stdout, r.stdout + r.stderr
     bad = tmp_path / "bad"
     shutil.copytree(dst, bad)
-    from streamfold.core.reader import Checkpoint
-    t = Checkpoint(bad).tensors["model.layers.1.mlp.up_proj.weight"]
-    with open(t.path, "r+b") as f:
-        f.seek(t.begin + 4 * 777)
-        b = bytearray(f.read(1))
-        b[0] ^= 1
-        f.seek(t.begin + 4 * 777)
-        f.write(b)
+    flip_bit(bad, "model.layers.1.mlp.up_proj.weight", 4 * 777)
     r = _cli()("verify", src, bad)
     assert r.returncode != 0 and "model.layers.1.mlp.up_proj.weight" in r.stdout + r.stderr, r.stdout
 
@@ -257,14 +262,7 @@ def test_dequantize_int_quantized(strategy, group, symmetric, tmp_path):
     for out in (f32, bf16):
         r = _cli()("verify", src, out, "-q")
         assert r.returncode == 0, r.stdout + r.stderr
-    from streamfold.core.reader import Checkpoint
-    t = Checkpoint(f32).tensors["model.layers.0.mlp.gate_proj.weight"]
-    with open(t.path, "r+b") as f:
-        f.seek(t.begin + 4 * 999)
-        b = bytearray(f.read(1))
-        b[0] ^= 1
-        f.seek(t.begin + 4 * 999)
-        f.write(b)
+    flip_bit(f32, "model.layers.0.mlp.gate_proj.weight", 4 * 999)
     r = _cli()("verify", src, f32)
     assert r.returncode != 0 and "model.layers.0.mlp.gate_proj.weight" in r.stdout + r.stderr, r.stdout
 

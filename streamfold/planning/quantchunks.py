@@ -31,6 +31,19 @@ def _range(ckpt, name: str, off_elems: int, shape: tuple[int, ...]) -> tuple:
     return (ckpt.shard_of[name], t.begin + off_elems * itemsize(t.dtype), t.dtype, tuple(shape))
 
 
+def _grid(qm, name: str, rows: int, cols: int) -> tuple[int, tuple[int, int], list[tuple]]:
+    """(scale groups per row, the tile one scale covers, the scale shapes accepted) of a ``[rows, cols]``
+    weight under ``qm``'s strategy: group, channel or tensor."""
+    if qm.strategy == "group":
+        group = qm.block[1]
+        if cols % group:
+            raise StreamfoldError(f"--dequantize: {name}: {cols} inputs are not a multiple of group_size {group}")
+        return cols // group, (1, group), [(rows, cols // group)]
+    if qm.strategy == "channel":
+        return 1, (1, cols), [(rows, 1)]
+    return 1, (rows, cols), [(1,), (), (1, 1)]  # tensor
+
+
 def ct_pack_chunks(ckpt, t, a, dst_begin: int, shard: str, chunk_bytes: int) -> list[dict]:
     """Row bands of a compressed-tensors pack-quantized weight (see the module docstring)."""
     qm = a.quant
@@ -41,15 +54,7 @@ def ct_pack_chunks(ckpt, t, a, dst_begin: int, shard: str, chunk_bytes: int) -> 
     if st.dtype not in SCALE_DTYPES:
         raise StreamfoldError(f"--dequantize: {st.name} is {st.dtype}; pack-quantized scales must be one of "
                               f"{', '.join(SCALE_DTYPES)}")
-    if qm.strategy == "group":
-        group = qm.block[1]
-        if cols % group:
-            raise StreamfoldError(f"--dequantize: {qm.weight}: {cols} inputs are not a multiple of group_size {group}")
-        groups, block, want = cols // group, (1, group), [(rows, cols // group)]
-    elif qm.strategy == "channel":
-        groups, block, want = 1, (1, cols), [(rows, 1)]
-    else:  # tensor
-        groups, block, want = 1, (rows, cols), [(1,), (), (1, 1)]
+    groups, block, want = _grid(qm, qm.weight, rows, cols)
     if tuple(st.shape) not in want:
         raise StreamfoldError(f"--dequantize: {st.name} has shape {list(st.shape)}, not {list(want[0])} "
                               f"({qm.strategy} scales of {qm.weight}, [{rows}, {cols}])")
@@ -179,15 +184,7 @@ def ct_int_chunks(ckpt, t, a, dst_begin: int, shard: str, chunk_bytes: int) -> l
         raise StreamfoldError(f"--dequantize: {t.name} has shape {list(t.shape)}; int-quantized weights are 2-D")
     rows, cols = t.shape
     st = ckpt.tensors[qm.module + ".weight_scale"]
-    if qm.strategy == "group":
-        group = qm.block[1]
-        if cols % group:
-            raise StreamfoldError(f"--dequantize: {t.name}: {cols} inputs are not a multiple of group_size {group}")
-        groups, block, want = cols // group, (1, group), [(rows, cols // group)]
-    elif qm.strategy == "channel":
-        groups, block, want = 1, (1, cols), [(rows, 1)]
-    else:
-        groups, block, want = 1, (rows, cols), [(1,), (), (1, 1)]
+    groups, block, want = _grid(qm, t.name, rows, cols)
     zp = next((x for x in qm.aux if x.endswith(".weight_zero_point")), None)
     for x in (st, ckpt.tensors[zp] if zp else None):
         if x is not None and tuple(x.shape) not in want:
